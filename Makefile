@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-unit bench-model bench-data bench-train bench-serve bench-eval clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU wheel when no CUDA is present (an unpinned torch pulls a multi-GB CUDA build)
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch>=2.4"; \
+	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) jobs/demo.py
+
+test: install
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+bench-model: install
+	$(PY) bench/bench_model.py
+
+bench-data: install
+	$(PY) bench/bench_data.py
+
+bench-train: install
+	DS_ACCELERATOR=cpu $(PY) bench/bench_train.py
+
+bench-serve: install
+	$(PY) bench/bench_serve.py
+
+bench-eval: install
+	$(PY) bench/bench_eval.py
+
+clean:
+	rm -rf $(VENV) demo_out runs
