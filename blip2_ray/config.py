@@ -109,6 +109,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _build(cls: type[T], data: dict, where: str) -> T:
+    # A section may name a preset whose values sit beneath the keys given explicitly.
+    apply_preset = getattr(cls, "apply_preset", None)
+    if callable(apply_preset):
+        data = apply_preset(data, where)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -121,6 +125,10 @@ def _build(cls: type[T], data: dict, where: str) -> T:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    for name in fields:
+        # sections not mentioned are still built through _build, so their presets and checks apply
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{where}.{name}" if where else name)
     obj = cls(**kwargs)
     return obj
 
@@ -163,8 +171,7 @@ def _merge(base: dict, override: dict) -> dict:
 
 def from_dict(cls: type[T], data: dict | None = None) -> T:
     """Build and validate a config of type `cls` from the defaults overridden by `data`."""
-    merged = _merge(to_dict(cls()), data or {})
-    obj = _build(cls, merged, "")
+    obj = _build(cls, dict(data or {}), "")
     _validate_tree(obj)
     return obj
 

@@ -1,0 +1,93 @@
+"""The Q-Former: BERT-base with cross-attention every 2nd layer, learned queries and two FFNs per layer.
+
+Built on transformers' `Blip2QFormerModel` (its layers already route query positions through the
+query FFN and cross-attention, text positions through the text FFN), so weights share HF's names.
+What HF lacks for stage 1 is written here: the attention masks of the three objectives (text only,
+bidirectional, and the ITG mask where queries see queries and text sees queries plus its past), and
+the BERT LM head tied to the word embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blip2_ray.model.config import QFormerConfig
+
+
+def build_qformer(cfg: QFormerConfig, vision_width: int, vocab_size: int, with_text: bool = True) -> nn.Module:
+    """An HF `Blip2QFormerModel` (random init); `with_text` adds the text FFNs stage 1 needs."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    hf_cfg = Blip2QFormerConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_position_embeddings, cross_attention_frequency=cfg.cross_attention_frequency,
+        encoder_hidden_size=vision_width, use_qformer_text_input=with_text,
+    )
+    return Blip2QFormerModel(hf_cfg)
+
+
+def init_query_tokens(num_queries: int, hidden: int) -> nn.Parameter:
+    """(1, Q, H) learned queries, normal(0, 0.02) as in the reference."""
+    return nn.Parameter(torch.randn(1, num_queries, hidden) * 0.02)
+
+
+def padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 1/0 keep mask -> (B, 1, 1, L) additive mask for every query row."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def itg_mask(num_queries: int, text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ITG mask as a (B, 1, Q+T, Q+T) additive mask.
+
+    Queries attend to all queries and never to text; text token t attends to all queries and to text
+    tokens <= t that are not padding. (The reference gets the same by reusing the query pass's
+    key/values as a prefix of a causal decoder.)
+    """
+    b, t = text_mask.shape
+    n = num_queries + t
+    idx = torch.arange(n, device=text_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # (n, n): key j <= row i
+    is_query_key = idx[None, :] < num_queries
+    is_query_row = idx[:, None] < num_queries
+    allowed = torch.where(is_query_row, is_query_key, is_query_key | causal)  # (n, n)
+    key_valid = torch.cat([torch.ones(b, num_queries, dtype=torch.bool, device=text_mask.device), text_mask.bool()], 1)
+    allowed = allowed[None] & key_valid[:, None, :]  # (B, n, n)
+    return (~allowed)[:, None].to(dtype) * torch.finfo(dtype).min
+
+
+def run_qformer(
+    qformer: nn.Module,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_embeds: torch.Tensor | None = None,
+    query_length: int = 0,
+) -> torch.Tensor:
+    """(B, L, H) embeddings (queries first, then text) -> (B, L, H) hidden states.
+
+    `attention_mask` is an additive (B, 1, L or 1, L) mask; the first `query_length` positions use the
+    query FFN and cross-attend to `image_embeds` in the cross-attention layers.
+    """
+    x = qformer.dropout(qformer.layernorm(embeds))
+    if image_embeds is not None:
+        image_embeds = image_embeds.to(x.dtype)
+    out = qformer.encoder(
+        x, attention_mask=attention_mask, encoder_hidden_states=image_embeds, query_length=query_length
+    )
+    return out.last_hidden_state
+
+
+class QFormerLMHead(nn.Module):
+    """BERT's masked-LM head (dense -> GELU -> LayerNorm -> decoder tied to the word embeddings + bias)."""
+
+    def __init__(self, hidden: int, vocab_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.layer_norm = nn.LayerNorm(hidden, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        h = self.layer_norm(nn.functional.gelu(self.dense(hidden)))
+        return nn.functional.linear(h, word_embeddings, self.bias)

@@ -1,0 +1,262 @@
+"""Stage 2: the Q-Former's 32 projected query outputs become a soft visual prompt of a frozen LLM.
+
+Attribute names follow transformers' `Blip2ForConditionalGeneration` (`vision_model`, `query_tokens`,
+`qformer`, `language_projection`, `language_model`), so weights load from and export to it as is.
+OPT (decoder-only): loss on the caption only; "\\n" ends a caption. FlanT5 (encoder-decoder): the
+prefix-LM split, at a random point between 1 and the caption's midpoint, which HF does not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip2_ray.model.qformer import run_qformer
+from blip2_ray.model.vision import encode_image, freeze_vision
+
+VQA_PROMPTS = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
+
+
+@dataclass
+class Stage2Output:
+    loss: torch.Tensor
+    logits: torch.Tensor  # OPT: (B, T-1, V) at the text positions predicting tokens 1..T-1; T5: decoder logits
+
+    def components(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach()), "loss_lm": float(self.loss.detach())}
+
+
+class Blip2Stage2(nn.Module):
+    """Frozen ViT (+ trainable ln_vision) -> Q-Former (query path) -> language_projection -> frozen LLM.
+
+    llm_kind: "opt" or "t5". `prompt_ids` (1, P) are prompt tokens inserted after OPT's BOS (or before
+    the T5 prefix) at training time; they get no loss.
+    """
+
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        query_tokens: nn.Parameter,
+        qformer: nn.Module,
+        language_projection: nn.Linear,
+        language_model: nn.Module,
+        llm_kind: str,
+        *,
+        vision_dtype: torch.dtype = torch.float16,
+        llm_dtype: torch.dtype = torch.float16,
+        prompt_ids: torch.Tensor | None = None,
+        freeze: bool = True,
+    ):
+        super().__init__()
+        if llm_kind not in ("opt", "t5"):
+            raise ValueError(f"llm_kind must be 'opt' or 't5', not {llm_kind!r}")
+        self.llm_kind = llm_kind
+        self.vision_model = vision_model
+        self.query_tokens = query_tokens
+        self.qformer = qformer
+        self.language_projection = language_projection
+        self.language_model = language_model
+        self.register_buffer(
+            "prompt_ids", prompt_ids if prompt_ids is not None else torch.zeros(1, 0, dtype=torch.long), persistent=False
+        )
+        if freeze:
+            freeze_vision(self.vision_model, vision_dtype)
+            self.language_model.to(llm_dtype)
+            self.language_model.requires_grad_(False)
+            self.language_model.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_model.eval()
+        self.language_model.eval()  # frozen LLM: no dropout
+        return self
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def llm_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def visual_prompt(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, Q, D_llm) query outputs projected into the LLM's embedding space."""
+        image_embeds = encode_image(self.vision_model, pixel_values)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out = run_qformer(self.qformer, queries, None, image_embeds, query_length=queries.shape[1])
+        return self.language_projection(out.to(self.language_projection.weight.dtype))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        llm_input_ids: torch.Tensor,
+        llm_attention_mask: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Stage2Output:
+        """Language-modelling loss of the captions given the images.
+
+        OPT: llm_input_ids (B, T) = [</s>, caption, "\\n", pad...] (right padded). T5: (B, T) =
+        [caption, </s>, pad...]; the prefix-LM split is drawn per sample with `generator`.
+        """
+        prefix = self.visual_prompt(pixel_values)
+        if self.llm_kind == "opt":
+            return self._opt_loss(prefix, llm_input_ids, llm_attention_mask)
+        return self._t5_loss(prefix, llm_input_ids, llm_attention_mask, generator)
+
+    def _opt_loss(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Stage2Output:
+        b, nq = prefix.shape[:2]
+        n_prompt = 1 + self.prompt_ids.shape[1]  # BOS + prompt tokens get no loss
+        if self.prompt_ids.shape[1]:
+            p = self.prompt_ids.to(ids.device).expand(b, -1)
+            ids = torch.cat([ids[:, :1], p, ids[:, 1:]], 1)
+            mask = torch.cat([mask[:, :1], torch.ones_like(p, dtype=mask.dtype), mask[:, 1:]], 1)
+        text_embeds = self.llm_embeddings()(ids)
+        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+        full_mask = torch.cat([torch.ones(b, nq, dtype=mask.dtype, device=mask.device), mask], 1)
+        decoder_out = self.language_model.model(inputs_embeds=embeds, attention_mask=full_mask)
+        # only the text positions that predict a caption token need the (large) vocabulary projection
+        hidden = decoder_out.last_hidden_state[:, nq:-1]
+        logits = self.language_model.lm_head(hidden)  # (B, T-1, V): position t predicts token t+1
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        labels[:, : n_prompt - 1] = -100
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return Stage2Output(loss, logits)
+
+    def _t5_loss(
+        self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+    ) -> Stage2Output:
+        b, nq = prefix.shape[:2]
+        eos = self.language_model.config.eos_token_id
+        pad = self.language_model.config.pad_token_id
+        enc_ids, enc_mask, labels = prefix_lm_split(ids, mask, eos, pad, generator)
+        if self.prompt_ids.shape[1]:
+            p = self.prompt_ids.to(ids.device).expand(b, -1)
+            enc_ids = torch.cat([p, enc_ids], 1)
+            enc_mask = torch.cat([torch.ones_like(p, dtype=enc_mask.dtype), enc_mask], 1)
+        text_embeds = self.llm_embeddings()(enc_ids)
+        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+        full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=enc_mask.device), enc_mask], 1)
+        decoder_input_ids = self.language_model._shift_right(labels)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=decoder_input_ids)
+        loss = F.cross_entropy(
+            out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+        return Stage2Output(loss, out.logits)
+
+    # ---- generation ----
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        num_beams: int = 5,
+        max_new_tokens: int = 30,
+        min_new_tokens: int = 1,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        do_sample: bool = False,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """New token ids (B, L) conditioned on the images and an optional prompt.
+
+        OPT: `input_ids` are LEFT-padded prompts that start with </s> (None: just </s>). T5: prompts
+        for the encoder (None: only the visual prompt). Returns only the generated tokens.
+        """
+        prefix = self.visual_prompt(pixel_values)
+        b, nq = prefix.shape[:2]
+        dev = prefix.device
+        emb = self.llm_embeddings()
+        cfg = self.language_model.config
+        if input_ids is None:
+            if self.llm_kind == "opt":
+                input_ids = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=dev)
+            else:
+                input_ids = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = torch.cat([prefix.to(emb.weight.dtype), emb(input_ids)], 1)
+        mask = torch.cat([torch.ones(b, nq, dtype=attention_mask.dtype, device=dev), attention_mask], 1)
+        kwargs = dict(
+            inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens, do_sample=do_sample,
+            pad_token_id=cfg.pad_token_id if pad_token_id is None else pad_token_id, **generate_kwargs,
+        )
+        if eos_token_id is not None:
+            kwargs["eos_token_id"] = eos_token_id
+        out = self.language_model.generate(**kwargs)
+        if self.llm_kind == "t5":
+            out = out[:, 1:]  # drop the decoder start token
+        return out
+
+
+def prefix_lm_split(
+    ids: torch.Tensor, mask: torch.Tensor, eos_id: int, pad_id: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split each caption at a random point k in [1, max(1, n // 2)] (n = caption tokens without </s>).
+
+    ids (B, T) = [caption, </s>, pad...]. Returns encoder ids [caption[:k], </s>, pad...], its mask,
+    and decoder labels [caption[k:], </s>, -100...] (the suffix is the target).
+    """
+    b, t = ids.shape
+    n = (mask.sum(1) - 1).clamp(min=1)  # caption tokens without the final </s>
+    hi = (n // 2).clamp(min=1)
+    u = torch.rand(b, generator=generator, device="cpu").to(ids.device)
+    k = 1 + (u * hi).long().clamp(max=hi - 1)  # uniform over 1..hi
+    pos = torch.arange(t, device=ids.device)[None]
+    enc_ids = torch.where(pos < k[:, None], ids, torch.full_like(ids, pad_id))
+    enc_ids = torch.where(pos == k[:, None], torch.full_like(ids, eos_id), enc_ids)
+    enc_mask = (pos <= k[:, None]).long()
+    src = (pos + k[:, None]).clamp(max=t - 1)
+    labels = torch.gather(ids, 1, src)
+    valid = (pos + k[:, None]) < mask.sum(1, keepdim=True)
+    labels = labels.masked_fill(~valid, -100)
+    return enc_ids, enc_mask, labels
+
+
+def vqa_prompt(question: str, llm_kind: str) -> str:
+    """The recipe's VQA prompt: OPT "Question: {} Answer:", FlanT5 "Question: {} Short answer:"."""
+    return VQA_PROMPTS[llm_kind].format(question)
+
+
+def tokenize_prompts(tokenizer, prompts: list[str] | None, batch: int, llm_kind: str, device=None):
+    """Prompts -> (input_ids, attention_mask) for `Blip2Stage2.generate` (OPT: left padded, with BOS)."""
+    if not prompts or all(not p for p in prompts):
+        return None, None
+    if len(prompts) == 1 and batch > 1:
+        prompts = prompts * batch
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left" if llm_kind == "opt" else "right"
+    try:
+        enc = tokenizer(prompts, padding="longest", return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def caption_eos_ids(tokenizer, llm_kind: str) -> list[int]:
+    """Tokens that end a caption: "\\n" (the stage-2 training EOS) and </s> for OPT; </s> for T5."""
+    ids = [tokenizer.eos_token_id]
+    if llm_kind == "opt":
+        nl = tokenizer("\n", add_special_tokens=False).input_ids
+        if len(nl) == 1:
+            ids.insert(0, nl[0])
+    return ids
+
+
+def generate_text(
+    model: Blip2Stage2,
+    tokenizer,
+    pixel_values: torch.Tensor,
+    prompts: list[str] | None = None,
+    **generate_kwargs,
+) -> list[str]:
+    """Captions or answers as strings (prompts optional, one per image or one for all)."""
+    ids, mask = tokenize_prompts(tokenizer, prompts, pixel_values.shape[0], model.llm_kind, pixel_values.device)
+    generate_kwargs.setdefault("eos_token_id", caption_eos_ids(tokenizer, model.llm_kind))
+    out = model.generate(pixel_values, ids, mask, **generate_kwargs)
+    return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
