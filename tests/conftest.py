@@ -12,6 +12,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# the 'tiny' tokenizers are built once per test session here (Ray workers inherit the variable)
+os.environ.setdefault("BLIP2_RAY_CACHE", tempfile.mkdtemp(prefix="blip2_ray_cache_"))
 
 
 def free_port() -> int:
@@ -39,11 +41,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizers(tmp_path_factory) -> dict[str, str]:
-    """{"qformer", "opt", "t5"} -> tokenizer directories built offline for the tiny preset."""
-    from blip2_ray.model.tokenizers import build_tiny_tokenizers
+def tiny_tokenizers() -> dict[str, str]:
+    """{"qformer", "opt", "t5"} -> tokenizer directories built offline for the tiny preset.
 
-    return build_tiny_tokenizers(tmp_path_factory.mktemp("tokenizers"))
+    The same directories the 'tiny' tokenizer setting of a model config resolves to.
+    """
+    from blip2_ray.model.tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir
+
+    return build_tiny_tokenizers(default_tiny_tokenizer_dir())
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +73,32 @@ def ray_session():
     )
     yield ctx.address_info["address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto, server mode) on 127.0.0.1 with one bucket.
+
+    Yields {"endpoint_url", "bucket", "client"}; AWS_ACCESS_KEY_ID/SECRET are "testing" while it runs
+    (the data pipeline hands them to its Ray tasks explicitly).
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="shards")
+    try:
+        yield {"endpoint_url": endpoint, "bucket": "shards", "client": client}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

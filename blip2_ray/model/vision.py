@@ -57,6 +57,8 @@ def build_vision_model(cfg: VisionConfig) -> nn.Module:
             hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
             num_attention_heads=cfg.num_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
             layer_norm_eps=cfg.layer_norm_eps,
+            # HF's default (1e-10) makes a randomly initialised ViT map every image to the same tokens
+            initializer_range=0.02,
         )
     )
 

@@ -1,0 +1,79 @@
+"""The typed config system: YAML overrides, --set, unknown keys, types, presets."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from blip2_ray.config import ConfigError, describe, from_dict, load_config, parse_set, to_dict
+from blip2_ray.model.config import ModelConfig, model_config
+
+
+@dataclass
+class Inner:
+    steps: int = 10
+    lr: float = 1e-4
+    sources: list[str] = field(default_factory=list)
+
+    def validate(self):
+        if self.steps <= 0:
+            raise ValueError("steps must be positive")
+
+
+@dataclass
+class Job:
+    name: str = "run"
+    inner: Inner = field(default_factory=Inner)
+    flag: bool = False
+
+
+def test_yaml_then_set_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: mine\ninner:\n  steps: 5\n  lr: 3e-4\n")
+    cfg = load_config(Job, f, ["inner.steps=7", "inner.sources=[a/, b/]", "flag=true"])
+    assert cfg.name == "mine" and cfg.inner.steps == 7 and cfg.inner.lr == pytest.approx(3e-4)
+    assert cfg.inner.sources == ["a/", "b/"] and cfg.flag is True
+    assert from_dict(Job, to_dict(cfg)) == cfg
+
+
+def test_unknown_key_names_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.step'.*valid keys at 'inner': lr, sources, steps"):
+        load_config(Job, None, ["inner.step=3"])
+    with pytest.raises(ConfigError, match="valid keys at the top level: flag, inner, name"):
+        from_dict(Job, {"nme": "x"})
+
+
+def test_wrong_types_and_validation_are_clear():
+    with pytest.raises(ConfigError, match="inner.steps: expected an integer"):
+        from_dict(Job, {"inner": {"steps": "many"}})
+    with pytest.raises(ConfigError, match="flag: expected true or false"):
+        from_dict(Job, {"flag": "yes please"})
+    with pytest.raises(ConfigError, match="inner: steps must be positive"):
+        from_dict(Job, {"inner": {"steps": 0}})
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_set("inner.steps")
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Job, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Job, bad)
+
+
+def test_presets_sit_beneath_explicit_keys():
+    cfg = model_config("vitg_opt2.7b", llm={"dtype": "bfloat16"})
+    assert cfg.vision.num_layers == 39 and cfg.vision.hidden_size == 1408
+    assert cfg.llm.hidden_size == 2560 and cfg.llm.dtype == "bfloat16"
+    assert model_config("vitl_flant5xl").vision.num_layers == 23
+    assert model_config().vision.hidden_size == 32  # tiny by default
+    with pytest.raises(ConfigError, match="valid presets"):
+        model_config("vit-huge")
+    with pytest.raises(ConfigError, match="not a multiple"):
+        model_config("tiny", vision={"patch_size": 7})
+
+
+def test_describe_lists_every_leaf_key():
+    keys = [row[0] for row in describe(ModelConfig)]
+    assert "vision.num_layers" in keys and "llm.prompt" in keys and "qformer.num_query_tokens" in keys
