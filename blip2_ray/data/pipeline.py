@@ -1,0 +1,299 @@
+"""Image-text shards -> Ray Data -> training batches, skipping and counting every bad record.
+
+Stages (each a Ray task, fused into one per shard file, streaming):
+  1. file list      resolve_sources: files of each source; per epoch a seeded permutation, mixed by weight
+  2. read           one task per file: tar members (streamed, grouped by key) or parquet rows -> raw bytes
+  3. decode         map_batches on CPU: caption pick + clean, image decode + checks, crop/flip/resize,
+                    CLIP normalisation, Q-Former and LLM tokenisation; bad rows dropped and counted
+  4. Ray Train      each worker iterates its `get_dataset_shard` with `iter_train_batches`: fixed-size
+                    batches (drop_last), a local shuffle buffer, TrainCollate -> torch tensors
+Skip counts go to one named actor per Ray job (`SkipCounter`), readable from the driver and from Train
+workers with `get_skip_counts(tag)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Iterator
+
+import numpy as np
+import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from blip2_ray.data.config import DataConfig
+from blip2_ray.data.readers import (check_parquet_columns, list_shards, read_shard_records, shard_format,
+                                    storage_options)
+from blip2_ray.data.records import process_records
+
+log = logging.getLogger(__name__)
+
+SKIP_COUNTER_NAMESPACE = "blip2_ray"
+READ_CHUNK_ROWS = 64  # raw records per block out of the reader: bounded memory for big images
+
+
+# ---------------------------------------------------------------------------------------------- skips
+@ray.remote(num_cpus=0)
+class SkipCounter:
+    """Per-reason counts of dropped records, per dataset tag ("train", "eval", "check", ...)."""
+
+    def __init__(self):
+        self._counts: dict[str, Counter] = {}
+
+    def add(self, tag: str, counts: dict[str, int]) -> None:
+        self._counts.setdefault(tag, Counter()).update(counts)
+
+    def get_skip_counts(self, tag: str | None = None) -> dict[str, int]:
+        """Counts of one tag, or summed over all tags when `tag` is None."""
+        if tag is not None:
+            return dict(self._counts.get(tag, {}))
+        total: Counter = Counter()
+        for c in self._counts.values():
+            total.update(c)
+        return dict(total)
+
+    def reset(self, tag: str | None = None) -> None:
+        if tag is None:
+            self._counts.clear()
+        else:
+            self._counts.pop(tag, None)
+
+
+def _counter_name() -> str:
+    # One counter per Ray job: Train workers and data tasks of a job share its job id.
+    return f"SkipCounter-{ray.get_runtime_context().get_job_id()}"
+
+
+_HELD_COUNTERS: dict[str, object] = {}  # the creator keeps a handle: a named actor dies with its last one
+
+
+def skip_counter(create: bool = False):
+    """The job's SkipCounter actor handle (created by the driver in `build_dataset`)."""
+    name = _counter_name()
+    if create:
+        if name not in _HELD_COUNTERS:
+            _HELD_COUNTERS[name] = SkipCounter.options(name=name, namespace=SKIP_COUNTER_NAMESPACE,
+                                                       get_if_exists=True).remote()
+        return _HELD_COUNTERS[name]
+    return ray.get_actor(name, namespace=SKIP_COUNTER_NAMESPACE)
+
+
+def get_skip_counts(tag: str | None = None) -> dict[str, int]:
+    """Per-reason skip counts of the datasets this job built (`tag` as given to build_dataset).
+
+    Counts accumulate over every execution of a dataset (each epoch counts again).
+    """
+    try:
+        counter = skip_counter()
+    except ValueError:  # no dataset built yet in this job
+        return {}
+    return ray.get(counter.get_skip_counts.remote(tag))
+
+
+def reset_skip_counts(tag: str | None = None) -> None:
+    try:
+        ray.get(skip_counter().reset.remote(tag))
+    except ValueError:
+        pass
+
+
+def _report_skips(tag: str, counts: Counter) -> None:
+    if not counts:
+        return
+    try:
+        # waited on: the counts are complete once the stream has been consumed
+        ray.get(skip_counter().add.remote(tag, dict(counts)))
+    except Exception as e:  # counting must never stop the data
+        log.warning("could not report skip counts %s: %s", dict(counts), e)
+
+
+# ------------------------------------------------------------------------------------------- sources
+def resolve_sources(paths: list[str] | str, cfg: DataConfig) -> list[str]:
+    """All shard files of `paths` (files, directories, globs, s3:// URIs), in order, duplicates dropped.
+
+    Raises UserError (one sentence) when a path does not exist or holds no shard: before any work.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    opts = _s3_opts(cfg)
+    files: list[str] = []
+    for p in paths:
+        files.extend(f for f in _source_files(p, cfg, opts) if f not in files)
+    return files
+
+
+def _source_files(path: str, cfg: DataConfig, opts: dict) -> list[str]:
+    files = list_shards(path, opts)
+    # a misnamed parquet column fails here, before any work (one footer read per source)
+    first_parquet = next((f for f in files if shard_format(f) == "parquet"), None)
+    if first_parquet:
+        check_parquet_columns(first_parquet, cfg.image_keys, cfg.caption_keys, opts)
+    return files
+
+
+def _s3_opts(cfg: DataConfig) -> dict:
+    return storage_options(cfg.s3_endpoint_url, cfg.s3_anonymous, cfg.s3_region)
+
+
+def epoch_file_order(per_source: list[list[str]], weights: list[float] | None, seed: int, epoch: int,
+                     shuffle: bool = True) -> list[str]:
+    """The files one epoch visits.
+
+    Without weights every file once (seeded permutation per epoch when `shuffle`). With weights the
+    epoch makes as many visits as there are files in all; each visit draws a source with probability
+    weight / sum(weights) and takes that source's next file (cycling through a per-epoch permutation),
+    so with shards of similar size the sources mix in proportion to their weights.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    orders = [list(rng.permutation(len(fs))) if shuffle else list(range(len(fs))) for fs in per_source]
+    if weights is None:
+        files = [per_source[s][i] for s, order in enumerate(orders) for i in order]
+        return [files[i] for i in rng.permutation(len(files))] if shuffle else files
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    total = sum(len(fs) for fs in per_source)
+    picks = rng.choice(len(per_source), size=total, p=w)
+    nxt = [0] * len(per_source)
+    out = []
+    for s in picks:
+        out.append(per_source[s][orders[s][nxt[s] % len(orders[s])]])
+        nxt[s] += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------- dataset
+class _ReadShards:
+    """map_batches UDF: each input row names one shard file; yields its raw records in chunks."""
+
+    def __init__(self, cfg: dict, s3_opts: dict, tag: str):
+        self.cfg, self.s3_opts, self.tag = DataConfig(**cfg), s3_opts, tag
+
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        for path in batch["path"]:
+            skips: Counter = Counter()
+            chunk: list[dict] = []
+            for rec in read_shard_records(str(path), self.cfg.image_keys, self.cfg.caption_keys,
+                                          lambda r: skips.update([r]), self.s3_opts):
+                chunk.append(rec)
+                if len(chunk) >= READ_CHUNK_ROWS:
+                    yield _raw_batch(chunk)
+                    chunk = []
+            if chunk:
+                yield _raw_batch(chunk)
+            _report_skips(self.tag, skips)
+
+
+def _raw_batch(records: list[dict]):
+    import pyarrow as pa
+
+    return pa.table({
+        "key": pa.array([r["key"] for r in records], type=pa.string()),
+        "image": pa.array([r["image"] for r in records], type=pa.binary()),
+        "caption": pa.array([r["caption"] for r in records], type=pa.binary()),
+    })
+
+
+class _DecodeRecords:
+    """map_batches UDF: raw records -> model columns (process_records), skips counted per batch."""
+
+    def __init__(self, cfg: dict, train: bool, epoch: int, qformer_tokenizer: str | None,
+                 llm_tokenizer: str | None, tag: str, with_pixels: bool):
+        self.cfg = DataConfig(**cfg)
+        self.kw = dict(train=train, epoch=epoch, qformer_tokenizer_path=qformer_tokenizer,
+                       llm_tokenizer_path=llm_tokenizer, with_pixels=with_pixels)
+        self.tag = tag
+
+    def __call__(self, table) -> dict:
+        skips: Counter = Counter()
+        out = process_records(table.to_pylist(), self.cfg, on_skip=lambda r: skips.update([r]), **self.kw)
+        _report_skips(self.tag, skips)
+        return out
+
+
+def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_tokenizer: str | None,
+                  llm_tokenizer: str | None, epoch: int = 0, skip_tag: str | None = None,
+                  with_pixels: bool = True) -> ray.data.Dataset:
+    """A streaming Ray Dataset of model-ready rows from image-text shards.
+
+    Rows: key (str), caption (str, cleaned), pixel_values float32 (3, S, S) CLIP-normalised (train:
+    RandomResizedCrop + flip; eval: resize), qformer_input_ids / qformer_attention_mask int64
+    (qformer_max_len) if `qformer_tokenizer`, llm_input_ids / llm_attention_mask int64 (llm_max_len)
+    if `llm_tokenizer` (local tokenizer directories). For `train` the file order is a permutation
+    seeded by cfg.seed + `epoch`, and several sources mix by cfg.weights (when `sources` is cfg.train).
+    Bad records are dropped and counted under `skip_tag` (default "train"/"eval"): see get_skip_counts.
+    A missing path raises UserError now; a parquet file without the needed column raises UserError
+    (naming file and column) when the dataset runs. `with_pixels=False` validates images but omits
+    pixel_values (the data check).
+    """
+    from blip2_ray.config import to_dict
+
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources:
+        from blip2_ray.errors import UserError
+
+        raise UserError("no data sources given; set data.train / data.eval or pass paths")
+    tag = skip_tag or ("train" if train else "eval")
+    opts = _s3_opts(cfg)
+    per_source = [_source_files(p, cfg, opts) for p in sources]
+    weights = cfg.weights if (train and cfg.weights is not None and len(cfg.weights) == len(sources)) else None
+    files = epoch_file_order(per_source, weights, cfg.seed, epoch, shuffle=train)
+    if weights is None:  # without mixing, a file named by two overlapping sources is read once
+        files = list(dict.fromkeys(files))
+    skip_counter(create=True)
+
+    cfg_dict = to_dict(cfg)
+    compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
+    common = dict(num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ds.map_batches(_read_fn(cfg_dict, opts, tag), batch_size=1, batch_format="numpy", **common)
+    ds = ds.map_batches(
+        _decode_fn(cfg_dict, train, epoch, qformer_tokenizer, llm_tokenizer, tag, with_pixels),
+        batch_size=cfg.decode_batch_size, batch_format="pyarrow", **common,
+    )
+    return ds
+
+
+def _read_fn(cfg_dict: dict, opts: dict, tag: str):
+    reader = _ReadShards(cfg_dict, opts, tag)
+    return lambda batch: reader(batch)
+
+
+def _decode_fn(cfg_dict, train, epoch, qtok, ltok, tag, with_pixels):
+    decoder = _DecodeRecords(cfg_dict, train, epoch, qtok, ltok, tag, with_pixels)
+    return lambda table: decoder(table)
+
+
+# ---------------------------------------------------------------------------------------- Ray Train
+TENSOR_COLUMNS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "llm_input_ids",
+                  "llm_attention_mask")
+
+
+class TrainCollate(NumpyBatchCollateFn):
+    """numpy batch -> {tensor columns: torch tensors (those present), "key": list[str]}."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+        import torch
+
+        out: dict = {name: torch.from_numpy(np.ascontiguousarray(batch[name]))
+                     for name in TENSOR_COLUMNS if name in batch}
+        out["key"] = [str(k) for k in batch["key"]]
+        if "caption" in batch:
+            out["caption"] = [str(c) for c in batch["caption"]]
+        return out
+
+
+def iter_train_batches(shard, batch_size: int, cfg: DataConfig, *, epoch: int = 0,
+                       prefetch_batches: int | None = None, shuffle: bool = True) -> Iterator[dict]:
+    """A Ray Train worker's batches from its `ray.train.get_dataset_shard(...)`.
+
+    Every batch has exactly `batch_size` rows on every rank (drop_last: ITC needs equal batches).
+    """
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=(cfg.shuffle_buffer or None) if shuffle else None,
+        local_shuffle_seed=cfg.seed + epoch if shuffle else None,
+        collate_fn=TrainCollate(),
+        prefetch_batches=cfg.prefetch_batches if prefetch_batches is None else prefetch_batches,
+    )

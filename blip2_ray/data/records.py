@@ -1,0 +1,106 @@
+"""Raw records -> model-ready columns, Ray-free (the same code runs in Ray tasks and in plain loops).
+
+`process_records` decodes, validates, transforms and tokenises a list of raw records; every bad record
+is dropped and reported through `on_skip(reason)`, never raised.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterable
+
+import numpy as np
+
+from blip2_ray.data.config import DataConfig
+from blip2_ray.data.transforms import (SkipRecord, decode_image, eval_transform, pick_caption,
+                                       train_transform)
+
+_TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading takes ~100 ms
+
+
+def qformer_tokenizer(path: str):
+    if ("qformer", path) not in _TOKENIZERS:
+        from blip2_ray.model.tokenizers import load_qformer_tokenizer
+
+        _TOKENIZERS[("qformer", path)] = load_qformer_tokenizer(path)
+    return _TOKENIZERS[("qformer", path)]
+
+
+def llm_tokenizer(path: str):
+    if ("llm", path) not in _TOKENIZERS:
+        from blip2_ray.model.tokenizers import load_tokenizer
+
+        tok = load_tokenizer(path, "LLM tokenizer")
+        tok.padding_side = "right"  # training batches: right padded
+        _TOKENIZERS[("llm", path)] = tok
+    return _TOKENIZERS[("llm", path)]
+
+
+def prepends_bos(tok) -> bool:
+    """True for decoder-only tokenizers (OPT) that start every sequence with their bos token."""
+    if tok.bos_token_id is None:
+        return False
+    ids = tok("a")["input_ids"]
+    return bool(ids) and ids[0] == tok.bos_token_id
+
+
+def tokenize_qformer(tok, captions: list[str], max_len: int) -> dict[str, np.ndarray]:
+    """BERT ids [CLS] ... [SEP], padded to `max_len`: int64 (B, max_len) ids and attention mask."""
+    enc = tok(captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
+    return {"qformer_input_ids": enc["input_ids"].astype(np.int64),
+            "qformer_attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def tokenize_llm(tok, captions: list[str], max_len: int) -> dict[str, np.ndarray]:
+    """LLM ids right padded to `max_len`: OPT gets "</s>caption\\n", T5 gets "caption</s>"."""
+    texts = [c + "\n" for c in captions] if prepends_bos(tok) else list(captions)
+    enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
+    return {"llm_input_ids": enc["input_ids"].astype(np.int64),
+            "llm_attention_mask": enc["attention_mask"].astype(np.int64)}
+
+
+def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Randomness of one record in one epoch: crops, flips and caption draws are reproducible."""
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode("utf-8"))])
+
+
+def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, epoch: int = 0,
+                    qformer_tokenizer_path: str | None = None, llm_tokenizer_path: str | None = None,
+                    on_skip: Callable[[str], None], with_pixels: bool = True) -> dict[str, np.ndarray]:
+    """Raw records {"key", "image", "caption"} -> a batch of columns (rows of bad records dropped).
+
+    Columns: key (str), caption (str, cleaned), pixel_values float32 (B, 3, S, S) CLIP-normalised,
+    and, per tokenizer given, qformer_/llm_ input_ids and attention_mask int64 (B, max_len).
+    """
+    keys, captions, pixels = [], [], []
+    size = cfg.image_size
+    for r in records:
+        key = str(r["key"])
+        rng = record_rng(cfg.seed, epoch, key)
+        try:
+            if r.get("image") is None:
+                raise SkipRecord("missing_image")
+            caption = pick_caption(r.get("caption"), rng, cfg.max_caption_words)
+            im = decode_image(r["image"], cfg.min_image_side, cfg.max_image_pixels)
+            if with_pixels:
+                pixels.append(train_transform(im, size, rng, cfg.min_crop_scale) if train else eval_transform(im, size))
+        except SkipRecord as e:
+            on_skip(e.reason)
+            continue
+        keys.append(key)
+        captions.append(caption)
+    out = {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object)}
+    if with_pixels:
+        out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.float32)
+    if qformer_tokenizer_path:
+        out.update(tokenize_qformer(qformer_tokenizer(qformer_tokenizer_path), captions, cfg.qformer_max_len)
+                   if captions else _empty_ids("qformer", cfg.qformer_max_len))
+    if llm_tokenizer_path:
+        out.update(tokenize_llm(llm_tokenizer(llm_tokenizer_path), captions, cfg.llm_max_len)
+                   if captions else _empty_ids("llm", cfg.llm_max_len))
+    return out
+
+
+def _empty_ids(prefix: str, max_len: int) -> dict[str, np.ndarray]:
+    z = np.zeros((0, max_len), np.int64)
+    return {f"{prefix}_input_ids": z, f"{prefix}_attention_mask": z.copy()}
