@@ -1,0 +1,169 @@
+"""`make bench-serve`: /v1/caption throughput and latency, batched vs one request at a time.
+
+Starts its own local Ray + Serve on 127.0.0.1 with the tiny model saved in HF format, deploys it twice
+(max_batch_size=B with @serve.batch, and max_batch_size=1 with the same max_ongoing_requests), and prints
+requests/s and p50/p99 latency at concurrency 1, 8 and 32 for each, then the ratios
+(targets: >= 3x throughput at concurrency 32; p50 at concurrency 1 no worse than 1.2x).
+
+    python bench/bench_serve.py [--requests-per-level 96] [--max-new-tokens 20] [--max-batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import socket
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(out_dir: str) -> str:
+    import torch
+
+    from blip2_ray.model.config import model_config
+    from blip2_ray.model.hf_io import build_stage2, export_stage2, llm_tokenizer
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    tok = llm_tokenizer(cfg)
+    return export_stage2(build_stage2(cfg, tok), out_dir, tok, cfg)
+
+
+def image_b64(seed: int) -> str:
+    from PIL import Image
+
+    arr = (np.random.RandomState(seed).rand(48, 64, 3) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def load(url: str, concurrency: int, n: int, body_of) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    errors = 0
+    queue = list(range(n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def worker():
+            nonlocal errors
+            while queue:
+                i = queue.pop()
+                t = time.perf_counter()
+                r = await client.post(url, json=body_of(i))
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors += 1
+                else:
+                    batch_sizes.append(int(r.headers.get("x-batch-size", 1)))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"rps": n / wall, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "errors": errors, "mean_batch": float(np.mean(batch_sizes)) if batch_sizes else 0.0}
+
+
+def model_only(model_dir: str, max_new_tokens: int, batch: int) -> None:
+    """The model's own batching gain, without HTTP: one generate call of `batch` vs of 1 (1 thread)."""
+    import torch
+
+    from blip2_ray.serve.models import CaptionDeployment
+
+    torch.set_num_threads(1)
+    dep = CaptionDeployment(model_dir)
+    items = [{"pixel_values": np.random.RandomState(i).randn(3, 32, 32).astype(np.float32), "prompt": "",
+              "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "num_beams": 1,
+              "temperature": 0.0} for i in range(batch)]
+    times = {}
+    for n in (1, batch):
+        dep._run(items[:n])
+        t = time.perf_counter()
+        for _ in range(3):
+            dep._run(items[:n])
+        times[n] = (time.perf_counter() - t) / 3
+    print(f"model only (no HTTP): batch 1 {times[1] * 1000:.1f} ms, batch {batch} {times[batch] * 1000:.1f} ms "
+          f"-> {batch * times[1] / times[batch]:.1f}x requests/s from batching")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests-per-level", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    from blip2_ray.config import from_dict
+    from blip2_ray.serve.app import build_app
+    from blip2_ray.serve.config import ServeConfig
+
+    os.environ.pop("RAY_ADDRESS", None)
+    tmp = tempfile.mkdtemp(prefix="bench_serve_")
+    model_dir = tiny_model(os.path.join(tmp, "tiny-opt"))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
+             log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    common = {"model": model_dir, "cpus_per_replica": 1.0, "max_queued_requests": -1,
+              "generation": {"max_new_tokens": args.max_new_tokens}}
+    variants = {
+        "batched": {**common, "max_batch_size": args.max_batch_size, "max_ongoing_requests": 2 * args.max_batch_size,
+                    "batch_wait_timeout_s": 0.005},
+        # same queueing as "batched" (so Serve's router backs off no differently); the model runs one
+        # request at a time because @serve.batch runs one batch at a time
+        "unbatched": {**common, "max_batch_size": 1, "max_ongoing_requests": 2 * args.max_batch_size},
+    }
+    for name, data in variants.items():
+        serve.run(build_app(from_dict(ServeConfig, data), name_prefix=name), name=name, route_prefix=f"/{name}")
+    images = [image_b64(i) for i in range(16)]
+
+    def body_of(i: int) -> dict:  # min = max: every request does the same work
+        return {"image": images[i % len(images)], "max_new_tokens": args.max_new_tokens,
+                "min_new_tokens": args.max_new_tokens}
+
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        for name in variants:
+            url = f"http://127.0.0.1:{port}/{name}/v1/caption"
+            asyncio.run(load(url, 4, 16, body_of))  # warm-up
+            for c in CONCURRENCY:
+                n = max(args.requests_per_level // (4 if c == 1 else 1), 8)
+                results[name, c] = r = asyncio.run(load(url, c, n, body_of))
+                print(f"{name:>9} c={c:<3} {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  "
+                      f"mean batch {r['mean_batch']:4.1f}  errors {r['errors']}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    model_only(model_dir, args.max_new_tokens, args.max_batch_size)
+    b, u = results["batched", 32], results["unbatched", 32]
+    print(f"throughput ratio at c=32 (batched / unbatched): {b['rps'] / u['rps']:.2f}x (target >= 3x)")
+    p1 = results["batched", 1]["p50"] / results["unbatched", 1]["p50"]
+    print(f"p50 ratio at c=1 (batched / unbatched): {p1:.2f}x (target <= 1.2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The serving config: one typed, strictly validated section (unknown keys and wrong types are errors).
+
+Loaded like every other job config (`load_config(ServeConfig, --config, --set)`), or from the `args`
+mapping of a Serve config file (`app_builder(args)`), which goes through the same `from_dict` checks
+because Serve itself accepts unknown keys silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from blip2_ray.model.config import doc
+
+
+@dataclass
+class AutoscalingSection:
+    min_replicas: int = doc("fewest model replicas", 1)
+    max_replicas: int = doc("most model replicas", 2)
+    target_ongoing_requests: float = doc("ongoing requests per replica the autoscaler aims for", 8.0)
+
+    def validate(self) -> None:
+        if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                             f"{self.min_replicas}..{self.max_replicas}")
+        if self.target_ongoing_requests <= 0:
+            raise ValueError("target_ongoing_requests must be positive")
+
+
+@dataclass
+class GenerationDefaults:
+    max_new_tokens: int = doc("caption/chat tokens when the request gives none", 30)
+    min_new_tokens: int = doc("minimum caption tokens when the request gives none", 1)
+    num_beams: int = doc("beams when the request gives none (1 = greedy)", 1)
+    vqa_max_new_tokens: int = doc("answer tokens when a /v1/vqa request gives none (recipe: 10)", 10)
+    max_new_tokens_limit: int = doc("largest max_new_tokens a request may ask for", 128)
+    max_num_beams: int = doc("largest num_beams a request may ask for", 8)
+
+    def validate(self) -> None:
+        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("max_new_tokens must be in 1..max_new_tokens_limit")
+        if not 1 <= self.vqa_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("vqa_max_new_tokens must be in 1..max_new_tokens_limit")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("min_new_tokens must be in 0..max_new_tokens")
+        if not 1 <= self.num_beams <= self.max_num_beams:
+            raise ValueError("num_beams must be in 1..max_num_beams")
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = doc("stage-2 / Blip2ForConditionalGeneration directory (caption, vqa, chat)", None)
+    retrieval_model: str | None = doc("stage-1 export or Blip2ForImageTextRetrieval directory (embeddings, match)", None)
+    model_name: str | None = doc("name reported in responses and /v1/models (default: the model directory's name)", None)
+    app_name: str = doc("Serve application name", "blip2")
+    host: str = doc("HTTP host", "127.0.0.1")
+    port: int = doc("HTTP port", 8000)
+    device: Literal["cpu", "cuda"] = doc("where the models run", "cpu")
+    dtype: Literal["float32", "float16", "bfloat16"] = doc("weights of the frozen ViT and LLM", "float32")
+    num_replicas: int = doc("replicas of each model deployment (ignored with autoscaling)", 1)
+    autoscaling: AutoscalingSection | None = doc("autoscale the model deployments instead of num_replicas", None)
+    cpus_per_replica: float = doc("CPUs reserved by each model replica", 1.0)
+    gpus_per_replica: float = doc("GPUs reserved by each model replica when device is cuda", 1.0)
+    max_batch_size: int = doc("most requests @serve.batch groups into one generate call", 8)
+    batch_wait_timeout_s: float = doc("how long a batch waits to fill", 0.01)
+    max_ongoing_requests: int = doc("requests a model replica holds at once (>= max_batch_size)", 32)
+    max_queued_requests: int = doc("requests waiting for a model replica before 503 (-1: unbounded)", 64)
+    ingress_max_ongoing_requests: int = doc("requests the HTTP ingress replica holds at once", 256)
+    max_body_bytes: int = doc("largest request body; larger gets 413", 10_000_000)
+    max_image_pixels: int = doc("largest width x height of one image; larger gets 413", 25_000_000)
+    max_images_per_request: int = doc("most images in one /v1/embeddings request", 16)
+    max_texts_per_request: int = doc("most texts in one /v1/embeddings or /v1/match request", 64)
+    max_prompt_chars: int = doc("longest prompt, question or chat text", 2000)
+    allowed_image_url_prefixes: list[str] = doc(
+        "http(s) image URL prefixes the server may fetch; empty: only data: URLs and base64", factory=list
+    )
+    image_fetch_timeout_s: float = doc("timeout of one allowed image URL fetch", 5.0)
+    api_token_env: str = doc("environment variable holding the API token; unset or empty: no auth", "BLIP2_API_TOKEN")
+    health_check_timeout_s: float = doc("Serve health-check timeout (large models load slowly)", 120.0)
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    def validate(self) -> None:
+        if not self.model and not self.retrieval_model:
+            raise ValueError("give at least one of model (--model DIR) or retrieval_model (--retrieval-model DIR)")
+        for key in ("model", "retrieval_model"):
+            path = getattr(self, key)
+            if path and not Path(path).is_dir():
+                raise ValueError(f"{key} {path!r} is not a local directory")
+        positive = ("num_replicas", "max_batch_size", "max_ongoing_requests", "ingress_max_ongoing_requests",
+                    "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_texts_per_request",
+                    "max_prompt_chars")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            # otherwise @serve.batch never sees a full batch
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size})")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded) or positive")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError("batch_wait_timeout_s must be >= 0")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+        for p in self.allowed_image_url_prefixes:
+            if not p.startswith(("http://", "https://")):
+                raise ValueError(f"allowed_image_url_prefixes entry {p!r} must start with http:// or https://")
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return Path(self.model or self.retrieval_model).name  # type: ignore[arg-type]

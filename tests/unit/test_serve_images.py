@@ -1,0 +1,80 @@
+"""Request images and bodies -> model inputs, and every bad input -> the right APIError (no Ray)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+
+from blip2_ray.serve.images import APIError, decode_image, image_bytes
+
+
+def png(w=20, h=10, mode="RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def status(fn, *args):
+    with pytest.raises(APIError) as e:
+        fn(*args)
+    return e.value.status
+
+
+def test_base64_and_data_url():
+    raw = png()
+    assert image_bytes(base64.b64encode(raw).decode(), []) == raw
+    assert image_bytes("data:image/png;base64," + base64.b64encode(raw).decode(), []) == raw
+
+
+@pytest.mark.parametrize("value", ["", "%%%", "data:image/png,abc", "data:nocomma", "data:image/png;base64,@@"])
+def test_bad_image_strings_are_400(value):
+    assert status(image_bytes, value, []) == 400
+
+
+def test_urls_refused_unless_allowed():
+    assert status(image_bytes, "https://example.org/a.png", []) == 403
+    assert status(image_bytes, "file:///etc/passwd", ["https://example.org/"]) == 403
+
+
+def test_decode_modes_and_limits():
+    for mode in ("RGB", "L", "RGBA", "P", "I;16"):
+        assert decode_image(png(mode=mode), 1000).mode == "RGB"
+    assert status(decode_image, png(40, 40), 1000) == 413
+    assert status(decode_image, b"GIF89a garbage", 1000) == 400
+    assert status(decode_image, png()[:40], 1000) == 400
+
+
+def test_preprocessing_matches_the_saved_processor(tmp_path):
+    from PIL import Image
+
+    from blip2_ray.model.hf_io import image_processor
+    from blip2_ray.serve.images import ImagePreprocessor
+
+    image_processor(32).save_pretrained(str(tmp_path))
+    img = Image.fromarray((np.random.RandomState(0).rand(30, 50, 3) * 255).astype("uint8"))
+    ours = ImagePreprocessor(str(tmp_path))([img])
+    ref = image_processor(32)(images=img, return_tensors="np")["pixel_values"]
+    assert ours.shape == (1, 3, 32, 32) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_multipart_parsing():
+    from blip2_ray.serve.app import _parse_multipart
+
+    boundary = "XyZ"
+    raw = png()
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode() + raw + f"\r\n--{boundary}\r\n"
+        f"Content-Disposition: form-data; name=\"texts\"\r\n\r\na dog\r\n--{boundary}\r\n"
+        f"Content-Disposition: form-data; name=\"texts\"\r\n\r\na cat\r\n--{boundary}--\r\n".encode()
+    )
+    data = _parse_multipart(f"multipart/form-data; boundary={boundary}", body)
+    assert base64.b64decode(data["image"]) == raw and data["texts"] == ["a dog", "a cat"]
+    with pytest.raises(APIError):
+        _parse_multipart("multipart/form-data", b"junk")
