@@ -1,0 +1,172 @@
+"""The `jobs/pretrain.py` config: one typed tree, each component reading only its own section.
+
+Derived values (gradient accumulation, the stage's default minimum lr, the Ray run directory) are
+properties of `PretrainConfig`, computed here and nowhere else. The worker rebuilds the whole tree
+from `to_dict(cfg)` (the `train_loop_config`), so every check below also runs inside Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blip2_ray.data.config import DataConfig
+from blip2_ray.model.config import ModelConfig
+
+
+def doc(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc("optimizer steps of the whole run (a resumed run continues to this many)", 250_000)
+    global_batch_size: int = doc("samples per optimizer step over all workers", 1680)
+    micro_batch_size: int = doc("samples per forward/backward on one worker", 105)
+    lr: float = doc("peak learning rate", 1e-4)
+    min_lr: float | None = doc("cosine floor; None: the paper's 1e-5 (stage 1) / 5e-5 (stage 2)", None)
+    warmup_steps: int = doc("linear warmup steps from 0 to lr", 2000)
+    warmup_start_lr: float = doc("lr at step 0 of the warmup", 1e-6)
+    weight_decay: float = doc("AdamW weight decay (not on biases, norms, queries, temperature)", 0.05)
+    betas: list[float] = doc("AdamW betas (paper 0.9, 0.98; reference config 0.9, 0.999)", factory=lambda: [0.9, 0.98])
+    eps: float = doc("AdamW epsilon", 1e-8)
+    grad_clip: float = doc("gradient-norm clipping (0: off)", 0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = doc(
+        "Q-Former compute precision; bf16/fp16 keep fp32 master weights in the optimizer", "bf16")
+    seed: int = doc("seed of the model init (frozen random parts must match across ranks and restarts)", 42)
+    log_every: int = doc("report metrics and print a progress line every N steps", 10)
+    checkpoint_every: int = doc("save a resumable checkpoint every N steps (and at the end)", 1000)
+    keep_checkpoints: int = doc("checkpoints kept in storage (the latest N)", 2)
+
+    def validate(self) -> None:
+        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0 and warmup_steps, weight_decay, grad_clip >= 0")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr {self.min_lr} must be in [0, lr={self.lr}]")
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = doc("Ray Train workers (one GPU each with use_gpu)", 2)
+    use_gpu: bool = doc("one GPU per worker and NCCL; false: CPU workers and gloo", False)
+    cpus_per_worker: float = doc("CPUs reserved per training worker", 1.0)
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be > 0")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = doc("ZeRO stage: 2 (shard optimizer state + gradients) or 3 (+ all parameters, "
+                          "frozen ViT/LLM included)", 2)
+    stage3_param_persistence_threshold: int = doc(
+        "ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default 1e5)", 100_000)
+    overlap_comm: bool = doc("overlap gradient reduction with backward", False)
+    reduce_bucket_size: int = doc("elements per gradient-reduction bucket", 50_000_000)
+
+    def validate(self) -> None:
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.stage3_param_persistence_threshold < 0 or self.reduce_bucket_size < 1:
+            raise ValueError("stage3_param_persistence_threshold must be >= 0 and reduce_bucket_size >= 1")
+
+
+@dataclass
+class FailureSection:
+    max_failures: int = doc("worker-group restarts from the latest checkpoint after a crash (-1: unlimited)", 3)
+
+    def validate(self) -> None:
+        if self.max_failures < -1:
+            raise ValueError("max_failures must be >= -1")
+
+
+@dataclass
+class FaultInjection:
+    """Test hooks: pause one worker at a step so a test can SIGKILL its process."""
+
+    pid_dir: str | None = doc("directory the last rank writes `worker.pid` into (None: off)", None)
+    at_step: int = doc("the step before which the pid is written (once per pid_dir)", 0)
+    pause_s: float = doc("seconds the worker sleeps after writing its pid", 0.0)
+
+
+@dataclass
+class PretrainConfig:
+    stage: int = doc("1: Q-Former representation learning (ITC+ITM+ITG); 2: generative learning with the LLM", 1)
+    run_name: str = doc("Ray Train run name: a rerun with the same name resumes from its latest checkpoint",
+                        "blip2_pretrain")
+    output_dir: str = doc("final world-size-free HF export (stage 1: retrieval layout; stage 2: "
+                          "Blip2ForConditionalGeneration + processor)", "outputs/blip2")
+    storage_path: str = doc("checkpoints and logs: a local directory or s3://bucket/prefix", "~/ray_results")
+    storage_endpoint_url: str | None = doc("S3-compatible endpoint for storage_path (MinIO...)", None)
+    tensorboard_dir: str | None = doc("TensorBoard logs; None: <storage_path>/<run_name>/tensorboard when "
+                                      "storage is local, else ./tensorboard/<run_name>", None)
+    model: ModelConfig = doc("model sizes and weights", factory=ModelConfig)
+    data: DataConfig = doc("training data", factory=DataConfig)
+    train: TrainConfig = doc("optimisation and schedule", factory=TrainConfig)
+    scaling: ScalingSection = doc("Ray Train workers", factory=ScalingSection)
+    deepspeed: DeepSpeedSection = doc("DeepSpeed ZeRO", factory=DeepSpeedSection)
+    failure: FailureSection = doc("fault tolerance", factory=FailureSection)
+    fault_injection: FaultInjection = doc("test hooks (off by default)", factory=FaultInjection)
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        if self.data.image_size != self.model.vision.image_size:
+            raise ValueError(f"data.image_size {self.data.image_size} differs from model.vision.image_size "
+                             f"{self.model.vision.image_size}; set both to the same value")
+        if self.stage == 1 and self.model.init_from:
+            raise ValueError("model.init_from is a stage-2 setting (a stage-1 export to start from)")
+        if self.scaling.use_gpu is False and self.train.precision == "fp16":
+            raise ValueError("train.precision fp16 needs GPUs; use fp32 (or bf16) on CPU workers")
+        _ = self.gradient_accumulation_steps  # raises when the batch sizes do not divide
+
+    # ---- derived values: computed here only ----
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """global_batch_size / (micro_batch_size x num_workers); an error unless it is a whole number."""
+        per_pass = self.train.micro_batch_size * self.scaling.num_workers
+        if self.train.global_batch_size % per_pass:
+            raise ValueError(
+                f"train.global_batch_size {self.train.global_batch_size} is not a multiple of micro_batch_size "
+                f"x num_workers = {self.train.micro_batch_size} x {self.scaling.num_workers}; change one of them")
+        return self.train.global_batch_size // per_pass
+
+    @property
+    def min_lr(self) -> float:
+        """train.min_lr, else the paper's floor for the stage (1e-5 stage 1, 5e-5 stage 2)."""
+        if self.train.min_lr is not None:
+            return self.train.min_lr
+        return min(1e-5 if self.stage == 1 else 5e-5, self.train.lr)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.storage_path.startswith("s3://")
+
+    @property
+    def local_storage_path(self) -> str:
+        import os
+
+        return os.path.abspath(os.path.expanduser(self.storage_path))
+
+    @property
+    def tensorboard_path(self) -> str:
+        import os
+
+        if self.tensorboard_dir:
+            return os.path.abspath(os.path.expanduser(self.tensorboard_dir))
+        if self.is_s3:
+            return os.path.abspath(os.path.join("tensorboard", self.run_name))
+        return os.path.join(self.local_storage_path, self.run_name, "tensorboard")

@@ -1,0 +1,55 @@
+"""All-gathers for the stage-1 losses over torch.distributed (world size 1 or no process group: identity)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def world_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (W*B, ...) in rank order, detached.
+
+    ITC compares the local rows with every rank's features; the other ranks' rows are constants here
+    (each rank back-propagates through its own rows), as in the reference.
+    """
+    if world_size() == 1:
+        return x
+    with torch.no_grad():
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.batch = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # each rank's copy of the gathered tensor received gradient: sum them, keep this rank's rows
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        r = dist.get_rank()
+        return grad[r * ctx.batch:(r + 1) * ctx.batch]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (W*B, ...); gradient flows back to the rank that owns each row.
+
+    ITM's negative images may come from another rank: their encoder (ln_vision) still learns from it.
+    """
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)

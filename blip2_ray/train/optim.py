@@ -1,0 +1,84 @@
+"""Optimizer parameter groups, the warmup + cosine schedule and the DeepSpeed config dict.
+
+Plain functions of the config (no Ray, no DeepSpeed import): unit-testable, and the only place
+the DeepSpeed settings are decided.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import nn
+
+from blip2_ray.train.config import PretrainConfig
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases, norms (any 1-d weight), the learned queries and the temperature get no weight decay."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or name in ("query_tokens", "temp")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only (the frozen ViT/LLM never reach the optimizer), in two decay groups."""
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(max_steps: int, warmup_steps: int, lr: float, min_lr: float,
+                  warmup_start_lr: float = 0.0) -> Callable[[int], float]:
+    """step -> lr multiplier (of `lr`): linear warmup from warmup_start_lr, then cosine to min_lr at max_steps.
+
+    A closure (not an object) on purpose: LambdaLR then leaves it out of its state_dict, so a resumed
+    run with a longer max_steps follows the new schedule from the restored step.
+    """
+    warmup_steps = min(warmup_steps, max_steps)
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps) / lr
+        span = max(1, max_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+
+    return multiplier
+
+
+def deepspeed_config(cfg: PretrainConfig) -> dict:
+    """The DeepSpeed config of a run: ZeRO stage, batch sizes, AdamW, precision, clipping."""
+    t, ds = cfg.train, cfg.deepspeed
+    zero: dict = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+        # the export gathers the trainable weights itself; no 16-bit copy at every save
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    out = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: no JIT-built fused kernel (fails on some GPUs, absent on CPU)
+            "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+                       "torch_adam": True},
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        out["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
+    return out

@@ -1,0 +1,133 @@
+"""Driver side of pre-training: check inputs, build the Ray dataset, run the TorchTrainer.
+
+`run_pretrain(cfg)` is what `jobs/pretrain.py` (and the tests, and the benchmark) call once Ray is up.
+"""
+
+from __future__ import annotations
+
+import os
+
+from blip2_ray.config import to_dict
+from blip2_ray.errors import UserError
+from blip2_ray.train.config import PretrainConfig
+
+
+def tokenizer_dirs(cfg: PretrainConfig) -> tuple[str | None, str | None]:
+    """(Q-Former tokenizer dir for stage 1, LLM tokenizer dir for stage 2): the columns the stage reads."""
+    from blip2_ray.model.hf_io import tokenizer_path
+
+    if cfg.stage == 1:
+        return tokenizer_path(cfg.model.qformer.tokenizer, "qformer"), None
+    llm = cfg.model.llm
+    if llm.tokenizer == "tiny" and llm.path:
+        return None, llm.path
+    return None, tokenizer_path(llm.tokenizer, llm.kind)
+
+
+def check_inputs(cfg: PretrainConfig) -> list[str]:
+    """Fail with one sentence before any worker starts: data paths, stage-1 export, tokenizers.
+
+    Returns the training shard files.
+    """
+    from blip2_ray.data.pipeline import resolve_sources
+    from blip2_ray.model.hf_io import require_local_dir
+
+    if not cfg.data.train:
+        raise UserError("data.train is empty; name the training shards, e.g. --set data.train='[shards/]'")
+    files = resolve_sources(cfg.data.train, cfg.data)
+    if not files:
+        raise UserError(f"data.train {cfg.data.train} holds no .tar or .parquet shard")
+    if cfg.stage == 2 and cfg.model.init_from:
+        d = require_local_dir(cfg.model.init_from, "model.init_from (a stage-1 export)")
+        if not os.path.exists(os.path.join(d, "config.json")):
+            raise UserError(f"model.init_from {cfg.model.init_from!r} holds no config.json; "
+                            f"point it at the output_dir of a stage-1 run")
+    tokenizer_dirs(cfg)
+    return files
+
+
+def build_train_dataset(cfg: PretrainConfig):
+    from blip2_ray.data.pipeline import build_dataset
+
+    qtok, ltok = tokenizer_dirs(cfg)
+    return build_dataset(cfg.data, cfg.data.train, train=True, qformer_tokenizer=qtok, llm_tokenizer=ltok)
+
+
+def run_config(cfg: PretrainConfig):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    storage_path, fs = cfg.local_storage_path, None
+    if cfg.is_s3:
+        storage_path = cfg.storage_path
+        if cfg.storage_endpoint_url:
+            import pyarrow.fs
+
+            fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.storage_endpoint_url)
+            storage_path = cfg.storage_path.removeprefix("s3://")
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return RunConfig(
+        name=cfg.run_name,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        worker_runtime_env={"env_vars": env},
+    )
+
+
+def build_trainer(cfg: PretrainConfig, dataset=None):
+    """The TorchTrainer of a run (`dataset`: the training Ray Dataset, built from cfg.data when None)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from blip2_ray.train.loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=run_config(cfg),
+        datasets={"train": dataset if dataset is not None else build_train_dataset(cfg)},
+    )
+
+
+def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
+    """Local paths made absolute on the driver: workers and data tasks run in other directories."""
+    import copy
+
+    def fix(p: str | None) -> str | None:
+        return p if p is None or "://" in p else os.path.abspath(os.path.expanduser(p))
+
+    cfg = copy.deepcopy(cfg)
+    cfg.output_dir = fix(cfg.output_dir)
+    cfg.tensorboard_dir = cfg.tensorboard_path
+    cfg.data.train = [fix(p) for p in cfg.data.train]
+    cfg.data.eval = [fix(p) for p in cfg.data.eval]
+    cfg.model.init_from = fix(cfg.model.init_from)
+    if not cfg.is_s3:
+        cfg.storage_path = cfg.local_storage_path
+    if cfg.fault_injection.pid_dir:
+        cfg.fault_injection.pid_dir = fix(cfg.fault_injection.pid_dir)
+    return cfg
+
+
+def run_pretrain(cfg: PretrainConfig, dataset=None):
+    """Check inputs, train (resuming the run's latest checkpoint if any), export; the ray.train Result."""
+    cfg = absolute_paths(cfg)
+    check_inputs(cfg)
+    return build_trainer(cfg, dataset).fit()
+
+
+def read_train_state(checkpoint) -> dict:
+    """The step/epoch/start-steps record inside a checkpoint of this trainer."""
+    import json
+
+    from blip2_ray.train.loop import STATE_FILE
+
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, STATE_FILE)) as f:
+            return json.load(f)

@@ -1,0 +1,134 @@
+"""Pre-training on Ray Train + DeepSpeed with 2 CPU workers (gloo) on generated shapes shards.
+
+Few, combined trainer runs (the whole file is minutes on 2 cores):
+  1. stage 1, ZeRO-3: one worker process is SIGKILLed mid-run -> the group restarts from the last
+     checkpoint and ends at exactly max_steps; frozen ViT held ~1/2 per worker; export loads in HF.
+  2. the same run resubmitted with a larger max_steps continues from its checkpoint.
+  3. stage 2, ZeRO-2, Q-Former from the stage-1 export: finite loss, checkpoint, HF export + processor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from blip2_ray.config import load_config
+from blip2_ray.train.config import PretrainConfig
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from blip2_ray.data.sample import make_sample_shards
+
+    d = tmp_path_factory.mktemp("shapes")
+    make_sample_shards(str(d), num=64, shards=4, image_size=32, seed=0)
+    return str(d)
+
+
+def tiny_cfg(tmp, shards, **sets) -> PretrainConfig:
+    base = {
+        "data.train": f"[{shards}]", "data.image_size": 32, "data.shuffle_buffer": 16,
+        "data.num_cpus_per_decode_task": 0.5, "data.decode_batch_size": 16,
+        "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.precision": "fp32",
+        "train.log_every": 1, "train.checkpoint_every": 2, "train.warmup_steps": 2,
+        "scaling.num_workers": 2, "storage_path": f"{tmp}/runs", "failure.max_failures": 2,
+    }
+    base.update({k: v for k, v in sets.items()})
+    return load_config(PretrainConfig, None, [f"{k}={v}" for k, v in base.items()])
+
+
+def kill_when_paused(pid_file: str, killed: list, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(pid_file):
+            # the Train controller registers a checkpoint when it next polls the workers' reports:
+            # give it time to take the step-2 checkpoint before the worker dies
+            time.sleep(5)
+            pid = int(open(pid_file).read())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(ray_session, shards, tmp_path_factory):
+    """Stage 1 ZeRO-3, 4 steps, checkpoint every 2; the last worker pauses before step 3 and is killed."""
+    from blip2_ray.train.trainer import run_pretrain
+
+    tmp = tmp_path_factory.mktemp("stage1")
+    pid_dir = tmp / "pids"
+    cfg = tiny_cfg(tmp, shards, **{
+        "stage": 1, "run_name": "s1", "output_dir": f"{tmp}/export", "train.max_steps": 4,
+        "deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0,
+        "fault_injection.pid_dir": str(pid_dir), "fault_injection.at_step": 3, "fault_injection.pause_s": 120,
+    })
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_when_paused, args=(str(pid_dir / "worker.pid"), killed), daemon=True)
+    killer.start()
+    result = run_pretrain(cfg)
+    killer.join(timeout=1)
+    return cfg, result, killed
+
+
+def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
+    from transformers import Blip2ForImageTextRetrieval
+
+    from blip2_ray.model.hf_io import load_stage1
+    from blip2_ray.train.trainer import read_train_state
+
+    cfg, result, killed = stage1_run
+    assert killed, "the worker never paused at the fault-injection step"
+    assert result.error is None
+    m = result.metrics
+    assert m["step"] == 4 and all(math.isfinite(m[k]) for k in ("loss", "loss_itc", "loss_itm", "loss_itg"))
+    # restarted from the step-2 checkpoint after the kill, not from scratch
+    assert m["start_steps"] == [0, 2]
+    state = read_train_state(result.checkpoint)
+    assert state["step"] == 4 and state["start_steps"] == [0, 2] and state["world_size"] == 2
+    run_dir = os.path.join(cfg.local_storage_path, "s1")
+    ckpts = sorted(p for p in os.listdir(run_dir) if p.startswith("checkpoint_0") and os.path.isdir(os.path.join(run_dir, p)))
+    assert ckpts == ["checkpoint_00000002", "checkpoint_00000004"]
+    # ZeRO-3: each of the 2 workers holds about half of the frozen ViT
+    assert 0.45 <= m["frozen_param_fraction_held"] <= 0.55
+    assert 0 <= m["data_wait_fraction"] <= 1 and m["samples_per_s"] > 0 and m["skipped_records"] == 0
+    hf = Blip2ForImageTextRetrieval.from_pretrained(cfg.output_dir)
+    assert hf.config.num_query_tokens == 8
+    model, _ = load_stage1(cfg.output_dir)
+    assert model.temp.dim() == 0
+    assert os.listdir(cfg.tensorboard_path)
+
+
+def test_resubmitted_run_continues_from_its_checkpoint(stage1_run):
+    from blip2_ray.train.trainer import run_pretrain
+
+    cfg, _, _ = stage1_run
+    cfg.train.max_steps = 6
+    cfg.fault_injection.pid_dir = None
+    result = run_pretrain(cfg)
+    assert result.metrics["step"] == 6 and result.metrics["start_steps"] == [0, 2, 4]
+
+
+def test_stage2_zero2_from_stage1_export(stage1_run, shards, tmp_path):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from blip2_ray.train.trainer import read_train_state, run_pretrain
+
+    s1_cfg, _, _ = stage1_run
+    cfg = tiny_cfg(tmp_path, shards, **{
+        "stage": 2, "run_name": "s2", "output_dir": f"{tmp_path}/export", "train.max_steps": 2,
+        "deepspeed.zero_stage": 2, "model.init_from": s1_cfg.output_dir,
+    })
+    result = run_pretrain(cfg)
+    m = result.metrics
+    assert m["step"] == 2 and math.isfinite(m["loss"]) and math.isfinite(m["loss_lm"])
+    assert m["frozen_param_fraction_held"] == 1.0  # ZeRO-2 keeps the frozen parts whole
+    assert read_train_state(result.checkpoint)["step"] == 2
+    hf = Blip2ForConditionalGeneration.from_pretrained(cfg.output_dir)
+    processor = Blip2Processor.from_pretrained(cfg.output_dir)
+    assert hf.config.num_query_tokens == 8 and processor.num_query_tokens == 8
