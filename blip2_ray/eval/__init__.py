@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: caption metrics (BLEU, CIDEr-D), VQAv2 accuracy, image-text retrieval."""

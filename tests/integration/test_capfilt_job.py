@@ -1,0 +1,178 @@
+"""CapFilt job mechanics with random tiny models: counts, output format, resumability, corrupt inputs.
+
+Random models write random captions and rank at random, so these tests check mechanics only; the
+quality measure (correct caption kept over a wrong web caption) needs trained models:
+`python jobs/capfilt.py measure --filter STAGE1_EXPORT --data SHAPES_SHARDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, tiny_tokenizers):
+    from blip2_ray.model.config import model_config
+    from blip2_ray.model.hf_io import (build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer,
+                                       qformer_tokenizer)
+
+    import torch
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("capfilt_models")
+    cfg = model_config("tiny")
+    tok = llm_tokenizer(cfg)
+    export_stage2(build_stage2(cfg, tok), str(root / "captioner"), tok, cfg)
+    export_stage1(build_stage1(cfg), str(root / "filter"), qformer_tokenizer(cfg), cfg)
+    return {"captioner": str(root / "captioner"), "filter": str(root / "filter")}
+
+
+def _cfg(inp, out, models, **over):
+    from blip2_ray.capfilt.config import CapFiltConfig
+    from blip2_ray.config import from_dict
+
+    data = {"input": [str(inp)], "output_dir": str(out),
+            "captioner": {"model": models["captioner"], "num_captions": 3, "max_new_tokens": 6, "min_new_tokens": 2},
+            "filter": {"model": models["filter"], "keep": 2},
+            "compute": {"num_actors": 2, "batch_size": 8, "num_cpus_per_actor": 0.5},
+            "data": {"image_size": 32}}
+    for k, v in over.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return from_dict(CapFiltConfig, data)
+
+
+def test_capfilt_webdataset_counts_format_and_resume(ray_session, tiny_models, tmp_path):
+    from blip2_ray.capfilt.job import run_capfilt
+    from blip2_ray.data.config import DataConfig
+    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.records import process_records
+    from blip2_ray.data.sample import make_sample_shards
+
+    info = make_sample_shards(str(tmp_path / "in"), "webdataset", num=24, shards=3, image_size=32, seed=1,
+                              corrupt={"undecodable_image": 1, "missing_caption": 1, "truncated_tar": 1})
+    out = tmp_path / "out"
+    cfg = _cfg(tmp_path / "in", out, tiny_models)
+    s = run_capfilt(cfg)
+    assert s["shards"] == 3 and s["shards_done_now"] == 3
+    assert s["images"] == info["good"] == 24
+    assert s["skipped"] == {"undecodable_image": 1, "missing_caption": 1, "truncated_shard": 1}
+    assert 0 < s["captions_generated"] <= 24 * 3
+    assert s["captions_kept"] == 24 * 2  # keep 2 of (1 web + up to 3 synthetic)
+    assert 0.0 <= s["share_of_kept_that_are_web"] <= 1.0
+    assert sorted(os.path.basename(p) for p in list_shards(str(out))) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+    # every output record keeps its members, holds 2 captions + their scores, and trains as is
+    dc = DataConfig(image_size=32)
+    recs = [r for p in list_shards(str(out)) for r in read_shard_records(p, dc.image_keys, dc.caption_keys, print)]
+    assert len(recs) == 24
+    caps = json.loads(recs[0]["caption"])
+    assert isinstance(caps, list) and len(caps) == 2
+    skips = []
+    batch = process_records(recs, dc, train=True, on_skip=skips.append)
+    assert len(batch["key"]) == 24 and not skips
+    import tarfile
+
+    with tarfile.open(list_shards(str(out))[0]) as tar:
+        names = tar.getnames()
+    key = names[0].split(".")[0]
+    assert {f"{key}.jpg", f"{key}.txt", f"{key}.json", f"{key}.capfilt.json"} <= set(names)
+    meta = json.loads(tar_member(list_shards(str(out))[0], f"{key}.capfilt.json"))
+    assert len(meta["scores"]) == 2 and meta["scores"][0] >= meta["scores"][1] and len(meta["synthetic"]) == 2
+
+    # resume: a finished shard is skipped, a missing one redone; totals unchanged
+    mtime = os.path.getmtime(out / "00000.tar")
+    os.remove(out / "00001.tar")
+    s2 = run_capfilt(cfg)
+    assert s2["shards_done_now"] == 1 and s2["shards_done_before"] == 2
+    assert os.path.getmtime(out / "00000.tar") == mtime
+    assert s2["images"] == 24 and s2["captions_kept"] == 48
+    s3 = run_capfilt(cfg)
+    assert s3["shards_done_now"] == 0 and s3["images"] == 24
+
+
+def tar_member(path: str, name: str) -> bytes:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return tar.extractfile(name).read()
+
+
+def test_capfilt_parquet_and_filter_only(ray_session, tiny_models, tmp_path):
+    import pyarrow.parquet as pq
+
+    from blip2_ray.capfilt.job import run_capfilt
+    from blip2_ray.data.sample import make_sample_shards
+
+    make_sample_shards(str(tmp_path / "in"), "parquet", num=10, shards=2, image_size=32, seed=2, num_captions=2)
+    cfg = _cfg(tmp_path / "in", tmp_path / "out", tiny_models, captioner={"num_captions": 0}, filter={"keep": 1},
+               compute={"num_actors": 1})
+    s = run_capfilt(cfg)
+    assert s["images"] == 10 and s["captions_generated"] == 0 and s["captions_kept"] == 10
+    assert s["share_of_kept_that_are_web"] == 1.0
+    t = pq.read_table(tmp_path / "out" / "00000.parquet")
+    assert {"key", "jpg", "caption", "json", "capfilt"} <= set(t.column_names)
+    row = t.slice(0, 1).to_pylist()[0]
+    assert len(row["caption"]) == 1 and json.loads(row["capfilt"])["synthetic"] == [False]
+    assert len(json.loads(row["capfilt"])["web"]) == 2  # both web phrasings were candidates
+
+
+def test_capfilt_cli_bad_model_is_one_sentence(tmp_path):
+    from blip2_ray.data.sample import make_sample_shards
+
+    make_sample_shards(str(tmp_path / "in"), "webdataset", num=2, shards=1, image_size=32)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: [{tmp_path / 'in'}]\noutput_dir: {tmp_path / 'out'}\n"
+                   f"captioner: {{model: {tmp_path / 'nope'}}}\nfilter: {{model: {tmp_path / 'nope'}}}\n")
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: filter.model") and "nope" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--set", "filter.keep=0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "keep must be >= 1" in r.stderr
+
+
+def test_wrong_caption_measures_run(ray_session, tiny_models, tmp_path):
+    """The quality measures run end to end (random models: the rates are only checked to be rates)."""
+    from blip2_ray.capfilt.job import run_capfilt
+    from blip2_ray.capfilt.measure import kept_correct_rate, swap_web_captions
+    from blip2_ray.data.sample import make_sample_shards
+
+    make_sample_shards(str(tmp_path / "clean"), "webdataset", num=8, shards=1, image_size=32, seed=5)
+    swap_web_captions(str(tmp_path / "clean"), str(tmp_path / "wrong"))
+    run_capfilt(_cfg(tmp_path / "wrong", tmp_path / "out", tiny_models, compute={"num_actors": 1}))
+    rate = kept_correct_rate(str(tmp_path / "out"))
+    assert rate["images"] == 8 and 0 <= rate["top_kept_correct_rate"] <= 1
+
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "measure", "--filter", tiny_models["filter"],
+                        "--data", str(tmp_path / "clean"), "--limit", "8", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["images"] == 8 and 0 <= out["correct_kept_rate"] <= 1
+
+
+def test_capfilt_cli_on_the_shared_cluster(ray_session, tiny_models, tmp_path):
+    from blip2_ray.data.sample import make_sample_shards
+
+    make_sample_shards(str(tmp_path / "in"), "webdataset", num=6, shards=2, image_size=32, seed=6)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"input: [{tmp_path / 'in'}]\noutput_dir: {tmp_path / 'out'}\n"
+                   f"captioner: {{model: {tiny_models['captioner']}, num_captions: 2, max_new_tokens: 4, min_new_tokens: 1}}\n"
+                   f"filter: {{model: {tiny_models['filter']}}}\ncompute: {{num_actors: 1, num_cpus_per_actor: 0.5}}\n"
+                   f"data: {{image_size: 32}}\n")
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--address", ray_session,
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["images"] == 6 and s["captions_kept"] == 12 and s["shards"] == 2
+    assert (tmp_path / "out" / "capfilt_summary.json").exists()
