@@ -45,24 +45,58 @@ def pretrain_tiny_vision(
     return out_dir
 
 
+def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Generator, ctx_len: int):
+    """ids, labels of "<ctx> </s> caption \n": the context holds the caption's attribute words among fillers.
+
+    A real LLM arrives able to pick up facts from its context (that is what BLIP-2's soft visual prompt
+    relies on); a tiny LM trained on bare captions never learns it. Mixing in such examples teaches it.
+    """
+    attrs = [w for w in caption.split() if w in words]
+    fillers = [w for w in ("the", "of", "and", "with", "this", "that", "one", "image", "scene") if w not in attrs]
+    ctx = attrs + [fillers[int(i)] for i in torch.randint(0, len(fillers), (max(0, ctx_len - len(attrs)),), generator=rng)]
+    ctx = [ctx[int(i)] for i in torch.randperm(len(ctx), generator=rng)]
+    ctx_ids = tokenizer(" ".join(ctx), add_special_tokens=False).input_ids
+    cap_ids = tokenizer(caption + "\n").input_ids  # starts with </s>
+    return ctx_ids + cap_ids, [-100] * (len(ctx_ids) + 1) + cap_ids[1:]
+
+
 def pretrain_tiny_llm(
-    cfg: ModelConfig, tokenizer, captions: list[str], out_dir: str,
-    steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+    cfg: ModelConfig, tokenizer, captions: list[str], out_dir: str, attribute_words: list[str] | None = None,
+    steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, context_share: float = 0.7,
+    log_every: int = 0,
 ) -> str:
-    """Train the OPT of `cfg.llm` as a language model of `captions` (each ending in "\\n"); save HF format."""
+    """Train the OPT of `cfg.llm` as a language model of `captions` (each ending in "\n"); save HF format.
+
+    With `attribute_words`, a `context_share` of the examples first show the caption's attribute words
+    (e.g. its colour and shape) in a shuffled context before </s>, so the LM learns to copy from its
+    context, as pre-trained LLMs can. Loss is on the caption tokens only.
+    """
     if cfg.llm.kind != "opt":
         raise ValueError("the tiny LLM pre-training covers OPT (the demo's LLM)")
     torch.manual_seed(seed)
     llm = build_language_model(cfg, cfg.llm.vocab_size or padded_vocab(len(tokenizer)))
-    texts = [c + "\n" for c in captions]
-    enc = tokenizer(texts, padding="longest", return_tensors="pt")
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
+    words = set(attribute_words or [])
     g = torch.Generator().manual_seed(seed)
+    ctx_len = cfg.qformer.num_query_tokens
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
     llm.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(texts), (batch_size,), generator=g)
-        ids, mask = enc.input_ids[idx], enc.attention_mask[idx]
-        loss = llm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    pad = tokenizer.pad_token_id
+    for step in range(steps):
+        idx = torch.randint(0, len(captions), (batch_size,), generator=g)
+        seqs = []
+        for i in idx.tolist():
+            if words and float(torch.rand(1, generator=g)) < context_share:
+                seqs.append(_context_example(tokenizer, captions[i], words, g, ctx_len))
+            else:
+                ids = tokenizer(captions[i] + "\n").input_ids
+                seqs.append((ids, [-100] + ids[1:]))
+        n = max(len(ids) for ids, _ in seqs)
+        ids = torch.tensor([s + [pad] * (n - len(s)) for s, _ in seqs])
+        labels = torch.tensor([lab + [-100] * (n - len(lab)) for _, lab in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s, _ in seqs])
+        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if log_every and step % log_every == 0:
+            print(f"tiny LLM pre-training step {step}: loss {loss.item():.3f}", flush=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
