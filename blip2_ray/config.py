@@ -27,6 +27,13 @@ class ConfigError(UserError, ValueError):
     """A user error in a config file or a `--set` override (the message is one sentence)."""
 
 
+def doc(text: str, default: Any = None, factory: Any = None) -> Any:
+    """A dataclass field with its documentation (`metadata["doc"]`), shown by `describe` and the reference."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"doc": text})
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
 
-
-def _doc(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
 
 
 @dataclass
 class CaptionerConfig:
-    model: str = _doc("stage-2 export directory (Blip2ForConditionalGeneration + tokenizer) that writes captions", "")
-    num_captions: int = _doc("synthetic captions per image (nucleus sampling)", 10)
-    top_p: float = _doc("nucleus sampling mass", 0.9)
-    temperature: float = _doc("sampling temperature", 1.0)
-    max_new_tokens: int = _doc("longest synthetic caption, tokens", 30)
-    min_new_tokens: int = _doc("shortest synthetic caption, tokens", 5)
-    prompt: str = _doc("text prompt before the caption (e.g. 'a photo of'); '' for none", "")
-    prepend_prompt: bool = _doc("keep the prompt at the start of the synthetic caption", True)
-    dtype: str = _doc("float32 | float16 | bfloat16 | auto (fp16 ViT/LLM on GPU, fp32 on CPU)", "auto")
+    model: str = doc("stage-2 export directory (Blip2ForConditionalGeneration + tokenizer) that writes captions", "")
+    num_captions: int = doc("synthetic captions per image (nucleus sampling)", 10)
+    top_p: float = doc("nucleus sampling mass", 0.9)
+    temperature: float = doc("sampling temperature", 1.0)
+    max_new_tokens: int = doc("longest synthetic caption, tokens", 30)
+    min_new_tokens: int = doc("shortest synthetic caption, tokens", 5)
+    prompt: str = doc("text prompt before the caption (e.g. 'a photo of'); '' for none", "")
+    prepend_prompt: bool = doc("keep the prompt at the start of the synthetic caption", True)
+    dtype: str = doc("float32 | float16 | bfloat16 | auto (fp16 ViT/LLM on GPU, fp32 on CPU)", "auto")
 
     def validate(self) -> None:
         if self.num_captions < 0:
@@ -36,9 +32,9 @@ class CaptionerConfig:
 
 @dataclass
 class FilterConfig:
-    model: str = _doc("stage-1 export (or Blip2ForImageTextRetrieval) directory that scores captions by ITC", "")
-    keep: int = _doc("captions kept per image (the best by ITC similarity, web and synthetic together)", 2)
-    dtype: str = _doc("ViT dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU)", "auto")
+    model: str = doc("stage-1 export (or Blip2ForImageTextRetrieval) directory that scores captions by ITC", "")
+    keep: int = doc("captions kept per image (the best by ITC similarity, web and synthetic together)", 2)
+    dtype: str = doc("ViT dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU)", "auto")
 
     def validate(self) -> None:
         if self.keep < 1:
@@ -47,10 +43,10 @@ class FilterConfig:
 
 @dataclass
 class ComputeConfig:
-    num_actors: int = _doc("actors in the pool (each holds both models; one GPU each where GPUs exist)", 2)
-    num_gpus_per_actor: float | None = _doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
-    num_cpus_per_actor: float = _doc("CPUs reserved per actor", 1.0)
-    batch_size: int = _doc("images per model call inside an actor", 16)
+    num_actors: int = doc("actors in the pool (each holds both models; one GPU each where GPUs exist)", 2)
+    num_gpus_per_actor: float | None = doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
+    num_cpus_per_actor: float = doc("CPUs reserved per actor", 1.0)
+    batch_size: int = doc("images per model call inside an actor", 16)
 
     def validate(self) -> None:
         if self.num_actors < 1 or self.batch_size < 1:
@@ -59,15 +55,15 @@ class ComputeConfig:
 
 @dataclass
 class CapFiltConfig:
-    input: list[str] = _doc("input shards: files, directories, globs or s3:// URIs (tar or parquet)", factory=list)
-    output_dir: str = _doc("local directory for the output shards (same file names and format as the input)", "")
-    captioner: CaptionerConfig = _doc("the model that writes synthetic captions", factory=CaptionerConfig)
-    filter: FilterConfig = _doc("the model that ranks captions", factory=FilterConfig)
-    compute: ComputeConfig = _doc("Ray actor pool", factory=ComputeConfig)
-    data: DataConfig = _doc("record decoding and checks (image_keys, caption_keys, min_image_side, ...)",
+    input: list[str] = doc("input shards: files, directories, globs or s3:// URIs (tar or parquet)", factory=list)
+    output_dir: str = doc("local directory for the output shards (same file names and format as the input)", "")
+    captioner: CaptionerConfig = doc("the model that writes synthetic captions", factory=CaptionerConfig)
+    filter: FilterConfig = doc("the model that ranks captions", factory=FilterConfig)
+    compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
+    data: DataConfig = doc("record decoding and checks (image_keys, caption_keys, min_image_side, ...)",
                             factory=DataConfig)
-    seed: int = _doc("seed of the caption sampling (per shard)", 0)
-    summary_file: str | None = _doc("where the JSON summary goes (default: OUTPUT_DIR/capfilt_summary.json)", None)
+    seed: int = doc("seed of the caption sampling (per shard)", 0)
+    summary_file: str | None = doc("where the JSON summary goes (default: OUTPUT_DIR/capfilt_summary.json)", None)
 
     def validate(self) -> None:
         if not self.input:

@@ -2,75 +2,71 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
 
-
-def _doc(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
 
 
 @dataclass
 class TestSetConfig:
-    annotations: str | None = _doc(
+    annotations: str | None = doc(
         "test-set JSON: retrieval/caption: a LAVIS Karpathy file [{image, caption: [..]}] or Karpathy's "
         "dataset_*.json {images: [{filepath, filename, split, sentences}]}; vqa: [{question_id, question, "
         "image, answer: [..] | str}] or VQAv2 annotations (with `questions`)", None)
-    questions: str | None = _doc("VQAv2 questions JSON ({questions: [...]}) beside VQAv2 `annotations`", None)
-    image_root: str = _doc("folder the annotation's image paths are relative to", "")
-    image_pattern: str = _doc("VQAv2 files: image file name from image_id", "COCO_val2014_{image_id:012d}.jpg")
-    split: str = _doc("split to take from Karpathy's dataset_*.json files", "test")
-    shards: list[str] = _doc("instead of annotations: image-text shards (each record: image + caption(s))",
+    questions: str | None = doc("VQAv2 questions JSON ({questions: [...]}) beside VQAv2 `annotations`", None)
+    image_root: str = doc("folder the annotation's image paths are relative to", "")
+    image_pattern: str = doc("VQAv2 files: image file name from image_id", "COCO_val2014_{image_id:012d}.jpg")
+    split: str = doc("split to take from Karpathy's dataset_*.json files", "test")
+    shards: list[str] = doc("instead of annotations: image-text shards (each record: image + caption(s))",
                              factory=list)
-    references: str | None = _doc("caption task: COCO caption annotations to score against (default: the "
+    references: str | None = doc("caption task: COCO caption annotations to score against (default: the "
                                   "test set's own captions)", None)
-    limit: int | None = _doc("evaluate only the first N images / questions (smoke runs)", None)
+    limit: int | None = doc("evaluate only the first N images / questions (smoke runs)", None)
 
 
 @dataclass
 class RetrievalConfig:
-    k_test: int = _doc("candidates per query re-ranked by ITM (the reference uses 128)", 128)
-    itm_batch_size: int = _doc("image-text pairs per ITM forward", 128)
-    match_identical_texts: bool = _doc(
+    k_test: int = doc("candidates per query re-ranked by ITM (the reference uses 128)", 128)
+    itm_batch_size: int = doc("image-text pairs per ITM forward", 128)
+    match_identical_texts: bool = doc(
         "count a retrieved text as right when it equals one of the image's captions (generated data "
         "repeats captions; the training demo's R@1 counts hits this way)", False)
 
 
 @dataclass
 class GenerationConfig:
-    num_beams: int = _doc("beam width", 5)
-    max_new_tokens: int = _doc("longest output, tokens", 30)
-    min_new_tokens: int = _doc("shortest output, tokens", 8)
-    prompt: str = _doc("caption: text prompt; vqa: a template with {} for the question ('' = the model's "
+    num_beams: int = doc("beam width", 5)
+    max_new_tokens: int = doc("longest output, tokens", 30)
+    min_new_tokens: int = doc("shortest output, tokens", 8)
+    prompt: str = doc("caption: text prompt; vqa: a template with {} for the question ('' = the model's "
                        "recipe prompt: OPT 'Question: {} Answer:', FlanT5 'Question: {} Short answer:')", "a photo of")
-    length_penalty: float = _doc("beam length penalty (VQA in the reference: -1)", 1.0)
+    length_penalty: float = doc("beam length penalty (VQA in the reference: -1)", 1.0)
 
 
 @dataclass
 class ComputeConfig:
-    num_actors: int = _doc("actors in the pool (one GPU each where GPUs exist)", 2)
-    num_gpus_per_actor: float | None = _doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
-    num_cpus_per_actor: float = _doc("CPUs reserved per actor", 1.0)
-    batch_size: int = _doc("images (or texts) per model call", 32)
-    dtype: str = _doc("ViT/LLM dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU)", "auto")
+    num_actors: int = doc("actors in the pool (one GPU each where GPUs exist)", 2)
+    num_gpus_per_actor: float | None = doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
+    num_cpus_per_actor: float = doc("CPUs reserved per actor", 1.0)
+    batch_size: int = doc("images (or texts) per model call", 32)
+    dtype: str = doc("ViT/LLM dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU)", "auto")
 
 
 @dataclass
 class EvalConfig:
-    task: Literal["retrieval", "caption", "vqa"] = _doc("what to evaluate", "retrieval")
-    model: str = _doc("export directory: stage 1 for retrieval, stage 2 for caption / vqa", "")
-    vqa_format: Literal["vqav2", "okvqa", "gqa"] = _doc("vqa: answer format and metric (gqa: exact match)", "vqav2")
-    output: str = _doc("the JSON report (predictions and rankings go beside it)", "eval_report.json")
-    test_set: TestSetConfig = _doc("the images and their captions / questions", factory=TestSetConfig)
-    retrieval: RetrievalConfig = _doc("retrieval settings", factory=RetrievalConfig)
-    generation: GenerationConfig = _doc("caption / vqa generation (the recipe's values by default)",
+    task: Literal["retrieval", "caption", "vqa"] = doc("what to evaluate", "retrieval")
+    model: str = doc("export directory: stage 1 for retrieval, stage 2 for caption / vqa", "")
+    vqa_format: Literal["vqav2", "okvqa", "gqa"] = doc("vqa: answer format and metric (gqa: exact match)", "vqav2")
+    output: str = doc("the JSON report (predictions and rankings go beside it)", "eval_report.json")
+    test_set: TestSetConfig = doc("the images and their captions / questions", factory=TestSetConfig)
+    retrieval: RetrievalConfig = doc("retrieval settings", factory=RetrievalConfig)
+    generation: GenerationConfig = doc("caption / vqa generation (the recipe's values by default)",
                                         factory=GenerationConfig)
-    compute: ComputeConfig = _doc("Ray actor pool", factory=ComputeConfig)
-    data: DataConfig = _doc("record decoding and checks for shards (image_keys, caption_keys, ...)",
+    compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
+    data: DataConfig = doc("record decoding and checks for shards (image_keys, caption_keys, ...)",
                             factory=DataConfig)
 
     def validate(self) -> None:

@@ -9,18 +9,13 @@ local HF-format directories through the `path` fields).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import ConfigError, _merge
+from blip2_ray.config import ConfigError, _merge, doc
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
-
-def doc(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from blip2_ray.model.config import doc
+from blip2_ray.config import doc
 
 
 @dataclass

@@ -7,17 +7,13 @@ from `to_dict(cfg)` (the `train_loop_config`), so every check below also runs in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
 from blip2_ray.model.config import ModelConfig
 
-
-def doc(text: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
 
 
 @dataclass

@@ -4,7 +4,6 @@ equal to a dense single-process computation with the same model (k_test >= numbe
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
