@@ -35,6 +35,14 @@ def make_cfg(work: str, args, num_workers: int, steps: int):
         "train.log_every": args.warmup, "train.checkpoint_every": 100_000, "scaling.num_workers": num_workers,
         "scaling.cpus_per_worker": 1, "deepspeed.zero_stage": 2, "failure.max_failures": 0,
     }
+    if args.model_size == "small":  # a CPU-sized model whose step is not dominated by fixed per-step costs
+        sets.update({
+            "data.image_size": 112, "model.vision.image_size": 112, "model.vision.patch_size": 14,
+            "model.vision.hidden_size": 256, "model.vision.intermediate_size": 1024, "model.vision.num_layers": 6,
+            "model.vision.num_heads": 4, "model.qformer.hidden_size": 256, "model.qformer.num_layers": 4,
+            "model.qformer.num_heads": 4, "model.qformer.intermediate_size": 1024,
+            "model.qformer.num_query_tokens": 32, "model.qformer.embed_dim": 128,
+        })
     return load_config(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()])
 
 
@@ -105,6 +113,8 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--stage", type=int, default=1, choices=(1, 2))
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers of the second run")
+    p.add_argument("--model-size", choices=("tiny", "small"), default="tiny",
+                   help="tiny: the test preset; small: hidden 256, 6-layer ViT at 112 px, 4-layer Q-Former")
     args = p.parse_args()
     if args.steps % args.warmup:
         p.error("--steps must be a multiple of --warmup (the report window)")
@@ -114,7 +124,8 @@ def main() -> int:
     from blip2_ray.data.sample import make_sample_shards
 
     work = tempfile.mkdtemp(prefix="bench_train_")
-    make_sample_shards(f"{work}/data", num=max(512, args.micro_batch * 32), shards=8, image_size=32, seed=0)
+    image_size = 112 if args.model_size == "small" else 32
+    make_sample_shards(f"{work}/data", num=max(512, args.micro_batch * 32), shards=8, image_size=image_size, seed=0)
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
