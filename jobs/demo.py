@@ -43,7 +43,13 @@ def colour_shape(caption: str) -> tuple[str, str]:
 
 
 def stack(rows: list[dict], key: str) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(r[key]) for r in rows])
+    """A column of pipeline rows as one tensor (pixel_values arrive uint8 and leave CLIP-normalised)."""
+    import numpy as np
+
+    from blip2_ray.data.transforms import normalize_pixels
+
+    col = np.stack([np.asarray(r[key]) for r in rows])
+    return torch.from_numpy(normalize_pixels(col) if key == "pixel_values" else col)
 
 
 @cli_main

@@ -12,8 +12,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from blip2_ray.data.config import DataConfig
-from blip2_ray.data.transforms import (SkipRecord, decode_image, eval_transform, pick_caption,
-                                       train_transform)
+from blip2_ray.data.transforms import SkipRecord, decode_image, eval_resize, pick_caption, train_crop
 
 _TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading takes ~100 ms
 
@@ -69,7 +68,8 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
                     on_skip: Callable[[str], None], with_pixels: bool = True) -> dict[str, np.ndarray]:
     """Raw records {"key", "image", "caption"} -> a batch of columns (rows of bad records dropped).
 
-    Columns: key (str), caption (str, cleaned), pixel_values float32 (B, 3, S, S) CLIP-normalised,
+    Columns: key (str), caption (str, cleaned), pixel_values uint8 (B, 3, S, S) RGB (train crop/flip or
+    eval resize; CLIP normalisation happens on the consumer: TrainCollate / transforms.normalize_pixels),
     and, per tokenizer given, qformer_/llm_ input_ids and attention_mask int64 (B, max_len).
     """
     keys, captions, pixels = [], [], []
@@ -83,7 +83,7 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
             caption = pick_caption(r.get("caption"), rng, cfg.max_caption_words)
             im = decode_image(r["image"], cfg.min_image_side, cfg.max_image_pixels)
             if with_pixels:
-                pixels.append(train_transform(im, size, rng, cfg.min_crop_scale) if train else eval_transform(im, size))
+                pixels.append(train_crop(im, size, rng, cfg.min_crop_scale) if train else eval_resize(im, size))
         except SkipRecord as e:
             on_skip(e.reason)
             continue
@@ -91,7 +91,7 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
         captions.append(caption)
     out = {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object)}
     if with_pixels:
-        out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.float32)
+        out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
     if qformer_tokenizer_path:
         out.update(tokenize_qformer(qformer_tokenizer(qformer_tokenizer_path), captions, cfg.qformer_max_len)
                    if captions else _empty_ids("qformer", cfg.qformer_max_len))

@@ -51,7 +51,7 @@ def test_local_shards_exact_rows_and_skip_counts(ray_session, shards, tiny_token
     keys, batch = _collect(ds)
     assert sorted(keys) == [f"{i:07d}" for i in range(GOOD)]
     assert get_skip_counts(tag) == summary["skipped"]
-    assert batch["pixel_values"].shape[1:] == (3, 32, 32) and batch["pixel_values"].dtype == np.float32
+    assert batch["pixel_values"].shape[1:] == (3, 32, 32) and batch["pixel_values"].dtype == np.uint8
     for col in ("qformer_input_ids", "qformer_attention_mask", "llm_input_ids", "llm_attention_mask"):
         assert batch[col].shape[1:] == (16,) and batch[col].dtype == np.int64
     assert all(isinstance(c, str) and c == c.lower() for c in batch["caption"])

@@ -104,7 +104,7 @@ def test_tokenised_columns(tmp_path, tiny_tokenizers):
     for llm in ("opt", "t5"):
         out = process_records(recs, cfg, train=False, on_skip=print, qformer_tokenizer_path=tiny_tokenizers["qformer"],
                               llm_tokenizer_path=tiny_tokenizers[llm])
-        assert out["pixel_values"].shape == (6, 3, 32, 32)
+        assert out["pixel_values"].shape == (6, 3, 32, 32) and out["pixel_values"].dtype == np.uint8
         from blip2_ray.data.records import llm_tokenizer, qformer_tokenizer
         qt, lt = qformer_tokenizer(tiny_tokenizers["qformer"]), llm_tokenizer(tiny_tokenizers[llm])
         q, m = out["qformer_input_ids"], out["qformer_attention_mask"]

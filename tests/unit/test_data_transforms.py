@@ -92,3 +92,21 @@ def test_data_config_validation():
                 {"weights": [0.0], "train": ["a"]}, {"shuffle_buffer": -1}]:
         with pytest.raises(ConfigError):
             from_dict(DataConfig, bad)
+
+
+def test_uint8_transport_and_collate_normalisation_match_the_float_transform():
+    """Rows carry uint8 pixels; TrainCollate's CLIP normalisation gives exactly eval_transform's floats."""
+    from blip2_ray.data.pipeline import TrainCollate
+    from blip2_ray.data.transforms import CLIP_MEAN, CLIP_STD, eval_resize, eval_transform
+
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    raw = eval_resize(im, 32)
+    assert raw.dtype == np.uint8 and raw.shape == (3, 32, 32)
+    batch = {"pixel_values": raw[None], "key": np.array(["k"], dtype=object)}
+    out = TrainCollate()(batch)["pixel_values"].numpy()[0]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, eval_transform(im, 32), atol=1e-6)
+    # and it is the CLIP normalisation written out
+    expected = (raw.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN)[:, None, None]) / np.asarray(CLIP_STD)[:, None, None]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
