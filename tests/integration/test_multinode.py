@@ -1,0 +1,188 @@
+"""Multi-node training, simulated: several raylets on this machine (`ray.cluster_utils.Cluster`).
+
+    head     "data" node   num_cpus=2, resources {data_node: 2}   read + decode tasks (pinned here)
+    3 nodes  "GPU" nodes   num_cpus=1, resources {train_node: 1}  one Train worker each, one spare
+
+Stage 1 on the tiny preset, 2 workers, 4 steps, checkpoint every 2. Once the step-2 checkpoint exists,
+a node with a worker on it is removed; the worker group restarts from that checkpoint on the
+surviving node + the spare and ends at exactly step 4.
+
+A driver joins one Ray instance at a time and the integration tests share `ray_session`, so the
+scenario runs in a child Python process (this file run as a script) with its own cluster, temp dir,
+ports and auth token, and prints its findings as one JSON line that the test checks.
+
+The config has no field yet for custom resources, so the scenario builds the TorchTrainer from the
+trainer's own pieces with `resources_per_worker={"CPU": 1, "train_node": 1}`, and pins the Ray Data
+tasks to the data node through the dataset's DataContext scheduling strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _resources_per_node() -> dict[str, dict]:
+    from ray._private.state import available_resources_per_node
+
+    return available_resources_per_node()
+
+
+def run_scenario(tmp: str) -> dict:
+    """The whole multi-node run; returns what the test asserts on (runs in its own process)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.data import DataContext
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from blip2_ray.config import load_config, to_dict
+    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.train.config import PretrainConfig
+    from blip2_ray.train.loop import train_loop_per_worker
+    from blip2_ray.train.trainer import absolute_paths, build_train_dataset, check_inputs, read_train_state, run_config
+
+    shards = os.path.join(tmp, "shapes")
+    make_sample_shards(shards, num=32, shards=2, image_size=32, seed=0)
+    pid_dir = os.path.join(tmp, "pids")
+    sets = {
+        "stage": 1, "run_name": "multinode", "storage_path": f"{tmp}/runs", "output_dir": f"{tmp}/export",
+        "model.preset": "tiny", "data.train": f"[{shards}]", "data.image_size": 32, "data.shuffle_buffer": 16,
+        "data.decode_batch_size": 16, "data.num_cpus_per_decode_task": 0.5,
+        "train.max_steps": 4, "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.precision": "fp32",
+        "train.log_every": 1, "train.checkpoint_every": 2, "train.warmup_steps": 1,
+        "scaling.num_workers": 2, "failure.max_failures": 2,
+        # the last rank stops before step 3 (after the step-2 checkpoint): the window to remove its node
+        "fault_injection.pid_dir": pid_dir, "fault_injection.at_step": 3, "fault_injection.pause_s": 120,
+    }
+    cfg = absolute_paths(load_config(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()]))
+    check_inputs(cfg)
+
+    common = dict(include_dashboard=False, object_store_memory=150 * 1024 * 1024,
+                  dashboard_agent_listen_port=free_port())
+    # RAY_TMPDIR (set by the test) is short: Ray's unix sockets live under it (~107-byte limit)
+    temp_dir = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"raymn_{os.getpid()}")
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        common, num_cpus=2, resources={"data_node": 2}, gcs_server_port=free_port(), dashboard_port=free_port(),
+        temp_dir=temp_dir))
+    try:
+        train_nodes = [cluster.add_node(num_cpus=1, resources={"train_node": 1},
+                                        **common | {"dashboard_agent_listen_port": free_port()}) for _ in range(3)]
+        ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu",
+                                                                     "TOKENIZERS_PARALLELISM": "false"}})
+        data_node_id = cluster.head_node.node_id
+        train_node_ids = {n.node_id for n in train_nodes}
+
+        # every read/decode task of this dataset runs on the data node (hard affinity)
+        DataContext.get_current().scheduling_strategy = NodeAffinitySchedulingStrategy(data_node_id, soft=False)
+        dataset = build_train_dataset(cfg)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": to_dict(cfg)},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
+                                         resources_per_worker={"CPU": 1, "train_node": 1}),
+            run_config=run_config(cfg),
+            datasets={"train": dataset},
+        )
+
+        seen: dict = {}
+
+        def remove_a_busy_node_after_first_checkpoint():
+            pid_file = os.path.join(pid_dir, "worker.pid")
+            deadline = time.time() + 240
+            while time.time() < deadline and not os.path.exists(pid_file):
+                time.sleep(0.2)
+            if not os.path.exists(pid_file):
+                return
+            # give the controller time to register the step-2 checkpoint before the node goes
+            time.sleep(5)
+            per_node = _resources_per_node()
+            seen["train_node_free_before"] = {n: per_node.get(n, {}).get("train_node", 0.0) for n in train_node_ids}
+            seen["checkpoints_before"] = sorted(p for p in os.listdir(os.path.join(cfg.storage_path, cfg.run_name))
+                                                if p.startswith("checkpoint_"))
+            busy = [n for n in train_nodes if seen["train_node_free_before"][n.node_id] == 0.0]
+            if busy:  # a node with a worker on it goes; the idle third node takes over its slot
+                cluster.remove_node(busy[-1], allow_graceful=False)
+                seen["removed"] = busy[-1].node_id
+
+        remover = threading.Thread(target=remove_a_busy_node_after_first_checkpoint, daemon=True)
+        remover.start()
+        start = time.time()
+        result = trainer.fit()
+        remover.join(timeout=5)
+        state = read_train_state(result.checkpoint) if result.checkpoint else {}
+        return {
+            "error": None if result.error is None else repr(result.error),
+            "step": (result.metrics or {}).get("step"),
+            "start_steps": (result.metrics or {}).get("start_steps"),
+            "state_step": state.get("step"),
+            "train_node_free_before": seen.get("train_node_free_before"),
+            "checkpoints_before": seen.get("checkpoints_before"),
+            "node_removed": "removed" in seen,
+            "export_has_config": os.path.exists(os.path.join(cfg.output_dir, "config.json")),
+            "seconds": round(time.time() - start, 1),
+        }
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_training_across_nodes_survives_losing_a_node(tmp_path):
+    # Cluster() records its address in $RAY_TMPDIR/ray/ray_current_cluster, where a bare `ray.init()`
+    # looks: a private RAY_TMPDIR keeps other Ray users on the machine from ever finding this cluster
+    ray_tmp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    # a token of its own: Ray enables token auth when the user has one, and this cluster must not need it
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), DS_ACCELERATOR="cpu",
+               # a loaded 2-core machine can take longer than Train's default 60 s to restart the group
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300", RAY_TMPDIR=ray_tmp,
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=420)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{\"scenario\"")]
+    assert proc.returncode == 0 and lines, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    out = json.loads(lines[-1])["scenario"]
+    print(json.dumps(out))  # shown by pytest -rA / on failure
+    assert out["error"] is None, out
+    assert out["node_removed"], out
+    # two of the three train nodes had handed their single train_node slot to a worker: spread over nodes
+    assert sorted(out["train_node_free_before"].values()) == [0.0, 0.0, 1.0], out
+    assert "checkpoint_00000002" in out["checkpoints_before"], out
+    # restarted from the step-2 checkpoint on the surviving + replacement node, ended at exactly max_steps
+    assert out["step"] == 4 and out["state_step"] == 4, out
+    assert out["start_steps"] == [0, 2], out
+    assert out["export_has_config"], out
+
+
+if __name__ == "__main__":
+    print(json.dumps({"scenario": run_scenario(sys.argv[1])}), flush=True)
