@@ -129,7 +129,7 @@ def main() -> int:
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
-    print(f"stage {args.stage}, tiny preset, micro batch {args.micro_batch}, {args.steps} steps "
+    print(f"stage {args.stage}, {args.model_size} model, micro batch {args.micro_batch}, {args.steps} steps "
           f"({args.warmup} warm-up), fp32, CPU, {os.cpu_count()} cores", flush=True)
     plain = plain_loop(make_cfg(work, args, 1, args.steps), args.warmup)
     dist = ray_train(make_cfg(work, args, args.workers, args.steps))
