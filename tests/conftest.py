@@ -52,6 +52,24 @@ def tiny_tokenizers() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, tiny_tokenizers) -> dict[str, str]:
+    """Randomly initialised tiny models exported in HF format: {"stage1", "stage2"} -> directory (read only)."""
+    import torch
+
+    from blip2_ray.model.config import model_config
+    from blip2_ray.model.hf_io import build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer
+    from blip2_ray.model.hf_io import qformer_tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_exports")
+    cfg = model_config("tiny")
+    tok = llm_tokenizer(cfg)
+    export_stage2(build_stage2(cfg, tok), str(root / "stage2"), tok, cfg)
+    export_stage1(build_stage1(cfg), str(root / "stage1"), qformer_tokenizer(cfg), cfg)
+    return {"stage1": str(root / "stage1"), "stage2": str(root / "stage2")}
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (never `ray stop`: others may share the machine).
 

@@ -19,20 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory, tiny_tokenizers):
-    from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import (build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer,
-                                       qformer_tokenizer)
-
-    import torch
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("capfilt_models")
-    cfg = model_config("tiny")
-    tok = llm_tokenizer(cfg)
-    export_stage2(build_stage2(cfg, tok), str(root / "captioner"), tok, cfg)
-    export_stage1(build_stage1(cfg), str(root / "filter"), qformer_tokenizer(cfg), cfg)
-    return {"captioner": str(root / "captioner"), "filter": str(root / "filter")}
+def tiny_models(tiny_exports):
+    return {"captioner": tiny_exports["stage2"], "filter": tiny_exports["stage1"]}
 
 
 def _cfg(inp, out, models, **over):

@@ -15,20 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_tokenizers):
-    import torch
-
-    from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import (build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer,
-                                       qformer_tokenizer)
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("eval_models")
-    cfg = model_config("tiny")
-    tok = llm_tokenizer(cfg)
-    export_stage2(build_stage2(cfg, tok), str(root / "stage2"), tok, cfg)
-    export_stage1(build_stage1(cfg), str(root / "stage1"), qformer_tokenizer(cfg), cfg)
-    return {"stage1": str(root / "stage1"), "stage2": str(root / "stage2")}
+def models(tiny_exports):
+    return tiny_exports
 
 
 @pytest.fixture(scope="module")
