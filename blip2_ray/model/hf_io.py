@@ -12,7 +12,6 @@ Everything loads from local directories only; a hub id is one clear error.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -442,6 +441,3 @@ def init_qformer_from_bert(model: Blip2Stage1, bert_dir: str) -> None:
         raise UserError(f"BERT checkpoint {bert_dir!r} does not fit the Q-Former config (e.g. {bad[0]})")
     model.load_state_dict(new, strict=False)
 
-
-def save_model_config_json(cfg: ModelConfig) -> str:
-    return json.dumps(to_dict(cfg))
