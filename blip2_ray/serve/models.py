@@ -8,7 +8,6 @@ Requests reach these classes already validated and preprocessed by the ingress (
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 
 import numpy as np
@@ -59,8 +58,11 @@ class CaptionDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def generate_batch(self, items: list[dict]) -> list[dict]:
-        # in a thread: the event loop keeps accepting (and queueing) requests while the model runs
-        return await asyncio.to_thread(self._run, items)
+        # On the replica's loop, not in a thread: requests that arrive while the model runs wait in Ray's
+        # queue and form the next batch. A thread would fight the loop for the GIL (generate is Python
+        # heavy), and the loop, starved, admitted requests so slowly that batches stayed small
+        # (bench_serve: mean batch 2.5 and 24 req/s at concurrency 32 in a thread, 18 and 57 req/s here).
+        return self._run(items)
 
     def _run(self, items: list[dict]) -> list[dict]:
         groups: dict[tuple, list[int]] = defaultdict(list)
