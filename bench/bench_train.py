@@ -1,12 +1,18 @@
 """Cost of the distribution machinery: a Ray Train + DeepSpeed step vs the same step in a plain loop.
 
     DS_ACCELERATOR=cpu python bench/bench_train.py [--steps 40] [--warmup 10] [--micro-batch 16] [--stage 1]
+        [--model-size tiny|small] [--rounds 2]
 
 Both sides: the tiny preset, the same generated shapes shards through the same Ray Data pipeline,
 the same model, AdamW groups and schedule, fp32, one torch thread. "plain" iterates the dataset in
 this process and steps torch's AdamW; "ray+ds" is 1 Ray Train worker running the DeepSpeed ZeRO-2
 engine (the real `train_loop_per_worker`). Rates are measured after `--warmup` steps (first window
 excluded); checkpoint saving is outside the timed windows. Overhead = 1 - ray_rate / plain_rate.
+
+The two run in rounds ordered plain, ray, ray, plain, ... (ABBA), and the rates are averaged per side:
+this machine's speed drifts by 10-20% over minutes (shared vCPUs; the CPU time the hypervisor took,
+"steal", is printed per run), and a single plain-then-ray pair measured that drift as much as the
+machinery.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def make_cfg(work: str, args, num_workers: int, steps: int):
     from blip2_ray.train.config import PretrainConfig
 
     sets = {
-        "stage": args.stage, "run_name": f"bench_{int(time.time())}", "storage_path": f"{work}/runs",
+        "stage": args.stage, "run_name": f"bench_{time.time_ns()}", "storage_path": f"{work}/runs",
         "output_dir": f"{work}/export", "data.train": f"[{work}/data]", "data.image_size": 32,
         "data.shuffle_buffer": 64, "data.num_cpus_per_decode_task": 0.5, "data.decode_batch_size": 64,
         "train.max_steps": steps, "train.global_batch_size": args.micro_batch * num_workers,
@@ -82,6 +88,8 @@ def plain_loop(cfg, warmup: int) -> dict:
                 out = model(b["pixel_values"], b["llm_input_ids"], b["llm_attention_mask"])
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
+            if cfg.train.grad_clip > 0:  # as DeepSpeed's gradient_clipping
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
             sched.step()
             step += 1
@@ -115,6 +123,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers of the second run")
     p.add_argument("--model-size", choices=("tiny", "small"), default="tiny",
                    help="tiny: the test preset; small: hidden 256, 6-layer ViT at 112 px, 4-layer Q-Former")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs of each side, ordered plain, ray, ray, plain, ... (drift cancels in the means)")
     args = p.parse_args()
     if args.steps % args.warmup:
         p.error("--steps must be a multiple of --warmup (the report window)")
@@ -130,19 +140,50 @@ def main() -> int:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     print(f"stage {args.stage}, {args.model_size} model, micro batch {args.micro_batch}, {args.steps} steps "
-          f"({args.warmup} warm-up), fp32, CPU, {os.cpu_count()} cores", flush=True)
-    plain = plain_loop(make_cfg(work, args, 1, args.steps), args.warmup)
-    dist = ray_train(make_cfg(work, args, args.workers, args.steps))
-    print(f"{'':24}{'steps/s':>10}{'samples/s':>12}{'data wait':>12}")
-    print(f"{'plain loop (1 process)':24}{plain['steps_per_s']:10.2f}{plain['samples_per_s']:12.1f}"
-          f"{100 * plain['data_wait_fraction']:11.1f}%")
-    label = f"Ray Train+DS ({args.workers}w)"
-    print(f"{label:24}{dist['steps_per_s']:10.2f}{dist['samples_per_s']:12.1f}{100 * dist['data_wait_fraction']:11.1f}%")
+          f"({args.warmup} warm-up), fp32, CPU, {os.cpu_count()} cores, {args.rounds} rounds", flush=True)
+    order = [("plain", "ray") if r % 2 == 0 else ("ray", "plain") for r in range(args.rounds)]
+    runs: dict[str, list[dict]] = {"plain": [], "ray": []}
+    label = {"plain": "plain loop (1 process)", "ray": f"Ray Train+DS ({args.workers}w)"}
+    print(f"{'':24}{'steps/s':>10}{'samples/s':>12}{'data wait':>12}{'steal':>8}", flush=True)
+
+    def show(name: str, r: dict) -> None:
+        print(f"{label[name]:24}{r['steps_per_s']:10.2f}{r['samples_per_s']:12.1f}"
+              f"{100 * r['data_wait_fraction']:11.1f}%{100 * r.get('steal', 0.0):7.1f}%", flush=True)
+
+    for pair in order:
+        for name in pair:
+            c0 = _cpu_counters()
+            if name == "plain":
+                r = plain_loop(make_cfg(work, args, 1, args.steps), args.warmup)
+            else:
+                r = ray_train(make_cfg(work, args, args.workers, args.steps))
+            r["steal"] = _steal_since(c0)
+            runs[name].append(r)
+            show(name, r)
+    mean = {k: {m: sum(r[m] for r in v) / len(v) for m in v[0]} for k, v in runs.items()}
+    print("mean of the rounds:")
+    for name in ("plain", "ray"):
+        show(name, mean[name])
     if args.workers == 1:
-        print(f"overhead of Ray Train + DeepSpeed at 1 worker: {100 * (1 - dist['steps_per_s'] / plain['steps_per_s']):.1f}% "
-              f"(target < 15%)")
+        print(f"overhead of Ray Train + DeepSpeed at 1 worker: "
+              f"{100 * (1 - mean['ray']['steps_per_s'] / mean['plain']['steps_per_s']):.1f}% (target < 15%)")
     ray.shutdown()
     return 0
+
+
+def _cpu_counters() -> tuple[int, int]:
+    """(steal, total) CPU ticks since boot from /proc/stat; steal is time the hypervisor took."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return vals[7], sum(vals)
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
+def _steal_since(start: tuple[int, int]) -> float:
+    steal, total = _cpu_counters()
+    return (steal - start[0]) / max(total - start[1], 1)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
-        "contiguous_gradients": True,
+        "contiguous_gradients": (cfg.scaling.num_workers > 1 if ds.contiguous_gradients is None
+                                 else ds.contiguous_gradients),
         "reduce_bucket_size": ds.reduce_bucket_size,
     }
     if ds.zero_stage == 3:

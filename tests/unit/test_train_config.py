@@ -108,6 +108,12 @@ def test_deepspeed_config_follows_the_config():
     assert d["optimizer"]["params"]["betas"] == [0.9, 0.98] and d["optimizer"]["params"]["torch_adam"] is True
     d2 = deepspeed_config(cfg(train={"precision": "fp32"}))
     assert "bf16" not in d2 and "fp16" not in d2 and "stage3_param_persistence_threshold" not in d2["zero_optimization"]
+    # contiguous gradient buffers: on with several workers, off at 1 (nothing to reduce), or as set
+    assert d2["zero_optimization"]["contiguous_gradients"] is True
+    one = {"num_workers": 1}
+    assert deepspeed_config(cfg(scaling=one, train={"global_batch_size": 4}))["zero_optimization"]["contiguous_gradients"] is False
+    forced = cfg(scaling=one, train={"global_batch_size": 4}, deepspeed={"contiguous_gradients": True})
+    assert deepspeed_config(forced)["zero_optimization"]["contiguous_gradients"] is True
 
 
 def test_gathers_are_identity_without_a_process_group():
