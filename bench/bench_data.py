@@ -4,7 +4,11 @@ Decode + RandomResizedCrop/flip + normalise + Q-Former and LLM tokenisation of 2
 WebDataset shards, the same code in both. Then the pipeline's peak memory (driver + Ray processes,
 RSS sampled) with N and 2N shards of the same size: streaming keeps it flat.
 
-    python bench/bench_data.py [--num 1200] [--shards 6] [--cpus 2]
+The same work also runs in `--cpus` plain processes (multiprocessing, no Ray, files split between them):
+the most this machine's cores give for this work, against which the pipeline's overhead shows. Rates
+are the means of rounds ordered single, pipeline, pipeline, single (ABBA): the machine's speed drifts.
+
+    python bench/bench_data.py [--num 4800] [--shards 8] [--cpus 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def processes_run(files, cfg, toks, procs: int) -> tuple[int, float]:
+    """single_loop in `procs` forked processes, file i in process i % procs: the hardware ceiling."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(procs) as pool:
+        res = pool.starmap(single_loop, [(files[i::procs], cfg, toks) for i in range(procs)])
+    return sum(n for n, _ in res), time.perf_counter() - t0
 
 
 def single_loop(files, cfg, toks) -> tuple[int, float]:
@@ -70,7 +84,7 @@ def pipeline_run(src, cfg, toks) -> tuple[int, float]:
     from blip2_ray.data.pipeline import build_dataset
 
     t0, n = time.perf_counter(), 0
-    ds = build_dataset(cfg, [src], train=True, qformer_tokenizer=toks["qformer"], llm_tokenizer=toks["opt"])
+    ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"], llm_tokenizer=toks["opt"])
     for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy", prefetch_batches=2):
         n += len(batch["key"])
     return n, time.perf_counter() - t0
@@ -78,9 +92,10 @@ def pipeline_run(src, cfg, toks) -> tuple[int, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num", type=int, default=1200)
-    p.add_argument("--shards", type=int, default=6)
+    p.add_argument("--num", type=int, default=4800)
+    p.add_argument("--shards", type=int, default=8)
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
 
     import logging
@@ -103,27 +118,37 @@ def main() -> int:
     files = list_shards(src)
 
     single_loop(files[:1], cfg, toks)  # warm caches (tokenizers, imports)
-    n1, t1 = single_loop(files, cfg, toks)
-
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"))
     ray.data.DataContext.get_current().enable_progress_bars = False
+    rates: dict[str, list[float]] = {"single": [], "pipeline": []}
     try:
-        pipeline_run(files[0], cfg, toks)  # warm the worker processes
-        with PeakRSS() as m1:
-            n2, t2 = pipeline_run(src, cfg, toks)
+        pipeline_run(files[: args.cpus], cfg, toks)  # start and warm one worker process per CPU
+        for r in range(args.rounds):
+            for name in (("single", "pipeline") if r % 2 == 0 else ("pipeline", "single")):
+                if name == "single":
+                    n, t = single_loop(files, cfg, toks)
+                else:
+                    with PeakRSS() as m1:
+                        n, t = pipeline_run(src, cfg, toks)
+                rates[name].append(n / t)
+                print(f"round {r}: {name:<8} {n} images in {t:.2f} s: {n / t:.1f} images/s", flush=True)
         with PeakRSS() as m2:
             n3, t3 = pipeline_run(src2, cfg, toks)
     finally:
         ray.shutdown()
+    n4, t4 = processes_run(files, cfg, toks, args.cpus)
 
-    r1, r2 = n1 / t1, n2 / t2
-    print(f"\n256 px JPEG -> 224 px train crop + CLIP norm + BERT/OPT tokens; {args.num} images, {args.shards} shards")
-    print(f"{'run':<34}{'images':>8}{'seconds':>9}{'images/s':>10}{'per core':>10}")
-    print(f"{'single-process loop (1 core)':<34}{n1:>8}{t1:>9.2f}{r1:>10.1f}{r1:>10.1f}")
-    print(f"{f'Ray Data pipeline ({args.cpus} cores)':<34}{n2:>8}{t2:>9.2f}{r2:>10.1f}{r2 / args.cpus:>10.1f}")
-    print(f"{f'Ray Data pipeline, 2x shards':<34}{n3:>8}{t3:>9.2f}{n3 / t3:>10.1f}{n3 / t3 / args.cpus:>10.1f}")
-    print(f"speed-up pipeline / single loop: {r2 / r1:.2f}x (target >= 1.6x on 2 cores)")
+    r1, r2 = (sum(v) / len(v) for v in (rates["single"], rates["pipeline"]))
+    r4 = n4 / t4
+    print(f"\n256 px JPEG -> 224 px train crop + BERT/OPT tokens; {args.num} images, {args.shards} shards")
+    print(f"{'run':<38}{'images/s':>10}{'per core':>10}")
+    print(f"{'single-process loop (1 core)':<38}{r1:>10.1f}{r1:>10.1f}")
+    print(f"{f'Ray Data pipeline ({args.cpus} cores)':<38}{r2:>10.1f}{r2 / args.cpus:>10.1f}")
+    print(f"{f'Ray Data pipeline, 2x shards':<38}{n3 / t3:>10.1f}{n3 / t3 / args.cpus:>10.1f}")
+    print(f"{f'{args.cpus} plain processes (ceiling, no Ray)':<38}{r4:>10.1f}{r4 / args.cpus:>10.1f}")
+    print(f"speed-up pipeline / single loop: {r2 / r1:.2f}x (target >= 1.6x on 2 cores); "
+          f"{args.cpus} plain processes / single loop: {r4 / r1:.2f}x")
     gib = 1 << 30
     print(f"peak RSS (driver + Ray processes): {args.shards} shards {m1.peak / gib:.2f} GiB, "
           f"{2 * args.shards} shards {m2.peak / gib:.2f} GiB (ratio {m2.peak / max(m1.peak, 1):.2f}x)")

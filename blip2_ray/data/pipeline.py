@@ -1,10 +1,11 @@
 """Image-text shards -> Ray Data -> training batches, skipping and counting every bad record.
 
-Stages (each a Ray task, fused into one per shard file, streaming):
+Stages (streaming):
   1. file list      resolve_sources: files of each source; per epoch a seeded permutation, mixed by weight
-  2. read           one task per file: tar members (streamed, grouped by key) or parquet rows -> raw bytes
-  3. decode         map_batches on CPU: caption pick + clean, image decode + checks, crop/flip/resize,
-                    CLIP normalisation, Q-Former and LLM tokenisation; bad rows dropped and counted
+  2. read + decode  one map_batches task per shard file on CPU: tar members (streamed, grouped by key)
+                    or parquet rows, then per chunk of decode_batch_size records: caption pick + clean,
+                    image decode + checks, crop/flip/resize, Q-Former and LLM tokenisation; bad rows
+                    dropped and counted
   4. Ray Train      each worker iterates its `get_dataset_shard` with `iter_train_batches`: fixed-size
                     batches (drop_last), a local shuffle buffer, TrainCollate -> torch tensors
 Skip counts go to one named actor per Ray job (`SkipCounter`), readable from the driver and from Train
@@ -29,7 +30,6 @@ from blip2_ray.data.records import process_records
 log = logging.getLogger(__name__)
 
 SKIP_COUNTER_NAMESPACE = "blip2_ray"
-READ_CHUNK_ROWS = 64  # raw records per block out of the reader: bounded memory for big images
 
 
 # ---------------------------------------------------------------------------------------------- skips
@@ -162,52 +162,39 @@ def epoch_file_order(per_source: list[list[str]], weights: list[float] | None, s
 
 
 # ------------------------------------------------------------------------------------------- dataset
-class _ReadShards:
-    """map_batches UDF: each input row names one shard file; yields its raw records in chunks."""
+class _ShardToRows:
+    """map_batches UDF: each input row names one shard file; yields its model-ready rows.
 
-    def __init__(self, cfg: dict, s3_opts: dict, tag: str):
+    One task reads a file and decodes it in chunks of cfg.decode_batch_size records (process_records),
+    so the raw image bytes never pass through the object store and memory stays bounded per chunk.
+    (Two separate read and decode stages were fused by Ray Data into one operator that bundled
+    `decode_batch_size` *files* per task: a single task decoded everything. bench/bench_data.py)
+    """
+
+    def __init__(self, cfg: dict, s3_opts: dict, tag: str, train: bool, epoch: int, qformer_tokenizer: str | None,
+                 llm_tokenizer: str | None, with_pixels: bool):
         self.cfg, self.s3_opts, self.tag = DataConfig(**cfg), s3_opts, tag
-
-    def __call__(self, batch: dict) -> Iterator[dict]:
-        for path in batch["path"]:
-            skips: Counter = Counter()
-            chunk: list[dict] = []
-            for rec in read_shard_records(str(path), self.cfg.image_keys, self.cfg.caption_keys,
-                                          lambda r: skips.update([r]), self.s3_opts):
-                chunk.append(rec)
-                if len(chunk) >= READ_CHUNK_ROWS:
-                    yield _raw_batch(chunk)
-                    chunk = []
-            if chunk:
-                yield _raw_batch(chunk)
-            _report_skips(self.tag, skips)
-
-
-def _raw_batch(records: list[dict]):
-    import pyarrow as pa
-
-    return pa.table({
-        "key": pa.array([r["key"] for r in records], type=pa.string()),
-        "image": pa.array([r["image"] for r in records], type=pa.binary()),
-        "caption": pa.array([r["caption"] for r in records], type=pa.binary()),
-    })
-
-
-class _DecodeRecords:
-    """map_batches UDF: raw records -> model columns (process_records), skips counted per batch."""
-
-    def __init__(self, cfg: dict, train: bool, epoch: int, qformer_tokenizer: str | None,
-                 llm_tokenizer: str | None, tag: str, with_pixels: bool):
-        self.cfg = DataConfig(**cfg)
         self.kw = dict(train=train, epoch=epoch, qformer_tokenizer_path=qformer_tokenizer,
                        llm_tokenizer_path=llm_tokenizer, with_pixels=with_pixels)
-        self.tag = tag
 
-    def __call__(self, table) -> dict:
-        skips: Counter = Counter()
-        out = process_records(table.to_pylist(), self.cfg, on_skip=lambda r: skips.update([r]), **self.kw)
-        _report_skips(self.tag, skips)
-        return out
+    def __call__(self, batch: dict) -> Iterator[dict]:
+        c = self.cfg
+        for path in batch["path"]:
+            skips: Counter = Counter()
+            on_skip = lambda r: skips.update([r])  # noqa: E731
+            chunk: list[dict] = []
+            for rec in read_shard_records(str(path), c.image_keys, c.caption_keys, on_skip, self.s3_opts):
+                chunk.append(rec)
+                if len(chunk) >= c.decode_batch_size:
+                    out = process_records(chunk, c, on_skip=on_skip, **self.kw)
+                    chunk = []
+                    if len(out["key"]):
+                        yield out
+            if chunk:
+                out = process_records(chunk, c, on_skip=on_skip, **self.kw)
+                if len(out["key"]):
+                    yield out
+            _report_skips(self.tag, skips)
 
 
 def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_tokenizer: str | None,
@@ -243,26 +230,12 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
         files = list(dict.fromkeys(files))
     skip_counter(create=True)
 
-    cfg_dict = to_dict(cfg)
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
-    common = dict(num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
+    udf = _ShardToRows(to_dict(cfg), opts, tag, train, epoch, qformer_tokenizer, llm_tokenizer, with_pixels)
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
-    ds = ds.map_batches(_read_fn(cfg_dict, opts, tag), batch_size=1, batch_format="numpy", **common)
-    ds = ds.map_batches(
-        _decode_fn(cfg_dict, train, epoch, qformer_tokenizer, llm_tokenizer, tag, with_pixels),
-        batch_size=cfg.decode_batch_size, batch_format="pyarrow", **common,
-    )
-    return ds
-
-
-def _read_fn(cfg_dict: dict, opts: dict, tag: str):
-    reader = _ReadShards(cfg_dict, opts, tag)
-    return lambda batch: reader(batch)
-
-
-def _decode_fn(cfg_dict, train, epoch, qtok, ltok, tag, with_pixels):
-    decoder = _DecodeRecords(cfg_dict, train, epoch, qtok, ltok, tag, with_pixels)
-    return lambda table: decoder(table)
+    # batch_size=1: one shard file per task, so the files spread over the CPUs
+    return ds.map_batches(lambda batch: udf(batch), batch_size=1, batch_format="numpy",
+                          num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
 
 
 # ---------------------------------------------------------------------------------------- Ray Train

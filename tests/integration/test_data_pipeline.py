@@ -57,6 +57,23 @@ def test_local_shards_exact_rows_and_skip_counts(ray_session, shards, tiny_token
     assert all(isinstance(c, str) and c == c.lower() for c in batch["caption"])
 
 
+def test_each_shard_file_is_its_own_task(ray_session, shards, tiny_tokenizers):
+    """The files spread over the CPUs: one decode task per shard file (Ray Data once fused a read and a
+    decode stage into one operator that bundled every file into a single task)."""
+    import re
+
+    from blip2_ray.data.pipeline import build_dataset
+
+    d, summary = shards["webdataset"]
+    cfg = DataConfig(image_size=32, decode_batch_size=4)
+    ds = build_dataset(cfg, [d], train=True, qformer_tokenizer=tiny_tokenizers["qformer"], llm_tokenizer=None,
+                       skip_tag="per-file")
+    keys, _ = _collect(ds)
+    assert len(keys) == GOOD
+    tasks = re.search(r"MapBatches\(<lambda>\): (\d+) tasks executed", ds.stats())
+    assert tasks and int(tasks.group(1)) == len(summary["files"]) > 1, ds.stats()
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_s3_shards_through_a_real_s3_server(ray_session, shards, s3_server, fmt):
     from blip2_ray.data.pipeline import build_dataset, get_skip_counts, resolve_sources
