@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-model bench-data bench-train bench-serve bench-eval clean
+.PHONY: install demo test test-unit bench-model bench-data bench-train bench-ds-step bench-serve bench-eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-data: install
 
 bench-train: install
 	DS_ACCELERATOR=cpu $(PY) bench/bench_train.py
+
+bench-ds-step: install
+	DS_ACCELERATOR=cpu $(PY) bench/bench_ds_step.py
 
 bench-serve: install
 	$(PY) bench/bench_serve.py

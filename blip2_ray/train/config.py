@@ -72,8 +72,8 @@ class DeepSpeedSection:
     reduce_bucket_size: int = doc("elements per gradient-reduction bucket", 50_000_000)
     contiguous_gradients: bool | None = doc(
         "copy gradients into one contiguous buffer as they are reduced (less fragmentation on GPUs); "
-        "null: on with 2+ workers, off with 1, where there is nothing to reduce and the copy costs ~3% of "
-        "a step (bench/bench_train.py)", None)
+        "null: on with 2+ workers, off with 1, where there is nothing to reduce and the copy costs ~2% of "
+        "a step (bench/bench_ds_step.py)", None)
 
     def validate(self) -> None:
         if self.zero_stage not in (2, 3):
