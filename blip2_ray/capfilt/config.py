@@ -8,7 +8,6 @@ from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
 
 
-
 @dataclass
 class CaptionerConfig:
     model: str = doc("stage-2 export directory (Blip2ForConditionalGeneration + tokenizer) that writes captions", "")
@@ -61,7 +60,7 @@ class CapFiltConfig:
     filter: FilterConfig = doc("the model that ranks captions", factory=FilterConfig)
     compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
     data: DataConfig = doc("record decoding and checks (image_keys, caption_keys, min_image_side, ...)",
-                            factory=DataConfig)
+                           factory=DataConfig)
     seed: int = doc("seed of the caption sampling (per shard)", 0)
     summary_file: str | None = doc("where the JSON summary goes (default: OUTPUT_DIR/capfilt_summary.json)", None)
 

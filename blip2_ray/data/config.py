@@ -2,57 +2,39 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _doc(text: str) -> dict:
-    return {"doc": text}
+from blip2_ray.config import doc
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(
-        default_factory=list,
-        metadata=_doc("training sources: files, directories, globs or s3://bucket/prefix URIs of "
-                      "WebDataset tars or parquet files (img2dataset output)"),
-    )
-    weights: list[float] | None = field(
-        default=None,
-        metadata=_doc("per-source sampling weights for `train` (one per source); None visits every "
-                      "file of every source once per epoch"),
-    )
-    eval: list[str] = field(default_factory=list, metadata=_doc("evaluation sources (same forms as `train`)"))
-    image_keys: list[str] = field(
-        default_factory=lambda: ["jpg", "png", "webp", "image"],
-        metadata=_doc("tar member extensions / parquet columns holding the image, first match wins"),
-    )
-    caption_keys: list[str] = field(
-        default_factory=lambda: ["txt", "caption"],
-        metadata=_doc("tar member extensions / parquet columns holding the caption (text, or a JSON "
-                      "list of captions: one is drawn per visit)"),
-    )
-    image_size: int = field(default=224, metadata=_doc("side of the square model input, pixels"))
-    min_crop_scale: float = field(default=0.5, metadata=_doc("RandomResizedCrop minimum area fraction"))
-    min_image_side: int = field(default=32, metadata=_doc("images with a shorter side are skipped"))
-    max_image_pixels: int = field(
-        default=89_478_485, metadata=_doc("images with more pixels are skipped (decompression bombs)")
-    )
-    max_caption_words: int = field(default=50, metadata=_doc("cleaned captions are cut to this many words"))
-    qformer_max_len: int = field(default=32, metadata=_doc("Q-Former (BERT) token length, padded"))
-    llm_max_len: int = field(default=32, metadata=_doc("LLM token length, right padded"))
-    shuffle_buffer: int = field(default=1000, metadata=_doc("local shuffle buffer (rows) per Train worker"))
-    seed: int = field(default=0, metadata=_doc("seed of shard order, crops, flips and caption draws"))
-    decode_batch_size: int = field(default=32, metadata=_doc("rows per decode/transform/tokenise batch"))
-    decode_concurrency: int | None = field(
-        default=None, metadata=_doc("max parallel read+decode tasks; None lets Ray Data decide")
-    )
-    num_cpus_per_decode_task: float = field(default=1.0, metadata=_doc("CPUs reserved per decode task"))
-    prefetch_batches: int = field(default=2, metadata=_doc("batches prefetched by each Train worker"))
-    s3_endpoint_url: str | None = field(
-        default=None, metadata=_doc("S3-compatible endpoint (MinIO, moto...); None uses AWS_ENDPOINT_URL or AWS")
-    )
-    s3_region: str | None = field(default=None, metadata=_doc("S3 region; None uses the AWS default chain"))
-    s3_anonymous: bool = field(default=False, metadata=_doc("read public buckets without credentials"))
+    train: list[str] = doc("training sources: files, directories, globs or s3://bucket/prefix URIs of "
+                           "WebDataset tars or parquet files (img2dataset output)", factory=list)
+    weights: list[float] | None = doc("per-source sampling weights for `train` (one per source); None visits "
+                                      "every file of every source once per epoch", None)
+    eval: list[str] = doc("evaluation sources (same forms as `train`)", factory=list)
+    image_keys: list[str] = doc("tar member extensions / parquet columns holding the image, first match wins",
+                                factory=lambda: ["jpg", "png", "webp", "image"])
+    caption_keys: list[str] = doc("tar member extensions / parquet columns holding the caption (text, or a "
+                                  "JSON list of captions: one is drawn per visit)", factory=lambda: ["txt", "caption"])
+    image_size: int = doc("side of the square model input, pixels", 224)
+    min_crop_scale: float = doc("RandomResizedCrop minimum area fraction", 0.5)
+    min_image_side: int = doc("images with a shorter side are skipped", 32)
+    max_image_pixels: int = doc("images with more pixels are skipped (decompression bombs)", 89_478_485)
+    max_caption_words: int = doc("cleaned captions are cut to this many words", 50)
+    qformer_max_len: int = doc("Q-Former (BERT) token length, padded", 32)
+    llm_max_len: int = doc("LLM token length, right padded", 32)
+    shuffle_buffer: int = doc("local shuffle buffer (rows) per Train worker", 1000)
+    seed: int = doc("seed of shard order, crops, flips and caption draws", 0)
+    decode_batch_size: int = doc("rows per decode/transform/tokenise batch", 32)
+    decode_concurrency: int | None = doc("max parallel read+decode tasks; None lets Ray Data decide", None)
+    num_cpus_per_decode_task: float = doc("CPUs reserved per decode task", 1.0)
+    prefetch_batches: int = doc("batches prefetched by each Train worker", 2)
+    s3_endpoint_url: str | None = doc("S3-compatible endpoint (MinIO, moto...); None uses AWS_ENDPOINT_URL or AWS",
+                                      None)
+    s3_region: str | None = doc("S3 region; None uses the AWS default chain", None)
+    s3_anonymous: bool = doc("read public buckets without credentials", False)
 
     def validate(self) -> None:
         if self.weights is not None:

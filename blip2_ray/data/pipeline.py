@@ -182,19 +182,24 @@ class _ShardToRows:
         for path in batch["path"]:
             skips: Counter = Counter()
             on_skip = lambda r: skips.update([r])  # noqa: E731
-            chunk: list[dict] = []
-            for rec in read_shard_records(str(path), c.image_keys, c.caption_keys, on_skip, self.s3_opts):
-                chunk.append(rec)
-                if len(chunk) >= c.decode_batch_size:
-                    out = process_records(chunk, c, on_skip=on_skip, **self.kw)
-                    chunk = []
-                    if len(out["key"]):
-                        yield out
-            if chunk:
+            records = read_shard_records(str(path), c.image_keys, c.caption_keys, on_skip, self.s3_opts)
+            for chunk in _chunks(records, c.decode_batch_size):
                 out = process_records(chunk, c, on_skip=on_skip, **self.kw)
                 if len(out["key"]):
                     yield out
             _report_skips(self.tag, skips)
+
+
+def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive lists of `size` items (the last may be shorter), read lazily."""
+    chunk: list[dict] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_tokenizer: str | None,

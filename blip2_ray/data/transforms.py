@@ -142,11 +142,6 @@ def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def normalize(im: Image.Image) -> np.ndarray:
-    """RGB PIL image -> float32 (3, H, W), CLIP mean/std."""
-    return normalize_pixels(to_chw_uint8(im))
-
-
 def train_crop(im: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.5) -> np.ndarray:
     """RandomResizedCrop(size, scale=(min_scale, 1), bicubic) + horizontal flip (p=0.5) -> uint8 (3, S, S)."""
     box = random_resized_crop_box(im.width, im.height, rng, (min_scale, 1.0))

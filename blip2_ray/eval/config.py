@@ -9,7 +9,6 @@ from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
 
 
-
 @dataclass
 class TestSetConfig:
     annotations: str | None = doc(
@@ -21,9 +20,9 @@ class TestSetConfig:
     image_pattern: str = doc("VQAv2 files: image file name from image_id", "COCO_val2014_{image_id:012d}.jpg")
     split: str = doc("split to take from Karpathy's dataset_*.json files", "test")
     shards: list[str] = doc("instead of annotations: image-text shards (each record: image + caption(s))",
-                             factory=list)
+                            factory=list)
     references: str | None = doc("caption task: COCO caption annotations to score against (default: the "
-                                  "test set's own captions)", None)
+                                 "test set's own captions)", None)
     limit: int | None = doc("evaluate only the first N images / questions (smoke runs)", None)
 
 
@@ -42,7 +41,7 @@ class GenerationConfig:
     max_new_tokens: int = doc("longest output, tokens", 30)
     min_new_tokens: int = doc("shortest output, tokens", 8)
     prompt: str = doc("caption: text prompt; vqa: a template with {} for the question ('' = the model's "
-                       "recipe prompt: OPT 'Question: {} Answer:', FlanT5 'Question: {} Short answer:')", "a photo of")
+                      "recipe prompt: OPT 'Question: {} Answer:', FlanT5 'Question: {} Short answer:')", "a photo of")
     length_penalty: float = doc("beam length penalty (VQA in the reference: -1)", 1.0)
 
 
@@ -64,10 +63,10 @@ class EvalConfig:
     test_set: TestSetConfig = doc("the images and their captions / questions", factory=TestSetConfig)
     retrieval: RetrievalConfig = doc("retrieval settings", factory=RetrievalConfig)
     generation: GenerationConfig = doc("caption / vqa generation (the recipe's values by default)",
-                                        factory=GenerationConfig)
+                                       factory=GenerationConfig)
     compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
     data: DataConfig = doc("record decoding and checks for shards (image_keys, caption_keys, ...)",
-                            factory=DataConfig)
+                           factory=DataConfig)
 
     def validate(self) -> None:
         if not self.model:

@@ -17,7 +17,6 @@ from blip2_ray.config import ConfigError, _merge, doc
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 
-
 @dataclass
 class VisionConfig:
     kind: Literal["eva_vit_g", "clip_vit_l"] = doc("frozen image encoder architecture", "eva_vit_g")

@@ -440,4 +440,3 @@ def init_qformer_from_bert(model: Blip2Stage1, bert_dir: str) -> None:
     if bad:
         raise UserError(f"BERT checkpoint {bert_dir!r} does not fit the Q-Former config (e.g. {bad[0]})")
     model.load_state_dict(new, strict=False)
-

@@ -15,7 +15,6 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.model.config import ModelConfig
 
 
-
 @dataclass
 class TrainConfig:
     max_steps: int = doc("optimizer steps of the whole run (a resumed run continues to this many)", 250_000)
