@@ -7,8 +7,12 @@ RSS sampled) with N and 2N shards of the same size: streaming keeps it flat.
 The same work also runs in `--cpus` plain processes (multiprocessing, no Ray, files split between them):
 the most this machine's cores give for this work, against which the pipeline's overhead shows. Rates
 are the means of rounds ordered single, pipeline, pipeline, single (ABBA): the machine's speed drifts.
+Each pipeline run is a fresh Ray Data execution and pays its fixed start (about 1 s with one task
+running while Ray Data learns the cluster's CPUs) and 0.1-0.25 s between one task's end and the next
+dispatch, per shard file: 1,200 images per shard (img2dataset writes 10,000) keeps the bench to
+minutes; "first batch after" shows the start.
 
-    python bench/bench_data.py [--num 4800] [--shards 8] [--cpus 2] [--rounds 2]
+    python bench/bench_data.py [--num 9600] [--shards 8] [--cpus 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -30,21 +34,23 @@ def processes_run(files, cfg, toks, procs: int) -> tuple[int, float]:
     t0 = time.perf_counter()
     with mp.get_context("fork").Pool(procs) as pool:
         res = pool.starmap(single_loop, [(files[i::procs], cfg, toks) for i in range(procs)])
-    return sum(n for n, _ in res), time.perf_counter() - t0
+    return sum(n for n, _, _ in res), time.perf_counter() - t0
 
 
-def single_loop(files, cfg, toks) -> tuple[int, float]:
+def single_loop(files, cfg, toks) -> tuple[int, float, float]:
+    """(images, seconds, seconds to the first batch)."""
     from blip2_ray.data.readers import read_shard_records
     from blip2_ray.data.records import process_records
 
-    t0, n = time.perf_counter(), 0
+    t0, n, first = time.perf_counter(), 0, None
     for f in files:
         recs = list(read_shard_records(f, cfg.image_keys, cfg.caption_keys, lambda r: None))
         for i in range(0, len(recs), cfg.decode_batch_size):
             out = process_records(recs[i:i + cfg.decode_batch_size], cfg, train=True, on_skip=lambda r: None,
                                   qformer_tokenizer_path=toks["qformer"], llm_tokenizer_path=toks["opt"])
             n += len(out["key"])
-    return n, time.perf_counter() - t0
+            first = first or time.perf_counter() - t0
+    return n, time.perf_counter() - t0, first
 
 
 class PeakRSS:
@@ -80,19 +86,21 @@ class PeakRSS:
         self.t.join()
 
 
-def pipeline_run(src, cfg, toks) -> tuple[int, float]:
+def pipeline_run(src, cfg, toks) -> tuple[int, float, float]:
+    """(images, seconds, seconds to the first batch), like single_loop."""
     from blip2_ray.data.pipeline import build_dataset
 
-    t0, n = time.perf_counter(), 0
+    t0, n, first = time.perf_counter(), 0, None
     ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"], llm_tokenizer=toks["opt"])
     for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy", prefetch_batches=2):
         n += len(batch["key"])
-    return n, time.perf_counter() - t0
+        first = first or time.perf_counter() - t0
+    return n, time.perf_counter() - t0, first
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num", type=int, default=4800)
+    p.add_argument("--num", type=int, default=9600)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
@@ -122,19 +130,21 @@ def main() -> int:
              log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     rates: dict[str, list[float]] = {"single": [], "pipeline": []}
+    firsts: dict[str, list[float]] = {"single": [], "pipeline": []}
     try:
         pipeline_run(files[: args.cpus], cfg, toks)  # start and warm one worker process per CPU
         for r in range(args.rounds):
             for name in (("single", "pipeline") if r % 2 == 0 else ("pipeline", "single")):
                 if name == "single":
-                    n, t = single_loop(files, cfg, toks)
+                    n, t, first = single_loop(files, cfg, toks)
                 else:
                     with PeakRSS() as m1:
-                        n, t = pipeline_run(src, cfg, toks)
+                        n, t, first = pipeline_run(src, cfg, toks)
                 rates[name].append(n / t)
+                firsts[name].append(first)
                 print(f"round {r}: {name:<8} {n} images in {t:.2f} s: {n / t:.1f} images/s", flush=True)
         with PeakRSS() as m2:
-            n3, t3 = pipeline_run(src2, cfg, toks)
+            n3, t3, _ = pipeline_run(src2, cfg, toks)
     finally:
         ray.shutdown()
     n4, t4 = processes_run(files, cfg, toks, args.cpus)
@@ -149,6 +159,8 @@ def main() -> int:
     print(f"{f'{args.cpus} plain processes (ceiling, no Ray)':<38}{r4:>10.1f}{r4 / args.cpus:>10.1f}")
     print(f"speed-up pipeline / single loop: {r2 / r1:.2f}x (target >= 1.6x on 2 cores); "
           f"{args.cpus} plain processes / single loop: {r4 / r1:.2f}x")
+    print("first batch after (s, per round): single " + ", ".join(f"{x:.2f}" for x in firsts["single"])
+          + "; pipeline " + ", ".join(f"{x:.2f}" for x in firsts["pipeline"]))
     gib = 1 << 30
     print(f"peak RSS (driver + Ray processes): {args.shards} shards {m1.peak / gib:.2f} GiB, "
           f"{2 * args.shards} shards {m2.peak / gib:.2f} GiB (ratio {m2.peak / max(m1.peak, 1):.2f}x)")

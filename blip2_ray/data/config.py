@@ -30,6 +30,9 @@ class DataConfig:
     decode_batch_size: int = doc("rows per decode/transform/tokenise batch", 32)
     decode_concurrency: int | None = doc("max parallel read+decode tasks; None lets Ray Data decide", None)
     num_cpus_per_decode_task: float = doc("CPUs reserved per decode task", 1.0)
+    output_block_mib: float = doc("target size (MiB) of the blocks the read+decode stage emits: rows stream out "
+                                  "while a shard is still decoding (Ray Data's default, 128, holds up to 128 MiB "
+                                  "of a shard's rows before the first leaves)", 8.0)
     prefetch_batches: int = doc("batches prefetched by each Train worker", 2)
     s3_endpoint_url: str | None = doc("S3-compatible endpoint (MinIO, moto...); None uses AWS_ENDPOINT_URL or AWS",
                                       None)
@@ -58,5 +61,7 @@ class DataConfig:
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.decode_concurrency is not None and self.decode_concurrency < 1:
             raise ValueError(f"decode_concurrency must be >= 1 or null, got {self.decode_concurrency}")
+        if self.output_block_mib <= 0:
+            raise ValueError(f"output_block_mib must be > 0, got {self.output_block_mib}")
         if self.num_cpus_per_decode_task <= 0:
             raise ValueError(f"num_cpus_per_decode_task must be > 0, got {self.num_cpus_per_decode_task}")

@@ -5,8 +5,8 @@ Stages (streaming):
   2. read + decode  one map_batches task per shard file on CPU: tar members (streamed, grouped by key)
                     or parquet rows, then per chunk of decode_batch_size records: caption pick + clean,
                     image decode + checks, crop/flip/resize, Q-Former and LLM tokenisation; bad rows
-                    dropped and counted
-  4. Ray Train      each worker iterates its `get_dataset_shard` with `iter_train_batches`: fixed-size
+                    dropped and counted; rows leave in blocks of ~output_block_mib while the file decodes
+  3. Ray Train      each worker iterates its `get_dataset_shard` with `iter_train_batches`: fixed-size
                     batches (drop_last), a local shuffle buffer, TrainCollate -> torch tensors
 Skip counts go to one named actor per Ray job (`SkipCounter`), readable from the driver and from Train
 workers with `get_skip_counts(tag)`.
@@ -239,8 +239,13 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
     udf = _ShardToRows(to_dict(cfg), opts, tag, train, epoch, qformer_tokenizer, llm_tokenizer, with_pixels)
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
     # batch_size=1: one shard file per task, so the files spread over the CPUs
-    return ds.map_batches(lambda batch: udf(batch), batch_size=1, batch_format="numpy",
-                          num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
+    ds = ds.map_batches(lambda batch: udf(batch), batch_size=1, batch_format="numpy",
+                        num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
+    # This dataset's own context (not the process-wide one). With Ray Data's 128 MiB default a task
+    # held a shard's decoded rows (~180 MB for 1,200 images at 224 px) until 128 MiB or its end, so
+    # the first batch came after 4-5 s instead of 0.5 s (bench/bench_data.py shards, 2 CPUs).
+    ds.context.target_max_block_size = int(cfg.output_block_mib * (1 << 20))
+    return ds
 
 
 # ---------------------------------------------------------------------------------------- Ray Train

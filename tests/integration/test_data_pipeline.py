@@ -74,6 +74,27 @@ def test_each_shard_file_is_its_own_task(ray_session, shards, tiny_tokenizers):
     assert tasks and int(tasks.group(1)) == len(summary["files"]) > 1, ds.stats()
 
 
+def test_rows_leave_a_decode_task_in_blocks_of_output_block_mib(ray_session, shards, tiny_tokenizers):
+    """A shard's rows stream out in several blocks while it decodes, not as one block at the task's end."""
+    import re
+
+    from blip2_ray.data.pipeline import build_dataset
+
+    d, summary = shards["webdataset"]
+    blocks = {}
+    for mib in (0.01, 128.0):  # 0.01 MiB: about one decode batch of 4 rows at 32 px per block
+        cfg = DataConfig(image_size=32, decode_batch_size=4, output_block_mib=mib)
+        ds = build_dataset(cfg, [d], train=True, qformer_tokenizer=tiny_tokenizers["qformer"], llm_tokenizer=None,
+                           skip_tag=f"blocks-{mib}")
+        keys, _ = _collect(ds)
+        assert len(keys) == GOOD
+        found = re.search(r"MapBatches\(<lambda>\): \d+ tasks executed, (\d+) blocks produced", ds.stats())
+        assert found, ds.stats()
+        blocks[mib] = int(found.group(1))
+    assert blocks[128.0] == len(summary["files"])  # one block per file
+    assert blocks[0.01] >= GOOD // 8 > blocks[128.0]
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_s3_shards_through_a_real_s3_server(ray_session, shards, s3_server, fmt):
     from blip2_ray.data.pipeline import build_dataset, get_skip_counts, resolve_sources

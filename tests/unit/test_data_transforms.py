@@ -110,3 +110,9 @@ def test_uint8_transport_and_collate_normalisation_match_the_float_transform():
     # and it is the CLIP normalisation written out
     expected = (raw.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN)[:, None, None]) / np.asarray(CLIP_STD)[:, None, None]
     np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_data_config_checks_output_block_size():
+    assert from_dict(DataConfig, {}).output_block_mib == 8.0
+    with pytest.raises(ConfigError, match="output_block_mib must be > 0"):
+        from_dict(DataConfig, {"output_block_mib": 0})
