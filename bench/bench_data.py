@@ -6,7 +6,8 @@ RSS sampled) with N and 2N shards of the same size: streaming keeps it flat.
 
 The same work also runs in `--cpus` plain processes (multiprocessing, no Ray, files split between them):
 the most this machine's cores give for this work, against which the pipeline's overhead shows. Rates
-are the means of rounds ordered single, pipeline, pipeline, single (ABBA): the machine's speed drifts.
+are the means of rounds ordered single, pipeline, processes, then the reverse: the machine's speed
+drifts by 10-30% over minutes.
 Each pipeline run is a fresh Ray Data execution and pays its fixed start (about 1 s with one task
 running while Ray Data learns the cluster's CPUs) and 0.1-0.25 s between one task's end and the next
 dispatch, per shard file: 1,200 images per shard (img2dataset writes 10,000) keeps the bench to
@@ -27,14 +28,24 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def processes_run(files, cfg, toks, procs: int) -> tuple[int, float]:
-    """single_loop in `procs` forked processes, file i in process i % procs: the hardware ceiling."""
-    import multiprocessing as mp
+def processes_run(pool, files, cfg, toks) -> tuple[int, float, None]:
+    """single_loop in the pool's processes, file i in process i % procs: the hardware ceiling.
 
-    t0 = time.perf_counter()
-    with mp.get_context("fork").Pool(procs) as pool:
-        res = pool.starmap(single_loop, [(files[i::procs], cfg, toks) for i in range(procs)])
-    return sum(n for n, _, _ in res), time.perf_counter() - t0
+    Timed from the first process's start to the last one's end of the work itself (imports and
+    tokenizer loading happen before, as the single loop's warm-up does for it).
+    """
+    procs = pool._processes
+    res = pool.starmap(_timed_loop, [(files[i::procs], cfg, toks) for i in range(procs)])
+    return sum(n for n, _, _ in res), max(e for _, _, e in res) - min(b for _, b, _ in res), None
+
+
+def _timed_loop(files, cfg, toks) -> tuple[int, float, float]:
+    from blip2_ray.data.records import llm_tokenizer, qformer_tokenizer
+
+    qformer_tokenizer(toks["qformer"]), llm_tokenizer(toks["opt"])
+    begin = time.time()
+    n, _, _ = single_loop(files, cfg, toks)
+    return n, begin, time.time()
 
 
 def single_loop(files, cfg, toks) -> tuple[int, float, float]:
@@ -126,31 +137,36 @@ def main() -> int:
     files = list_shards(src)
 
     single_loop(files[:1], cfg, toks)  # warm caches (tokenizers, imports)
+    import multiprocessing as mp
+
+    pool = mp.get_context("spawn").Pool(args.cpus)  # started before Ray: nothing of Ray in the children
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    rates: dict[str, list[float]] = {"single": [], "pipeline": []}
-    firsts: dict[str, list[float]] = {"single": [], "pipeline": []}
+    order = ("single", "pipeline", "processes")
+    rates: dict[str, list[float]] = {name: [] for name in order}
+    firsts: dict[str, list[float]] = {name: [] for name in order}
     try:
         pipeline_run(files[: args.cpus], cfg, toks)  # start and warm one worker process per CPU
         for r in range(args.rounds):
-            for name in (("single", "pipeline") if r % 2 == 0 else ("pipeline", "single")):
+            for name in (order if r % 2 == 0 else order[::-1]):
                 if name == "single":
                     n, t, first = single_loop(files, cfg, toks)
+                elif name == "processes":
+                    n, t, first = processes_run(pool, files, cfg, toks)
                 else:
                     with PeakRSS() as m1:
                         n, t, first = pipeline_run(src, cfg, toks)
                 rates[name].append(n / t)
                 firsts[name].append(first)
-                print(f"round {r}: {name:<8} {n} images in {t:.2f} s: {n / t:.1f} images/s", flush=True)
+                print(f"round {r}: {name:<9} {n} images in {t:.2f} s: {n / t:.1f} images/s", flush=True)
         with PeakRSS() as m2:
             n3, t3, _ = pipeline_run(src2, cfg, toks)
     finally:
         ray.shutdown()
-    n4, t4 = processes_run(files, cfg, toks, args.cpus)
+        pool.terminate()
 
-    r1, r2 = (sum(v) / len(v) for v in (rates["single"], rates["pipeline"]))
-    r4 = n4 / t4
+    r1, r2, r4 = (sum(v) / len(v) for v in (rates["single"], rates["pipeline"], rates["processes"]))
     print(f"\n256 px JPEG -> 224 px train crop + BERT/OPT tokens; {args.num} images, {args.shards} shards")
     print(f"{'run':<38}{'images/s':>10}{'per core':>10}")
     print(f"{'single-process loop (1 core)':<38}{r1:>10.1f}{r1:>10.1f}")
