@@ -28,13 +28,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def processes_run(pool, files, cfg, toks) -> tuple[int, float, None]:
+def processes_run(pool, procs: int, files, cfg, toks) -> tuple[int, float, None]:
     """single_loop in the pool's processes, file i in process i % procs: the hardware ceiling.
 
     Timed from the first process's start to the last one's end of the work itself (imports and
     tokenizer loading happen before, as the single loop's warm-up does for it).
     """
-    procs = pool._processes
     res = pool.starmap(_timed_loop, [(files[i::procs], cfg, toks) for i in range(procs)])
     return sum(n for n, _, _ in res), max(e for _, _, e in res) - min(b for _, b, _ in res), None
 
@@ -153,7 +152,7 @@ def main() -> int:
                 if name == "single":
                     n, t, first = single_loop(files, cfg, toks)
                 elif name == "processes":
-                    n, t, first = processes_run(pool, files, cfg, toks)
+                    n, t, first = processes_run(pool, args.cpus, files, cfg, toks)
                 else:
                     with PeakRSS() as m1:
                         n, t, first = pipeline_run(src, cfg, toks)
