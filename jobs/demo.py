@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     common = [f"data.train=[{work}/data/train]", f"data.image_size={size}", "data.min_crop_scale=0.8",
               # one decode task at a time: it keeps up with the 2 tiny-model workers, and more tasks only
-              # compete with them for the 2 cores (4 tasks: stage 1 took 342 s with 22-76% data wait and its
-              # ITC stayed on a plateau, R@1 0.23; 1 task: 220 s, 20% wait, R@1 0.69)
+              # compete with them for the 2 cores (4 tasks: stage 1 took 342 s with 22-76% data wait;
+              # 1 task: 220 s, 20% wait). R@1 varies from run to run either way (0.23-0.73 seen)
               "data.shuffle_buffer=256", "data.num_cpus_per_decode_task=0.5", "data.decode_concurrency=1",
               "data.decode_batch_size=64",
               "train.global_batch_size=64", "train.micro_batch_size=32", "train.precision=fp32",

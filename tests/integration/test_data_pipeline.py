@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,40 +58,32 @@ def test_local_shards_exact_rows_and_skip_counts(ray_session, shards, tiny_token
     assert all(isinstance(c, str) and c == c.lower() for c in batch["caption"])
 
 
+def _decode_run(d, tiny_tokenizers, tag: str, **cfg) -> tuple[int, int]:
+    """Stream the webdataset shards at `d` through the decode stage: (tasks executed, blocks produced)."""
+    from blip2_ray.data.pipeline import build_dataset
+
+    ds = build_dataset(DataConfig(image_size=32, decode_batch_size=4, **cfg), [d], train=True,
+                       qformer_tokenizer=tiny_tokenizers["qformer"], llm_tokenizer=None, skip_tag=tag)
+    keys, _ = _collect(ds)
+    assert len(keys) == GOOD
+    found = re.search(r"MapBatches\(<lambda>\): (\d+) tasks executed, (\d+) blocks produced", ds.stats())
+    assert found, ds.stats()
+    return int(found.group(1)), int(found.group(2))
+
+
 def test_each_shard_file_is_its_own_task(ray_session, shards, tiny_tokenizers):
     """The files spread over the CPUs: one decode task per shard file (Ray Data once fused a read and a
     decode stage into one operator that bundled every file into a single task)."""
-    import re
-
-    from blip2_ray.data.pipeline import build_dataset
-
     d, summary = shards["webdataset"]
-    cfg = DataConfig(image_size=32, decode_batch_size=4)
-    ds = build_dataset(cfg, [d], train=True, qformer_tokenizer=tiny_tokenizers["qformer"], llm_tokenizer=None,
-                       skip_tag="per-file")
-    keys, _ = _collect(ds)
-    assert len(keys) == GOOD
-    tasks = re.search(r"MapBatches\(<lambda>\): (\d+) tasks executed", ds.stats())
-    assert tasks and int(tasks.group(1)) == len(summary["files"]) > 1, ds.stats()
+    tasks, _ = _decode_run(d, tiny_tokenizers, "per-file")
+    assert tasks == len(summary["files"]) > 1
 
 
 def test_rows_leave_a_decode_task_in_blocks_of_output_block_mib(ray_session, shards, tiny_tokenizers):
     """A shard's rows stream out in several blocks while it decodes, not as one block at the task's end."""
-    import re
-
-    from blip2_ray.data.pipeline import build_dataset
-
     d, summary = shards["webdataset"]
-    blocks = {}
-    for mib in (0.01, 128.0):  # 0.01 MiB: about one decode batch of 4 rows at 32 px per block
-        cfg = DataConfig(image_size=32, decode_batch_size=4, output_block_mib=mib)
-        ds = build_dataset(cfg, [d], train=True, qformer_tokenizer=tiny_tokenizers["qformer"], llm_tokenizer=None,
-                           skip_tag=f"blocks-{mib}")
-        keys, _ = _collect(ds)
-        assert len(keys) == GOOD
-        found = re.search(r"MapBatches\(<lambda>\): \d+ tasks executed, (\d+) blocks produced", ds.stats())
-        assert found, ds.stats()
-        blocks[mib] = int(found.group(1))
+    # 0.01 MiB: about one decode batch of 4 rows at 32 px per block
+    blocks = {mib: _decode_run(d, tiny_tokenizers, f"blocks-{mib}", output_block_mib=mib)[1] for mib in (0.01, 128.0)}
     assert blocks[128.0] == len(summary["files"])  # one block per file
     assert blocks[0.01] >= GOOD // 8 > blocks[128.0]
 
