@@ -5,21 +5,23 @@ WebDataset shards, the same code in both. Then the pipeline's peak memory (drive
 RSS sampled) with N and 2N shards of the same size: streaming keeps it flat.
 
 The same work also runs in `--cpus` plain processes (multiprocessing, no Ray, files split between them):
-the most this machine's cores give for this work, against which the pipeline's overhead shows. Rates
-are the means of rounds ordered single, pipeline, processes, then the reverse: the machine's speed
-drifts by 10-30% over minutes.
+the most this machine's cores give for this work, against which the pipeline's overhead shows. Rounds
+run single, pipeline, processes, then the reverse. The machine's speed drifts by 10-30% within a minute
+(the single loop alone has read 316-600 img/s in one session), so besides the ratio of the mean rates
+each round's own ratios are printed, with their median and range: a single round says little.
 Each pipeline run is a fresh Ray Data execution and pays its fixed start (about 1 s with one task
 running while Ray Data learns the cluster's CPUs) and 0.1-0.25 s between one task's end and the next
 dispatch, per shard file: 1,200 images per shard (img2dataset writes 10,000) keeps the bench to
 minutes; "first batch after" shows the start.
 
-    python bench/bench_data.py [--num 9600] [--shards 8] [--cpus 2] [--rounds 2]
+    python bench/bench_data.py [--num 9600] [--shards 8] [--cpus 2] [--rounds 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -113,7 +115,7 @@ def main() -> int:
     p.add_argument("--num", type=int, default=9600)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args()
 
     import logging
@@ -174,6 +176,10 @@ def main() -> int:
     print(f"{f'{args.cpus} plain processes (ceiling, no Ray)':<38}{r4:>10.1f}{r4 / args.cpus:>10.1f}")
     print(f"speed-up pipeline / single loop: {r2 / r1:.2f}x (target >= 1.6x on 2 cores); "
           f"{args.cpus} plain processes / single loop: {r4 / r1:.2f}x")
+    for a, b in (("pipeline", "single"), ("processes", "single"), ("pipeline", "processes")):
+        per = [x / y for x, y in zip(rates[a], rates[b])]
+        print(f"{a} / {b} per round: " + ", ".join(f"{x:.2f}" for x in per)
+              + f"; median {statistics.median(per):.2f}x, range {min(per):.2f}-{max(per):.2f}x")
     print("first batch after (s, per round): single " + ", ".join(f"{x:.2f}" for x in firsts["single"])
           + "; pipeline " + ", ".join(f"{x:.2f}" for x in firsts["pipeline"]))
     gib = 1 << 30
