@@ -142,6 +142,20 @@ def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
+def normalize_pixels_tensor(pixels):
+    """uint8 torch tensor (..., 3, H, W) RGB on any device -> float32 on that device with CLIP mean/std.
+
+    The same float32 operations in the same order as the host lookup table of `normalize_pixels`
+    ((v / 255 - mean) / std), so both give identical values; it runs where the model does, after the
+    4x smaller uint8 copy to the device.
+    """
+    import torch
+
+    mean = torch.from_numpy(CLIP_MEAN).to(pixels.device).view(3, 1, 1)
+    std = torch.from_numpy(CLIP_STD).to(pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
 def train_crop(im: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.5) -> np.ndarray:
     """RandomResizedCrop(size, scale=(min_scale, 1), bicubic) + horizontal flip (p=0.5) -> uint8 (3, S, S)."""
     box = random_resized_crop_box(im.width, im.height, rng, (min_scale, 1.0))

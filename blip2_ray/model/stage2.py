@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip2_ray.model.precision import autocast_off
 from blip2_ray.model.qformer import run_qformer
 from blip2_ray.model.vision import encode_image, freeze_vision
 
@@ -113,13 +114,14 @@ class Blip2Stage2(nn.Module):
             p = self.prompt_ids.to(ids.device).expand(b, -1)
             ids = torch.cat([ids[:, :1], p, ids[:, 1:]], 1)
             mask = torch.cat([mask[:, :1], torch.ones_like(p, dtype=mask.dtype), mask[:, 1:]], 1)
-        text_embeds = self.llm_embeddings()(ids)
-        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
         full_mask = torch.cat([torch.ones(b, nq, dtype=mask.dtype, device=mask.device), mask], 1)
-        decoder_out = self.language_model.model(inputs_embeds=embeds, attention_mask=full_mask)
-        # only the text positions that predict a caption token need the (large) vocabulary projection
-        hidden = decoder_out.last_hidden_state[:, nq:-1]
-        logits = self.language_model.lm_head(hidden)  # (B, T-1, V): position t predicts token t+1
+        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
+            text_embeds = self.llm_embeddings()(ids)
+            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            decoder_out = self.language_model.model(inputs_embeds=embeds, attention_mask=full_mask)
+            # only the text positions that predict a caption token need the (large) vocabulary projection
+            hidden = decoder_out.last_hidden_state[:, nq:-1]
+            logits = self.language_model.lm_head(hidden)  # (B, T-1, V): position t predicts token t+1
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         labels[:, : n_prompt - 1] = -100
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -136,11 +138,12 @@ class Blip2Stage2(nn.Module):
             p = self.prompt_ids.to(ids.device).expand(b, -1)
             enc_ids = torch.cat([p, enc_ids], 1)
             enc_mask = torch.cat([torch.ones_like(p, dtype=enc_mask.dtype), enc_mask], 1)
-        text_embeds = self.llm_embeddings()(enc_ids)
-        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
         full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=enc_mask.device), enc_mask], 1)
         decoder_input_ids = self.language_model._shift_right(labels)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=decoder_input_ids)
+        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
+            text_embeds = self.llm_embeddings()(enc_ids)
+            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=decoder_input_ids)
         loss = F.cross_entropy(
             out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1), ignore_index=-100
         )

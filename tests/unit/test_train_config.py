@@ -104,10 +104,12 @@ def test_deepspeed_config_follows_the_config():
     d = deepspeed_config(c)
     assert d["train_micro_batch_size_per_gpu"] * d["gradient_accumulation_steps"] * 2 == d["train_batch_size"]
     assert d["zero_optimization"]["stage"] == 3 and d["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    assert d["bf16"] == {"enabled": True} and "fp16" not in d and d["gradient_clipping"] == 1.0
+    # autocast, not DeepSpeed's bf16/fp16 modes (which cast every parameter); gradients reduced in float32
+    assert d["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in d and "fp16" not in d and d["gradient_clipping"] == 1.0
     assert d["optimizer"]["params"]["betas"] == [0.9, 0.98] and d["optimizer"]["params"]["torch_adam"] is True
     d2 = deepspeed_config(cfg(train={"precision": "fp32"}))
-    assert "bf16" not in d2 and "fp16" not in d2 and "stage3_param_persistence_threshold" not in d2["zero_optimization"]
+    assert "torch_autocast" not in d2 and "stage3_param_persistence_threshold" not in d2["zero_optimization"]
     # contiguous gradient buffers: on with several workers, off at 1 (nothing to reduce), or as set
     assert d2["zero_optimization"]["contiguous_gradients"] is True
     one = {"num_workers": 1}
