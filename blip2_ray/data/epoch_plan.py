@@ -63,28 +63,39 @@ class EpochPlan:
 
     def __init__(self, epoch: int = 0):
         self._epoch, self._consumed, self._partial = epoch, frozenset(), {}
+        self._generation = 0  # how many times `begin` was called: tags the decode reports of each execution
         self._good: dict[tuple[int, int], int] = {}
-        self._decoded: Counter = Counter()
+        self._decoded: Counter = Counter()  # (epoch, generation) -> records decoded
 
-    def begin(self, epoch: int, consumed: list[int] | None = None, partial: dict[int, bytes] | None = None) -> None:
-        """The next execution reads `epoch`, without the `consumed` visits and the `partial` bitmaps' records."""
+    def begin(self, epoch: int, consumed: list[int] | None = None, partial: dict[int, bytes] | None = None) -> int:
+        """The next execution reads `epoch`, without the `consumed` visits and the `partial` bitmaps' records.
+
+        Returns the new generation (1, 2, ...).
+        """
         self._epoch, self._consumed, self._partial = epoch, frozenset(consumed or ()), dict(partial or {})
+        self._generation += 1
+        return self._generation
 
-    def current(self) -> tuple[int, frozenset, dict[int, bytes]]:
-        return self._epoch, self._consumed, self._partial
+    def current(self) -> tuple[int, frozenset, dict[int, bytes], int]:
+        """(epoch, consumed visits, partial bitmaps, generation) of the next execution."""
+        return self._epoch, self._consumed, self._partial, self._generation
 
-    def visit_done(self, epoch: int, visit: int, good: int, decoded: int) -> None:
+    def visit_done(self, epoch: int, visit: int, good: int, decoded: int, generation: int = 0) -> None:
         """A decode task read a visit to its end: `good` records it holds (trained ones included), `decoded`."""
         self._good[(epoch, visit)] = good
-        self._decoded[epoch] += decoded
+        self._decoded[(epoch, generation)] += decoded
 
     def good_records(self, epoch: int) -> dict[int, int]:
         """visit -> good records of the visits of `epoch` read to their end so far."""
         return {v: n for (e, v), n in self._good.items() if e == epoch}
 
-    def decoded_records(self, epoch: int) -> int:
-        """Records the decode tasks of `epoch` decoded (good or bad; not those a resume skipped)."""
-        return self._decoded[epoch]
+    def decoded_records(self, epoch: int, after_generation: int = 0) -> int:
+        """Records decoded for `epoch` (good or bad; not those a resume skipped) by executions planned after
+        generation `after_generation`."""
+        return sum(n for (e, g), n in self._decoded.items() if e == epoch and g > after_generation)
+
+    def generation(self) -> int:
+        return self._generation
 
 
 def epoch_plan_name(run_name: str) -> str:
@@ -106,7 +117,7 @@ def epoch_plan(name: str, create: bool = False):
 
 # -------------------------------------------------------------------------------------- the source
 class EpochFiles(Datasource):
-    """One row per shard visit of the epoch: {"visit", "path", "epoch", "skip"} (one read task each).
+    """One row per shard visit of the epoch: {"visit", "path", "epoch", "skip", "generation"} (a read task each).
 
     `visits(epoch)` gives the epoch's visit list; `plan_name` None: always `epoch`, nothing skipped (eval).
     """
@@ -118,14 +129,15 @@ class EpochFiles(Datasource):
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        epoch, consumed, partial = self._epoch, frozenset(), {}
+        epoch, consumed, partial, generation = self._epoch, frozenset(), {}, 0
         if self._plan_name is not None:
-            epoch, consumed, partial = ray.get(epoch_plan(self._plan_name).current.remote())
+            epoch, consumed, partial, generation = ray.get(epoch_plan(self._plan_name).current.remote())
         tasks = []
         for visit, path in enumerate(self._visits(epoch)):
             if visit in consumed:
                 continue
-            row = {"visit": visit, "path": path, "epoch": epoch, "skip": partial.get(visit, b"")}
+            row = {"visit": visit, "path": path, "epoch": epoch, "skip": partial.get(visit, b""),
+                   "generation": generation}
             meta = BlockMetadata(num_rows=1, size_bytes=len(path) + len(row["skip"]) + 32, input_files=[path],
                                  exec_stats=None)
             tasks.append(ReadTask(functools.partial(_row_block, row), meta))
@@ -136,4 +148,5 @@ def _row_block(row: dict) -> list:
     import pyarrow as pa
 
     return [pa.table({"visit": pa.array([row["visit"]], pa.int64()), "path": pa.array([row["path"]], pa.string()),
-                      "epoch": pa.array([row["epoch"]], pa.int64()), "skip": pa.array([row["skip"]], pa.binary())})]
+                      "epoch": pa.array([row["epoch"]], pa.int64()), "skip": pa.array([row["skip"]], pa.binary()),
+                      "generation": pa.array([row["generation"]], pa.int64())})]

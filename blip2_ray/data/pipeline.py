@@ -187,9 +187,10 @@ class _ShardToRows:
 
     def __call__(self, batch: dict) -> Iterator[dict]:
         for i, path in enumerate(batch["path"]):
-            yield from self._visit(str(path), int(batch["visit"][i]), int(batch["epoch"][i]), bytes(batch["skip"][i]))
+            yield from self._visit(str(path), int(batch["visit"][i]), int(batch["epoch"][i]), bytes(batch["skip"][i]),
+                                   int(batch["generation"][i]))
 
-    def _visit(self, path: str, visit: int, epoch: int, skip: bytes) -> Iterator[dict]:
+    def _visit(self, path: str, visit: int, epoch: int, skip: bytes, generation: int) -> Iterator[dict]:
         c = self.cfg
         skips: Counter = Counter()
         on_skip = lambda r: skips.update([r])  # noqa: E731
@@ -208,7 +209,8 @@ class _ShardToRows:
                 yield out
         _report_skips(self.tag, skips)
         if self.plan_name is not None:  # waited on, like the skip counts: complete once the stream is consumed
-            ray.get(epoch_plan(self.plan_name).visit_done.remote(epoch, visit, good + int(trained.sum()), decoded))
+            ray.get(epoch_plan(self.plan_name).visit_done.remote(epoch, visit, good + int(trained.sum()), decoded,
+                                                                 generation))
 
 
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
@@ -271,7 +273,7 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
     udf = _ShardToRows(to_dict(cfg), opts, tag, train, qformer_tokenizer, llm_tokenizer, with_pixels, plan_name)
     # one tiny read task per visit (a row naming the file); they need no CPU of their own
     ds = ray.data.read_datasource(EpochFiles(visits, epoch, plan_name), override_num_blocks=max(1, len(visits(epoch))),
-                                  ray_remote_args={"num_cpus": 0})
+                                  num_cpus=0)
     # batch_size=1: one shard file per task, so the files spread over the CPUs
     ds = ds.map_batches(lambda batch: udf(batch), batch_size=1, batch_format="numpy",
                         num_cpus=cfg.num_cpus_per_decode_task, compute=compute)

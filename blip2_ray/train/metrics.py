@@ -95,9 +95,13 @@ _SKIP_COUNT_FAILED = []
 
 def skipped_records() -> int | None:
     """Records the training data dropped so far (all reasons); None, with the error logged once, when the
-    count cannot be read (a number would hide that the counter is broken)."""
+    count cannot be read (a number would hide that the counter is broken); None without Ray."""
+    import ray
+
     from blip2_ray.data.pipeline import get_skip_counts
 
+    if not ray.is_initialized():
+        return None
     try:
         return int(sum(get_skip_counts("train").values()))
     except Exception:
