@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from typing import Iterator
 
 import numpy as np
 import ray
@@ -117,13 +118,14 @@ def epoch_plan(name: str, create: bool = False):
 
 # -------------------------------------------------------------------------------------- the source
 class EpochFiles(Datasource):
-    """One row per shard visit of the epoch: {"visit", "path", "epoch", "skip", "generation"} (a read task each).
+    """One read task per shard visit of the epoch, yielding `decode(visit, path, epoch, skip, generation)`.
 
-    `visits(epoch)` gives the epoch's visit list; `plan_name` None: always `epoch`, nothing skipped (eval).
+    `visits(epoch)` gives the epoch's visit list (paths); `decode` yields batches (dicts of numpy columns);
+    `skip` is the visit's bitmap of trained records; `plan_name` None: always `epoch`, nothing skipped (eval).
     """
 
-    def __init__(self, visits, epoch: int, plan_name: str | None):
-        self._visits, self._epoch, self._plan_name = visits, epoch, plan_name
+    def __init__(self, visits, epoch: int, plan_name: str | None, decode):
+        self._visits, self._epoch, self._plan_name, self._decode = visits, epoch, plan_name, decode
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -136,17 +138,20 @@ class EpochFiles(Datasource):
         for visit, path in enumerate(self._visits(epoch)):
             if visit in consumed:
                 continue
-            row = {"visit": visit, "path": path, "epoch": epoch, "skip": partial.get(visit, b""),
-                   "generation": generation}
-            meta = BlockMetadata(num_rows=1, size_bytes=len(path) + len(row["skip"]) + 32, input_files=[path],
-                                 exec_stats=None)
-            tasks.append(ReadTask(functools.partial(_row_block, row), meta))
+            meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[path], exec_stats=None)
+            read = functools.partial(_blocks, self._decode, visit, path, epoch, partial.get(visit, b""), generation)
+            tasks.append(ReadTask(read, meta))
+        if not tasks:  # a resume right at the end of an epoch: an empty epoch, not a dataset without tasks
+            tasks.append(ReadTask(_no_blocks, BlockMetadata(num_rows=0, size_bytes=0, input_files=[], exec_stats=None)))
         return tasks
 
 
-def _row_block(row: dict) -> list:
-    import pyarrow as pa
+def _no_blocks() -> Iterator:
+    return iter(())
 
-    return [pa.table({"visit": pa.array([row["visit"]], pa.int64()), "path": pa.array([row["path"]], pa.string()),
-                      "epoch": pa.array([row["epoch"]], pa.int64()), "skip": pa.array([row["skip"]], pa.binary()),
-                      "generation": pa.array([row["generation"]], pa.int64())})]
+
+def _blocks(decode, *visit) -> Iterator:
+    from ray.data.block import BlockAccessor
+
+    for batch in decode(*visit):
+        yield BlockAccessor.batch_to_block(batch)

@@ -3,7 +3,7 @@
 Stages (streaming):
   1. file list      resolve_sources: files of each source; per epoch a seeded permutation, mixed by weight,
                     one row per visit (EpochFiles, data/epoch_plan.py: the epoch is read at each execution)
-  2. read + decode  one map_batches task per shard file on CPU: tar members (streamed, grouped by key)
+  2. read + decode  one read task per shard visit on CPU: tar members (streamed, grouped by key)
                     or parquet rows, then per chunk of decode_batch_size records: caption pick + clean,
                     image decode + checks, crop/flip/resize, Q-Former and LLM tokenisation; bad rows
                     dropped and counted; rows leave in blocks of ~output_block_mib while the file decodes
@@ -27,8 +27,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from blip2_ray.config import from_dict
 from blip2_ray.data.config import DataConfig
 from blip2_ray.data.epoch_plan import EpochFiles, epoch_plan, unpack_records
-from blip2_ray.data.readers import (check_parquet_columns, list_shards, read_shard_records, shard_format,
-                                    storage_options)
+from blip2_ray.data.readers import check_parquet_columns, list_shards, read_shard_records, shard_format, storage_options
 from blip2_ray.data.records import process_records
 
 log = logging.getLogger(__name__)
@@ -167,13 +166,13 @@ def epoch_file_order(per_source: list[list[str]], weights: list[float] | None, s
 
 # ------------------------------------------------------------------------------------------- dataset
 class _ShardToRows:
-    """map_batches UDF: each input row names one shard visit; yields its model-ready rows.
+    """The body of a read task (EpochFiles): one shard visit -> its model-ready rows, in batches.
 
     One task reads a file and decodes it in chunks of cfg.decode_batch_size records (process_records),
     so the raw image bytes never pass through the object store and memory stays bounded per chunk.
     (Two separate read and decode stages were fused by Ray Data into one operator that bundled
     `decode_batch_size` *files* per task: a single task decoded everything. bench/bench_data.py)
-    The row's `epoch` seeds every record's crop, flip and caption draw; records numbered in its `skip`
+    The visit's `epoch` seeds every record's crop, flip and caption draw; records numbered in its `skip`
     bitmap (trained before a resume) are read past without decoding. Training rows carry "visit" and
     "record" (the record's position in its shard), which is how a checkpoint names what was trained.
     """
@@ -185,12 +184,7 @@ class _ShardToRows:
         self.kw = dict(train=train, qformer_tokenizer_path=qformer_tokenizer, llm_tokenizer_path=llm_tokenizer,
                        with_pixels=with_pixels)
 
-    def __call__(self, batch: dict) -> Iterator[dict]:
-        for i, path in enumerate(batch["path"]):
-            yield from self._visit(str(path), int(batch["visit"][i]), int(batch["epoch"][i]), bytes(batch["skip"][i]),
-                                   int(batch["generation"][i]))
-
-    def _visit(self, path: str, visit: int, epoch: int, skip: bytes, generation: int) -> Iterator[dict]:
+    def __call__(self, visit: int, path: str, epoch: int, skip: bytes, generation: int) -> Iterator[dict]:
         c = self.cfg
         skips: Counter = Counter()
         on_skip = lambda r: skips.update([r])  # noqa: E731
@@ -271,12 +265,9 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
 
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
     udf = _ShardToRows(to_dict(cfg), opts, tag, train, qformer_tokenizer, llm_tokenizer, with_pixels, plan_name)
-    # one tiny read task per visit (a row naming the file); they need no CPU of their own
-    ds = ray.data.read_datasource(EpochFiles(visits, epoch, plan_name), override_num_blocks=max(1, len(visits(epoch))),
-                                  num_cpus=0)
-    # batch_size=1: one shard file per task, so the files spread over the CPUs
-    ds = ds.map_batches(lambda batch: udf(batch), batch_size=1, batch_format="numpy",
-                        num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
+    # one read task per shard visit, reading and decoding it: the files spread over the CPUs
+    ds = ray.data.read_datasource(EpochFiles(visits, epoch, plan_name, udf), override_num_blocks=max(1, len(visits(epoch))),
+                                  num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
     # This dataset's own context (not the process-wide one). With Ray Data's 128 MiB default a task
     # held a shard's decoded rows (~180 MB for 1,200 images at 224 px) until 128 MiB or its end, so
     # the first batch came after 4-5 s instead of 0.5 s (bench/bench_data.py shards, 2 CPUs).
@@ -305,7 +296,8 @@ class TrainCollate(NumpyBatchCollateFn):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         import torch
 
-        out: dict = {name: torch.from_numpy(np.ascontiguousarray(batch[name])) for name in TENSOR_COLUMNS if name in batch}
+        out: dict = {name: torch.from_numpy(np.ascontiguousarray(batch[name]))
+                     for name in TENSOR_COLUMNS if name in batch}
         if self.pin_memory:
             out = {k: v.pin_memory() for k, v in out.items()}
         out.update({name: np.asarray(batch[name]) for name in POSITION_COLUMNS if name in batch})

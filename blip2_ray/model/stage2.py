@@ -143,7 +143,8 @@ class Blip2Stage2(nn.Module):
         with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
             text_embeds = self.llm_embeddings()(enc_ids)
             embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
-            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=decoder_input_ids)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask,
+                                      decoder_input_ids=decoder_input_ids)
         loss = F.cross_entropy(
             out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1), ignore_index=-100
         )

@@ -1,8 +1,8 @@
 """Frozen image encoders: EVA ViT-g/14 (HF `Blip2VisionModel` layout) and CLIP ViT-L/14.
 
 The trunk is frozen: half-precision weights, eval mode, no grad, computed in its storage dtype even under
-autocast. Its last LayerNorm, BLIP-2's `ln_vision`, is the exception: it trains and runs in float32. In HF's layout that LayerNorm is
-`vision_model.post_layernorm`, so freezing "the ViT" must leave it alone.
+autocast. Its last LayerNorm, BLIP-2's `ln_vision`, is the exception: it trains and runs in float32. In
+HF's layout that LayerNorm is `vision_model.post_layernorm`, so freezing "the ViT" must leave it alone.
 """
 
 from __future__ import annotations

@@ -153,7 +153,9 @@ def data_stall_of(error: BaseException):
 
     for failure in getattr(error, "worker_failures", {}).values():
         cause = failure
-        while cause is not None:
+        for _ in range(8):  # RayTaskError -> its cause -> ...
+            if cause is None:
+                break
             if isinstance(cause, DataStallError):
                 return DataStallError(str(cause.args[0]) if cause.args else str(cause))
             cause = getattr(cause, "cause", None) or cause.__cause__

@@ -66,7 +66,7 @@ def _decode_run(d, tiny_tokenizers, tag: str, **cfg) -> tuple[int, int]:
                        qformer_tokenizer=tiny_tokenizers["qformer"], llm_tokenizer=None, skip_tag=tag)
     keys, _ = _collect(ds)
     assert len(keys) == GOOD
-    found = re.search(r"MapBatches\(<lambda>\): (\d+) tasks executed, (\d+) blocks produced", ds.stats())
+    found = re.search(r"ReadEpochFiles: (\d+) tasks executed, (\d+) blocks produced", ds.stats())
     assert found, ds.stats()
     return int(found.group(1)), int(found.group(2))
 
@@ -182,7 +182,8 @@ def _epoch_rows(ds, plan, epoch: int, consumed=(), partial=None) -> dict:
     rows = {}
     for b in ds.iter_batches(batch_size=8, batch_format="numpy"):
         for i, k in enumerate(b["key"]):
-            rows[str(k)] = (b["pixel_values"][i].tobytes(), str(b["caption"][i]), int(b["visit"][i]), int(b["record"][i]))
+            rows[str(k)] = (b["pixel_values"][i].tobytes(), str(b["caption"][i]), int(b["visit"][i]),
+                            int(b["record"][i]))
     return rows
 
 

@@ -100,8 +100,14 @@ def test_uint8_transport_and_device_normalisation_match_the_float_transform():
     import torch
 
     from blip2_ray.data.pipeline import TrainCollate
-    from blip2_ray.data.transforms import (CLIP_MEAN, CLIP_STD, eval_resize, eval_transform, normalize_pixels,
-                                           normalize_pixels_tensor)
+    from blip2_ray.data.transforms import (
+        CLIP_MEAN,
+        CLIP_STD,
+        eval_resize,
+        eval_transform,
+        normalize_pixels,
+        normalize_pixels_tensor,
+    )
 
     rng = np.random.default_rng(0)
     im = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))

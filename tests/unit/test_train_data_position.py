@@ -67,8 +67,8 @@ def test_loss_window_keeps_device_tensors_until_the_report():
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.metrics import LossWindow
 
-    cfg = from_dict(PretrainConfig, {"data": {"image_size": 32}, "train": {"global_batch_size": 8, "micro_batch_size": 4},
-                                     "scaling": {"num_workers": 2}})
+    cfg = from_dict(PretrainConfig, {"data": {"image_size": 32}, "scaling": {"num_workers": 2},
+                                     "train": {"global_batch_size": 8, "micro_batch_size": 4}})
     w = LossWindow()
     for v in (1.0, 3.0):
         w.add({"loss": torch.tensor(v, requires_grad=True) * 2, "loss_itc": torch.tensor(v), "logits": torch.ones(3)})

@@ -85,7 +85,8 @@ def test_policy_holds_in_a_deepspeed_engine(process_group, monkeypatch, stage, z
     # stored dtypes after deepspeed.initialize: nothing was cast
     assert trainable_dtypes(m) == Counter({torch.float32: sum(1 for p in m.parameters() if p.requires_grad)})
     assert set(frozen_dtypes(m.vision_model)) == {torch.float16}
-    assert m.vision_model.post_layernorm.weight.requires_grad and held_dtype(m.vision_model.post_layernorm.weight) == torch.float32
+    ln_vision = m.vision_model.post_layernorm.weight
+    assert ln_vision.requires_grad and held_dtype(ln_vision) == torch.float32
     assert held_dtype(m.query_tokens) == torch.float32
     if stage == 2:
         assert set(frozen_dtypes(m.language_model)) == {torch.bfloat16}

@@ -118,3 +118,26 @@ def test_bf16_with_a_float16_llm_warns_in_stage_2():
     c = from_dict(PretrainConfig, {"stage": 2, "data": {"image_size": 32}, "model": {"llm": {"dtype": "float16"}},
                                    "train": {"global_batch_size": 8, "micro_batch_size": 4}})
     assert any("float16 LLM" in w for w in c.start_warnings())
+
+
+def test_shipped_gpu_configs_fit_cluster_yaml_once_it_has_scaled_up():
+    """What the start-up check sees after scaling.resource_wait_s on the shipped cluster: each node type at
+    its max_workers (the head runs no tasks). The shipped tiny configs fit a 2-CPU machine."""
+    import glob
+    from pathlib import Path
+
+    import yaml
+
+    from blip2_ray.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    cluster = yaml.safe_load((root / "cluster.yaml").read_text())
+    nodes = [dict(t["resources"]) for t in cluster["available_node_types"].values()
+             for _ in range(t.get("max_workers", 1))]
+    for path in sorted(glob.glob(str(root / "jobs/configs/stage[12]_*.yaml"))):
+        cfg = load_config(PretrainConfig, path)
+        if cfg.scaling.use_gpu:
+            assert cfg.scaling.resource_wait_s > 0, path  # GPU nodes start on demand
+            assert fits(nodes, ResourcePlan.of(cfg)), path
+        else:
+            assert fits([{"CPU": 2.0}], ResourcePlan.of(cfg)), path
