@@ -12,15 +12,13 @@ class UserError(Exception):
 
 
 def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a job's `main`: a UserError (or ConfigError) prints `error: <sentence>` and exits 2."""
+    """Wrap a job's `main`: a UserError (a ConfigError is one) prints `error: <sentence>` and exits 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> int:
-        from blip2_ray.config import ConfigError
-
         try:
             rc = fn(*args, **kwargs)
-        except (UserError, ConfigError) as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
         except KeyboardInterrupt:

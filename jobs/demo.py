@@ -28,10 +28,11 @@ from blip2_ray.errors import cli_main  # noqa: E402
 
 def rows_of(shards: str, image_size: int, qformer_tok: str | None, llm_tok: str | None) -> list[dict]:
     """Eval-transformed rows of `shards` through the real data pipeline."""
+    from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.pipeline import build_dataset
 
-    cfg = DataConfig(image_size=image_size)
+    cfg = from_dict(DataConfig, {"image_size": image_size})
     return build_dataset(cfg, [shards], train=False, qformer_tokenizer=qformer_tok, llm_tokenizer=llm_tok).take_all()
 
 

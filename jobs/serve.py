@@ -38,14 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_serve_config(args: argparse.Namespace):
     """ServeConfig from --config, the flags and --set (validated strictly)."""
-    from blip2_ray.config import _merge, from_dict, parse_set, read_yaml
+    from blip2_ray.config import merge, from_dict, parse_set, read_yaml
     from blip2_ray.serve.config import ServeConfig
 
     data = read_yaml(args.config) if args.config else {}
     flags = {"model": args.model, "retrieval_model": args.retrieval_model, "host": args.host, "port": args.port}
-    data = _merge(data, {k: v for k, v in flags.items() if v is not None})
+    data = merge(data, {k: v for k, v in flags.items() if v is not None})
     for item in args.set:
-        data = _merge(data, parse_set(item))
+        data = merge(data, parse_set(item))
     return from_dict(ServeConfig, data)
 
 

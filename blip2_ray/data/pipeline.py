@@ -173,7 +173,9 @@ class _ShardToRows:
 
     def __init__(self, cfg: dict, s3_opts: dict, tag: str, train: bool, epoch: int, qformer_tokenizer: str | None,
                  llm_tokenizer: str | None, with_pixels: bool):
-        self.cfg, self.s3_opts, self.tag = DataConfig(**cfg), s3_opts, tag
+        from blip2_ray.config import from_dict
+
+        self.cfg, self.s3_opts, self.tag = from_dict(DataConfig, cfg), s3_opts, tag
         self.kw = dict(train=train, epoch=epoch, qformer_tokenizer_path=qformer_tokenizer,
                        llm_tokenizer_path=llm_tokenizer, with_pixels=with_pixels)
 

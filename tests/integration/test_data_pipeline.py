@@ -125,10 +125,11 @@ def test_check_data_cli_reports_counts_as_json(ray_session, shards):
 def _train_loop(config):
     import ray.train
 
+    from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.pipeline import get_skip_counts, iter_train_batches
 
-    cfg = DataConfig(**config["data"])
+    cfg = from_dict(DataConfig, config["data"])
     shard = ray.train.get_dataset_shard("train")
     seen, sizes = [], []
     for batch in iter_train_batches(shard, config["batch_size"], cfg):
