@@ -15,7 +15,6 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -24,13 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from blip2_ray.runtime.cluster import free_port  # noqa: E402
+
 CONCURRENCY = (1, 8, 32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_model(out_dir: str) -> str:

@@ -22,16 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blip2_ray.errors import cli_main  # noqa: E402
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or "local", runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+from blip2_ray.runtime.cli import cli_main, job_parser, load_job_config  # noqa: E402
+from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 
 
 def measure_main(argv: list[str]) -> int:
@@ -58,15 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         return measure_main(argv[1:])
     from blip2_ray.capfilt.config import CapFiltConfig
     from blip2_ray.capfilt.job import check_models, run_capfilt
-    from blip2_ray.config import load_config
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML of overrides of the CapFiltConfig defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
+    p = job_parser(__doc__.split("\n")[0], config_help="YAML of overrides of the CapFiltConfig defaults",
+                   json_help="print the summary as one JSON line last")
     args = p.parse_args(argv)
-    cfg = load_config(CapFiltConfig, args.config, args.set)
+    cfg = load_job_config(CapFiltConfig, args)
     check_models(cfg)  # before Ray starts
     init_ray(args.address)
     s = run_capfilt(cfg)

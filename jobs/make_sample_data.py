@@ -13,7 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blip2_ray.errors import UserError, cli_main  # noqa: E402
+from blip2_ray.errors import UserError  # noqa: E402
+from blip2_ray.runtime.cli import cli_main  # noqa: E402
 
 
 def parse_corrupt(items: list[str]) -> dict[str, int]:

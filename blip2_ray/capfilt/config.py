@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
+from blip2_ray.runtime.compute import ComputeConfig
 
 
 @dataclass
@@ -41,15 +42,11 @@ class FilterConfig:
 
 
 @dataclass
-class ComputeConfig:
-    num_actors: int = doc("actors in the pool (each holds both models; one GPU each where GPUs exist)", 2)
-    num_gpus_per_actor: float | None = doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
-    num_cpus_per_actor: float = doc("CPUs reserved per actor", 1.0)
-    batch_size: int = doc("images per model call inside an actor", 16)
+class CapFiltComputeConfig(ComputeConfig):
+    """The shared actor-pool section with CapFilt's defaults (an actor holds both models)."""
 
-    def validate(self) -> None:
-        if self.num_actors < 1 or self.batch_size < 1:
-            raise ValueError("num_actors and batch_size must be >= 1")
+    num_actors: int = doc("actors in the pool (each holds both models; one GPU each where GPUs exist)", 2)
+    batch_size: int = doc("images per model call inside an actor", 16)
 
 
 @dataclass
@@ -58,7 +55,7 @@ class CapFiltConfig:
     output_dir: str = doc("local directory for the output shards (same file names and format as the input)", "")
     captioner: CaptionerConfig = doc("the model that writes synthetic captions", factory=CaptionerConfig)
     filter: FilterConfig = doc("the model that ranks captions", factory=FilterConfig)
-    compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
+    compute: CapFiltComputeConfig = doc("Ray actor pool", factory=CapFiltComputeConfig)
     data: DataConfig = doc("record decoding and checks (image_keys, caption_keys, min_image_side, ...)",
                            factory=DataConfig)
     seed: int = doc("seed of the caption sampling (per shard)", 0)

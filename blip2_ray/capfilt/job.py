@@ -7,7 +7,6 @@ per-shard counts (each shard's are kept beside it as `<shard>.capfilt.json`).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections import Counter
@@ -16,6 +15,7 @@ from blip2_ray.capfilt import shards as S
 from blip2_ray.capfilt.config import CapFiltConfig
 from blip2_ray.config import to_dict
 from blip2_ray.errors import UserError
+from blip2_ray.runtime.files import stale_temporaries, write_json_atomic
 
 
 def check_models(cfg: CapFiltConfig) -> None:
@@ -40,7 +40,7 @@ def plan(cfg: CapFiltConfig) -> tuple[list[str], list[str]]:
     os.makedirs(cfg.output_dir, exist_ok=True)
     todo = [f for f in files if not os.path.exists(S.output_path(cfg.output_dir, f))]
     for f in todo:  # temporaries of an interrupted earlier run (hidden, never read) are removed
-        for stale in glob.glob(os.path.join(cfg.output_dir, f".{glob.escape(os.path.basename(f))}.*.tmp")):
+        for stale in stale_temporaries(S.output_path(cfg.output_dir, f)):
             os.remove(stale)
     return files, todo
 
@@ -70,52 +70,23 @@ def summarize(files: list[str], cfg: CapFiltConfig, new: list[dict]) -> dict:
     }
 
 
-def actor_resources(cfg: CapFiltConfig) -> dict:
-    import ray
-
-    gpus = cfg.compute.num_gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return {"num_gpus": gpus, "num_cpus": cfg.compute.num_cpus_per_actor}
-
-
 def run_capfilt(cfg: CapFiltConfig) -> dict:
     """Process every input shard not done yet; write and return the summary."""
     import ray
 
     from blip2_ray.capfilt.worker import CapFiltWorker
+    from blip2_ray.runtime.compute import actor_pool
+    from blip2_ray.runtime.user_errors import report_user_errors, reraise_user_errors
 
     check_models(cfg)
     files, todo = plan(cfg)
     new: list[dict] = []
     if todo:
         ds = ray.data.from_items([{"path": f} for f in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            CapFiltWorker, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.compute.num_actors, len(todo))), **actor_resources(cfg),
-        )
-        try:
+        ds = ds.map_batches(report_user_errors(CapFiltWorker), fn_constructor_kwargs={"cfg": to_dict(cfg)},
+                            batch_size=1, batch_format="numpy", **actor_pool(cfg.compute, len(todo)))
+        with reraise_user_errors():
             new = [json.loads(r["summary"]) for r in ds.iter_rows()]
-        except Exception as e:
-            cause = user_error_in(e)
-            if cause is not None:
-                raise cause from None
-            raise
     summary = summarize(files, cfg, new)
-    path = cfg.summary_file or os.path.join(cfg.output_dir, "capfilt_summary.json")
-    S.write_json(path, summary)
+    write_json_atomic(cfg.summary_file or os.path.join(cfg.output_dir, "capfilt_summary.json"), summary)
     return summary
-
-
-def user_error_in(e: BaseException) -> UserError | None:
-    """The UserError an actor raised, if that is what `e` wraps (Ray adds several layers)."""
-    import re
-
-    for _ in range(10):
-        if e is None:
-            return None
-        if isinstance(e, UserError):
-            m = re.search(r"UserError: (.+)", str(e))
-            return UserError(m.group(1).strip() if m else str(e).strip().splitlines()[0])
-        e = e.__cause__ or getattr(e, "cause", None) or e.__context__
-    return None

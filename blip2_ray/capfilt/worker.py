@@ -19,13 +19,8 @@ from blip2_ray.capfilt import shards as S
 from blip2_ray.capfilt.config import CapFiltConfig
 from blip2_ray.config import from_dict
 from blip2_ray.data.transforms import EMPTY_CAPTION, SkipRecord, caption_choices, clean_caption, decode_image, eval_transform
-
-
-def pick_device_dtype(dtype: str) -> tuple[str, torch.dtype]:
-    cuda = torch.cuda.is_available()
-    if dtype == "auto":
-        return ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
-    return ("cuda" if cuda else "cpu"), getattr(torch, dtype)
+from blip2_ray.runtime.compute import device_and_dtype
+from blip2_ray.runtime.files import write_json_atomic
 
 
 def rank_captions(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
@@ -42,13 +37,13 @@ class CapFiltWorker:
 
         self.cfg = from_dict(CapFiltConfig, cfg)
         fc, cc = self.cfg.filter, self.cfg.captioner
-        self.device, fdtype = pick_device_dtype(fc.dtype)
-        self.filter, self.filter_tok = load_stage1(fc.model, vision_dtype=str(fdtype).replace("torch.", ""))
+        self.device, fdtype = device_and_dtype(fc.dtype)
+        self.filter, self.filter_tok = load_stage1(fc.model, vision_dtype=fdtype)
         self.filter.to(self.device).eval()
         self.filter_size = self.filter.vision_model.config.image_size
         self.captioner = None
         if cc.num_captions > 0:
-            _, cdtype = pick_device_dtype(cc.dtype)
+            cdtype = getattr(torch, device_and_dtype(cc.dtype)[1])
             self.captioner = load_stage2(cc.model, vision_dtype=cdtype, llm_dtype=cdtype).to(self.device).eval()
             self.caption_tok = load_tokenizer(cc.model, "captioner tokenizer")
             self.caption_size = self.captioner.vision_model.config.image_size
@@ -181,7 +176,7 @@ class CapFiltWorker:
         summary = {"shard": in_path, "output": final, **{k: int(stats[k]) for k in
                    ("images", "generated", "kept", "kept_web", "images_with_web_kept")}, "skipped": dict(skips)}
         # counts first, the shard last: the shard's final name is the commit point of the whole shard
-        S.write_json(final + ".capfilt.json", summary)
+        write_json_atomic(final + ".capfilt.json", summary)
         if parquet:
             S.write_parquet(final, out_records, schema, caption_col)
         else:

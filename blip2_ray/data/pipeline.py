@@ -26,6 +26,7 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.readers import (check_parquet_columns, list_shards, read_shard_records, shard_format,
                                     storage_options)
 from blip2_ray.data.records import process_records
+from blip2_ray.runtime.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,10 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
     skip_counter(create=True)
 
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
-    udf = _ShardToRows(to_dict(cfg), opts, tag, train, epoch, qformer_tokenizer, llm_tokenizer, with_pixels)
+    # a UserError in a task (a parquet file without the configured column) reaches a driver that waits
+    # inside runtime.user_errors.reraise_user_errors as itself
+    udf = report_user_errors(_ShardToRows(to_dict(cfg), opts, tag, train, epoch, qformer_tokenizer, llm_tokenizer,
+                                          with_pixels))
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
     # batch_size=1: one shard file per task, so the files spread over the CPUs
     ds = ds.map_batches(lambda batch: udf(batch), batch_size=1, batch_format="numpy",

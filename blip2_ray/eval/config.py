@@ -7,6 +7,7 @@ from typing import Literal
 
 from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
+from blip2_ray.runtime.compute import ComputeConfig
 
 
 @dataclass
@@ -46,11 +47,9 @@ class GenerationConfig:
 
 
 @dataclass
-class ComputeConfig:
-    num_actors: int = doc("actors in the pool (one GPU each where GPUs exist)", 2)
-    num_gpus_per_actor: float | None = doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
-    num_cpus_per_actor: float = doc("CPUs reserved per actor", 1.0)
-    batch_size: int = doc("images (or texts) per model call", 32)
+class EvalComputeConfig(ComputeConfig):
+    """The shared actor-pool section plus the one dtype of the evaluated model's ViT and LLM."""
+
     dtype: str = doc("ViT/LLM dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU)", "auto")
 
 
@@ -64,7 +63,7 @@ class EvalConfig:
     retrieval: RetrievalConfig = doc("retrieval settings", factory=RetrievalConfig)
     generation: GenerationConfig = doc("caption / vqa generation (the recipe's values by default)",
                                        factory=GenerationConfig)
-    compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
+    compute: EvalComputeConfig = doc("Ray actor pool", factory=EvalComputeConfig)
     data: DataConfig = doc("record decoding and checks for shards (image_keys, caption_keys, ...)",
                            factory=DataConfig)
 

@@ -14,7 +14,6 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.sample import CORRUPT_KINDS, make_sample_shards
 from blip2_ray.errors import UserError
 
-pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 ALL = {k: 1 for k in CORRUPT_KINDS}
 GOOD = 48

@@ -70,7 +70,7 @@ def test_rerank_uses_itm_plus_itc():
 
 
 def test_identical_texts_count_as_hits():
-    from blip2_ray.eval.job import TestSet, ground_truth
+    from blip2_ray.eval.test_sets import TestSet, ground_truth
 
     ts = TestSet(images=[{}, {}, {}], texts=["a red circle", "a blue square", "a red circle"],
                  txt2img=[0, 1, 2], img2txt=[[0], [1], [2]])
