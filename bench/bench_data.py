@@ -103,7 +103,8 @@ def pipeline_run(src, cfg, toks) -> tuple[int, float, float]:
     from blip2_ray.data.pipeline import build_dataset
 
     t0, n, first = time.perf_counter(), 0, None
-    ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"], llm_tokenizer=toks["opt"])
+    ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"],
+                       llm_tokenizer=toks["opt"])
     for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy", prefetch_batches=2):
         n += len(batch["key"])
         first = first or time.perf_counter() - t0
@@ -173,7 +174,7 @@ def main() -> int:
     print(f"{'run':<38}{'images/s':>10}{'per core':>10}")
     print(f"{'single-process loop (1 core)':<38}{r1:>10.1f}{r1:>10.1f}")
     print(f"{f'Ray Data pipeline ({args.cpus} cores)':<38}{r2:>10.1f}{r2 / args.cpus:>10.1f}")
-    print(f"{f'Ray Data pipeline, 2x shards':<38}{n3 / t3:>10.1f}{n3 / t3 / args.cpus:>10.1f}")
+    print(f"{'Ray Data pipeline, 2x shards':<38}{n3 / t3:>10.1f}{n3 / t3 / args.cpus:>10.1f}")
     print(f"{f'{args.cpus} plain processes (ceiling, no Ray)':<38}{r4:>10.1f}{r4 / args.cpus:>10.1f}")
     print(f"speed-up pipeline / single loop: {r2 / r1:.2f}x (target >= 1.6x on 2 cores); "
           f"{args.cpus} plain processes / single loop: {r4 / r1:.2f}x")

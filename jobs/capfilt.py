@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.address)
     s = run_capfilt(cfg)
     print(f"capfilt: {s['images']} images in {s['shards']} shards ({s['shards_done_now']} now, "
-          f"{s['shards_done_before']} before); {s['captions_generated']} captions generated, {s['captions_kept']} kept, "
+          f"{s['shards_done_before']} before); {s['captions_generated']} captions generated, "
+          f"{s['captions_kept']} kept, "
           f"{s['share_of_kept_that_are_web']:.1%} of kept are web captions; skipped {s['skipped']}; "
           f"output {s['output_dir']}", flush=True)
     if args.json:

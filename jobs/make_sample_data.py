@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-shapes", type=int, default=4)
     p.add_argument("--corrupt", nargs="*", default=[], metavar="KIND=COUNT",
                    help="inject bad records: undecodable_image, truncated_image, small_image, bomb_image, "
-                        "missing_image, missing_caption, empty_caption, bad_caption_encoding, truncated_tar, empty_shard")
+                        "missing_image, missing_caption, empty_caption, bad_caption_encoding, truncated_tar, "
+                        "empty_shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = p.parse_args(argv)

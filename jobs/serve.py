@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_serve_config(args: argparse.Namespace):
     """ServeConfig from --config, the flags and --set (validated strictly)."""
-    from blip2_ray.config import merge, from_dict, parse_set, read_yaml
+    from blip2_ray.config import from_dict, merge, parse_set, read_yaml
     from blip2_ray.serve.config import ServeConfig
 
     data = read_yaml(args.config) if args.config else {}

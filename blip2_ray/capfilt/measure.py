@@ -55,7 +55,7 @@ def kept_correct_rate(capfilt_dir: str) -> dict:
     """Over CapFilt output shards: share of images whose top kept caption is right (colour and shape)."""
     n = right = web_top = 0
     for path in list_shards(capfilt_dir):
-        for key, members in S.read_tar_members(path, lambda r: None):
+        for _, members in S.read_tar_members(path, lambda r: None):
             meta, cf = json.loads(members["json"]), json.loads(members["capfilt.json"])
             n += 1
             right += int(_names(cf["captions"][0], meta))
@@ -78,7 +78,7 @@ def wrong_caption_rejection(filter_dir: str, data: str, limit: int = 500, seed: 
     size = model.vision_model.config.image_size
     items = []
     for path in list_shards(data):
-        for key, m in S.read_tar_members(path, lambda r: None):
+        for _, m in S.read_tar_members(path, lambda r: None):
             if "json" in m and "jpg" in m and "colour" in json.loads(m["json"]):
                 items.append((m["jpg"], json.loads(m["json"])))
             if len(items) >= limit:
@@ -96,7 +96,8 @@ def wrong_caption_rejection(filter_dir: str, data: str, limit: int = 500, seed: 
                 cands = [_wrong(meta["colour"], meta["shape"], rng), f"a {meta['colour']} {meta['shape']}"]
                 cands += [_wrong(meta["colour"], meta["shape"], rng) for _ in range(k - 2)]
                 enc = tokenize_qformer(tok, cands, 32)
-                tf = model.text_feat(torch.from_numpy(enc["qformer_input_ids"]), torch.from_numpy(enc["qformer_attention_mask"]))
+                tf = model.text_feat(torch.from_numpy(enc["qformer_input_ids"]),
+                                     torch.from_numpy(enc["qformer_attention_mask"]))
                 sim = (tf @ feats[b].t()).amax(1)
                 beats += int(sim[1] > sim[0])
                 top1 += int(int(sim.argmax()) == 1)

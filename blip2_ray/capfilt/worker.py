@@ -18,7 +18,14 @@ import torch
 from blip2_ray.capfilt import shards as S
 from blip2_ray.capfilt.config import CapFiltConfig
 from blip2_ray.config import from_dict
-from blip2_ray.data.transforms import EMPTY_CAPTION, SkipRecord, caption_choices, clean_caption, decode_image, eval_transform
+from blip2_ray.data.transforms import (
+    EMPTY_CAPTION,
+    SkipRecord,
+    caption_choices,
+    clean_caption,
+    decode_image,
+    eval_transform,
+)
 from blip2_ray.runtime.compute import device_and_dtype
 from blip2_ray.runtime.files import write_json_atomic
 
@@ -108,7 +115,8 @@ class CapFiltWorker:
                     fl.append(is_synth)
             candidates.append(cs)
             flags.append(fl)
-        scores = self.score(images, [[clean_caption(c, self.cfg.data.max_caption_words) for c in cs] for cs in candidates])
+        words = self.cfg.data.max_caption_words
+        scores = self.score(images, [[clean_caption(c, words) for c in cs] for cs in candidates])
         out = []
         for cs, fl, sc, s in zip(candidates, flags, scores, synth):
             order = np.argsort(-sc, kind="stable")[: self.cfg.filter.keep]

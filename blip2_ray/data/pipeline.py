@@ -23,8 +23,7 @@ import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from blip2_ray.data.config import DataConfig
-from blip2_ray.data.readers import (check_parquet_columns, list_shards, read_shard_records, shard_format,
-                                    storage_options)
+from blip2_ray.data.readers import check_parquet_columns, list_shards, read_shard_records, shard_format, storage_options
 from blip2_ray.data.records import process_records
 from blip2_ray.runtime.user_errors import report_user_errors
 
@@ -184,7 +183,10 @@ class _ShardToRows:
         c = self.cfg
         for path in batch["path"]:
             skips: Counter = Counter()
-            on_skip = lambda r: skips.update([r])  # noqa: E731
+
+            def on_skip(reason: str, skips: Counter = skips) -> None:
+                skips.update([reason])
+
             records = read_shard_records(str(path), c.image_keys, c.caption_keys, on_skip, self.s3_opts)
             for chunk in _chunks(records, c.decode_batch_size):
                 out = process_records(chunk, c, on_skip=on_skip, **self.kw)
@@ -212,10 +214,11 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
 
     Rows: key (str), caption (str, cleaned), pixel_values uint8 (3, S, S) RGB (train: RandomResizedCrop
     + flip; eval: resize; uint8 keeps the object store traffic 4x below float32, and TrainCollate /
-    `transforms.normalize_pixels` apply the CLIP mean/std on the consumer), qformer_input_ids / qformer_attention_mask int64
-    (qformer_max_len) if `qformer_tokenizer`, llm_input_ids / llm_attention_mask int64 (llm_max_len)
-    if `llm_tokenizer` (local tokenizer directories). For `train` the file order is a permutation
-    seeded by cfg.seed + `epoch`, and several sources mix by cfg.weights (when `sources` is cfg.train).
+    `transforms.normalize_pixels` apply the CLIP mean/std on the consumer), qformer_input_ids /
+    qformer_attention_mask int64 (qformer_max_len) if `qformer_tokenizer`, llm_input_ids /
+    llm_attention_mask int64 (llm_max_len) if `llm_tokenizer` (local tokenizer directories). For `train`
+    the file order is a permutation seeded by cfg.seed + `epoch`, and several sources mix by cfg.weights
+    (when `sources` is cfg.train).
     Bad records are dropped and counted under `skip_tag` (default "train"/"eval"): see get_skip_counts.
     A missing path raises UserError now; a parquet file without the needed column raises UserError
     (naming file and column) when the dataset runs. `with_pixels=False` validates images but omits

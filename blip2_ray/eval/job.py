@@ -19,8 +19,9 @@ def check_inputs(cfg: EvalConfig) -> None:
     """One clear sentence, before Ray starts, for a missing model or annotation file."""
     if not os.path.isfile(os.path.join(cfg.model, "config.json")):
         raise UserError(f"model {cfg.model!r} is not a model export directory (no config.json)")
-    for what, path in (("test_set.annotations", cfg.test_set.annotations), ("test_set.questions", cfg.test_set.questions),
-                       ("test_set.references", cfg.test_set.references)):
+    t = cfg.test_set
+    for what, path in (("test_set.annotations", t.annotations), ("test_set.questions", t.questions),
+                       ("test_set.references", t.references)):
         if path and not os.path.isfile(path):
             raise UserError(f"{what} {path!r} does not exist")
 

@@ -25,7 +25,8 @@ class TestSet:
     texts: list[str] = field(default_factory=list)
     txt2img: list[int] = field(default_factory=list)
     img2txt: list[list[int]] = field(default_factory=list)
-    questions: list[dict] = field(default_factory=list)  # vqa: {"qidx", "question_id", "idx", "question", "answers", ...}
+    # vqa: {"qidx", "question_id", "idx", "question", "answers", ...}
+    questions: list[dict] = field(default_factory=list)
 
 
 def read_json(path: str, what: str):
@@ -127,7 +128,8 @@ def _load_vqa(cfg: EvalConfig) -> TestSet:
         for e in data:
             ans = e.get("answer", e.get("answers", []))
             entries.append({"question_id": e["question_id"], "question": e["question"], "image": e["image"],
-                            "answers": [ans] if isinstance(ans, str) else list(ans), "answer_type": e.get("answer_type")})
+                            "answers": [ans] if isinstance(ans, str) else list(ans),
+                            "answer_type": e.get("answer_type")})
     else:
         raise UserError(f"test_set.annotations {t.annotations!r} is in no known VQA format")
     entries = entries[: t.limit or None]

@@ -28,8 +28,14 @@ def tiny_exports(tmp_path_factory, tiny_tokenizers) -> dict[str, str]:
     import torch
 
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import (build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer,
-                                      qformer_tokenizer)
+    from blip2_ray.model.hf_io import (
+        build_stage1,
+        build_stage2,
+        export_stage1,
+        export_stage2,
+        llm_tokenizer,
+        qformer_tokenizer,
+    )
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny_exports")

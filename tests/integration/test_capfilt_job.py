@@ -123,8 +123,8 @@ def test_capfilt_cli_bad_model_is_one_sentence(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: filter.model") and "nope" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--set", "filter.keep=0"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg),
+                        "--set", "filter.keep=0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "keep must be >= 1" in r.stderr
 
 
@@ -154,11 +154,12 @@ def test_capfilt_cli_on_the_shared_cluster(ray_session, tiny_models, tmp_path):
     make_sample_shards(str(tmp_path / "in"), "webdataset", num=6, shards=2, image_size=32, seed=6)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"input: [{tmp_path / 'in'}]\noutput_dir: {tmp_path / 'out'}\n"
-                   f"captioner: {{model: {tiny_models['captioner']}, num_captions: 2, max_new_tokens: 4, min_new_tokens: 1}}\n"
+                   f"captioner: {{model: {tiny_models['captioner']}, num_captions: 2, max_new_tokens: 4, "
+                   f"min_new_tokens: 1}}\n"
                    f"filter: {{model: {tiny_models['filter']}}}\ncompute: {{num_actors: 1, num_cpus_per_actor: 0.5}}\n"
                    f"data: {{image_size: 32}}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--address", ray_session,
-                        "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg),
+                        "--address", ray_session, "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["images"] == 6 and s["captions_kept"] == 12 and s["shards"] == 2

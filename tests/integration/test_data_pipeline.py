@@ -142,8 +142,8 @@ def _train_loop(config):
 
 
 def test_two_worker_torch_trainer_sees_every_good_record_once(ray_session, shards, tiny_tokenizers, tmp_path):
-    from ray import cloudpickle
     import ray.train
+    from ray import cloudpickle
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from blip2_ray.config import to_dict

@@ -34,10 +34,11 @@ def karpathy(tmp_path_factory):
         name = f"COCO_val2014_{int(key):012d}.jpg"
         (root / "images" / name).write_bytes(m["jpg"])
         meta = json.loads(m["json"])
-        entries.append({"image": name, "caption": json.loads(m["txt"]), "colour": meta["colour"], "shape": meta["shape"]})
+        entries.append({"image": name, "caption": json.loads(m["txt"]), "colour": meta["colour"],
+                        "shape": meta["shape"]})
     (root / "test.json").write_text(json.dumps(entries))
-    vqa = [{"question_id": i, "question": "what colour is the shape?", "image": e["image"], "answer": [e["colour"]] * 10}
-           for i, e in enumerate(entries)]
+    vqa = [{"question_id": i, "question": "what colour is the shape?", "image": e["image"],
+            "answer": [e["colour"]] * 10} for i, e in enumerate(entries)]
     (root / "vqa.json").write_text(json.dumps(vqa))
     return root
 

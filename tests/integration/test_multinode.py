@@ -28,8 +28,6 @@ import tempfile
 import threading
 import time
 
-import pytest
-
 from blip2_ray.runtime.cluster import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_ray.eval.retrieval import (TopKAccumulator, dense_rankings, itc_similarity, itm_pairs, recall_at_k,
-                                      rerank)
+from blip2_ray.eval.retrieval import TopKAccumulator, dense_rankings, itc_similarity, itm_pairs, recall_at_k, rerank
 
 
 def test_recall_on_a_hand_made_matrix():
