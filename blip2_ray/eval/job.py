@@ -401,7 +401,7 @@ def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
     preds = {ts.questions[i]["question_id"]: t for i, t in out.items()}
     qs = {q["question_id"]: q for q in ts.questions}
     _write(base + "_predictions.json", [{"question_id": k, "answer": v} for k, v in preds.items()])
-    metrics = vqa_scores(preds, qs, "exact" if cfg.vqa_format == "gqa" else "vqav2")
+    metrics = vqa_scores(preds, qs, "exact" if cfg.vqa_format == "gqa" else "vqav2", rules=cfg.vqa_rules)
     return metrics, {"questions": len(preds), "skipped_questions": len(ts.questions) - len(preds),
                      "predictions": base + "_predictions.json"}
 
