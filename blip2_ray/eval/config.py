@@ -58,6 +58,10 @@ class EvalConfig:
     task: Literal["retrieval", "caption", "vqa"] = doc("what to evaluate", "retrieval")
     model: str = doc("export directory: stage 1 for retrieval, stage 2 for caption / vqa", "")
     vqa_format: Literal["vqav2", "okvqa", "gqa"] = doc("vqa: answer format and metric (gqa: exact match)", "vqav2")
+    vqa_rules: Literal["lavis", "official"] = doc(
+        "vqa: answer scoring rules: lavis = LAVIS's copy of the VQA evaluator (the paper's val numbers), official "
+        "= GT-Vision-Lab/VQA's vqaEval.py (also normalises disagreeing human answers; leaves the prediction raw "
+        "when all ten agree); gqa: lavis only (docs/evaluation.md)", "lavis")
     output: str = doc("the JSON report (predictions and rankings go beside it)", "eval_report.json")
     test_set: TestSetConfig = doc("the images and their captions / questions", factory=TestSetConfig)
     retrieval: RetrievalConfig = doc("retrieval settings", factory=RetrievalConfig)
@@ -74,5 +78,8 @@ class EvalConfig:
             raise ValueError("test_set.annotations or test_set.shards must be set")
         if self.task == "vqa" and not self.test_set.annotations:
             raise ValueError("vqa needs test_set.annotations")
+        if self.vqa_format == "gqa" and self.vqa_rules != "lavis":
+            raise ValueError("vqa_rules must be lavis for vqa_format gqa (the official VQA evaluator has no GQA "
+                             "exact match)")
         if self.retrieval.k_test < 1:
             raise ValueError("retrieval.k_test must be >= 1")

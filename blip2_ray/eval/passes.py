@@ -129,7 +129,7 @@ def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
     preds = {ts.questions[i]["question_id"]: t for i, t in out.items()}
     qs = {q["question_id"]: q for q in ts.questions}
     write_json_atomic(predictions, [{"question_id": k, "answer": v} for k, v in preds.items()])
-    metrics = vqa_scores(preds, qs, "exact" if cfg.vqa_format == "gqa" else "vqav2")
+    metrics = vqa_scores(preds, qs, "exact" if cfg.vqa_format == "gqa" else "vqav2", rules=cfg.vqa_rules)
     return metrics, {"questions": len(preds), "skipped_questions": len(ts.questions) - len(preds),
                      "predictions": predictions}
 

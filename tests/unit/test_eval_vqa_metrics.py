@@ -1,4 +1,4 @@
-"""VQAv2 accuracy: the official normalisation and the 10-choose-9 averaging, on hand-worked cases."""
+"""VQAv2 accuracy under the default (lavis) rules: normalisation and the 10-choose-9 averaging, on hand-worked cases."""
 
 from __future__ import annotations
 
