@@ -70,6 +70,17 @@ def tiny_exports(tmp_path_factory, tiny_tokenizers) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_blip_clip(tmp_path_factory) -> dict[str, str]:
+    """Random tiny BLIP captioner and CLIP filter in the hub layouts of Salesforce/blip-image-captioning-large
+    and openai/clip-vit-large-patch14, built offline: {"blip", "clip"} -> directory (read only)."""
+    from blip2_ray.capfilt.tiny_models import build_tiny_blip, build_tiny_clip
+
+    root = tmp_path_factory.mktemp("tiny_blip_clip")
+    return {"blip": build_tiny_blip(str(root / "blip-image-captioning-large")),
+            "clip": build_tiny_clip(str(root / "clip-vit-large-patch14"))}
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (never `ray stop`: others may share the machine).
 
