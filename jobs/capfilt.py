@@ -5,12 +5,14 @@
 
 Writes output shards with the input's file names and format: the caption member/column holds the kept
 captions (a JSON list the training pipeline draws one from per visit) and a `capfilt` member/column the
-scores and which captions are synthetic. A rerun skips shards already written. Prints the summary
-(images, captions generated, kept, share of web captions kept); --json puts it on the last line.
+scores, which captions are synthetic and which models wrote and ranked them (captioner.kind: blip2 |
+blip, filter.kind: blip2_itc | clip; the paper's pair: jobs/configs/capfilt_paper.yaml, docs/capfilt.md).
+A rerun skips shards already written. Prints the summary (images, captions generated, kept, share of web
+captions kept, captions truncated to the filter's text limit); --json puts it on the last line.
 
 `measure` runs the filter alone on generated sample shards whose web captions were deliberately
 swapped for wrong ones, with the correct caption among the candidates, and reports how often the
-filter ranks the correct caption above the wrong web caption (needs a trained stage-1 model).
+filter ranks the correct caption above the wrong web caption (needs a trained filter).
 """
 
 from __future__ import annotations

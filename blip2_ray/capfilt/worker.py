@@ -20,6 +20,7 @@ from blip2_ray.capfilt import shards as S
 from blip2_ray.capfilt.captioners import build_captioner
 from blip2_ray.capfilt.config import CapFiltConfig
 from blip2_ray.capfilt.filters import build_filter
+from blip2_ray.capfilt.model_dirs import model_name
 from blip2_ray.config import from_dict
 from blip2_ray.data.transforms import EMPTY_CAPTION, SkipRecord, caption_choices, clean_caption, decode_image
 
@@ -34,8 +35,6 @@ def shard_seed(seed: int, in_path: str) -> int:
 
 def provenance(cfg: CapFiltConfig) -> dict:
     """Which models wrote and ranked the captions: {"captioner": {"kind", "model"} or None, "filter": {...}}."""
-    from blip2_ray.capfilt.model_dirs import model_name
-
     cc, fc = cfg.captioner, cfg.filter
     captioner = {"kind": cc.kind, "model": model_name(cc.model)} if cc.num_captions > 0 else None
     return {"captioner": captioner, "filter": {"kind": fc.kind, "model": model_name(fc.model)}}

@@ -261,3 +261,15 @@ def test_resume_refuses_an_output_dir_written_by_another_pair(tmp_path):
                                                                                         "model": "stage1"}}})
     with pytest.raises(UserError, match="already holds 00000.tar written by .*blip2_itc.*use a new output_dir"):
         plan(cfg)
+
+
+def test_shipped_paper_config_is_the_papers_setup():
+    from pathlib import Path
+
+    from blip2_ray.config import load_config
+
+    cfg = load_config(CapFiltConfig, Path(__file__).resolve().parents[2] / "jobs" / "configs" / "capfilt_paper.yaml")
+    cc, fc = cfg.captioner, cfg.filter
+    assert (cc.kind, cc.model.rsplit("/", 1)[1], cc.num_captions, cc.top_p) == ("blip", "blip-image-captioning-large",
+                                                                               10, 0.9)
+    assert (fc.kind, fc.model.rsplit("/", 1)[1], fc.keep) == ("clip", "clip-vit-large-patch14", 2)
