@@ -76,17 +76,20 @@ def clip_tokenizer(out: Path, vocab_size: int = 700):
 
 
 def build_tiny_blip(out_dir: str, image_size: int = 32, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
-    """A random BlipForConditionalGeneration directory with its processor files, BLIP-large's layout."""
+    """A random BlipForConditionalGeneration directory with its processor files, BLIP-large's layout (the
+    ViT wider than the text decoder, as 1024 vs 768 there: the decoder's cross-attention maps between them)."""
     import torch
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     out = Path(out_dir)
     tok = blip_tokenizer(out)
     n = len(tok)
-    text = {"vocab_size": n + 2, "hidden_size": hidden, "encoder_hidden_size": hidden, "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers, "num_attention_heads": 4, "max_position_embeddings": 64,
-            "bos_token_id": n, "pad_token_id": tok.pad_token_id, "sep_token_id": tok.sep_token_id, "eos_token_id": 2}
-    vision = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+    vision_hidden = hidden * 3 // 2
+    text = {"vocab_size": n + 2, "hidden_size": hidden, "encoder_hidden_size": vision_hidden,
+            "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "max_position_embeddings": 64, "bos_token_id": n, "pad_token_id": tok.pad_token_id,
+            "sep_token_id": tok.sep_token_id, "eos_token_id": 2}
+    vision = {"hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden, "num_hidden_layers": layers,
               "num_attention_heads": 4, "image_size": image_size, "patch_size": 8}
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=hidden))
@@ -100,7 +103,8 @@ def build_tiny_blip(out_dir: str, image_size: int = 32, hidden: int = 32, layers
 
 
 def build_tiny_clip(out_dir: str, image_size: int = 32, hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
-    """A random CLIPModel directory with its processor files, openai/clip-vit-large-patch14's layout."""
+    """A random CLIPModel directory with its processor files, openai/clip-vit-large-patch14's layout (ViT
+    wider than the text encoder, both projected to one embedding size, as 1024 / 768 -> 768 there)."""
     import torch
     from transformers import CLIPConfig, CLIPModel
 
@@ -109,7 +113,7 @@ def build_tiny_clip(out_dir: str, image_size: int = 32, hidden: int = 32, layers
     text = {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
             "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 2,
             "pad_token_id": 1, "projection_dim": hidden}
-    vision = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+    vision = {"hidden_size": hidden * 3 // 2, "intermediate_size": 3 * hidden, "num_hidden_layers": layers,
               "num_attention_heads": 4, "image_size": image_size, "patch_size": 8, "projection_dim": hidden}
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden))
