@@ -53,6 +53,7 @@ class Blip2Captioner:
 
     @staticmethod
     def check(path: str, what: str = "captioner.model") -> None:
+        """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
         require_model(path, what, "captioner.kind", "blip2", "blip-2", ("Blip2ForConditionalGeneration",),
                       {"tokenizer": ("tokenizer.json", "tokenizer_config.json")})
 
@@ -89,6 +90,7 @@ class BlipCaptioner:
 
     @staticmethod
     def check(path: str, what: str = "captioner.model") -> None:
+        """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
         from transformers import BlipProcessor
 
         cfg = require_model(path, what, "captioner.kind", "blip", "blip", ("BlipForConditionalGeneration",),

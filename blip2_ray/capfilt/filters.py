@@ -52,6 +52,7 @@ class Blip2ItcFilter:
 
     @staticmethod
     def check(path: str, what: str = "filter.model") -> None:
+        """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
         require_model(path, what, "filter.kind", "blip2_itc", "blip-2", ("Blip2ForImageTextRetrieval",),
                       {"tokenizer": ("tokenizer.json", "vocab.txt", "tokenizer_config.json")})
 
@@ -91,6 +92,7 @@ class ClipFilter:
 
     @staticmethod
     def check(path: str, what: str = "filter.model") -> None:
+        """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
         from transformers import CLIPProcessor
 
         cfg = require_model(path, what, "filter.kind", "clip", "clip", ("CLIPModel",),

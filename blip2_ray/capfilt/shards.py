@@ -19,7 +19,8 @@ from blip2_ray.data.readers import _split_key, open_file, shard_format
 from blip2_ray.data.transforms import EMPTY_SHARD, TRUNCATED_SHARD
 
 
-def read_tar_members(path: str, on_skip: Callable[[str], None], s3_opts: dict | None = None) -> Iterator[tuple[str, dict]]:
+def read_tar_members(path: str, on_skip: Callable[[str], None],
+                     s3_opts: dict | None = None) -> Iterator[tuple[str, dict]]:
     """(key, {suffix: bytes}) for every complete record of a WebDataset tar; a cut-short tar keeps the
     records before the break (`truncated_shard` counted), an empty one counts `empty_shard`."""
     key, members, n = None, {}, 0
@@ -51,7 +52,8 @@ def read_tar_members(path: str, on_skip: Callable[[str], None], s3_opts: dict | 
         on_skip(EMPTY_SHARD)
 
 
-def read_parquet_rows(path: str, on_skip: Callable[[str], None], s3_opts: dict | None = None) -> tuple[list[dict], object]:
+def read_parquet_rows(path: str, on_skip: Callable[[str], None],
+                      s3_opts: dict | None = None) -> tuple[list[dict], object]:
     """(rows as dicts, arrow schema) of a parquet shard; an unreadable file counts `truncated_shard`."""
     import pyarrow.parquet as pq
 
