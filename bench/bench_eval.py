@@ -1,7 +1,7 @@
 """CapFilt throughput: the Ray Data job with an actor pool vs a single-process loop, and the paper's model
 pair (BLIP captioner + CLIP filter) vs the BLIP-2 pair (stage-2 captioner + stage-1 ITC filter).
 
-Tiny random models of the same size (hidden 32, 2 layers, 32 px images; the work per image is what counts,
+Tiny random models of one size (widths 32-48, 2 layers, 32 px images; the work per image is what counts,
 not caption quality) on generated shards: K nucleus-sampled captions per image, ranking, output shards
 written. Each round runs all four (2 pairs x single process / actor pool) in this process, on the same
 images and machine, the pair order alternating between rounds; each round's own ratios (paper pair /
