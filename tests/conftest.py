@@ -45,6 +45,17 @@ def tiny_tokenizers() -> dict[str, str]:
     return build_tiny_tokenizers(default_tiny_tokenizer_dir())
 
 
+@pytest.fixture(scope="session")
+def tiny_blip_clip(tmp_path_factory) -> dict[str, str]:
+    """Random tiny BLIP captioner and CLIP filter in the hub layouts of Salesforce/blip-image-captioning-large
+    and openai/clip-vit-large-patch14, built offline: {"blip", "clip"} -> directory (read only)."""
+    from blip2_ray.capfilt.tiny_models import build_tiny_blip, build_tiny_clip
+
+    root = tmp_path_factory.mktemp("tiny_blip_clip")
+    return {"blip": build_tiny_blip(str(root / "blip-image-captioning-large")),
+            "clip": build_tiny_clip(str(root / "clip-vit-large-patch14"))}
+
+
 @pytest.fixture(autouse=True)
 def _no_ray_outside_integration_tests(request, monkeypatch):
     """`-m "not integration"` must run without Ray: any other test that starts it fails, naming itself."""

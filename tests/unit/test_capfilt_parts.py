@@ -10,7 +10,7 @@ import torch
 
 from blip2_ray.capfilt import shards as S
 from blip2_ray.capfilt.config import CapFiltConfig
-from blip2_ray.capfilt.worker import rank_captions
+from blip2_ray.capfilt.filters import rank_captions
 from blip2_ray.config import ConfigError, from_dict
 from blip2_ray.runtime.files import temporary_path
 
