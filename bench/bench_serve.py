@@ -15,7 +15,6 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -24,13 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from blip2_ray.runtime.cluster import free_port  # noqa: E402
+
 CONCURRENCY = (1, 8, 32)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_model(out_dir: str) -> str:
@@ -130,8 +125,8 @@ def main() -> int:
     os.environ.pop("RAY_ADDRESS", None)
     tmp = tempfile.mkdtemp(prefix="bench_serve_")
     model_dir = tiny_model(os.path.join(tmp, "tiny-opt"))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"), log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     common = {"model": model_dir, "cpus_per_replica": 1.0, "max_queued_requests": -1,

@@ -54,9 +54,8 @@ def make_cfg(work: str, args, num_workers: int, steps: int):
 
 def plain_loop(cfg, warmup: int) -> dict:
     """The same model step without Ray Train or DeepSpeed, batches from the same Ray dataset."""
-    import torch
-
     import ray
+    import torch
 
     from blip2_ray.data.epoch_plan import epoch_plan, epoch_plan_name
     from blip2_ray.data.pipeline import iter_train_batches

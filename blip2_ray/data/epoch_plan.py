@@ -118,10 +118,11 @@ def epoch_plan(name: str, create: bool = False):
 
 # -------------------------------------------------------------------------------------- the source
 class EpochFiles(Datasource):
-    """One read task per shard visit of the epoch, yielding `decode(visit, path, epoch, skip, generation)`.
+    """One read task per shard visit of the epoch, yielding `decode({"visit", "path", "epoch", "skip", "generation"})`.
 
     `visits(epoch)` gives the epoch's visit list (paths); `decode` yields batches (dicts of numpy columns);
-    `skip` is the visit's bitmap of trained records; `plan_name` None: always `epoch`, nothing skipped (eval).
+    "skip" is the visit's bitmap of trained records, "generation" the plan's (EpochPlan.begin); `plan_name`
+    None: always `epoch`, nothing skipped (eval datasets).
     """
 
     def __init__(self, visits, epoch: int, plan_name: str | None, decode):
@@ -139,7 +140,9 @@ class EpochFiles(Datasource):
             if visit in consumed:
                 continue
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=[path], exec_stats=None)
-            read = functools.partial(_blocks, self._decode, visit, path, epoch, partial.get(visit, b""), generation)
+            task = {"visit": visit, "path": path, "epoch": epoch, "skip": partial.get(visit, b""),
+                    "generation": generation}
+            read = functools.partial(_blocks, self._decode, task)
             tasks.append(ReadTask(read, meta))
         if not tasks:  # a resume right at the end of an epoch: an empty epoch, not a dataset without tasks
             tasks.append(ReadTask(_no_blocks, BlockMetadata(num_rows=0, size_bytes=0, input_files=[], exec_stats=None)))
@@ -150,8 +153,8 @@ def _no_blocks() -> Iterator:
     return iter(())
 
 
-def _blocks(decode, *visit) -> Iterator:
+def _blocks(decode, task: dict) -> Iterator:
     from ray.data.block import BlockAccessor
 
-    for batch in decode(*visit):
+    for batch in decode(task):
         yield BlockAccessor.batch_to_block(batch)

@@ -29,6 +29,7 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.epoch_plan import EpochFiles, epoch_plan, unpack_records
 from blip2_ray.data.readers import check_parquet_columns, list_shards, read_shard_records, shard_format, storage_options
 from blip2_ray.data.records import process_records
+from blip2_ray.runtime.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,16 @@ class _ShardToRows:
         self.kw = dict(train=train, qformer_tokenizer_path=qformer_tokenizer, llm_tokenizer_path=llm_tokenizer,
                        with_pixels=with_pixels)
 
-    def __call__(self, visit: int, path: str, epoch: int, skip: bytes, generation: int) -> Iterator[dict]:
+    def __call__(self, task: dict) -> Iterator[dict]:
+        """`task`: {"visit", "path", "epoch", "skip", "generation"} of one visit (EpochFiles)."""
         c = self.cfg
+        visit, path, epoch, generation = task["visit"], task["path"], task["epoch"], task["generation"]
         skips: Counter = Counter()
-        on_skip = lambda r: skips.update([r])  # noqa: E731
-        trained = unpack_records(skip)
+
+        def on_skip(reason: str) -> None:
+            skips.update([reason])
+
+        trained = unpack_records(task["skip"])
         records = read_shard_records(path, c.image_keys, c.caption_keys, on_skip, self.s3_opts)
         due = ((n, r) for n, r in enumerate(records) if not (n < len(trained) and trained[n]))
         good = decoded = 0
@@ -264,10 +270,13 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
         epoch_plan(plan_name, create=True)
 
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
-    udf = _ShardToRows(to_dict(cfg), opts, tag, train, qformer_tokenizer, llm_tokenizer, with_pixels, plan_name)
+    # a UserError in a task (a parquet file without the configured column) reaches a driver that waits
+    # inside runtime.user_errors.reraise_user_errors as itself
+    udf = report_user_errors(_ShardToRows(to_dict(cfg), opts, tag, train, qformer_tokenizer, llm_tokenizer,
+                                          with_pixels, plan_name))
     # one read task per shard visit, reading and decoding it: the files spread over the CPUs
-    ds = ray.data.read_datasource(EpochFiles(visits, epoch, plan_name, udf), override_num_blocks=max(1, len(visits(epoch))),
-                                  num_cpus=cfg.num_cpus_per_decode_task, compute=compute)
+    ds = ray.data.read_datasource(EpochFiles(visits, epoch, plan_name, udf), num_cpus=cfg.num_cpus_per_decode_task,
+                                  compute=compute, override_num_blocks=max(1, len(visits(epoch))))
     # This dataset's own context (not the process-wide one). With Ray Data's 128 MiB default a task
     # held a shard's decoded rows (~180 MB for 1,200 images at 224 px) until 128 MiB or its end, so
     # the first batch came after 4-5 s instead of 0.5 s (bench/bench_data.py shards, 2 CPUs).

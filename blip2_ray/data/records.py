@@ -17,7 +17,8 @@ from blip2_ray.data.transforms import SkipRecord, decode_image, eval_resize, pic
 _TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading takes ~100 ms
 
 
-def qformer_tokenizer(path: str):
+def cached_qformer_tokenizer(path: str):
+    """The Q-Former (BERT) tokenizer of the directory `path`, loaded once per process."""
     if ("qformer", path) not in _TOKENIZERS:
         from blip2_ray.model.tokenizers import load_qformer_tokenizer
 
@@ -25,7 +26,8 @@ def qformer_tokenizer(path: str):
     return _TOKENIZERS[("qformer", path)]
 
 
-def llm_tokenizer(path: str):
+def cached_llm_tokenizer(path: str):
+    """The LLM tokenizer of the directory `path`, right padded (training batches), loaded once per process."""
     if ("llm", path) not in _TOKENIZERS:
         from blip2_ray.model.tokenizers import load_tokenizer
 
@@ -101,10 +103,10 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
     if with_pixels:
         out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
     if qformer_tokenizer_path:
-        out.update(tokenize_qformer(qformer_tokenizer(qformer_tokenizer_path), captions, cfg.qformer_max_len)
+        out.update(tokenize_qformer(cached_qformer_tokenizer(qformer_tokenizer_path), captions, cfg.qformer_max_len)
                    if captions else _empty_ids("qformer", cfg.qformer_max_len))
     if llm_tokenizer_path:
-        out.update(tokenize_llm(llm_tokenizer(llm_tokenizer_path), captions, cfg.llm_max_len)
+        out.update(tokenize_llm(cached_llm_tokenizer(llm_tokenizer_path), captions, cfg.llm_max_len)
                    if captions else _empty_ids("llm", cfg.llm_max_len))
     return out
 

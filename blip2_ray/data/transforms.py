@@ -29,7 +29,8 @@ TRUNCATED_SHARD = "truncated_shard"
 EMPTY_SHARD = "empty_shard"
 
 # _NORM_LUT[c, v] = (v / 255 - mean[c]) / std[c]
-_NORM_LUT = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - CLIP_MEAN[:, None]) / CLIP_STD[:, None]).astype(np.float32)
+_NORM_LUT = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - CLIP_MEAN[:, None])
+             / CLIP_STD[:, None]).astype(np.float32)
 
 _PUNCT = re.compile(r'[.!"()*#:;~]')
 _SPACES = re.compile(r"\s+")

@@ -1,6 +1,6 @@
 """Tokenizers: loaded from local HF-format directories, or built offline for the tiny preset.
 
-Real users point `model.qformer_tokenizer` / `model.llm.path` at local copies of bert-base-uncased and
+Real users point `model.qformer.tokenizer` / `model.llm.path` at local copies of bert-base-uncased and
 OPT / FlanT5. Tests and the demo cannot download anything, so `build_tiny_tokenizers` trains small
 tokenizers of the same *kind* (BERT WordPiece with `[DEC]`, OPT byte-level BPE with `</s>` as BOS,
 T5 unigram with `</s>` appended) on a fixed corpus, deterministically, and saves them in HF format.

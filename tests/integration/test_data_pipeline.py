@@ -14,7 +14,6 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.sample import CORRUPT_KINDS, make_sample_shards
 from blip2_ray.errors import UserError
 
-pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 ALL = {k: 1 for k in CORRUPT_KINDS}
 GOOD = 48
@@ -125,10 +124,11 @@ def test_check_data_cli_reports_counts_as_json(ray_session, shards):
 def _train_loop(config):
     import ray.train
 
+    from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.pipeline import get_skip_counts, iter_train_batches
 
-    cfg = DataConfig(**config["data"])
+    cfg = from_dict(DataConfig, config["data"])
     shard = ray.train.get_dataset_shard("train")
     seen, sizes = [], []
     for batch in iter_train_batches(shard, config["batch_size"], cfg):
@@ -142,8 +142,8 @@ def _train_loop(config):
 
 
 def test_two_worker_torch_trainer_sees_every_good_record_once(ray_session, shards, tiny_tokenizers, tmp_path):
-    from ray import cloudpickle
     import ray.train
+    from ray import cloudpickle
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from blip2_ray.config import to_dict

@@ -11,19 +11,11 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.integration
+from blip2_ray.runtime.cluster import free_port
 
 TOKEN = "test-token-123"
 TOKEN_ENV = "BLIP2_SERVE_TEST_TOKEN"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(seed: int, size=(40, 48)) -> bytes:
@@ -48,7 +40,14 @@ def model_dirs(tmp_path_factory):
     import torch
 
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer, qformer_tokenizer
+    from blip2_ray.model.hf_io import (
+        build_stage1,
+        build_stage2,
+        export_stage1,
+        export_stage2,
+        llm_tokenizer,
+        qformer_tokenizer,
+    )
 
     root = tmp_path_factory.mktemp("serve_models")
     torch.manual_seed(0)

@@ -99,7 +99,8 @@ def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
     state = read_train_state(result.checkpoint)
     assert state["step"] == 4 and state["start_steps"] == [0, 2] and state["world_size"] == 2
     run_dir = os.path.join(cfg.local_storage_path, "s1")
-    ckpts = sorted(p for p in os.listdir(run_dir) if p.startswith("checkpoint_0") and os.path.isdir(os.path.join(run_dir, p)))
+    ckpts = sorted(p for p in os.listdir(run_dir)
+                   if p.startswith("checkpoint_0") and os.path.isdir(os.path.join(run_dir, p)))
     assert ckpts == ["checkpoint_00000002", "checkpoint_00000004"]
     # ZeRO-3: each of the 2 workers holds about half of the frozen ViT
     assert 0.45 <= m["frozen_param_fraction_held"] <= 0.55

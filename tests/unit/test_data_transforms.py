@@ -26,7 +26,8 @@ def test_clean_caption_follows_recipe():
 
 def test_pick_caption_reasons_and_multi_caption_draws():
     rng = np.random.default_rng(0)
-    for raw, reason in [(None, T.MISSING_CAPTION), (b"  ..  ", T.EMPTY_CAPTION), (b"a \xff\xfe b", T.BAD_CAPTION_ENCODING)]:
+    for raw, reason in [(None, T.MISSING_CAPTION), (b"  ..  ", T.EMPTY_CAPTION),
+                        (b"a \xff\xfe b", T.BAD_CAPTION_ENCODING)]:
         with pytest.raises(T.SkipRecord) as e:
             T.pick_caption(raw, rng)
         assert e.value.reason == reason
@@ -62,10 +63,10 @@ def test_decode_image_max_pixels_from_config_and_rgb():
 def test_random_resized_crop_box_scale_and_bounds():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        l, t, r, b = T.random_resized_crop_box(256, 192, rng, (0.5, 1.0))
-        assert 0 <= l < r <= 256 and 0 <= t < b <= 192
-        assert (r - l) * (b - t) >= 0.5 * 256 * 192 * 0.95  # rounding slack
-        assert 3 / 4 * 0.95 <= (r - l) / (b - t) <= 4 / 3 * 1.05
+        left, top, right, bottom = T.random_resized_crop_box(256, 192, rng, (0.5, 1.0))
+        assert 0 <= left < right <= 256 and 0 <= top < bottom <= 192
+        assert (right - left) * (bottom - top) >= 0.5 * 256 * 192 * 0.95  # rounding slack
+        assert 3 / 4 * 0.95 <= (right - left) / (bottom - top) <= 4 / 3 * 1.05
 
 
 def test_train_and_eval_transforms_shape_norm_and_determinism():
@@ -122,7 +123,8 @@ def test_uint8_transport_and_device_normalisation_match_the_float_transform():
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, eval_transform(im, 32))
     # and it is the CLIP normalisation written out
-    expected = (raw.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN)[:, None, None]) / np.asarray(CLIP_STD)[:, None, None]
+    expected = ((raw.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN)[:, None, None])
+                / np.asarray(CLIP_STD)[:, None, None])
     np.testing.assert_allclose(out, expected, atol=1e-5)
     every = np.broadcast_to(np.arange(256, dtype=np.uint8), (2, 3, 4, 256)).copy()  # (B, 3, H, W)
     np.testing.assert_array_equal(normalize_pixels_tensor(torch.from_numpy(every)).numpy(), normalize_pixels(every))

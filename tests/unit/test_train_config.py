@@ -79,9 +79,8 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_param_groups_hold_only_trainable_and_no_decay_on_bias_norm():
-    from blip2_ray.model.hf_io import build_stage1
-
     from blip2_ray.model.config import model_config
+    from blip2_ray.model.hf_io import build_stage1
 
     model = build_stage1(model_config("tiny"))
     groups = param_groups(model, 0.05)
@@ -113,7 +112,8 @@ def test_deepspeed_config_follows_the_config():
     # contiguous gradient buffers: on with several workers, off at 1 (nothing to reduce), or as set
     assert d2["zero_optimization"]["contiguous_gradients"] is True
     one = {"num_workers": 1}
-    assert deepspeed_config(cfg(scaling=one, train={"global_batch_size": 4}))["zero_optimization"]["contiguous_gradients"] is False
+    single = deepspeed_config(cfg(scaling=one, train={"global_batch_size": 4}))
+    assert single["zero_optimization"]["contiguous_gradients"] is False
     forced = cfg(scaling=one, train={"global_batch_size": 4}, deepspeed={"contiguous_gradients": True})
     assert deepspeed_config(forced)["zero_optimization"]["contiguous_gradients"] is True
 
