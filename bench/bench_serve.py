@@ -91,22 +91,26 @@ async def load(url: str, concurrency: int, n: int, body_of) -> dict:
 
 
 def model_only(model_dir: str, max_new_tokens: int, batch: int) -> None:
-    """The model's own batching gain, without HTTP: one generate call of `batch` vs of 1 (1 thread)."""
+    """The model's own batching gain, without HTTP: `batch` requests at once vs one (1 torch thread)."""
     import torch
 
     from blip2_ray.serve.models import CaptionDeployment
 
     torch.set_num_threads(1)
-    dep = CaptionDeployment(model_dir)
-    items = [{"pixel_values": np.random.RandomState(i).randn(3, 32, 32).astype(np.float32), "prompt": "",
+    dep = CaptionDeployment(model_dir, max_batch_size=batch, batch_wait_timeout_s=0.005)
+    items = [{"pixel_values": (np.random.RandomState(i).rand(3, 32, 32) * 255).astype(np.uint8), "prompt": "",
               "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "num_beams": 1,
               "temperature": 0.0} for i in range(batch)]
+
+    async def run(n: int) -> None:
+        await asyncio.gather(*(dep.generate(it) for it in items[:n]))
+
     times = {}
     for n in (1, batch):
-        dep._run(items[:n])
+        asyncio.run(run(n))
         t = time.perf_counter()
         for _ in range(3):
-            dep._run(items[:n])
+            asyncio.run(run(n))
         times[n] = (time.perf_counter() - t) / 3
     print(f"model only (no HTTP): batch 1 {times[1] * 1000:.1f} ms, batch {batch} {times[batch] * 1000:.1f} ms "
           f"-> {batch * times[1] / times[batch]:.1f}x requests/s from batching")
@@ -134,7 +138,7 @@ def main() -> int:
              log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    common = {"model": model_dir, "cpus_per_replica": 1.0, "max_queued_requests": -1,
+    common = {"model": model_dir, "cpus_per_replica": 1.0, "max_queued_requests": -1, "ingress": {"cpus_per_replica": 0.5},
               "generation": {"max_new_tokens": args.max_new_tokens}}
     variants = {
         "batched": {**common, "max_batch_size": args.max_batch_size, "max_ongoing_requests": 2 * args.max_batch_size,

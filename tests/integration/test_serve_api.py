@@ -48,7 +48,14 @@ def model_dirs(tmp_path_factory):
     import torch
 
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer, qformer_tokenizer
+    from blip2_ray.model.hf_io import (
+        build_stage1,
+        build_stage2,
+        export_stage1,
+        export_stage2,
+        llm_tokenizer,
+        qformer_tokenizer,
+    )
 
     root = tmp_path_factory.mktemp("serve_models")
     torch.manual_seed(0)
@@ -75,6 +82,8 @@ def server(ray_session, model_dirs, monkeypatch_module):
     monkeypatch_module.setenv(TOKEN_ENV, TOKEN)
     main = from_dict(ServeConfig, {
         "model": stage2, "retrieval_model": stage1, "api_token_env": TOKEN_ENV, "cpus_per_replica": 0.5,
+        "ingress": {"cpus_per_replica": 0.25, "num_replicas": 2},
+        "retrieval": {"cpus_per_replica": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_body_bytes": 2_000_000,
         "max_image_pixels": 200 * 200, "generation": {"max_new_tokens": 12},
     })
@@ -82,6 +91,7 @@ def server(ray_session, model_dirs, monkeypatch_module):
     monkeypatch_module.delenv(TOKEN_ENV)
     limited = from_dict(ServeConfig, {
         "model": stage2, "api_token_env": TOKEN_ENV, "cpus_per_replica": 0.5, "max_batch_size": 1,
+        "ingress": {"cpus_per_replica": 0.25},
         "max_ongoing_requests": 1, "max_queued_requests": 1, "generation": {"max_new_tokens": 60},
     })
     serve.run(build_app(limited, name_prefix="Limited"), name="limited", route_prefix="/limited")
