@@ -134,11 +134,13 @@ def main() -> int:
     os.environ.pop("RAY_ADDRESS", None)
     tmp = tempfile.mkdtemp(prefix="bench_serve_")
     model_dir = tiny_model(os.path.join(tmp, "tiny-opt"))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray_", dir="/tmp"),
              log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    common = {"model": model_dir, "cpus_per_replica": 1.0, "max_queued_requests": -1, "ingress": {"cpus_per_replica": 0.5},
+    common = {"model": model_dir, "cpus_per_replica": 1.0, "max_queued_requests": -1,
+              "ingress": {"cpus_per_replica": 0.5},
               "generation": {"max_new_tokens": args.max_new_tokens}}
     variants = {
         "batched": {**common, "max_batch_size": args.max_batch_size, "max_ongoing_requests": 2 * args.max_batch_size,

@@ -45,6 +45,11 @@ def unsupported_generation_settings(generation_config) -> list[str]:
     return out
 
 
+def decoder_only(model: Blip2Stage2) -> bool:
+    """True for a decoder-only LLM (OPT), False for an encoder-decoder one (T5)."""
+    return not model.language_model.config.is_encoder_decoder
+
+
 @dataclass
 class DecodeBatch:
     """The state of B rows between decode steps.
@@ -77,7 +82,7 @@ def prompt_embeddings(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids:
     dev = prefix.device
     emb = model.llm_embeddings()
     if input_ids is None:
-        if model.llm_kind == "opt":
+        if decoder_only(model):
             input_ids = torch.full((b, 1), model.language_model.config.bos_token_id, dtype=torch.long, device=dev)
         else:
             input_ids = torch.zeros(b, 0, dtype=torch.long, device=dev)
@@ -94,7 +99,7 @@ def prefill(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids: torch.Ten
     """Images (B, 3, H, W) + prompts -> the rows' state and the float32 logits (B, V) of their first new token."""
     embeds, mask = prompt_embeddings(model, pixel_values, input_ids, attention_mask)
     lm = model.language_model
-    if model.llm_kind == "opt":
+    if decoder_only(model):
         out = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
         padded = bool((mask == 0).any())
         return DecodeBatch(out.cache, mask, padded=padded), out.logits[:, -1].float()
@@ -113,7 +118,7 @@ def decode_step(model: Blip2Stage2, batch: DecodeBatch, tokens: torch.Tensor) ->
     lm = model.language_model
     mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], 1)
     ids = tokens.view(-1, 1)
-    if model.llm_kind == "opt":
+    if decoder_only(model):
         out = lm(input_ids=ids, attention_mask=mask, cache=batch.cache, use_cache=True, logits_to_keep=1)
     else:
         # HF passes no decoder mask; an all-ones one would take another attention path (float noise)

@@ -119,12 +119,6 @@ class BLIP2Ingress:
         self.token = api_token or os.environ.get(self.cfg.api_token_env) or None
         self.resizers = {"caption": ImageResizer(self.cfg.model) if self.cfg.model else None,
                          "retrieval": ImageResizer(self.cfg.retrieval_model) if self.cfg.retrieval_model else None}
-        self.llm_kind = None
-        if self.cfg.model:
-            from transformers import Blip2Config
-
-            hf = Blip2Config.from_pretrained(self.cfg.model, local_files_only=True)
-            self.llm_kind = "opt" if hf.use_decoder_only_language_model else "t5"
 
     async def _prologue(self, request: Request, ep: Endpoint) -> Prepared:
         """Auth and size checks, the model the route needs (404), the parsed and validated body
@@ -149,7 +143,8 @@ class BLIP2Ingress:
         images = ep.images(req)
         if images is not None:
             if len(images) > self.cfg.max_images_per_request:
-                raise APIError(413, "request_too_large", f"images: at most {self.cfg.max_images_per_request} per request")
+                raise APIError(413, "request_too_large",
+                               f"images: at most {self.cfg.max_images_per_request} per request")
             c = self.cfg
             p.pixels = await asyncio.to_thread(
                 load_pixels, images, self.resizers[ep.model], max_pixels=c.max_image_pixels,
@@ -191,11 +186,16 @@ class BLIP2Ingress:
         except BackPressureError:
             raise APIError(503, "overloaded", "the server's queue is full; retry later") from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            raise APIError(503, "unavailable", f"a model replica is restarting ({e.__class__.__name__}); retry") from None
+            raise APIError(503, "unavailable",
+                           f"a model replica is restarting ({e.__class__.__name__}); retry") from None
 
-    async def _generate(self, p: Prepared, prompt: str) -> dict:
-        item = {"pixel_values": p.pixels[0], "prompt": prompt, **p.settings}
-        out = await self._call(self.handles["caption"].generate.remote(item))
+    @staticmethod
+    def _item(p: Prepared, question: bool) -> dict:
+        """What the caption replica gets (it words a question with its own LLM's VQA prompt)."""
+        return {"pixel_values": p.pixels[0], "prompt": p.text, "question": question, **p.settings}
+
+    async def _generate(self, p: Prepared, question: bool = False) -> dict:
+        out = await self._call(self.handles["caption"].generate.remote(self._item(p, question)))
         if "error" in out:
             raise APIError(*out["error"])
         return out
@@ -219,15 +219,13 @@ class BLIP2Ingress:
     @api.post(CAPTION.path, openapi_extra=body_doc(CaptionRequest))
     async def caption(self, request: Request):
         p = await self._prologue(request, CAPTION)
-        out = await self._generate(p, p.text)
+        out = await self._generate(p)
         return JSONResponse({"caption": out["text"], "model": self.name}, headers=self._batch_headers(out))
 
     @api.post(VQA.path, openapi_extra=body_doc(VQARequest))
     async def vqa(self, request: Request):
-        from blip2_ray.model.stage2 import vqa_prompt
-
         p = await self._prologue(request, VQA)
-        out = await self._generate(p, vqa_prompt(p.text, self.llm_kind))
+        out = await self._generate(p, question=True)
         return JSONResponse({"answer": out["text"], "model": self.name}, headers=self._batch_headers(out))
 
     @api.post(EMBEDDINGS.path, openapi_extra=body_doc(EmbeddingsRequest))
@@ -254,16 +252,15 @@ class BLIP2Ingress:
     async def chat_completions(self, request: Request):
         """One image + the last user message's text (see `chat.py`); `"stream": true` streams the tokens."""
         p = await self._prologue(request, CHAT)
-        prompt = chat.chat_prompt(p.text, self.llm_kind)
+        question = chat.is_question(p.text)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if p.req.stream:
-            return await self._stream(p, prompt, chat.ChunkWriter(cid, created, self.name))
-        out = await self._generate(p, prompt)
+            return await self._stream(p, question, chat.ChunkWriter(cid, created, self.name))
+        out = await self._generate(p, question)
         return JSONResponse(chat.completion_body(cid, created, self.name, out), headers=self._batch_headers(out))
 
-    async def _stream(self, p: Prepared, prompt: str, writer: chat.ChunkWriter) -> StreamingResponse:
-        item = {"pixel_values": p.pixels[0], "prompt": prompt, **p.settings}
-        parts = self.handles["caption"].options(stream=True).generate_stream.remote(item)
+    async def _stream(self, p: Prepared, question: bool, writer: chat.ChunkWriter) -> StreamingResponse:
+        parts = self.handles["caption"].options(stream=True).generate_stream.remote(self._item(p, question))
         try:
             first = await self._call(parts.__anext__())  # admitted (or refused): the status is known now
         except BaseException:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 
-from blip2_ray.model.stage2 import vqa_prompt
 from blip2_ray.serve.parsing import APIError
 from blip2_ray.serve.protocol import ChatCompletionRequest, ContentPart, ImageURL
 
@@ -40,8 +39,9 @@ def chat_image_and_text(req: ChatCompletionRequest) -> tuple[str, str]:
     return image, text
 
 
-def chat_prompt(text: str, llm_kind: str) -> str:
-    return vqa_prompt(text, llm_kind) if text.endswith("?") else text
+def is_question(text: str) -> bool:
+    """A chat text ending in '?' is asked with the recipe's VQA prompt (worded by the caption replica)."""
+    return text.endswith("?")
 
 
 def usage(out: dict) -> dict:

@@ -34,7 +34,8 @@ class IngressSection:
 
     num_replicas: int = doc("ingress replicas (ignored with autoscaling)", 1)
     autoscaling: AutoscalingSection | None = doc("autoscale the ingress instead of num_replicas", None)
-    cpus_per_replica: float = doc("CPUs reserved by each ingress replica (it decodes the images)", 1.0)
+    cpus_per_replica: float = doc("CPUs reserved by each ingress replica (it decodes the images; the default "
+                                  "lets caption + retrieval + ingress start on a 2-CPU machine)", 0.5)
     max_ongoing_requests: int = doc("requests one ingress replica holds at once", 256)
 
     def validate(self) -> None:
@@ -50,7 +51,7 @@ class RetrievalSection:
 
     num_replicas: int = doc("retrieval replicas (ignored with autoscaling)", 1)
     autoscaling: AutoscalingSection | None = doc("autoscale the retrieval deployment instead of num_replicas", None)
-    cpus_per_replica: float = doc("CPUs reserved by each retrieval replica", 1.0)
+    cpus_per_replica: float = doc("CPUs reserved by each retrieval replica", 0.5)
     gpus_per_replica: float = doc("GPUs reserved by each retrieval replica when device is cuda (a fraction "
                                   "shares a GPU with the caption deployment)", 0.25)
     max_batch_size: int = doc("most requests of one kind @serve.batch groups into one forward pass", 8)
@@ -93,8 +94,10 @@ class GenerationDefaults:
 @dataclass
 class ServeConfig:
     model: str | None = doc("stage-2 / Blip2ForConditionalGeneration directory (caption, vqa, chat)", None)
-    retrieval_model: str | None = doc("stage-1 export or Blip2ForImageTextRetrieval directory (embeddings, match)", None)
-    model_name: str | None = doc("name reported in responses and /v1/models (default: the model directory's name)", None)
+    retrieval_model: str | None = doc("stage-1 export or Blip2ForImageTextRetrieval directory (embeddings, match)",
+                                      None)
+    model_name: str | None = doc("name reported in responses and /v1/models (default: the model directory's name)",
+                                 None)
     app_name: str = doc("Serve application name", "blip2")
     host: str = doc("HTTP host", "127.0.0.1")
     port: int = doc("HTTP port", 8000)

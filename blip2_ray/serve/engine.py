@@ -29,6 +29,7 @@ from blip2_ray.model.generation import (
     DecodeBatch,
     concat_batches,
     decode_step,
+    decoder_only,
     next_tokens,
     prefill,
     select_rows,
@@ -138,7 +139,7 @@ class GenerationEngine:
     def submit(self, item: dict, stream: bool = False) -> Row:
         """Queue one request (call on the loop); its Row yields the events."""
         prompt_ids = self.tokenizer(item["prompt"]).input_ids if item["prompt"] else None
-        n_prompt = len(prompt_ids) if prompt_ids else (1 if self.model.llm_kind == "opt" else 0)
+        n_prompt = len(prompt_ids) if prompt_ids else (1 if decoder_only(self.model) else 0)
         stepwise = item["num_beams"] == 1 and not self.unsupported
         row = Row(item, prompt_ids, stream, self.model.num_query_tokens + n_prompt, stepwise)
         self._pending.append(row)
@@ -150,7 +151,8 @@ class GenerationEngine:
 
     def stats(self) -> dict:
         """Rows running and waiting now, and counters since start."""
-        return {"running": len(self._running), "pending": len(self._pending), **self.counters}
+        running = sum(not (r.done or r.cancelled) for r in self._running)
+        return {"running": running, "pending": len(self._pending), **self.counters}
 
     # ---------------------------------------------------------------- the scheduler (on the loop)
     async def _schedule(self) -> None:
@@ -251,7 +253,7 @@ class GenerationEngine:
             ids = mask = None
             if has_prompt:
                 ids, mask = pad_prompts([r.prompt_ids for r in group], self.pad_id,
-                                        self.model.llm_kind == "opt", self.device)
+                                        decoder_only(self.model), self.device)
             batch, logits = prefill(self.model, pixels, ids, mask)
             tokens += self._choose(logits, group)
             self._batch = batch if self._batch is None else concat_batches(self._batch, batch)
@@ -264,7 +266,7 @@ class GenerationEngine:
         pixels = self.preprocess(np.stack([r.item["pixel_values"] for r in rows]))
         ids = mask = None
         if rows[0].prompt_ids is not None:
-            ids, mask = pad_prompts([r.prompt_ids for r in rows], self.pad_id, self.model.llm_kind == "opt",
+            ids, mask = pad_prompts([r.prompt_ids for r in rows], self.pad_id, decoder_only(self.model),
                                     self.device)
         temperature = float(it["temperature"])
         sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
@@ -302,6 +304,8 @@ class GenerationEngine:
 
     # ---------------------------------------------------------------- rows' events (on the loop)
     def _advance(self, row: Row, token: int) -> None:
+        if row.cancelled:  # cancelled during the step: it leaves at the next one
+            return
         row.tokens.append(token)
         if token in self._eos:
             self._finish(row, "stop")

@@ -29,7 +29,8 @@ def _b64decode(data: str) -> bytes:
         raise APIError(400, "invalid_image", "the image is neither valid base64 nor a data: URL") from None
 
 
-def image_bytes(value: str, allowed_prefixes: list[str], fetch_timeout_s: float = 5.0, max_bytes: int = 10_000_000) -> bytes:
+def image_bytes(value: str, allowed_prefixes: list[str], fetch_timeout_s: float = 5.0,
+                max_bytes: int = 10_000_000) -> bytes:
     """The encoded image bytes of a request's image string (base64, `data:` URL or allow-listed URL)."""
     if not isinstance(value, str) or not value:
         raise APIError(400, "invalid_image", "the image is empty")

@@ -19,8 +19,9 @@ from blip2_ray.serve.images import PixelNormalizer
 
 
 class CaptionDeployment:
-    """A stage-2 model. item: {"pixel_values": uint8 (3, H, W), "prompt": str, "max_new_tokens",
-    "min_new_tokens", "num_beams", "temperature"} (temperature 0: greedy or beam search; > 0: sampling).
+    """A stage-2 model. item: {"pixel_values": uint8 (3, H, W), "prompt": str, "question": bool (the prompt
+    is a question, asked with the model's VQA prompt), "max_new_tokens", "min_new_tokens", "num_beams",
+    "temperature"} (temperature 0: greedy or beam search; > 0: sampling).
     """
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
@@ -35,12 +36,13 @@ class CaptionDeployment:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         lm_cfg = self.model.language_model.config
         # OPT has learned positions: queries + prompt + new tokens must fit; T5 has relative positions
-        self.max_positions = getattr(lm_cfg, "max_position_embeddings", None) if self.model.llm_kind == "opt" else None
+        self.max_positions = None if lm_cfg.is_encoder_decoder else getattr(lm_cfg, "max_position_embeddings", None)
         self.engine = GenerationEngine(
             self.model, self.tokenizer, caption_eos_ids(self.tokenizer, self.model.llm_kind),
             PixelNormalizer(model_dir, self.device), max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_timeout_s,
         )
+        self.requests = 0  # calls that reached this replica
 
     def replica_actor_name(self) -> str:
         """This replica's Ray actor name (tests kill it to check the replica is replaced)."""
@@ -49,8 +51,16 @@ class CaptionDeployment:
         return ray.get_runtime_context().get_actor_name()
 
     def stats(self) -> dict:
-        """The engine's rows running and waiting now, and its counters (admitted, finished, cancelled, steps)."""
-        return self.engine.stats()
+        """Requests that reached this replica; the engine's rows running and waiting now, and its counters
+        (admitted, finished, cancelled, steps)."""
+        return {"requests": self.requests, **self.engine.stats()}
+
+    def _prompted(self, item: dict) -> dict:
+        from blip2_ray.model.stage2 import vqa_prompt
+
+        if not item.get("question"):
+            return item
+        return {**item, "prompt": vqa_prompt(item["prompt"], self.model.llm_kind), "question": False}
 
     def _too_long(self, item: dict) -> dict | None:
         if self.max_positions is None:
@@ -66,6 +76,8 @@ class CaptionDeployment:
     async def generate(self, item: dict) -> dict:
         """The whole answer: {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
         "batch_size", "group_size"} or {"error": (status, type, message)}."""
+        self.requests += 1
+        item = self._prompted(item)
         if (error := self._too_long(item)) is not None:
             return error
         row = self.engine.submit(item)
@@ -78,6 +90,8 @@ class CaptionDeployment:
         """Yields {"delta": str, "batch_size", "group_size"} as the text grows (the first one, with an empty
         delta, once the row is admitted), the last one with "done": the result `generate` returns; or one
         {"error": ...}. Deltas of steps the caller has not consumed yet go out together."""
+        self.requests += 1
+        item = self._prompted(item)
         if (error := self._too_long(item)) is not None:
             yield error
             return
@@ -127,7 +141,8 @@ class RetrievalDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _images_batch(self, requests: list[np.ndarray]) -> list[dict]:
         with torch.no_grad():
-            feats = self.model.image_feats(self.model.encode_image(self.normalise(np.concatenate(requests))))  # (B, Q, E)
+            embeds = self.model.encode_image(self.normalise(np.concatenate(requests)))
+            feats = self.model.image_feats(embeds)  # (B, Q, E)
             pooled = torch.nn.functional.normalize(feats.mean(1), dim=-1)
         feats, pooled = feats.float().cpu().numpy(), pooled.float().cpu().numpy()
         out, start = [], 0

@@ -133,3 +133,14 @@ def test_sampling_rows_decode_with_greedy_rows(setup):
     sampled, greedy = asyncio.run(run())
     assert sampled["completion_tokens"] == 6 and sampled["batch_size"] == 2
     assert greedy["token_ids"] == reference(setup, item(9, max_new=6))
+
+
+def test_a_beam_search_stream_is_one_piece_at_the_end(setup):
+    async def run():
+        eng = engine(setup, batch_wait_timeout_s=0)
+        row = eng.submit(item(10, "a photo of", max_new=6, min_new=6, beams=3), stream=True)
+        return [c async for c in row.chunks()]
+
+    chunks = asyncio.run(run())
+    assert [bool(c["delta"]) for c in chunks] == [True] and chunks[0]["delta"] == chunks[0]["done"]["text"]
+    assert chunks[0]["done"]["token_ids"] == reference(setup, item(10, "a photo of", max_new=6, min_new=6, beams=3))
