@@ -107,8 +107,9 @@ class GenerationEngine:
     """Continuous batching of caption/VQA/chat requests over one `Blip2Stage2`.
 
     preprocess: uint8 (B, 3, H, W) numpy -> normalised pixel values on the model's device.
-    At most `max_batch_size` rows decode together; when nothing runs, the first request waits up to
-    `batch_wait_timeout_s` for others to share its prefill.
+    At most `max_batch_size` rows decode together. When nothing runs, the first request waits up to
+    `batch_wait_timeout_s` for others to share its prefill, but only if requests arrived while the last
+    batch ran: a replica that serves one request at a time answers each at once.
     """
 
     def __init__(self, model, tokenizer, eos_ids: list[int], preprocess, *, max_batch_size: int = 8,
@@ -133,6 +134,7 @@ class GenerationEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._arrived_while_busy = 0  # requests submitted while rows were running, since the engine was idle
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "steps": 0}
 
     # ---------------------------------------------------------------- the callers' side
@@ -142,6 +144,8 @@ class GenerationEngine:
         n_prompt = len(prompt_ids) if prompt_ids else (1 if decoder_only(self.model) else 0)
         stepwise = item["num_beams"] == 1 and not self.unsupported
         row = Row(item, prompt_ids, stream, self.model.num_query_tokens + n_prompt, stepwise)
+        if self._running:
+            self._arrived_while_busy += 1
         self._pending.append(row)
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -161,7 +165,9 @@ class GenerationEngine:
                 self._wake.clear()
                 await self._wake.wait()
             if not self._running:
-                await self._let_batch_fill()
+                if self._arrived_while_busy:  # concurrent traffic: let the first prefill be shared
+                    await self._let_batch_fill()
+                self._arrived_while_busy = 0
             try:
                 await self._iteration()
             except Exception as e:  # a bug here must fail the waiting callers, not leave them hanging
