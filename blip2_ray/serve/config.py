@@ -110,7 +110,7 @@ class ServeConfig:
     max_batch_size: int = doc("most rows a caption replica decodes together (continuous batching: requests "
                               "join the running batch at a decode step)", 8)
     batch_wait_timeout_s: float = doc("how long an idle caption replica waits for more requests to share the "
-                                      "first prefill", 0.01)
+                                      "first prefill (only if requests arrived while its last batch ran)", 0.01)
     max_ongoing_requests: int = doc("requests a caption replica holds at once (>= max_batch_size)", 32)
     max_queued_requests: int = doc("requests waiting for a caption replica before 503 (-1: unbounded)", 64)
     ingress: IngressSection = doc("the HTTP ingress deployment", factory=IngressSection)
