@@ -37,11 +37,12 @@ _SPACES = re.compile(r"\s+")
 
 
 class SkipRecord(Exception):
-    """A record that must be dropped; `reason` is one of the skip reasons above."""
+    """A record that must be dropped; `reason` is one of the skip reasons above, `detail` says more."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 def clean_caption(text: str, max_words: int = 50) -> str:
@@ -80,25 +81,28 @@ def pick_caption(raw: bytes | str | None, rng: np.random.Generator, max_words: i
 
 
 def decode_image(data: bytes | None, min_side: int, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB PIL image, checking the header size before the pixels are decoded."""
+    """Bytes -> RGB PIL image (the first frame), checking the header size before the pixels are decoded.
+
+    The one image decoder of the project (the data pipeline, CapFilt, evaluation and the Serve ingress).
+    """
     if data is None or len(data) == 0:
-        raise SkipRecord(MISSING_IMAGE)
+        raise SkipRecord(MISSING_IMAGE, "the image is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit
             im = Image.open(io.BytesIO(data))
             w, h = im.size  # from the header: no pixels decoded yet
             if w * h > max_pixels:
-                raise SkipRecord(IMAGE_TOO_LARGE)
+                raise SkipRecord(IMAGE_TOO_LARGE, f"the image has {w}x{h} pixels, over the limit of {max_pixels}")
             if min(w, h) < min_side:
-                raise SkipRecord(IMAGE_TOO_SMALL)
+                raise SkipRecord(IMAGE_TOO_SMALL, f"the image is {w}x{h}, under the minimum side of {min_side}")
             return im.convert("RGB")  # decodes; a truncated file raises OSError here
     except Image.DecompressionBombError:
-        raise SkipRecord(IMAGE_TOO_LARGE) from None
+        raise SkipRecord(IMAGE_TOO_LARGE, f"the image is over the limit of {max_pixels} pixels") from None
     except SkipRecord:
         raise
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
-        raise SkipRecord(UNDECODABLE_IMAGE) from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
+        raise SkipRecord(UNDECODABLE_IMAGE, f"the image could not be decoded ({e.__class__.__name__})") from None
 
 
 def random_resized_crop_box(

@@ -82,6 +82,11 @@ def test_serve_config_fits_the_serve_node_type(cluster):
     per_node = math.floor(t["resources"]["GPU"] / args["gpus_per_replica"])
     assert per_node >= 1 and args["cpus_per_replica"] <= t["resources"]["CPU"]
     assert args["num_replicas"] <= per_node * t["max_workers"]
+    # one replica of each deployment (caption, retrieval, the ingress replicas) shares one serve node
+    r, i = args["retrieval"], args["ingress"]
+    assert args["gpus_per_replica"] + r["gpus_per_replica"] <= t["resources"]["GPU"]
+    cpus = args["cpus_per_replica"] + r["cpus_per_replica"] + i["num_replicas"] * i["cpus_per_replica"]
+    assert cpus <= t["resources"]["CPU"]
 
 
 def test_data_nodes_exist_for_decoding(cluster):
