@@ -25,6 +25,8 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from blip2_ray.runtime.actors import job_actor
+
 PLAN_NAMESPACE = "blip2_ray"
 
 
@@ -104,16 +106,9 @@ def epoch_plan_name(run_name: str) -> str:
     return f"EpochPlan-{run_name}-{ray.get_runtime_context().get_job_id()}"
 
 
-_HELD_PLANS: dict[str, object] = {}  # the creator keeps a handle: a named actor dies with its last one
-
-
 def epoch_plan(name: str, create: bool = False):
-    """The EpochPlan actor called `name` (created at epoch 0 with `create`)."""
-    if create and name not in _HELD_PLANS:
-        _HELD_PLANS[name] = EpochPlan.options(name=name, namespace=PLAN_NAMESPACE, get_if_exists=True).remote()
-    if name in _HELD_PLANS:
-        return _HELD_PLANS[name]
-    return ray.get_actor(name, namespace=PLAN_NAMESPACE)
+    """The EpochPlan actor called `name` (created at epoch 0, on this node, with `create`)."""
+    return job_actor(EpochPlan, name, PLAN_NAMESPACE, create)
 
 
 # -------------------------------------------------------------------------------------- the source

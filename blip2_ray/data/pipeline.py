@@ -29,6 +29,7 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.epoch_plan import EpochFiles, epoch_plan, unpack_records
 from blip2_ray.data.readers import check_parquet_columns, list_shards, read_shard_records, shard_format, storage_options
 from blip2_ray.data.records import process_records
+from blip2_ray.runtime.actors import job_actor
 from blip2_ray.runtime.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,9 @@ def _counter_name() -> str:
     return f"SkipCounter-{ray.get_runtime_context().get_job_id()}"
 
 
-_HELD_COUNTERS: dict[str, object] = {}  # the creator keeps a handle: a named actor dies with its last one
-
-
 def skip_counter(create: bool = False):
     """The job's SkipCounter actor handle (created by the driver in `build_dataset`)."""
-    name = _counter_name()
-    if create:
-        if name not in _HELD_COUNTERS:
-            _HELD_COUNTERS[name] = SkipCounter.options(name=name, namespace=SKIP_COUNTER_NAMESPACE,
-                                                       get_if_exists=True).remote()
-        return _HELD_COUNTERS[name]
-    return ray.get_actor(name, namespace=SKIP_COUNTER_NAMESPACE)
+    return job_actor(SkipCounter, _counter_name(), SKIP_COUNTER_NAMESPACE, create)
 
 
 def get_skip_counts(tag: str | None = None) -> dict[str, int]:

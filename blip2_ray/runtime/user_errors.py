@@ -19,9 +19,9 @@ import inspect
 from typing import Any, Callable, Iterator
 
 from blip2_ray.errors import UserError
+from blip2_ray.runtime.actors import job_actor
 
 BOX_NAMESPACE = "blip2_ray"
-_HELD_BOXES: dict[str, Any] = {}  # the driver keeps a handle: a named actor dies with its last one
 
 
 class UserErrorBox:
@@ -49,11 +49,7 @@ def _open_box():
     """This job's box (created on first use by the driver, which holds it), emptied."""
     import ray
 
-    name = _box_name()
-    if name not in _HELD_BOXES:
-        actor = ray.remote(num_cpus=0)(UserErrorBox)
-        _HELD_BOXES[name] = actor.options(name=name, namespace=BOX_NAMESPACE, get_if_exists=True).remote()
-    box = _HELD_BOXES[name]
+    box = job_actor(ray.remote(num_cpus=0)(UserErrorBox), _box_name(), BOX_NAMESPACE, create=True)
     ray.get(box.take.remote())
     return box
 
