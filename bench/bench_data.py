@@ -41,9 +41,9 @@ def processes_run(pool, procs: int, files, cfg, toks) -> tuple[int, float, None]
 
 
 def _timed_loop(files, cfg, toks) -> tuple[int, float, float]:
-    from blip2_ray.data.records import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.data.records import cached_llm_tokenizer, cached_qformer_tokenizer
 
-    qformer_tokenizer(toks["qformer"]), llm_tokenizer(toks["opt"])
+    cached_qformer_tokenizer(toks["qformer"]), cached_llm_tokenizer(toks["opt"])
     begin = time.time()
     n, _, _ = single_loop(files, cfg, toks)
     return n, begin, time.time()
@@ -59,7 +59,8 @@ def single_loop(files, cfg, toks) -> tuple[int, float, float]:
         recs = list(read_shard_records(f, cfg.image_keys, cfg.caption_keys, lambda r: None))
         for i in range(0, len(recs), cfg.decode_batch_size):
             out = process_records(recs[i:i + cfg.decode_batch_size], cfg, train=True, on_skip=lambda r: None,
-                                  qformer_tokenizer_path=toks["qformer"], llm_tokenizer_path=toks["opt"])
+                                  qformer_tokenizer_path=toks["qformer"], llm_tokenizer_path=toks["opt"],
+                                  llm_family="opt")
             n += len(out["key"])
             first = first or time.perf_counter() - t0
     return n, time.perf_counter() - t0, first
@@ -103,7 +104,8 @@ def pipeline_run(src, cfg, toks) -> tuple[int, float, float]:
     from blip2_ray.data.pipeline import build_dataset
 
     t0, n, first = time.perf_counter(), 0, None
-    ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"], llm_tokenizer=toks["opt"])
+    ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"], llm_tokenizer=toks["opt"],
+                       llm_family="opt")
     for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy", prefetch_batches=2):
         n += len(batch["key"])
         first = first or time.perf_counter() - t0

@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizers() -> dict[str, str]:
-    """{"qformer", "opt", "t5"} -> tokenizer directories built offline for the tiny preset.
+    """{"qformer", "opt", "t5", "llama", "qwen2"} -> tokenizer directories built offline (tiny sizes).
 
     The same directories the 'tiny' tokenizer setting of a model config resolves to.
     """
@@ -57,8 +57,9 @@ def tiny_exports(tmp_path_factory, tiny_tokenizers) -> dict[str, str]:
     import torch
 
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer
-    from blip2_ray.model.hf_io import qformer_tokenizer
+    from blip2_ray.model.builders import build_stage1, build_stage2
+    from blip2_ray.model.hf_format import export_stage1, export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny_exports")

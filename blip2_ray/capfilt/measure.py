@@ -70,7 +70,7 @@ def wrong_caption_rejection(filter_dir: str, data: str, limit: int = 500, seed: 
 
     from blip2_ray.data.records import tokenize_qformer
     from blip2_ray.data.transforms import decode_image, eval_transform
-    from blip2_ray.model.hf_io import load_stage1
+    from blip2_ray.model.hf_format import load_stage1
 
     rng = np.random.default_rng(seed)
     model, tok = load_stage1(filter_dir)

@@ -37,8 +37,8 @@ class CapFiltWorker:
     """Both models in one process: the captioner (stage 2) and the filter (stage 1)."""
 
     def __init__(self, cfg: dict):
-        from blip2_ray.model.hf_io import load_stage1, load_stage2
-        from blip2_ray.model.tokenizers import load_tokenizer
+        from blip2_ray.model.hf_format import load_stage1, load_stage2
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
         self.cfg = from_dict(CapFiltConfig, cfg)
         fc, cc = self.cfg.filter, self.cfg.captioner
@@ -50,7 +50,7 @@ class CapFiltWorker:
         if cc.num_captions > 0:
             _, cdtype = pick_device_dtype(cc.dtype)
             self.captioner = load_stage2(cc.model, vision_dtype=cdtype, llm_dtype=cdtype).to(self.device).eval()
-            self.caption_tok = load_tokenizer(cc.model, "captioner tokenizer")
+            self.caption_tok = load_llm_tokenizer(cc.model)
             self.caption_size = self.captioner.vision_model.config.image_size
 
     # ---------------------------------------------------------------------------- one batch of images

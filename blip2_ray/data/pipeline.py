@@ -172,10 +172,10 @@ class _ShardToRows:
     """
 
     def __init__(self, cfg: dict, s3_opts: dict, tag: str, train: bool, epoch: int, qformer_tokenizer: str | None,
-                 llm_tokenizer: str | None, with_pixels: bool):
+                 llm_tokenizer: str | None, with_pixels: bool, llm_family: str | None = None):
         self.cfg, self.s3_opts, self.tag = DataConfig(**cfg), s3_opts, tag
         self.kw = dict(train=train, epoch=epoch, qformer_tokenizer_path=qformer_tokenizer,
-                       llm_tokenizer_path=llm_tokenizer, with_pixels=with_pixels)
+                       llm_tokenizer_path=llm_tokenizer, llm_family=llm_family, with_pixels=with_pixels)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
         c = self.cfg
@@ -204,14 +204,15 @@ def _chunks(items: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_tokenizer: str | None,
                   llm_tokenizer: str | None, epoch: int = 0, skip_tag: str | None = None,
-                  with_pixels: bool = True) -> ray.data.Dataset:
+                  with_pixels: bool = True, llm_family: str | None = None) -> ray.data.Dataset:
     """A streaming Ray Dataset of model-ready rows from image-text shards.
 
     Rows: key (str), caption (str, cleaned), pixel_values uint8 (3, S, S) RGB (train: RandomResizedCrop
     + flip; eval: resize; uint8 keeps the object store traffic 4x below float32, and TrainCollate /
     `transforms.normalize_pixels` apply the CLIP mean/std on the consumer), qformer_input_ids / qformer_attention_mask int64
     (qformer_max_len) if `qformer_tokenizer`, llm_input_ids / llm_attention_mask int64 (llm_max_len)
-    if `llm_tokenizer` (local tokenizer directories). For `train` the file order is a permutation
+    if `llm_tokenizer` (local tokenizer directories; `llm_family`, the LLM's model_type, decides how a
+    caption ends: records.tokenize_llm). For `train` the file order is a permutation
     seeded by cfg.seed + `epoch`, and several sources mix by cfg.weights (when `sources` is cfg.train).
     Bad records are dropped and counted under `skip_tag` (default "train"/"eval"): see get_skip_counts.
     A missing path raises UserError now; a parquet file without the needed column raises UserError
@@ -236,7 +237,7 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
     skip_counter(create=True)
 
     compute = ray.data.TaskPoolStrategy(size=cfg.decode_concurrency) if cfg.decode_concurrency else None
-    udf = _ShardToRows(to_dict(cfg), opts, tag, train, epoch, qformer_tokenizer, llm_tokenizer, with_pixels)
+    udf = _ShardToRows(to_dict(cfg), opts, tag, train, epoch, qformer_tokenizer, llm_tokenizer, with_pixels, llm_family)
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
     # batch_size=1: one shard file per task, so the files spread over the CPUs
     ds = ds.map_batches(lambda batch: udf(batch), batch_size=1, batch_format="numpy",

@@ -185,7 +185,7 @@ class Stage1Actor:
                  text_ids: np.ndarray | None = None, text_mask: np.ndarray | None = None, itm_batch_size: int = 128):
         import torch
 
-        from blip2_ray.model.hf_io import load_stage1
+        from blip2_ray.model.hf_format import load_stage1
 
         self.device, vdtype = _device_dtype(dtype)
         self.model, self.tok = load_stage1(model_dir, vision_dtype=vdtype)
@@ -238,12 +238,12 @@ class Stage2Actor:
     def __init__(self, model_dir: str, dtype: str, data_cfg: dict, gen: dict):
         import torch
 
-        from blip2_ray.model.hf_io import load_stage2
-        from blip2_ray.model.tokenizers import load_tokenizer
+        from blip2_ray.model.hf_format import load_stage2
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
         self.device, d = _device_dtype(dtype)
         self.model = load_stage2(model_dir, vision_dtype=getattr(torch, d), llm_dtype=getattr(torch, d)).to(self.device).eval()
-        self.tok = load_tokenizer(model_dir, "LLM tokenizer")
+        self.tok = load_llm_tokenizer(model_dir)
         self.size = self.model.vision_model.config.image_size
         self.data_cfg, self.gen = data_cfg, gen
 
@@ -313,7 +313,7 @@ def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
     import ray
     import torch
 
-    from blip2_ray.data.records import qformer_tokenizer, tokenize_qformer
+    from blip2_ray.data.records import cached_qformer_tokenizer, tokenize_qformer
     from blip2_ray.eval.retrieval import TopKAccumulator, itm_pairs, recall_at_k, rerank
 
     dc, bs = to_dict(cfg.data), cfg.compute.batch_size
@@ -342,7 +342,7 @@ def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
 
     # 2. ITM logits of every candidate pair, grouped by image
     pairs = itm_pairs(i2t, t2i_idx)
-    tok = qformer_tokenizer(os.path.abspath(cfg.model))
+    tok = cached_qformer_tokenizer(os.path.abspath(cfg.model))
     enc = tokenize_qformer(tok, ts.texts, cfg.data.qformer_max_len)
     itm_ds = _image_rows(ts, bs).map_batches(
         Stage1Actor, batch_size=bs, **_pool(cfg, len(ts.images)),
@@ -408,7 +408,7 @@ def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
 
 def _llm_kind(model_dir: str) -> str:
     cfg = _read_json(os.path.join(model_dir, "config.json"), "model config")
-    return "opt" if cfg.get("use_decoder_only_language_model", True) else "t5"
+    return "decoder" if cfg.get("use_decoder_only_language_model", True) else "t5"
 
 
 def _write(path: str, data) -> None:

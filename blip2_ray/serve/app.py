@@ -238,7 +238,7 @@ class BLIP2Ingress:
             from transformers import Blip2Config
 
             hf = Blip2Config.from_pretrained(self.cfg.model, local_files_only=True)
-            self.llm_kind = "opt" if hf.use_decoder_only_language_model else "t5"
+            self.llm_kind = "decoder" if hf.use_decoder_only_language_model else "t5"
 
     # ---- helpers
     def _guard(self, request: Request) -> None:

@@ -26,18 +26,18 @@ class CaptionDeployment:
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
-        from transformers import AutoTokenizer
-
-        from blip2_ray.model.hf_io import load_stage2
+        from blip2_ray.model.hf_format import load_stage2
         from blip2_ray.model.stage2 import caption_eos_ids
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
         self.device = torch.device(device)
         self.model = load_stage2(model_dir, vision_dtype=DTYPES[dtype], llm_dtype=DTYPES[dtype]).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.eos_ids = caption_eos_ids(self.tokenizer, self.model.llm_kind)
+        self.tokenizer = load_llm_tokenizer(model_dir)
+        self.eos_ids = caption_eos_ids(self.tokenizer, self.model.llm_family)
         lm_cfg = self.model.language_model.config
-        # OPT has learned positions: queries + prompt + new tokens must fit; T5 has relative positions
-        self.max_positions = getattr(lm_cfg, "max_position_embeddings", None) if self.model.llm_kind == "opt" else None
+        # decoders have a position limit: queries + prompt + new tokens must fit; T5 has relative positions
+        limit = getattr(lm_cfg, "max_position_embeddings", None) or getattr(lm_cfg, "n_positions", None)
+        self.max_positions = limit if self.model.llm_kind == "decoder" else None
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -101,7 +101,7 @@ class RetrievalDeployment:
     """A stage-1 model: normalised ITC features of images and texts, and ITM match probabilities."""
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32"):
-        from blip2_ray.model.hf_io import load_stage1
+        from blip2_ray.model.hf_format import load_stage1
 
         self.device = torch.device(device)
         model, self.tokenizer = load_stage1(model_dir, vision_dtype=dtype)

@@ -52,7 +52,7 @@ def test_decode_modes_and_limits():
 def test_preprocessing_matches_the_saved_processor(tmp_path):
     from PIL import Image
 
-    from blip2_ray.model.hf_io import image_processor
+    from blip2_ray.model.hf_format import image_processor
     from blip2_ray.serve.images import ImagePreprocessor
 
     image_processor(32).save_pretrained(str(tmp_path))
