@@ -54,7 +54,7 @@ def timed(fn, device, steps, warmup=2):
 
 def bench_stage2(args):
     if args.size == "real":
-        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"})
+        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"}, allow_random_init=True)
     else:
         cfg = model_config("tiny", **SMALL)
     tok = tokenizer_paths.llm_tokenizer(cfg)
@@ -117,7 +117,8 @@ def bench_stage2(args):
 
 
 def bench_stage1(args):
-    cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}) if args.size == "real" else model_config("tiny", **SMALL)
+    cfg = (model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, allow_random_init=True) if args.size == "real"
+           else model_config("tiny", **SMALL))
     tok = tokenizer_paths.qformer_tokenizer(cfg)
     torch.manual_seed(0)
     m = builders.build_stage1(cfg, tok).to(args.device).train()

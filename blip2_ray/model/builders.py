@@ -9,6 +9,7 @@ a LAVIS .pth), each through its rename table (convert.py). Random parts are seed
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from torch import nn
 
 from blip2_ray.errors import UserError
 from blip2_ray.model import convert
-from blip2_ray.model.checkpoint_files import assign_weights, read_json, require_local_dir
+from blip2_ray.model.checkpoint_files import (
+    assign_weights,
+    parameters_on_meta,
+    read_json,
+    require_local_dir,
+    require_materialized,
+)
 from blip2_ray.model.config import ModelConfig
 from blip2_ray.model.language_model import (
     DeviceMap,
@@ -48,12 +55,33 @@ def build_stage1(cfg: ModelConfig, tokenizer=None) -> Blip2Stage1:
     check_weight_sources(cfg, stage=1)
     tok = tokenizer or qformer_tokenizer(cfg)
     vision = build_vision_model(cfg.vision, vision_source(cfg))
-    model = Blip2Stage1(cfg, cfg.qformer.vocab_size or len(tok), tok.bos_token_id, tok.pad_token_id, vision_model=vision)
+    # trainable parts: when init_from supplies them all (a stage-1 checkpoint), on the meta device first
+    # (no random init to throw away), else a seeded random init in float32
+    whole = bool(cfg.init_from) and not cfg.qformer.init_from_bert
+    with parameters_on_meta() if whole else contextlib.nullcontext():
+        model = Blip2Stage1(cfg, cfg.qformer.vocab_size or len(tok), tok.bos_token_id, tok.pad_token_id,
+                            vision_model=vision)
     if cfg.qformer.init_from_bert:
         init_qformer_from_bert(model, bert_source(cfg.qformer.init_from_bert))
     if cfg.init_from:
-        load_init_from(model, init_from_source(cfg.init_from), stage=1)
+        source = init_from_source(cfg.init_from)
+        load_init_from(model, source, stage=1)
+        if whole:
+            _init_stage1_extras_left_on_meta(model, cfg)
+            require_materialized(model, source.label)
     return model
+
+
+def _init_stage1_extras_left_on_meta(model: Blip2Stage1, cfg: ModelConfig) -> None:
+    """A Blip2ForImageTextRetrieval directory has no ITG LM head or temperature: they start as a fresh model's."""
+    head = model.lm_head
+    if head.bias.device.type == "meta":
+        head.to_empty(device="cpu")
+        head.dense.reset_parameters()
+        head.layer_norm.reset_parameters()
+        nn.init.zeros_(head.bias)
+    if model.temp.device.type == "meta":
+        model.temp = nn.Parameter(torch.tensor(cfg.qformer.temp_init))
 
 
 def build_stage2(cfg: ModelConfig, tokenizer=None) -> Blip2Stage2:
@@ -128,7 +156,12 @@ def stage2_from_blip2_dir(path: str, vision_dtype: torch.dtype | str = torch.flo
     if data.get("model_type") not in BLIP2_MODEL_TYPES or "Blip2ForImageTextRetrieval" in data.get("architectures", []):
         raise UserError(f"{path!r} is not a Blip2ForConditionalGeneration directory (a stage-2 export or a "
                         f"Salesforce blip2-opt / blip2-flan-t5 copy)")
-    hf = strict_from_pretrained(Blip2ForConditionalGeneration, d, "model", dtype=llm_dtype)
+    class Blip2WithFloat32Trainables(Blip2ForConditionalGeneration):
+        # the trainable parts read in float32 at full precision: transformers' own list keeps the Q-Former
+        # in float32 for float16 only, and a bfloat16 round trip would lose the trained weights' low bits
+        _keep_in_fp32_modules_strict = ["query_tokens", "qformer", "language_projection", "vision_model.post_layernorm"]
+
+    hf = strict_from_pretrained(Blip2WithFloat32Trainables, d, "model", dtype=llm_dtype)
     recorded = read_model_config(d)
     eps = getattr(hf.config.vision_config, "ln_vision_eps", None)
     if recorded is not None and recorded.vision.ln_vision_eps is not None:
@@ -140,7 +173,7 @@ def stage2_from_blip2_dir(path: str, vision_dtype: torch.dtype | str = torch.flo
     if device_map:
         place_language_model(language_model, device_map)
     return Blip2Stage2(
-        hf.vision_model, hf.query_tokens, hf.qformer, hf.language_projection.float(), language_model,
+        hf.vision_model, hf.query_tokens, hf.qformer, hf.language_projection, language_model,
         "decoder" if decoder else "t5", vision_dtype=vision_dtype, llm_dtype=llm_dtype,
         starts_with_bos=decoder and _starts_with_bos(d, hf.config.text_config.model_type), freeze=freeze,
     )

@@ -193,10 +193,11 @@ def _listing(keys: Iterable[str], n: int = 4) -> str:
 
 
 def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str, *,
-                   required: Iterable[str] | None = None) -> None:
+                   required: Iterable[str] | None = None, keep_dtype: bool = False) -> None:
     """Put `state` into `module` by assignment (the tensors become the parameters: no second copy).
 
-    Each tensor is cast to the dtype the module holds at its key. `required`: keys that must be in
+    Each tensor is cast to the dtype the module holds at its key (`keep_dtype`: the state's dtype is
+    kept, e.g. float32 trainable parts into a module loaded in bfloat16). `required`: keys that must be in
     `state` (None: every key of the module). Keys the module lacks, shapes that differ and required
     keys missing are one UserError naming the first few keys and `source`.
     """
@@ -211,7 +212,7 @@ def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], source: st
     missing = [k for k in (own if required is None else required) if k not in state]
     if missing:
         raise UserError(f"{source} lacks weights the model needs: {_listing(missing)}")
-    cast = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    cast = {k: v if keep_dtype or v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
     module.load_state_dict(cast, strict=False, assign=True)
 
 

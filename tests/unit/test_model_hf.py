@@ -95,6 +95,19 @@ def test_stage2_loads_back_with_the_same_outputs(stage2_export):
     assert a.tolist() == b.tolist()
 
 
+def test_stage2_loads_in_bfloat16_with_the_trainable_parts_exact_in_float32(stage2_export):
+    cfg, tok, model, path = stage2_export
+    loaded = load_stage2(path, vision_dtype=torch.bfloat16, llm_dtype="bfloat16")
+    a, b = model.state_dict(), loaded.state_dict()
+    for k in b:
+        trainable = k.startswith(("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm."))
+        assert b[k].dtype == (torch.float32 if trainable else torch.bfloat16), k
+        if trainable:
+            assert torch.equal(a[k], b[k]), k
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.fixture(scope="module")
 def stage1_export(tmp_path_factory, tiny_tokenizers):
     torch.manual_seed(0)
@@ -137,6 +150,21 @@ def test_stage1_roundtrip_keeps_every_weight_including_extras(stage1_export):
     for k in a:
         assert torch.equal(a[k].float(), b[k].float()), k
     assert tok2.bos_token == "[DEC]"
+
+
+def test_a_retrieval_directory_without_our_extras_loads_with_a_fresh_lm_head_and_temperature(stage1_export, tmp_path):
+    import shutil
+
+    cfg, tok, model, path = stage1_export
+    shutil.copytree(path, tmp_path / "itm")
+    (tmp_path / "itm" / "stage1_extras.safetensors").unlink()
+    (tmp_path / "itm" / "blip2_ray_model.yaml").unlink()  # as Salesforce's blip2-itm-vit-g: HF files only
+    loaded, _ = load_stage1(str(tmp_path / "itm"))
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k].float(), b[k].float()) for k in a if not k.startswith("lm_head.") and k != "temp")
+    assert loaded.temp.item() == pytest.approx(cfg.qformer.temp_init) and loaded.temp.requires_grad
+    assert torch.equal(loaded.lm_head.bias, torch.zeros_like(loaded.lm_head.bias))
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
 
 
 def test_stage2_initialises_from_a_stage1_export(stage1_export):
