@@ -22,7 +22,7 @@ from pathlib import Path
 from blip2_ray.errors import UserError
 from blip2_ray.model import convert
 from blip2_ray.model.checkpoint_files import TensorFiles, read_json, require_local_dir, require_local_path
-from blip2_ray.model.config import ModelConfig, VisionConfig, llm_is_decoder
+from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, llm_is_decoder
 
 CONFIG_FILE = "blip2_ray_model.yaml"  # the ModelConfig an export was trained with
 EXTRAS_FILE = "stage1_extras.safetensors"  # stage-1 weights HF has no place for (Q-Former LM head, temp)
@@ -187,7 +187,9 @@ def vision_source(cfg: ModelConfig) -> WeightSource | None:
                                 f"{ln_vision_eps(recorded.vision)}, this config uses {ln_vision_eps(cfg.vision)}; "
                                 f"set model.vision.ln_vision_eps={ln_vision_eps(recorded.vision)}")
             if init.layout is convert.STAGE1_EXPORT:
-                return WeightSource(init.path, convert.BLIP2_DIR_VIT, "model.init_from", init.config.get("vision_config"))
+                vit = WeightSource(init.path, convert.BLIP2_DIR_VIT, "model.init_from", init.config.get("vision_config"))
+                _check_vision_config(vit, cfg.vision)
+                return vit
             return init  # a LAVIS .pth holding visual_encoder.*: read through LAVIS_BLIP2
     if cfg.vision.path:
         return vision_source_at(cfg.vision.path, cfg.vision)
@@ -195,14 +197,47 @@ def vision_source(cfg: ModelConfig) -> WeightSource | None:
 
 
 # ---------------------------------------------------------------------------------- BERT and the LLM
-def bert_source(path: str, key: str = "model.qformer.init_from_bert") -> WeightSource:
-    """A BERT directory (config.json model_type "bert"; pytorch_model.bin or model.safetensors)."""
+def bert_source(path: str, cfg: QFormerConfig | None = None,
+                key: str = "model.qformer.init_from_bert") -> WeightSource:
+    """A BERT directory (config.json model_type "bert"; pytorch_model.bin or model.safetensors), its sizes
+    checked against `cfg` when given."""
     require_local_dir(path, key)
     data = read_json(Path(path) / "config.json", f"{key} config") if (Path(path) / "config.json").is_file() else {}
     if data.get("model_type", "bert") != "bert":
         raise UserError(f"{key} {path!r} holds a {data['model_type']!r} model; expected a BERT directory "
                         f"such as bert-base-uncased")
-    return WeightSource(path, convert.BERT, key, data)
+    source = WeightSource(path, convert.BERT, key, data)
+    if cfg is not None:
+        _check_qformer_sizes(source, data, cfg)
+    return source
+
+
+_QFORMER_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                   ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size"))
+
+
+def _check_qformer_sizes(source: WeightSource, found: dict, cfg: QFormerConfig) -> None:
+    for field, name in _QFORMER_FIELDS:
+        if name in found and found[name] != getattr(cfg, field):
+            raise UserError(f"{source.label} holds a Q-Former / BERT with {name} {found[name]}, the config expects "
+                            f"{getattr(cfg, field)}: set model.qformer.{field} (or the preset) to match")
+
+
+def check_init_from_sizes(source: WeightSource, cfg: ModelConfig) -> None:
+    """The Q-Former (and queries) an init_from source holds fit `cfg` (read from config.json or shapes)."""
+    if source.layout is convert.STAGE1_EXPORT:
+        found = dict(source.config.get("qformer_config", {}))
+        found["num_query_tokens"] = source.config.get("num_query_tokens")
+    else:
+        files = source.files()
+        keys = files.keys()
+        q = files.shape("query_tokens") if "query_tokens" in keys else (None, None, None)
+        layers = {k.split(".")[4] for k in keys if k.startswith("Qformer.bert.encoder.layer.")}
+        found = {"hidden_size": q[2], "num_hidden_layers": len(layers), "num_query_tokens": q[1]}
+    _check_qformer_sizes(source, {k: v for k, v in found.items() if v is not None}, cfg.qformer)
+    if found.get("num_query_tokens") not in (None, cfg.qformer.num_query_tokens):
+        raise UserError(f"{source.label} holds {found['num_query_tokens']} queries, the config expects "
+                        f"{cfg.qformer.num_query_tokens}: set model.qformer.num_query_tokens to match")
 
 
 def llm_config_at(path: str, kind: str, key: str = "model.llm.path") -> dict:
@@ -254,8 +289,10 @@ def check_weight_sources(cfg: ModelConfig, stage: int) -> None:
             raise UserError(f"model.hf_path loads the whole model; remove {', '.join(taken)}")
         return
     vit = vision_source(cfg)  # also checks init_from and contradictions
+    if cfg.init_from:
+        check_init_from_sizes(init_from_source(cfg.init_from), cfg)
     if cfg.qformer.init_from_bert:
-        bert_source(cfg.qformer.init_from_bert)
+        bert_source(cfg.qformer.init_from_bert, cfg.qformer)
     if stage == 2 and cfg.llm.path:
         llm_config_at(cfg.llm.path, cfg.llm.kind)
     if cfg.preset.startswith("tiny") or cfg.allow_random_init:

@@ -258,3 +258,30 @@ def test_hub_id_without_network_is_one_clear_error():
         load_stage2("Salesforce/blip2-opt-2.7b")
     with pytest.raises(UserError, match="not a local directory"):
         build_stage2(model_config("tiny", llm={"path": "facebook/opt-2.7b"}))
+
+
+def test_a_whole_blip2_directory_builds_stage2_through_hf_path(stage2_export):
+    cfg, tok, model, path = stage2_export
+    kind = cfg.llm.kind
+    again = build_stage2(model_config(cfg.preset, hf_path=path, vision={"dtype": "float32"}, llm={"dtype": "float32"}))
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match=r"model.hf_path loads the whole model; remove model.llm.path"):
+        build_stage2(model_config(cfg.preset, hf_path=path, llm={"kind": kind, "path": path}))
+
+
+def test_an_llm_directory_missing_a_weight_is_one_error_not_a_random_init(tmp_path, tiny_tokenizers):
+    from safetensors.torch import load_file, save_file
+
+    from blip2_ray.model.language_model import build_language_model
+
+    cfg = model_config("tiny")
+    tok = llm_tokenizer(cfg)
+    llm = build_language_model(cfg, 568)
+    llm.save_pretrained(tmp_path / "opt")
+    state = load_file(str(tmp_path / "opt" / "model.safetensors"))
+    missing = "model.decoder.layers.1.fc1.weight"
+    del state[missing]
+    save_file(state, str(tmp_path / "opt" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=rf"model.llm.path .* does not fit AutoModelForCausalLM \(missing keys: {missing}"):
+        build_stage2(model_config("tiny", llm={"path": str(tmp_path / "opt")}), tok)

@@ -223,6 +223,9 @@ def test_bert_of_the_wrong_size_is_one_error(tmp_path, tiny_tokenizers):
     cfg = model_config("tiny")
     tok = qformer_tokenizer(cfg)
     d, _ = bert_as_published(tmp_path, tok, model_config("tiny", qformer={"hidden_size": 48, "num_heads": 4}).qformer)
+    with pytest.raises(UserError, match=r"BERT with hidden_size 48, the config expects 32: set model.qformer.hidden_size"):
+        check_weight_sources(model_config("tiny", qformer={"init_from_bert": str(d)}), stage=1)
+    (d / "config.json").unlink()  # without a config the tensors' shapes tell
     with pytest.raises(UserError, match=r"does not fit the configured model \(wrong size\?\)"):
         build_stage1(model_config("tiny", qformer={"init_from_bert": str(d)}), tok)
 
@@ -314,6 +317,16 @@ def test_stage2_takes_the_frozen_vit_of_its_stage1_export(stage1_export_with_vit
         build_stage2(model_config("tiny", init_from=str(root / "stage1"), vision={"path": str(root / "other_vit")}))
     hf = Blip2ForImageTextRetrieval.from_pretrained(str(root / "stage1"))  # still HF's retrieval model
     assert torch.equal(hf.vision_model.embeddings.class_embedding, s1["vision_model.embeddings.class_embedding"])
+
+
+def test_an_init_from_of_another_qformer_size_is_refused_before_building(stage1_export_with_vit_dir, tmp_path):
+    root, _ = stage1_export_with_vit_dir
+    with pytest.raises(UserError, match=r"holds 8 queries, the config expects 4: set model.qformer.num_query_tokens"):
+        check_weight_sources(model_config("tiny", init_from=str(root / "stage1"), qformer={"num_query_tokens": 4}), 2)
+    torch.save({"model": {"query_tokens": torch.zeros(1, 32, 768), "Qformer.bert.encoder.layer.0.x": torch.zeros(1)}},
+               tmp_path / "blip2.pth")
+    with pytest.raises(UserError, match=r"blip2\.pth' holds a Q-Former / BERT with hidden_size 768, the config expects 32"):
+        check_weight_sources(model_config("tiny", init_from=str(tmp_path / "blip2.pth")), 2)
 
 
 def test_stage2_refuses_an_export_trained_with_another_ln_vision_eps(stage1_export_with_vit_dir, tiny_tokenizers):
