@@ -44,6 +44,13 @@ def image_processor(image_size: int):
 
 
 # ---------------------------------------------------------------- HF configs
+def check_exportable(cfg: ModelConfig) -> None:
+    """A model of `cfg` can be exported to the HF BLIP-2 format (checked before a training run starts)."""
+    if cfg.vision.kind != "eva_vit_g":
+        raise UserError(f"model.vision.kind {cfg.vision.kind!r} does not export to the HF BLIP-2 format (its classes "
+                        f"hold only the EVA ViT-g), so this run's export could not be written; use an eva_vit_g preset")
+
+
 def _vision_hf_config(model: nn.Module) -> dict:
     """The ViT's HF config as a dict, with `ln_vision_eps` recorded when it is not the ViT's own eps."""
     from transformers import Blip2VisionModel

@@ -27,6 +27,7 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     Returns the training shard files.
     """
     from blip2_ray.data.pipeline import resolve_sources
+    from blip2_ray.model.hf_format import check_exportable
     from blip2_ray.model.weight_sources import check_weight_sources
 
     if not cfg.data.train:
@@ -35,6 +36,7 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     if not files:
         raise UserError(f"data.train {cfg.data.train} holds no .tar or .parquet shard")
     check_weight_sources(cfg.model, cfg.stage)  # kinds, sizes, contradictions, no accidental random init
+    check_exportable(cfg.model)
     tokenizer_dirs(cfg)
     return files
 

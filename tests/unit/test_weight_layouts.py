@@ -333,3 +333,22 @@ def test_stage2_refuses_an_export_trained_with_another_ln_vision_eps(stage1_expo
     root, _ = stage1_export_with_vit_dir
     with pytest.raises(UserError, match=r"set model.vision.ln_vision_eps=1e-06"):
         build_stage2(model_config("tiny", init_from=str(root / "stage1"), vision={"ln_vision_eps": 1e-5}))
+
+
+def test_the_training_job_checks_weight_sources_before_any_worker_starts(tmp_path):
+    from blip2_ray.config import from_dict
+    from blip2_ray.train.config import PretrainConfig
+    from blip2_ray.train.trainer import check_inputs
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000.tar").write_bytes(b"")
+
+    def job(**model):
+        data = {"train": [str(tmp_path / "shards")], "image_size": 32 if model["preset"] == "tiny" else 224}
+        return from_dict(PretrainConfig, {"stage": 1, "data": data, "model": model})
+
+    with pytest.raises(UserError, match=r"model.vision.path is not set, so the frozen ViT"):
+        check_inputs(job(preset="vitg_opt2.7b"))
+    with pytest.raises(UserError, match=r"model.vision.kind 'clip_vit_l' does not export to the HF BLIP-2 format"):
+        check_inputs(job(preset="vitl_opt2.7b", allow_random_init=True))
+    assert check_inputs(job(preset="tiny"))
