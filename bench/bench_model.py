@@ -54,7 +54,8 @@ def timed(fn, device, steps, warmup=2):
 
 def bench_stage2(args):
     if args.size == "real":
-        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"}, allow_random_init=True)
+        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"},
+                           allow_random_init=True)
     else:
         cfg = model_config("tiny", **SMALL)
     tok = tokenizer_paths.llm_tokenizer(cfg)

@@ -36,8 +36,8 @@ def free_port() -> int:
 def tiny_model(out_dir: str) -> str:
     import torch
 
-    from blip2_ray.model.config import model_config
     from blip2_ray.model.builders import build_stage2
+    from blip2_ray.model.config import model_config
     from blip2_ray.model.hf_format import export_stage2
     from blip2_ray.model.tokenizer_paths import llm_tokenizer
 

@@ -80,7 +80,7 @@ def vision_source_at(path: str, cfg: VisionConfig, key: str = "model.vision.path
     if Path(path).is_dir():
         data = _config_json(path, key)
         model_type = data.get("model_type")
-        layouts = {"blip-2": (convert.BLIP2_DIR_VIT, "vision_config"), "blip_2": (convert.BLIP2_DIR_VIT, "vision_config"),
+        layouts = {**dict.fromkeys(BLIP2_MODEL_TYPES, (convert.BLIP2_DIR_VIT, "vision_config")),
                    "blip_2_vision_model": (convert.HF_VIT, None),
                    "clip_vision_model": (convert.CLIP_VIT, None), "clip": (convert.CLIP_VIT, "vision_config")}
         if model_type not in layouts:
@@ -187,7 +187,8 @@ def vision_source(cfg: ModelConfig) -> WeightSource | None:
                                 f"{ln_vision_eps(recorded.vision)}, this config uses {ln_vision_eps(cfg.vision)}; "
                                 f"set model.vision.ln_vision_eps={ln_vision_eps(recorded.vision)}")
             if init.layout is convert.STAGE1_EXPORT:
-                vit = WeightSource(init.path, convert.BLIP2_DIR_VIT, "model.init_from", init.config.get("vision_config"))
+                vit = WeightSource(init.path, convert.BLIP2_DIR_VIT, "model.init_from",
+                                   init.config.get("vision_config"))
                 _check_vision_config(vit, cfg.vision)
                 return vit
             return init  # a LAVIS .pth holding visual_encoder.*: read through LAVIS_BLIP2

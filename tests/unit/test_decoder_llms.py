@@ -87,17 +87,20 @@ def test_loss_is_on_the_caption_tokens_only(decoder_model):
         prefix = model.visual_prompt(x)
         nq = prefix.shape[1]
         embeds = torch.cat([prefix, model.llm_embeddings()(ids)], 1)
-        logits = model.language_model(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(2, nq), mask], 1)).logits
+        full_mask = torch.cat([torch.ones(2, nq), mask], 1)
+        logits = model.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits
         labels = ids.masked_fill(mask == 0, -100)
         if family == "llama":
             labels[:, 0] = -100  # the BOS is not a caption token
-        ref = F.cross_entropy(logits[:, nq - 1 : -1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        ref = F.cross_entropy(logits[:, nq - 1 : -1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=-100)
     assert abs(ours.item() - ref.item()) <= 1e-5
 
 
 def test_a_training_prompt_goes_after_the_bos_and_gets_no_loss(decoder_model, tmp_path):
     family, cfg, tok, model, _ = decoder_model
-    prompted = build_stage2(model_config("tiny", llm={"kind": "decoder", "path": cfg.llm.path, "prompt": "a photo of"}), tok)
+    llm = {"kind": "decoder", "path": cfg.llm.path, "prompt": "a photo of"}
+    prompted = build_stage2(model_config("tiny", llm=llm), tok)
     prompted.load_state_dict(model.state_dict())
     prompted.eval()
     p = tok("a photo of", add_special_tokens=False).input_ids
@@ -138,8 +141,8 @@ def test_export_is_the_llms_own_config_and_transformers_generates_token_identica
     theirs = hf.generate(pixel_values=x, input_ids=ids, **settings)[:, ids.shape[1]:]
     assert ours.tolist() == theirs.tolist()
     # with left-padded VQA prompts of different lengths, as the serving / eval paths batch them
-    prompts = [vqa_prompt("what color is it?", "decoder"), vqa_prompt("what shape is the object in the picture?", "decoder"),
-               vqa_prompt("how many?", "decoder")]
+    questions = ["what color is it?", "what shape is the object in the picture?", "how many?"]
+    prompts = [vqa_prompt(q, "decoder") for q in questions]
     p_ids, p_mask = tokenize_prompts(tok, prompts, 3, "decoder")
     ours = model.generate(x, p_ids, p_mask, **settings)
     hf_ids = torch.cat([torch.full((3, nq), img), p_ids], 1)
@@ -194,7 +197,8 @@ def test_load_stage2_places_the_language_model_by_device_map(tiny_exports, devic
     model = load_stage2(tiny_exports["stage2"], vision_dtype="float32", llm_dtype="float32", device_map=device_map)
     model.eval()
     x = _pixels()
-    assert model.generate(x, num_beams=1, max_new_tokens=4).tolist() == ref.generate(x, num_beams=1, max_new_tokens=4).tolist()
+    settings = dict(num_beams=1, max_new_tokens=4)
+    assert model.generate(x, **settings).tolist() == ref.generate(x, **settings).tolist()
 
 
 def test_a_device_map_that_leaves_parameters_unplaced_is_an_error(tiny_exports):

@@ -10,14 +10,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_weight_layouts import eva_state, ln_pair, rand
 
 from blip2_ray.model import losses
 from blip2_ray.model.builders import build_stage1, build_stage2
 from blip2_ray.model.config import model_config
 from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
-from test_weight_layouts import eva_state, ln_pair, rand
 
-H, HEADS, I, Q, E, L, FREQ, DV, P = 32, 4, 64, 8, 16, 2, 2, 32, 64  # tiny preset sizes
+H, HEADS, FFN, Q, E, L, FREQ, DV, P = 32, 4, 64, 8, 16, 2, 2, 32, 64  # tiny preset sizes
 
 
 def lavis_stage1_state(vocab: int, stage: int = 1) -> dict:
@@ -39,13 +39,15 @@ def lavis_stage1_state(vocab: int, stage: int = 1) -> dict:
                        f"{p}{a}.output.dense.weight": rand(H, H, scale=0.3), f"{p}{a}.output.dense.bias": rand(H)})
             sd.update(ln_pair(f"{p}{a}.output.LayerNorm", H))
         for suffix in ("_query",) + (("",) if stage == 1 else ()):
-            sd.update({f"{p}intermediate{suffix}.dense.weight": rand(I, H, scale=0.3),
-                       f"{p}intermediate{suffix}.dense.bias": rand(I),
-                       f"{p}output{suffix}.dense.weight": rand(H, I, scale=0.3), f"{p}output{suffix}.dense.bias": rand(H)})
+            sd.update({f"{p}intermediate{suffix}.dense.weight": rand(FFN, H, scale=0.3),
+                       f"{p}intermediate{suffix}.dense.bias": rand(FFN),
+                       f"{p}output{suffix}.dense.weight": rand(H, FFN, scale=0.3),
+                       f"{p}output{suffix}.dense.bias": rand(H)})
             sd.update(ln_pair(f"{p}output{suffix}.LayerNorm", H))
     if stage == 1:
         sd.update({"Qformer.cls.predictions.transform.dense.weight": rand(H, H, scale=0.3),
-                   "Qformer.cls.predictions.transform.dense.bias": rand(H), "Qformer.cls.predictions.bias": rand(vocab)})
+                   "Qformer.cls.predictions.transform.dense.bias": rand(H),
+                   "Qformer.cls.predictions.bias": rand(vocab)})
         sd.update(ln_pair("Qformer.cls.predictions.transform.LayerNorm", H))
         sd["Qformer.cls.predictions.decoder.weight"] = sd["Qformer.bert.embeddings.word_embeddings.weight"]
         sd["Qformer.cls.predictions.decoder.bias"] = sd["Qformer.cls.predictions.bias"]
@@ -67,7 +69,8 @@ def eva_forward(sd: dict, x: torch.Tensor, depth: int) -> torch.Tensor:
         bias = torch.cat([sd[p + "attn.q_bias"], torch.zeros(d), sd[p + "attn.v_bias"]])
         q, k, v = F.linear(y, sd[p + "attn.qkv.weight"], bias).reshape(b, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
         attn = ((q * (d // HEADS) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
-        h = h + F.linear((attn @ v).transpose(1, 2).reshape(b, n, d), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        ctx = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        h = h + F.linear(ctx, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         y = F.layer_norm(h, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-6)
         h = h + F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
                          sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
@@ -137,7 +140,8 @@ def reference(sd: dict, eva: dict, pixels, ids, mask, dec_id: int, eps: float):
     sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_feat).amax(-1) / sd["temp"]
     sim_t2i = sim_i2t.t()  # one rank: the same matrix seen from the texts
     targets = torch.arange(b)
-    itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+    itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+           + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
     # ITG: [DEC] first, text attends to the cached query keys/values and causally to itself
     dec = ids.clone()
     dec[:, 0] = dec_id
@@ -145,8 +149,10 @@ def reference(sd: dict, eva: dict, pixels, ids, mask, dec_id: int, eps: float):
     causal = torch.tril(torch.ones(t, t))
     allowed = torch.cat([torch.ones(b, t, Q), causal[None] * mask[:, None, :].float()], 2)  # (B, T, Q+T)
     itg_mask = (1.0 - allowed[:, None]) * -10000.0
-    d_out, _ = qformer_forward(sd, ln(sd, "Qformer.bert.embeddings.LayerNorm", word[dec] + pos), itg_mask, pasts=q_cache)
-    hdn = ln(sd, "Qformer.cls.predictions.transform.LayerNorm", F.gelu(lin(sd, "Qformer.cls.predictions.transform.dense", d_out)))
+    dec_embeds = ln(sd, "Qformer.bert.embeddings.LayerNorm", word[dec] + pos)
+    d_out, _ = qformer_forward(sd, dec_embeds, itg_mask, pasts=q_cache)
+    head = "Qformer.cls.predictions.transform"
+    hdn = ln(sd, head + ".LayerNorm", F.gelu(lin(sd, head + ".dense", d_out)))
     logits = F.linear(hdn, word, sd["Qformer.cls.predictions.bias"])
     labels = dec.masked_fill(mask == 0, -100)
     itg = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
@@ -201,7 +207,8 @@ def test_lavis_stage2_checkpoint_loads_into_stage2(tmp_path, tiny_tokenizers):
     sd.update({"opt_proj.weight": rand(d_llm, H), "opt_proj.bias": rand(d_llm)})
     torch.save({"model": sd, "epoch": 4}, tmp_path / "blip2_opt.pth")
     torch.save(eva_state(depth=L), tmp_path / "eva_vit_g.pth")
-    cfg = model_config("tiny", vision={"path": str(tmp_path / "eva_vit_g.pth")}, init_from=str(tmp_path / "blip2_opt.pth"))
+    cfg = model_config("tiny", vision={"path": str(tmp_path / "eva_vit_g.pth")},
+                       init_from=str(tmp_path / "blip2_opt.pth"))
     s = build_stage2(cfg, llm_tokenizer(cfg0)).state_dict()
     assert torch.equal(s["language_projection.weight"], sd["opt_proj.weight"])
     assert torch.equal(s["query_tokens"], sd["query_tokens"])
@@ -217,6 +224,7 @@ def test_a_lavis_stage2_checkpoint_cannot_start_stage1(tmp_path, tiny_tokenizers
 
     torch.save({"model": lavis_stage1_state(0, stage=2)}, tmp_path / "blip2_opt.pth")
     torch.save(eva_state(depth=L), tmp_path / "eva_vit_g.pth")
-    cfg = model_config("tiny", vision={"path": str(tmp_path / "eva_vit_g.pth")}, init_from=str(tmp_path / "blip2_opt.pth"))
-    with pytest.raises(UserError, match=r"blip2_opt\.pth' lacks weights the model needs: .*(embeddings|intermediate\.)"):
+    cfg = model_config("tiny", vision={"path": str(tmp_path / "eva_vit_g.pth")},
+                       init_from=str(tmp_path / "blip2_opt.pth"))
+    with pytest.raises(UserError, match=r"blip2_opt\.pth' lacks weights the model needs: .*(embeddings|intermediate)"):
         build_stage1(cfg, qformer_tokenizer(cfg))
