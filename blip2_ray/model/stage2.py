@@ -188,10 +188,10 @@ class Blip2Stage2(nn.Module):
         one; None: just the BOS, or nothing). T5: prompts for the encoder (None: only the visual
         prompt). Returns only the generated tokens.
         """
-        prefix = self.visual_prompt(pixel_values)
-        b, nq = prefix.shape[:2]
-        dev = prefix.device
         emb = self.llm_embeddings()
+        dev = emb.weight.device  # the LLM's input side (a device_map may put it apart from the ViT)
+        prefix = self.visual_prompt(pixel_values).to(dev)
+        b, nq = prefix.shape[:2]
         cfg = self.language_model.config
         if input_ids is None:
             if self.starts_with_bos:
@@ -200,8 +200,8 @@ class Blip2Stage2(nn.Module):
                 input_ids = torch.zeros(b, 0, dtype=torch.long, device=dev)
         if pad_token_id is None:
             pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        input_ids = input_ids.to(dev)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
         embeds = torch.cat([prefix.to(emb.weight.dtype), emb(input_ids)], 1)
         mask = torch.cat([torch.ones(b, nq, dtype=attention_mask.dtype, device=dev), attention_mask], 1)
         kwargs = dict(
