@@ -69,15 +69,18 @@ def bench_stage2(args):
         theirs = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype)
     # the same frozen / trainable split on both
     for n, p in theirs.named_parameters():
-        p.requires_grad_(not (n.startswith("language_model.") or (n.startswith("vision_model.") and "post_layernorm" not in n)))
+        frozen = n.startswith("language_model.") or (n.startswith("vision_model.") and "post_layernorm" not in n)
+        p.requires_grad_(not frozen)
     ours.to(args.device).train()
     theirs.to(args.device).train()
     theirs.language_model.eval()
 
     b, s = args.batch, cfg.vision.image_size
     x = torch.randn(b, 3, s, s, device=args.device)
-    caps = [f"a photo of a {c} {sh} on a white background\n" for c, sh in zip(["red", "blue", "green", "black"] * 64, ["circle", "square", "star", "ring"] * 64)][:b]
-    enc = tok(caps, padding="max_length", max_length=cfg.llm.max_text_len, truncation=True, return_tensors="pt").to(args.device)
+    caps = [f"a photo of a {c} {sh} on a white background\n"
+            for c, sh in zip(["red", "blue", "green", "black"] * 64, ["circle", "square", "star", "ring"] * 64)][:b]
+    enc = tok(caps, padding="max_length", max_length=cfg.llm.max_text_len, truncation=True,
+              return_tensors="pt").to(args.device)
     nq = cfg.qformer.num_query_tokens
     img = theirs.config.image_token_index
     hf_ids = torch.cat([torch.full((b, nq), img, device=args.device), enc.input_ids], 1)
@@ -87,7 +90,8 @@ def bench_stage2(args):
 
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-5)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda"
+                else torch.autocast("cpu", enabled=False))
 
     def step_ours():
         with autocast:

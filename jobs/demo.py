@@ -23,15 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from blip2_ray.errors import cli_main  # noqa: E402
+from blip2_ray.runtime.cli import cli_main  # noqa: E402
+from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 
 
 def rows_of(shards: str, image_size: int, qformer_tok: str | None, llm_tok: str | None) -> list[dict]:
     """Eval-transformed rows of `shards` through the real data pipeline."""
+    from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.pipeline import build_dataset
 
-    cfg = DataConfig(image_size=image_size)
+    cfg = from_dict(DataConfig, {"image_size": image_size})
     return build_dataset(cfg, [shards], train=False, qformer_tokenizer=qformer_tok, llm_tokenizer=llm_tok).take_all()
 
 
@@ -62,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", default=None, help="Ray address (default: start a local instance)")
     args = ap.parse_args(argv)
 
-    import ray
-
     from blip2_ray.config import load_config
     from blip2_ray.data.sample import make_sample_shards
     from blip2_ray.model.config import model_config
@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. data: {train['good']} training and 96 held-out images of coloured shapes {stamp()}", flush=True)
 
     if args.address:
-        ray.init(address=args.address)
-    else:
+        init_ray(args.address)
+    else:  # the demo's own instance, even inside a shell that names another cluster in RAY_ADDRESS
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+        # 4 logical CPUs on any machine: the 2 train workers and a decode task must fit at once, or Ray waits
+        # for resources forever
+        init_ray("local", env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4, include_dashboard=False, log_to_driver=True)
 
     # 2. the frozen backbones, pre-trained on the same kind of data and then frozen for BLIP-2
     cfg = model_config("tiny")

@@ -18,7 +18,7 @@ _TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading ta
 
 
 def cached_qformer_tokenizer(path: str):
-    """The model's Q-Former tokenizer loader (model.tokenizers), cached per process."""
+    """The Q-Former (BERT) tokenizer of the directory `path`, loaded once per process."""
     if ("qformer", path) not in _TOKENIZERS:
         from blip2_ray.model.tokenizers import load_qformer_tokenizer
 
@@ -27,7 +27,7 @@ def cached_qformer_tokenizer(path: str):
 
 
 def cached_llm_tokenizer(path: str):
-    """The model's LLM tokenizer loader (model.tokenizers), cached per process."""
+    """The LLM tokenizer of the directory `path`, right padded (training batches), loaded once per process."""
     if ("llm", path) not in _TOKENIZERS:
         from blip2_ray.model.tokenizers import load_llm_tokenizer
 
@@ -67,18 +67,22 @@ def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, epoch: int = 0,
                     qformer_tokenizer_path: str | None = None, llm_tokenizer_path: str | None = None,
-                    llm_family: str | None = None, on_skip: Callable[[str], None],
-                    with_pixels: bool = True) -> dict[str, np.ndarray]:
+                    llm_family: str | None = None, on_skip: Callable[[str], None], with_pixels: bool = True,
+                    record_numbers: Iterable[int] | None = None) -> dict[str, np.ndarray]:
     """Raw records {"key", "image", "caption"} -> a batch of columns (rows of bad records dropped).
 
     Columns: key (str), caption (str, cleaned), pixel_values uint8 (B, 3, S, S) RGB (train crop/flip or
-    eval resize; CLIP normalisation happens on the consumer: TrainCollate / transforms.normalize_pixels),
-    and, per tokenizer given, qformer_/llm_ input_ids and attention_mask int64 (B, max_len); `llm_family`
-    (the LLM's model_type, e.g. "opt") decides how a caption ends (see tokenize_llm).
+    eval resize; CLIP normalisation happens on the consumer: `transforms.normalize_pixels` on the host or
+    `transforms.normalize_pixels_tensor` on the device), and, per tokenizer given, qformer_/llm_ input_ids
+    and attention_mask int64 (B, max_len); `llm_family` (the LLM's model_type, e.g. "opt") decides how a
+    caption ends (see tokenize_llm). With `record_numbers` (one per record: its position in the shard) a
+    "record" int64 column keeps the numbers of the rows that survive.
     """
-    keys, captions, pixels = [], [], []
+    keys, captions, pixels, kept = [], [], [], []
     size = cfg.image_size
+    numbers = iter(record_numbers) if record_numbers is not None else None
     for r in records:
+        number = next(numbers) if numbers is not None else None
         key = str(r["key"])
         rng = record_rng(cfg.seed, epoch, key)
         try:
@@ -93,7 +97,10 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
             continue
         keys.append(key)
         captions.append(caption)
+        kept.append(number)
     out = {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object)}
+    if numbers is not None:
+        out["record"] = np.array(kept, dtype=np.int64)
     if with_pixels:
         out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
     if qformer_tokenizer_path:

@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import ConfigError, _merge, doc
+from blip2_ray.config import ConfigError, doc, merge
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -150,7 +150,7 @@ class ModelConfig:
         name = data.get("preset", "tiny")
         if name not in PRESETS:
             raise ConfigError(f"{where or 'model'}.preset {name!r} is unknown; valid presets: {', '.join(PRESETS)}")
-        return _merge(copy.deepcopy(PRESETS[name]), data)
+        return merge(copy.deepcopy(PRESETS[name]), data)
 
 
 def llm_is_decoder(kind: str) -> bool:

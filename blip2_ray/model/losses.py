@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from blip2_ray.model.precision import autocast_off
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -24,14 +26,17 @@ def itc_similarities(
     """ITC logits of the local batch against the global one.
 
     image_feats: (B, Q, E) L2-normalised query features; text_feat: (B, E) normalised [CLS] features.
-    Returns sim_i2t (B, W*B) and sim_t2i (B, W*B): the max over the Q queries of the dot product, / temp.
+    Returns sim_i2t (B, W*B) and sim_t2i (B, W*B), float32 even under autocast: the max over the Q queries of
+    the dot product, / temp.
     The other ranks' features come through `gather` with no gradient (as in the reference): each rank
     back-propagates through its own rows only.
     """
     image_all = gather(image_feats.detach())  # (W*B, Q, E)
     text_all = gather(text_feat.detach())  # (W*B, E)
-    sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_all).amax(-1) / temp
-    sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_all).amax(-1) / temp
+    with autocast_off(image_feats.device.type):  # float32 similarities and division by temp (docs/training.md)
+        image_feats, text_feat, temp = image_feats.float(), text_feat.float(), temp.float()
+        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_all.float()).amax(-1) / temp
+        sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_all.float()).amax(-1) / temp
     return sim_i2t, sim_t2i
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from blip2_ray.model.config import QFormerConfig
+from blip2_ray.model.precision import autocast_off
 
 
 def build_qformer(cfg: QFormerConfig, vision_width: int, vocab_size: int, with_text: bool = True) -> nn.Module:
@@ -89,5 +90,6 @@ class QFormerLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        h = self.layer_norm(nn.functional.gelu(self.dense(hidden)))
-        return nn.functional.linear(h, word_embeddings, self.bias)
+        with autocast_off(hidden.device.type):  # float32 ITG logits even under autocast (model/precision.py)
+            h = self.layer_norm(nn.functional.gelu(self.dense(hidden.float())))
+            return nn.functional.linear(h, word_embeddings.float(), self.bias)

@@ -15,6 +15,7 @@ from torch import nn
 
 from blip2_ray.model import losses
 from blip2_ray.model.config import ModelConfig
+from blip2_ray.model.precision import Float32Linear
 from blip2_ray.model.qformer import (
     QFormerLMHead,
     build_qformer,
@@ -60,9 +61,10 @@ class Blip2Stage1(nn.Module):
         self.qformer = build_qformer(q, cfg.vision.hidden_size, vocab_size, with_text=True)
         self.embeddings = Blip2TextEmbeddings(self.qformer.config)
         self.embeddings.apply(self.qformer._init_weights)
-        self.vision_projection = nn.Linear(q.hidden_size, q.embed_dim)
-        self.text_projection = nn.Linear(q.hidden_size, q.embed_dim)
-        self.itm_head = nn.Linear(q.hidden_size, 2)
+        # float32 even under autocast: ITC features and ITM logits (model/precision.py)
+        self.vision_projection = Float32Linear(q.hidden_size, q.embed_dim)
+        self.text_projection = Float32Linear(q.hidden_size, q.embed_dim)
+        self.itm_head = Float32Linear(q.hidden_size, 2)
         self.lm_head = QFormerLMHead(q.hidden_size, vocab_size, eps=self.qformer.config.layer_norm_eps)
         self.temp = nn.Parameter(torch.tensor(q.temp_init))
 

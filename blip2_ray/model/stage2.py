@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip2_ray.model.precision import autocast_off
 from blip2_ray.model.qformer import run_qformer
 from blip2_ray.model.vision import encode_image, freeze_vision
 
@@ -132,13 +133,14 @@ class Blip2Stage2(nn.Module):
             p = self.prompt_ids.to(ids.device).expand(b, -1)
             ids = torch.cat([ids[:, :lead], p, ids[:, lead:]], 1)
             mask = torch.cat([mask[:, :lead], torch.ones_like(p, dtype=mask.dtype), mask[:, lead:]], 1)
-        text_embeds = self.llm_embeddings()(ids)
-        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
         full_mask = torch.cat([torch.ones(b, nq, dtype=mask.dtype, device=mask.device), mask], 1)
         # only the positions that predict a text token need the (large) vocabulary projection: the last
         # query's output predicts text token 0 (a first token without BOS), position nq+t-1 token t
         t = ids.shape[1]
-        out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, logits_to_keep=t + 1)
+        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
+            text_embeds = self.llm_embeddings()(ids)
+            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, logits_to_keep=t + 1)
         logits = out.logits[:, :-1]  # (B, T, V)
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, :n_no_loss] = -100
@@ -156,11 +158,13 @@ class Blip2Stage2(nn.Module):
             p = self.prompt_ids.to(ids.device).expand(b, -1)
             enc_ids = torch.cat([p, enc_ids], 1)
             enc_mask = torch.cat([torch.ones_like(p, dtype=enc_mask.dtype), enc_mask], 1)
-        text_embeds = self.llm_embeddings()(enc_ids)
-        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
         full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=enc_mask.device), enc_mask], 1)
         decoder_input_ids = self.language_model._shift_right(labels)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=decoder_input_ids)
+        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
+            text_embeds = self.llm_embeddings()(enc_ids)
+            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask,
+                                      decoder_input_ids=decoder_input_ids)
         loss = F.cross_entropy(
             out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1), ignore_index=-100
         )

@@ -1,10 +1,10 @@
 """Frozen image encoders: EVA ViT-g/14 (HF `Blip2VisionModel` layout) and CLIP ViT-L/14.
 
-The trunk is frozen: half-precision weights, eval mode, no grad. Its last LayerNorm, BLIP-2's
-`ln_vision`, is the exception: it trains and runs in float32. In HF's layout that LayerNorm is
-`vision_model.post_layernorm`, so freezing "the ViT" must leave it alone. `build_vision_model`
-allocates the trunk directly in its storage dtype: with a weight source on the meta device and then
-assigned the file's tensors, without one as a seeded random init in that dtype.
+The trunk is frozen: half-precision weights, eval mode, no grad, computed in its storage dtype even under
+autocast. Its last LayerNorm, BLIP-2's `ln_vision`, is the exception: it trains and runs in float32. In
+HF's layout that LayerNorm is `vision_model.post_layernorm`, so freezing "the ViT" must leave it alone.
+`build_vision_model` allocates the trunk directly in its storage dtype: with a weight source on the meta
+device and then assigned the file's tensors, without one as a seeded random init in that dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from blip2_ray.model.checkpoint_files import (
     require_materialized,
 )
 from blip2_ray.model.config import VisionConfig
+from blip2_ray.model.precision import autocast_off
 from blip2_ray.model.weight_sources import WeightSource, ln_vision_eps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -128,8 +129,12 @@ def freeze_vision(vision_model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, computed without grad."""
-    with torch.no_grad():
+    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, without grad, in the trunk's storage dtype.
+
+    Autocast is off inside: the frozen weights are used as stored (an fp16 trunk computes in fp16 under
+    bf16 autocast too), and the pixels are cast to that dtype by the embeddings.
+    """
+    with torch.no_grad(), autocast_off(pixel_values.device.type):
         if isinstance(vision_model, ClipVisionTower):
             return vision_model.trunk(pixel_values)
         emb = vision_model.embeddings(pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype))
@@ -137,7 +142,7 @@ def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.T
 
 
 def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision."""
+    """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision in float32."""
     hidden = vision_trunk(vision_model, pixel_values)
-    ln = vision_model.post_layernorm
-    return ln(hidden.to(ln.weight.dtype))
+    with autocast_off(hidden.device.type):
+        return vision_model.post_layernorm(hidden.float())

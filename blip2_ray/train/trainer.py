@@ -42,12 +42,14 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
 
 
 def build_train_dataset(cfg: PretrainConfig):
+    """The run's training dataset, its epoch read from the run's EpochPlan (created here, held by the driver)."""
+    from blip2_ray.data.epoch_plan import epoch_plan_name
     from blip2_ray.data.pipeline import build_dataset
     from blip2_ray.model.weight_sources import llm_family
 
     qtok, ltok = tokenizer_dirs(cfg)
     return build_dataset(cfg.data, cfg.data.train, train=True, qformer_tokenizer=qtok, llm_tokenizer=ltok,
-                         llm_family=llm_family(cfg.model) if ltok else None)
+                         plan_name=epoch_plan_name(cfg.run_name), llm_family=llm_family(cfg.model) if ltok else None)
 
 
 def run_config(cfg: PretrainConfig):
@@ -114,11 +116,48 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
+class TrainingWarning(UserWarning):
+    """A setting that trains differently from the paper (said once per run, at start)."""
+
+
 def run_pretrain(cfg: PretrainConfig, dataset=None):
-    """Check inputs, train (resuming the run's latest checkpoint if any), export; the ray.train Result."""
+    """Check inputs and cluster resources, train (resuming the run's latest checkpoint if any), export.
+
+    Returns the ray.train Result. A worker that stopped for a data stall raises its DataStallError here.
+    """
+    import warnings
+
+    from ray.train import TrainingFailedError
+
+    from blip2_ray.train.resources import check_cluster
+
     cfg = absolute_paths(cfg)
     check_inputs(cfg)
-    return build_trainer(cfg, dataset).fit()
+    check_cluster(cfg)
+    for message in cfg.start_warnings():
+        warnings.warn(message, TrainingWarning, stacklevel=2)
+    try:
+        return build_trainer(cfg, dataset).fit()
+    except TrainingFailedError as e:
+        stall = data_stall_of(e)
+        if stall is not None:
+            raise stall from None
+        raise
+
+
+def data_stall_of(error: BaseException):
+    """The DataStallError a worker raised inside a Ray Train failure, or None."""
+    from blip2_ray.train.batches import DataStallError
+
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = failure
+        for _ in range(8):  # RayTaskError -> its cause -> ...
+            if cause is None:
+                break
+            if isinstance(cause, DataStallError):
+                return DataStallError(str(cause.args[0]) if cause.args else str(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__
+    return None
 
 
 def read_train_state(checkpoint) -> dict:

@@ -84,8 +84,10 @@ def test_sample_images_match_their_captions(tmp_path):
     make_sample_shards(str(tmp_path), num=12, shards=1, image_size=64, num_captions=2)
     with tarfile.open(tmp_path / "00000.tar") as t:
         files = {m.name: t.extractfile(m).read() for m in t.getmembers()}
-    from PIL import Image
     import io
+
+    from PIL import Image
+
     from blip2_ray.data.sample import _RGB
     for i in range(12):
         meta = json.loads(files[f"{i:07d}.json"])

@@ -175,34 +175,78 @@ def test_load_stage2_reads_the_export_back(decoder_model):
     assert torch.allclose(loaded.visual_prompt(x), model.visual_prompt(x), atol=1e-6)
 
 
-def test_the_caption_deployment_serves_it_unchanged(decoder_model):
+def test_the_caption_deployment_serves_it_as_generate_does(decoder_model):
+    """Served step-wise (left-padded rows of different prompt lengths, rows joining a running batch, a VQA
+    question worded by the replica) == `Blip2Stage2.generate` of the same model, token for token."""
+    import asyncio
+
     from blip2_ray.serve.models import CaptionDeployment
 
     family, cfg, tok, model, export = decoder_model
-    dep = CaptionDeployment(export)
-    items = [{"pixel_values": np.random.RandomState(s).randn(3, 32, 32).astype(np.float32), "prompt": p,
-              "max_new_tokens": 5, "min_new_tokens": 1, "num_beams": 1, "temperature": 0.0}
-             for s, p in ((0, ""), (1, vqa_prompt("what color?", "decoder")), (2, "a photo of"))]
-    out = dep._run(items)
-    assert [r["batch_size"] for r in out] == [3, 3, 3]
-    for it, r in zip(items, out):
-        assert r["finish_reason"] in ("stop", "length") and 1 <= r["completion_tokens"] <= 5
-        assert r["token_ids"] == dep._run([it])[0]["token_ids"]
+    dep = CaptionDeployment(export, max_batch_size=4, batch_wait_timeout_s=0)
+    torch.manual_seed(3)
+    with torch.no_grad():  # larger random weights: outputs that change with the context (a wrong position shows)
+        for p in list(dep.model.language_model.parameters()) + list(dep.model.language_projection.parameters()):
+            if p.dim() == 2:
+                p.normal_(0, 1.0)
+
+    def item(seed, prompt="", question=False, max_new=8, min_new=1):
+        pixels = (np.random.RandomState(seed).rand(3, 32, 32) * 255).astype(np.uint8)
+        return {"pixel_values": pixels, "prompt": prompt, "question": question, "max_new_tokens": max_new,
+                "min_new_tokens": min_new, "num_beams": 1, "temperature": 0.0}
+
+    def reference(it):
+        prompt = vqa_prompt(it["prompt"], "decoder") if it["question"] else it["prompt"]
+        ids, mask = tokenize_prompts(dep.tokenizer, [prompt] if prompt else None, 1, "decoder")
+        eos = dep.engine.eos_ids
+        out = dep.model.generate(dep.engine.preprocess(it["pixel_values"][None]), ids, mask, num_beams=1,
+                                 max_new_tokens=it["max_new_tokens"], min_new_tokens=it["min_new_tokens"],
+                                 eos_token_id=eos)[0].tolist()
+        stop = next((j for j, t in enumerate(out) if t in eos), None)
+        return out if stop is None else out[: stop + 1]
+
+    items = [item(0, max_new=12, min_new=12), item(1, "what color is it?", question=True),
+             item(2, "a photo of"), item(3, "a picture of two red", max_new=6, min_new=3), item(4, max_new=5)]
+
+    async def run():
+        first = [asyncio.ensure_future(dep.generate(it)) for it in items[:2]]
+        while dep.engine.counters["steps"] < 3:
+            await asyncio.sleep(0.001)
+        later = [asyncio.ensure_future(dep.generate(it)) for it in items[2:]]  # join the running batch
+        return await asyncio.gather(*first, *later)
+
+    results = asyncio.run(run())
+    assert max(r["batch_size"] for r in results[2:]) >= 3
+    assert len({t for r in results for t in r["token_ids"]}) >= 6  # varied outputs: a wrong cache would show
+    for it, r in zip(items, results):
+        assert r["token_ids"] == reference(it), it["prompt"]
+        assert r["finish_reason"] == ("stop" if r["token_ids"][-1] in dep.engine.eos_ids else "length")
 
 
 # ------------------------------------------------------------------------------------- device_map
+@pytest.fixture(scope="module")
+def tiny_opt_export(tmp_path_factory, tiny_tokenizers) -> str:
+    """A random tiny stage-2 model (OPT) exported in HF format."""
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer
+
+    cfg = model_config("tiny")
+    tok = llm_tokenizer(cfg)
+    torch.manual_seed(0)
+    return export_stage2(build_stage2(cfg, tok), str(tmp_path_factory.mktemp("tiny_opt") / "export"), tok, cfg)
+
+
 @pytest.mark.parametrize("device_map", [None, {"": "cpu"}, {"model": "cpu", "lm_head": "cpu"}])
-def test_load_stage2_places_the_language_model_by_device_map(tiny_exports, device_map):
-    ref = load_stage2(tiny_exports["stage2"], vision_dtype="float32", llm_dtype="float32").eval()
-    model = load_stage2(tiny_exports["stage2"], vision_dtype="float32", llm_dtype="float32", device_map=device_map)
+def test_load_stage2_places_the_language_model_by_device_map(tiny_opt_export, device_map):
+    ref = load_stage2(tiny_opt_export, vision_dtype="float32", llm_dtype="float32").eval()
+    model = load_stage2(tiny_opt_export, vision_dtype="float32", llm_dtype="float32", device_map=device_map)
     model.eval()
     x = _pixels()
     settings = dict(num_beams=1, max_new_tokens=4)
     assert model.generate(x, **settings).tolist() == ref.generate(x, **settings).tolist()
 
 
-def test_a_device_map_that_leaves_parameters_unplaced_is_an_error(tiny_exports):
+def test_a_device_map_that_leaves_parameters_unplaced_is_an_error(tiny_opt_export):
     from blip2_ray.errors import UserError
 
     with pytest.raises(UserError, match=r"places no device for \['model.decoder"):
-        load_stage2(tiny_exports["stage2"], llm_dtype="float32", device_map={"lm_head": "cpu"})
+        load_stage2(tiny_opt_export, llm_dtype="float32", device_map={"lm_head": "cpu"})
