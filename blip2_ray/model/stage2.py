@@ -71,9 +71,9 @@ class Blip2Stage2(nn.Module):
         self.qformer = qformer
         self.language_projection = language_projection
         self.language_model = language_model
-        self.register_buffer(
-            "prompt_ids", prompt_ids if prompt_ids is not None else torch.zeros(1, 0, dtype=torch.long), persistent=False
-        )
+        if prompt_ids is None:
+            prompt_ids = torch.zeros(1, 0, dtype=torch.long)
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         if freeze:
             freeze_vision(self.vision_model, vision_dtype)
             if any(p.dtype != llm_dtype for p in self.language_model.parameters()):

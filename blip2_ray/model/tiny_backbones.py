@@ -53,7 +53,8 @@ def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Genera
     """
     attrs = [w for w in caption.split() if w in words]
     fillers = [w for w in ("the", "of", "and", "with", "this", "that", "one", "image", "scene") if w not in attrs]
-    ctx = attrs + [fillers[int(i)] for i in torch.randint(0, len(fillers), (max(0, ctx_len - len(attrs)),), generator=rng)]
+    picks = torch.randint(0, len(fillers), (max(0, ctx_len - len(attrs)),), generator=rng)
+    ctx = attrs + [fillers[int(i)] for i in picks]
     ctx = [ctx[int(i)] for i in torch.randperm(len(ctx), generator=rng)]
     ctx_ids = tokenizer(" ".join(ctx), add_special_tokens=False).input_ids
     cap_ids = tokenizer(caption + "\n").input_ids  # starts with </s>

@@ -200,7 +200,8 @@ def test_lavis_state_dict_converts_to_our_keys(stage1_export):
              .replace("embeddings.word_embeddings.", "Qformer.bert.embeddings.word_embeddings.")
              .replace("embeddings.position_embeddings.", "Qformer.bert.embeddings.position_embeddings.")
              .replace("qformer.encoder.", "Qformer.bert.encoder.")
-             .replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.", ".crossattention.self.")
+             .replace(".attention.attention.", ".attention.self.")
+             .replace(".crossattention.attention.", ".crossattention.self.")
              .replace("lm_head.dense.", "Qformer.cls.predictions.transform.dense.")
              .replace("lm_head.layer_norm.", "Qformer.cls.predictions.transform.LayerNorm.")
              .replace("lm_head.bias", "Qformer.cls.predictions.bias")
@@ -234,8 +235,9 @@ def test_qformer_initialises_from_a_bert_directory(tmp_path, tiny_tokenizers):
     cfg = model_config("tiny")
     tok = qformer_tokenizer(cfg)
     q = cfg.qformer
-    bert = BertForMaskedLM(BertConfig(vocab_size=len(tok) - 1, hidden_size=q.hidden_size, num_hidden_layers=q.num_layers,
-                                      num_attention_heads=q.num_heads, intermediate_size=q.intermediate_size,
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tok) - 1, hidden_size=q.hidden_size,
+                                      num_hidden_layers=q.num_layers, num_attention_heads=q.num_heads,
+                                      intermediate_size=q.intermediate_size,
                                       max_position_embeddings=q.max_position_embeddings))
     bert.save_pretrained(tmp_path / "bert")
     model = build_stage1(model_config("tiny", qformer={"init_from_bert": str(tmp_path / "bert")}), tok)
@@ -245,10 +247,12 @@ def test_qformer_initialises_from_a_bert_directory(tmp_path, tiny_tokenizers):
         text_ffn = b[f"bert.encoder.layer.{i}.intermediate.dense.weight"]
         assert torch.equal(s[f"qformer.encoder.layer.{i}.intermediate.dense.weight"], text_ffn)
         assert torch.equal(s[f"qformer.encoder.layer.{i}.intermediate_query.dense.weight"], text_ffn)
-        assert torch.equal(s[f"qformer.encoder.layer.{i}.output_query.dense.weight"], b[f"bert.encoder.layer.{i}.output.dense.weight"])
+        assert torch.equal(s[f"qformer.encoder.layer.{i}.output_query.dense.weight"],
+                           b[f"bert.encoder.layer.{i}.output.dense.weight"])
         assert torch.equal(s[f"qformer.encoder.layer.{i}.attention.attention.query.weight"],
                            b[f"bert.encoder.layer.{i}.attention.self.query.weight"])
-    assert torch.equal(s["embeddings.word_embeddings.weight"][: len(tok) - 1], b["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(s["embeddings.word_embeddings.weight"][: len(tok) - 1],
+                       b["bert.embeddings.word_embeddings.weight"])
     assert torch.equal(s["qformer.layernorm.weight"], b["bert.embeddings.LayerNorm.weight"])
     assert torch.equal(s["lm_head.dense.weight"], b["cls.predictions.transform.dense.weight"])
 
@@ -283,5 +287,6 @@ def test_an_llm_directory_missing_a_weight_is_one_error_not_a_random_init(tmp_pa
     missing = "model.decoder.layers.1.fc1.weight"
     del state[missing]
     save_file(state, str(tmp_path / "opt" / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(UserError, match=rf"model.llm.path .* does not fit AutoModelForCausalLM \(missing keys: {missing}"):
+    fits = rf"model.llm.path .* does not fit AutoModelForCausalLM \(missing keys: {missing}"
+    with pytest.raises(UserError, match=fits):
         build_stage2(model_config("tiny", llm={"path": str(tmp_path / "opt")}), tok)

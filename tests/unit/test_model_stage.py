@@ -88,7 +88,8 @@ def test_frozen_parts_stay_frozen_and_ln_vision_trains(stage, tiny_tokenizers):
 def test_stage1_reports_each_loss_component(stage1):
     cfg, tok, model = stage1
     enc = tok(["a red circle", "a blue square", "a green star", "a cyan ring"], padding="longest", return_tensors="pt")
-    out = model(torch.randn(4, 3, 32, 32), enc.input_ids, enc.attention_mask, generator=torch.Generator().manual_seed(0))
+    out = model(torch.randn(4, 3, 32, 32), enc.input_ids, enc.attention_mask,
+                generator=torch.Generator().manual_seed(0))
     c = out.components()
     assert set(c) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
     assert c["loss"] == pytest.approx(c["loss_itc"] + c["loss_itm"] + c["loss_itg"], rel=1e-5)
