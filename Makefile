@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-data bench-train bench-ds-step bench-serve bench-eval clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: install
 
 bench-model: install
 	$(PY) bench/bench_model.py
+
+bench-model-memory: install
+	$(PY) bench/bench_model_memory.py
 
 bench-data: install
 	$(PY) bench/bench_data.py

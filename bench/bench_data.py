@@ -59,7 +59,8 @@ def single_loop(files, cfg, toks) -> tuple[int, float, float]:
         recs = list(read_shard_records(f, cfg.image_keys, cfg.caption_keys, lambda r: None))
         for i in range(0, len(recs), cfg.decode_batch_size):
             out = process_records(recs[i:i + cfg.decode_batch_size], cfg, train=True, on_skip=lambda r: None,
-                                  qformer_tokenizer_path=toks["qformer"], llm_tokenizer_path=toks["opt"])
+                                  qformer_tokenizer_path=toks["qformer"], llm_tokenizer_path=toks["opt"],
+                                  llm_family="opt")
             n += len(out["key"])
             first = first or time.perf_counter() - t0
     return n, time.perf_counter() - t0, first
@@ -104,7 +105,7 @@ def pipeline_run(src, cfg, toks) -> tuple[int, float, float]:
 
     t0, n, first = time.perf_counter(), 0, None
     ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"],
-                       llm_tokenizer=toks["opt"])
+                       llm_tokenizer=toks["opt"], llm_family="opt")
     for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy", prefetch_batches=2):
         n += len(batch["key"])
         first = first or time.perf_counter() - t0

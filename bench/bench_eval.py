@@ -46,15 +46,10 @@ def main() -> None:
     from blip2_ray.config import from_dict, to_dict
     from blip2_ray.data.readers import list_shards
     from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.model.builders import build_stage1, build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import (
-        build_stage1,
-        build_stage2,
-        export_stage1,
-        export_stage2,
-        llm_tokenizer,
-        qformer_tokenizer,
-    )
+    from blip2_ray.model.hf_format import export_stage1, export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     work = tempfile.mkdtemp(prefix="bench_eval_")
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from blip2_ray.model import hf_io  # noqa: E402
+from blip2_ray.model import builders, hf_format, tokenizer_paths  # noqa: E402
 from blip2_ray.model.config import model_config  # noqa: E402
 
 SMALL = dict(
@@ -54,16 +54,17 @@ def timed(fn, device, steps, warmup=2):
 
 def bench_stage2(args):
     if args.size == "real":
-        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"})
+        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"},
+                           allow_random_init=True)
     else:
         cfg = model_config("tiny", **SMALL)
-    tok = hf_io.llm_tokenizer(cfg)
+    tok = tokenizer_paths.llm_tokenizer(cfg)
     torch.manual_seed(0)
-    ours = hf_io.build_stage2(cfg, tok)
+    ours = builders.build_stage2(cfg, tok)
     from transformers import Blip2ForConditionalGeneration
 
     with tempfile.TemporaryDirectory() as d:
-        hf_io.export_stage2(ours, d, tok, cfg)
+        hf_format.export_stage2(ours, d, tok, cfg)
         dtype = torch.bfloat16 if args.size == "real" else torch.float32
         theirs = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype)
     # the same frozen / trainable split on both
@@ -121,11 +122,11 @@ def bench_stage2(args):
 
 
 def bench_stage1(args):
-    cfg = (model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}) if args.size == "real"
+    cfg = (model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, allow_random_init=True) if args.size == "real"
            else model_config("tiny", **SMALL))
-    tok = hf_io.qformer_tokenizer(cfg)
+    tok = tokenizer_paths.qformer_tokenizer(cfg)
     torch.manual_seed(0)
-    m = hf_io.build_stage1(cfg, tok).to(args.device).train()
+    m = builders.build_stage1(cfg, tok).to(args.device).train()
     b, s = args.batch, cfg.vision.image_size
     x = torch.randn(b, 3, s, s, device=args.device).to(next(m.vision_model.parameters()).dtype)
     enc = tok([f"a photo of a red circle number {i}" for i in range(b)], padding="max_length", max_length=32,

@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_ray.config import load_config
     from blip2_ray.data.sample import make_sample_shards
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import llm_tokenizer, load_stage1, load_stage2, tokenizer_path
+    from blip2_ray.model.hf_format import load_stage1, load_stage2
     from blip2_ray.model.stage2 import generate_text
     from blip2_ray.model.tiny_backbones import pretrain_tiny_llm, pretrain_tiny_vision
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer, resolve_tokenizer_dir
     from blip2_ray.model.tokenizers import COLOURS, SHAPES
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.evaluate import caption_names_object, retrieval_recall_at_1
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train.max_steps={args.stage1_steps}"])
     run_pretrain(s1)
 
-    held = rows_of(f"{work}/data/heldout", size, tokenizer_path("tiny", "qformer"), None)
+    held = rows_of(f"{work}/data/heldout", size, resolve_tokenizer_dir("tiny", "qformer"), None)
     truth = [colour_shape(r["caption"]) for r in held]
     stage1, _ = load_stage1(s1.output_dir, vision_dtype="float32")
     r1, chance = retrieval_recall_at_1(stage1, stack(held, "pixel_values"), stack(held, "qformer_input_ids"),

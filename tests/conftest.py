@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizers() -> dict[str, str]:
-    """{"qformer", "opt", "t5"} -> tokenizer directories built offline for the tiny preset.
+    """{"qformer", "opt", "t5", "llama", "qwen2"} -> tokenizer directories built offline (tiny sizes).
 
     The same directories the 'tiny' tokenizer setting of a model config resolves to.
     """

@@ -60,14 +60,14 @@ class Blip2Captioner:
 
     def __init__(self, cfg: CaptionerConfig):
         # the only calls into the stage-2 loaders (blip2_ray.model): adapt here when their signatures move
-        from blip2_ray.model.hf_io import load_stage2
-        from blip2_ray.model.tokenizers import load_tokenizer
+        from blip2_ray.model.hf_format import load_stage2
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
         self.cfg = cfg
         self.device, dtype = device_and_dtype(cfg.dtype)
         dtype = getattr(torch, dtype)
         self.model = load_stage2(cfg.model, vision_dtype=dtype, llm_dtype=dtype).to(self.device).eval()
-        self.tokenizer = load_tokenizer(cfg.model, "captioner tokenizer")
+        self.tokenizer = load_llm_tokenizer(cfg.model)
         self.image_size = self.model.vision_model.config.image_size
         self.provenance = {"kind": self.kind, "model": model_name(cfg.model)}
 

@@ -59,11 +59,11 @@ class Blip2ItcFilter:
 
     def __init__(self, cfg: FilterConfig, text_max_len: int = 32):
         # the only call into the stage-1 loaders (blip2_ray.model): adapt here when its signature moves
-        from blip2_ray.model.hf_io import load_stage1
+        from blip2_ray.model.hf_format import load_stage1
 
         self.device, dtype = device_and_dtype(cfg.dtype)
         dtype = getattr(torch, dtype)
-        self.model, self.tokenizer = load_stage1(cfg.model, vision_dtype=str(dtype).replace("torch.", ""))
+        self.model, self.tokenizer = load_stage1(cfg.model, vision_dtype=dtype)
         self.model.to(self.device).eval()
         self.image_size = self.model.vision_model.config.image_size
         self.text_max_len = text_max_len

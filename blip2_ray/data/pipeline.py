@@ -171,11 +171,11 @@ class _ShardToRows:
     """
 
     def __init__(self, cfg: dict, s3_opts: dict, tag: str, train: bool, qformer_tokenizer: str | None,
-                 llm_tokenizer: str | None, with_pixels: bool, plan_name: str | None):
+                 llm_tokenizer: str | None, with_pixels: bool, plan_name: str | None, llm_family: str | None = None):
         self.cfg, self.s3_opts, self.tag, self.plan_name = from_dict(DataConfig, cfg), s3_opts, tag, plan_name
         self.train = train
         self.kw = dict(train=train, qformer_tokenizer_path=qformer_tokenizer, llm_tokenizer_path=llm_tokenizer,
-                       with_pixels=with_pixels)
+                       llm_family=llm_family, with_pixels=with_pixels)
 
     def __call__(self, task: dict) -> Iterator[dict]:
         """`task`: {"visit", "path", "epoch", "skip", "generation"} of one visit (EpochFiles)."""
@@ -227,18 +227,20 @@ def _epoch_visits(per_source: list[list[str]], weights: list[float] | None, seed
 
 def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_tokenizer: str | None,
                   llm_tokenizer: str | None, epoch: int = 0, skip_tag: str | None = None,
-                  with_pixels: bool = True, plan_name: str | None = None) -> ray.data.Dataset:
+                  with_pixels: bool = True, plan_name: str | None = None,
+                  llm_family: str | None = None) -> ray.data.Dataset:
     """A streaming Ray Dataset of model-ready rows from image-text shards.
 
     Rows: key (str), caption (str, cleaned), pixel_values uint8 (3, S, S) RGB (train: RandomResizedCrop
     + flip; eval: resize; uint8 keeps the object store traffic 4x below float32, and the consumer applies
     the CLIP mean/std: `transforms.normalize_pixels` / `normalize_pixels_tensor`), qformer_input_ids /
     qformer_attention_mask int64 (qformer_max_len) if `qformer_tokenizer`, llm_input_ids / llm_attention_mask
-    int64 (llm_max_len) if `llm_tokenizer` (local tokenizer directories); for `train` also visit / record
-    int64 (which shard visit of the epoch, which record of the shard). For `train` the file order is a
-    permutation seeded by cfg.seed + the epoch, and several sources mix by cfg.weights (when `sources` is
-    cfg.train). The epoch is `epoch`, or, with `plan_name` (an EpochPlan actor, data/epoch_plan.py), the
-    plan's epoch at each execution, which also names the visits and records a resumed epoch skips.
+    int64 (llm_max_len) if `llm_tokenizer` (local tokenizer directories; `llm_family`, the LLM's model_type,
+    decides how a caption ends: records.tokenize_llm); for `train` also visit / record int64 (which shard
+    visit of the epoch, which record of the shard). For `train` the file order is a permutation seeded by
+    cfg.seed + the epoch, and several sources mix by cfg.weights (when `sources` is cfg.train). The epoch is
+    `epoch`, or, with `plan_name` (an EpochPlan actor, data/epoch_plan.py), the plan's epoch at each
+    execution, which also names the visits and records a resumed epoch skips.
     Bad records are dropped and counted under `skip_tag` (default "train"/"eval"): see get_skip_counts.
     A missing path raises UserError now; a parquet file without the needed column raises UserError
     (naming file and column) when the dataset runs. `with_pixels=False` validates images but omits
@@ -265,7 +267,7 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
     # a UserError in a task (a parquet file without the configured column) reaches a driver that waits
     # inside runtime.user_errors.reraise_user_errors as itself
     udf = report_user_errors(_ShardToRows(to_dict(cfg), opts, tag, train, qformer_tokenizer, llm_tokenizer,
-                                          with_pixels, plan_name))
+                                          with_pixels, plan_name, llm_family))
     # one read task per shard visit, reading and decoding it: the files spread over the CPUs
     ds = ray.data.read_datasource(EpochFiles(visits, epoch, plan_name, udf), num_cpus=cfg.num_cpus_per_decode_task,
                                   compute=compute, override_num_blocks=max(1, len(visits(epoch))))

@@ -37,7 +37,7 @@ class Stage1Actor:
                  text_ids: np.ndarray | None = None, text_mask: np.ndarray | None = None, itm_batch_size: int = 128):
         import torch
 
-        from blip2_ray.model.hf_io import load_stage1
+        from blip2_ray.model.hf_format import load_stage1
 
         self.device, vdtype = device_and_dtype(dtype)
         self.model, self.tok = load_stage1(model_dir, vision_dtype=vdtype)
@@ -91,13 +91,13 @@ class Stage2Actor:
     def __init__(self, model_dir: str, dtype: str, data_cfg: dict, gen: dict):
         import torch
 
-        from blip2_ray.model.hf_io import load_stage2
-        from blip2_ray.model.tokenizers import load_tokenizer
+        from blip2_ray.model.hf_format import load_stage2
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
         self.device, d = device_and_dtype(dtype)
         self.model = load_stage2(model_dir, vision_dtype=getattr(torch, d),
                                  llm_dtype=getattr(torch, d)).to(self.device).eval()
-        self.tok = load_tokenizer(model_dir, "LLM tokenizer")
+        self.tok = load_llm_tokenizer(model_dir)
         self.size = self.model.vision_model.config.image_size
         self.data, self.gen = from_dict(DataConfig, data_cfg), gen
 

@@ -136,4 +136,4 @@ def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
 
 def _llm_kind(model_dir: str) -> str:
     cfg = read_json(os.path.join(model_dir, "config.json"), "model config")
-    return "opt" if cfg.get("use_decoder_only_language_model", True) else "t5"
+    return "decoder" if cfg.get("use_decoder_only_language_model", True) else "t5"

@@ -3,13 +3,14 @@
 `Blip2Stage2.generate` (HF `generate`) runs a batch to its end in one call. A server wants more: each
 token as soon as it exists, new rows joining a running batch at a step boundary (continuous batching)
 and rows leaving it when they finish or their client goes away. These functions give that on top of
-the LLM's own KV cache, for OPT (decoder-only) and T5 (encoder-decoder). Greedy decoding makes the
-same forward calls as HF `generate` and applies `min_new_tokens` as HF does, so its tokens are the
-ones `Blip2Stage2.generate` returns (tests compare).
+the LLM's own KV cache, for decoder-only LLMs (OPT, Llama, Qwen2, ...) and T5 (encoder-decoder). Greedy
+decoding makes the same forward calls as HF `generate` and applies `min_new_tokens` as HF does, so its
+tokens are the ones `Blip2Stage2.generate` returns (tests compare).
 
-Rows of different lengths share one cache by LEFT padding (mask 0): OPT derives its positions from
-the attention mask's running count and T5's relative position bias depends only on the distance
-between two positions, so padding never changes a row's result.
+Rows of different lengths share one cache by LEFT padding (mask 0): a decoder's positions are the
+attention mask's running count (passed as `position_ids`, as HF `generate` does: rotary LLMs would
+otherwise count the padding), and T5's relative position bias depends only on the distance between two
+positions, so padding never changes a row's result.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def unsupported_generation_settings(generation_config) -> list[str]:
 
 
 def decoder_only(model: Blip2Stage2) -> bool:
-    """True for a decoder-only LLM (OPT), False for an encoder-decoder one (T5)."""
+    """True for a decoder-only LLM (OPT, Llama, ...), False for an encoder-decoder one (T5)."""
     return not model.language_model.config.is_encoder_decoder
 
 
@@ -55,8 +56,8 @@ class DecodeBatch:
     """The state of B rows between decode steps.
 
     cache: the LLM's KV cache (T5: self-attention + cross-attention). mask (B, T): 1 where the cache holds
-    a real position of the row (OPT: queries, prompt and generated tokens; T5: decoder tokens).
-    encoder_hidden (B, S, D) / encoder_mask (B, S): T5's encoder output (None for OPT). padded: some
+    a real position of the row (decoder: queries, prompt and generated tokens; T5: decoder tokens).
+    encoder_hidden (B, S, D) / encoder_mask (B, S): T5's encoder output (None for a decoder). padded: some
     row has a 0 in `mask`.
     """
 
@@ -74,15 +75,15 @@ def prompt_embeddings(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids:
                       attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The LLM input `Blip2Stage2.generate` builds: (B, Q + P, D) [visual prompt, prompt embeddings] + its mask.
 
-    OPT: `input_ids` are LEFT-padded prompts starting with </s> (None: just </s>). T5: encoder prompts
-    (None: only the visual prompt).
+    Decoder: `input_ids` are LEFT-padded prompts as the tokenizer writes them (None: just the BOS when the
+    model's tokenizer starts with one, else nothing). T5: encoder prompts (None: only the visual prompt).
     """
     prefix = model.visual_prompt(pixel_values)  # (B, Q, D)
     b, nq = prefix.shape[:2]
     dev = prefix.device
     emb = model.llm_embeddings()
     if input_ids is None:
-        if decoder_only(model):
+        if model.starts_with_bos:
             input_ids = torch.full((b, 1), model.language_model.config.bos_token_id, dtype=torch.long, device=dev)
         else:
             input_ids = torch.zeros(b, 0, dtype=torch.long, device=dev)
@@ -93,6 +94,11 @@ def prompt_embeddings(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids:
     return embeds, mask
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """A decoder's position ids (B, T) of left-padded rows, as HF `generate` derives them (padding: 0)."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 @torch.no_grad()
 def prefill(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None) -> tuple[DecodeBatch, torch.Tensor]:
@@ -100,7 +106,8 @@ def prefill(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids: torch.Ten
     embeds, mask = prompt_embeddings(model, pixel_values, input_ids, attention_mask)
     lm = model.language_model
     if decoder_only(model):
-        out = lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                 logits_to_keep=1)
         padded = bool((mask == 0).any())
         return DecodeBatch(out.cache, mask, padded=padded), out.logits[:, -1].float()
     b = embeds.shape[0]
@@ -119,7 +126,9 @@ def decode_step(model: Blip2Stage2, batch: DecodeBatch, tokens: torch.Tensor) ->
     mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], 1)
     ids = tokens.view(-1, 1)
     if decoder_only(model):
-        out = lm(input_ids=ids, attention_mask=mask, cache=batch.cache, use_cache=True, logits_to_keep=1)
+        position = batch.mask.sum(1, keepdim=True)  # the real positions before this one
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=position, cache=batch.cache, use_cache=True,
+                 logits_to_keep=1)
     else:
         # HF passes no decoder mask; an all-ones one would take another attention path (float noise)
         out = lm(encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoder_hidden),

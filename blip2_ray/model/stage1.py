@@ -41,10 +41,13 @@ class Stage1Output:
 class Blip2Stage1(nn.Module):
     """Frozen ViT + trainable ln_vision, queries, Q-Former, projections, ITM head, LM head, temperature.
 
-    `dec_token_id` / `pad_token_id` come from the Q-Former tokenizer (BERT + `[DEC]`).
+    `dec_token_id` / `pad_token_id` come from the Q-Former tokenizer (BERT + `[DEC]`). `vision_model`:
+    the image encoder built by the caller (builders.build_stage1: from its weight source, in its
+    storage dtype); None builds a random one from `cfg.vision`.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, dec_token_id: int, pad_token_id: int = 0):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, dec_token_id: int, pad_token_id: int = 0,
+                 vision_model: nn.Module | None = None):
         super().__init__()
         from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
@@ -52,7 +55,7 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         self.dec_token_id = dec_token_id
         self.pad_token_id = pad_token_id
-        self.vision_model = build_vision_model(cfg.vision)
+        self.vision_model = vision_model if vision_model is not None else build_vision_model(cfg.vision)
         freeze_vision(self.vision_model, DTYPES[cfg.vision.dtype])
         self.query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size)
         self.qformer = build_qformer(q, cfg.vision.hidden_size, vocab_size, with_text=True)

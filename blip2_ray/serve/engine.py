@@ -92,7 +92,7 @@ class Row:
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (B, P) ids and mask, padded as `tokenize_prompts` pads (OPT left, T5 right)."""
+    """Token lists -> (B, P) ids and mask, padded as `tokenize_prompts` pads (decoders left, T5 right)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -141,7 +141,7 @@ class GenerationEngine:
     def submit(self, item: dict, stream: bool = False) -> Row:
         """Queue one request (call on the loop); its Row yields the events."""
         prompt_ids = self.tokenizer(item["prompt"]).input_ids if item["prompt"] else None
-        n_prompt = len(prompt_ids) if prompt_ids else (1 if decoder_only(self.model) else 0)
+        n_prompt = len(prompt_ids) if prompt_ids else int(self.model.starts_with_bos)
         stepwise = item["num_beams"] == 1 and not self.unsupported
         row = Row(item, prompt_ids, stream, self.model.num_query_tokens + n_prompt, stepwise)
         if self._running:

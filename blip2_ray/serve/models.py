@@ -26,19 +26,19 @@ class CaptionDeployment:
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
-        from transformers import AutoTokenizer
-
-        from blip2_ray.model.hf_io import load_stage2
+        from blip2_ray.model.hf_format import load_stage2
         from blip2_ray.model.stage2 import caption_eos_ids
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
         self.device = torch.device(device)
         self.model = load_stage2(model_dir, vision_dtype=DTYPES[dtype], llm_dtype=DTYPES[dtype]).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.tokenizer = load_llm_tokenizer(model_dir)
         lm_cfg = self.model.language_model.config
-        # OPT has learned positions: queries + prompt + new tokens must fit; T5 has relative positions
-        self.max_positions = None if lm_cfg.is_encoder_decoder else getattr(lm_cfg, "max_position_embeddings", None)
+        # decoders have a position limit: queries + prompt + new tokens must fit; T5 has relative positions
+        limit = getattr(lm_cfg, "max_position_embeddings", None) or getattr(lm_cfg, "n_positions", None)
+        self.max_positions = None if lm_cfg.is_encoder_decoder else limit
         self.engine = GenerationEngine(
-            self.model, self.tokenizer, caption_eos_ids(self.tokenizer, self.model.llm_kind),
+            self.model, self.tokenizer, caption_eos_ids(self.tokenizer, self.model.llm_family),
             PixelNormalizer(model_dir, self.device), max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_timeout_s,
         )
@@ -65,7 +65,7 @@ class CaptionDeployment:
     def _too_long(self, item: dict) -> dict | None:
         if self.max_positions is None:
             return None
-        n_prompt = len(self.tokenizer(item["prompt"]).input_ids) if item["prompt"] else 1
+        n_prompt = len(self.tokenizer(item["prompt"]).input_ids) if item["prompt"] else int(self.model.starts_with_bos)
         total = self.model.num_query_tokens + n_prompt + item["max_new_tokens"]
         if total <= self.max_positions:
             return None
@@ -112,7 +112,7 @@ class RetrievalDeployment:
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005):
-        from blip2_ray.model.hf_io import load_stage1
+        from blip2_ray.model.hf_format import load_stage1
 
         self.device = torch.device(device)
         model, self.tokenizer = load_stage1(model_dir, vision_dtype=dtype)

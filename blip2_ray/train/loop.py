@@ -40,7 +40,7 @@ DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray checkpoint directory
 # ----------------------------------------------------------------------------------- model pieces
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
     """The stage's model, seeded: random frozen parts are identical on every rank and every restart."""
-    from blip2_ray.model.hf_io import build_stage1, build_stage2
+    from blip2_ray.model.builders import build_stage1, build_stage2
 
     torch.manual_seed(cfg.train.seed)
     return build_stage1(cfg.model) if cfg.stage == 1 else build_stage2(cfg.model)
@@ -172,7 +172,8 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     import deepspeed
     import torch.distributed as dist
 
-    from blip2_ray.model.hf_io import export_stage1, export_stage2, llm_tokenizer, qformer_tokenizer
+    from blip2_ray.model.hf_format import export_stage1, export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     state = None

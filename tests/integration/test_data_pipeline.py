@@ -47,7 +47,7 @@ def test_local_shards_exact_rows_and_skip_counts(ray_session, shards, tiny_token
     cfg = DataConfig(image_size=32, qformer_max_len=16, llm_max_len=16)
     tag = f"local-{fmt}"
     ds = build_dataset(cfg, [d], train=True, qformer_tokenizer=tiny_tokenizers["qformer"],
-                       llm_tokenizer=tiny_tokenizers["opt"], skip_tag=tag)
+                       llm_tokenizer=tiny_tokenizers["opt"], llm_family="opt", skip_tag=tag)
     keys, batch = _collect(ds)
     assert sorted(keys) == [f"{i:07d}" for i in range(GOOD)]
     assert get_skip_counts(tag) == summary["skipped"]

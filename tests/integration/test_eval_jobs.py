@@ -59,7 +59,7 @@ def dense_reference(model_dir: str, ts) -> dict:
     from blip2_ray.data.records import tokenize_qformer
     from blip2_ray.data.transforms import decode_image, eval_transform
     from blip2_ray.eval.retrieval import dense_rankings, itc_similarity, recall_at_k
-    from blip2_ray.model.hf_io import load_stage1
+    from blip2_ray.model.hf_format import load_stage1
 
     model, tok = load_stage1(model_dir)
     model.eval()

@@ -41,8 +41,10 @@ def slow(ray_session, tmp_path_factory):
     from ray import serve
 
     from blip2_ray.config import from_dict
+    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage2, export_stage2, llm_tokenizer
+    from blip2_ray.model.hf_format import export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.serve.app import build_app
     from blip2_ray.serve.config import ServeConfig
 

@@ -86,7 +86,7 @@ def stage1_run(ray_session, shards, tmp_path_factory):
 def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
     from transformers import Blip2ForImageTextRetrieval
 
-    from blip2_ray.model.hf_io import load_stage1
+    from blip2_ray.model.hf_format import load_stage1
     from blip2_ray.train.trainer import read_train_state
 
     cfg, result, killed = stage1_run

@@ -105,7 +105,7 @@ def test_tokenised_columns(tmp_path, tiny_tokenizers):
     recs = list(read_shard_records(f, cfg.image_keys, cfg.caption_keys, print))
     for llm in ("opt", "t5"):
         out = process_records(recs, cfg, train=False, on_skip=print, qformer_tokenizer_path=tiny_tokenizers["qformer"],
-                              llm_tokenizer_path=tiny_tokenizers[llm])
+                              llm_tokenizer_path=tiny_tokenizers[llm], llm_family=llm)
         assert out["pixel_values"].shape == (6, 3, 32, 32) and out["pixel_values"].dtype == np.uint8
         from blip2_ray.data.records import cached_llm_tokenizer, cached_qformer_tokenizer
         qt, lt = cached_qformer_tokenizer(tiny_tokenizers["qformer"]), cached_llm_tokenizer(tiny_tokenizers[llm])

@@ -18,8 +18,9 @@ from blip2_ray.model.stage2 import caption_eos_ids, tokenize_prompts
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_t5"])
 def setup(request):
+    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage2, llm_tokenizer
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer
 
     torch.manual_seed(0)
     cfg = model_config(request.param)
@@ -29,7 +30,7 @@ def setup(request):
         for p in list(model.language_model.parameters()) + list(model.language_projection.parameters()):
             if p.dim() == 2:
                 p.normal_(0, 1.0)
-    return model, tok, caption_eos_ids(tok, model.llm_kind)
+    return model, tok, caption_eos_ids(tok, model.llm_family)
 
 
 def pixels(seeds):

@@ -12,8 +12,10 @@ import pytest
 def deployment(request, tmp_path_factory):
     import torch
 
+    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage2, export_stage2, llm_tokenizer
+    from blip2_ray.model.hf_format import export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.serve.models import CaptionDeployment
 
     torch.manual_seed(0)
