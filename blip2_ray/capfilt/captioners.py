@@ -20,11 +20,8 @@ import numpy as np
 import torch
 
 from blip2_ray.capfilt.config import CaptionerConfig
-from blip2_ray.capfilt.model_dirs import load_or_user_error, model_name, require_model
-from blip2_ray.errors import UserError
+from blip2_ray.capfilt.model_dirs import model_name, require_model, require_model_and_processor
 from blip2_ray.runtime.compute import device_and_dtype
-
-IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class Captioner(Protocol):
@@ -95,15 +92,8 @@ class BlipCaptioner:
         """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
         from transformers import BlipProcessor
 
-        cfg = require_model(path, what, "captioner.kind", "blip", "blip", ("BlipForConditionalGeneration",),
-                            {"image processor config": IMAGE_PROCESSOR_FILES,
-                             "tokenizer": ("tokenizer.json", "vocab.txt")})
-        processor = load_or_user_error(lambda p: BlipProcessor.from_pretrained(p, local_files_only=True), path,
-                                       f"{what} processor")
-        vocab = (cfg.get("text_config") or {}).get("vocab_size", 30524)
-        if len(processor.tokenizer) > vocab:
-            raise UserError(f"{what} {path!r}: its tokenizer has {len(processor.tokenizer)} tokens but the BLIP text "
-                            f"decoder only {vocab}; the tokenizer files belong to another model")
+        require_model_and_processor(path, what, "captioner.kind", "blip", "blip", ("BlipForConditionalGeneration",),
+                                    ("tokenizer.json", "vocab.txt"), BlipProcessor, 30524, "BLIP text decoder")
 
     def __init__(self, cfg: CaptionerConfig):
         from transformers import BlipForConditionalGeneration, BlipProcessor

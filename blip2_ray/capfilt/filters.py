@@ -19,11 +19,8 @@ import numpy as np
 import torch
 
 from blip2_ray.capfilt.config import FilterConfig
-from blip2_ray.capfilt.model_dirs import load_or_user_error, model_name, require_model
-from blip2_ray.errors import UserError
+from blip2_ray.capfilt.model_dirs import model_name, require_model, require_model_and_processor
 from blip2_ray.runtime.compute import device_and_dtype
-
-IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 class CaptionFilter(Protocol):
@@ -97,15 +94,8 @@ class ClipFilter:
         """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
         from transformers import CLIPProcessor
 
-        cfg = require_model(path, what, "filter.kind", "clip", "clip", ("CLIPModel",),
-                            {"image processor config": IMAGE_PROCESSOR_FILES,
-                             "tokenizer": ("tokenizer.json", "vocab.json")})
-        processor = load_or_user_error(lambda p: CLIPProcessor.from_pretrained(p, local_files_only=True), path,
-                                       f"{what} processor")
-        vocab = (cfg.get("text_config") or {}).get("vocab_size", 49408)
-        if len(processor.tokenizer) > vocab:
-            raise UserError(f"{what} {path!r}: its tokenizer has {len(processor.tokenizer)} tokens but the CLIP text "
-                            f"encoder only {vocab}; the tokenizer files belong to another model")
+        require_model_and_processor(path, what, "filter.kind", "clip", "clip", ("CLIPModel",),
+                                    ("tokenizer.json", "vocab.json"), CLIPProcessor, 49408, "CLIP text encoder")
 
     def __init__(self, cfg: FilterConfig):
         from transformers import CLIPModel, CLIPProcessor

@@ -12,6 +12,8 @@ import os
 
 from blip2_ray.errors import UserError
 
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -62,3 +64,18 @@ def load_or_user_error(load, path: str, what: str):
         return load(path)
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
         raise UserError(f"{what} {path!r} could not be loaded ({e.__class__.__name__}: {str(e)[:200]})") from None
+
+
+def require_model_and_processor(path: str, what: str, kind_key: str, kind: str, model_type: str,
+                                architectures: tuple[str, ...], tokenizer_files: tuple[str, ...], processor_class,
+                                default_vocab: int, text_tower: str) -> None:
+    """`require_model` for a directory with an image processor and a tokenizer, plus: the processor loads, and
+    its tokenizer fits the text tower's vocabulary (`default_vocab` when config.json's text_config has none)."""
+    cfg = require_model(path, what, kind_key, kind, model_type, architectures,
+                        {"image processor config": IMAGE_PROCESSOR_FILES, "tokenizer": tokenizer_files})
+    processor = load_or_user_error(lambda p: processor_class.from_pretrained(p, local_files_only=True), path,
+                                   f"{what} processor")
+    vocab = (cfg.get("text_config") or {}).get("vocab_size", default_vocab)
+    if len(processor.tokenizer) > vocab:
+        raise UserError(f"{what} {path!r}: its tokenizer has {len(processor.tokenizer)} tokens but the {text_tower} "
+                        f"only {vocab}; the tokenizer files belong to another model")

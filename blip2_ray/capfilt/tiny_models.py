@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from blip2_ray.model.tokenizers import COLOURS, CORPUS_WORDS, SHAPES
+from blip2_ray.model.tokenizers import COLOURS, CORPUS_WORDS, SHAPES, word_piece_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -31,14 +31,7 @@ def _sentences() -> list[str]:
 
 def blip_tokenizer(out: Path):
     """bert-base-uncased's kind of tokenizer (no `[DEC]`: BLIP's config names it by id), saved to `out`."""
-    from transformers import BertTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-_/")
-    vocab = specials + chars + ["##" + c for c in chars] + sorted(set(CORPUS_WORDS) - set(chars))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=512)
+    tok = word_piece_tokenizer(out)
     tok.save_pretrained(str(out))
     return tok
 

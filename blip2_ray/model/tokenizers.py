@@ -45,7 +45,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_bert(out: Path) -> None:
+def word_piece_tokenizer(out: Path):
+    """A tiny bert-base-uncased-like WordPiece tokenizer over the sample corpus (no `[DEC]`); writes out/vocab.txt."""
     from transformers import BertTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -53,7 +54,11 @@ def _build_bert(out: Path) -> None:
     vocab = specials + chars + ["##" + c for c in chars] + sorted(set(CORPUS_WORDS) - set(chars))
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=512)
+    return BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True, model_max_length=512)
+
+
+def _build_bert(out: Path) -> None:
+    tok = word_piece_tokenizer(out)
     # BLIP-2 adds a [DEC] bos token to bert-base-uncased (vocab 30522 -> 30523) for the ITG decoder.
     tok.add_special_tokens({"bos_token": DEC_TOKEN})
     tok.save_pretrained(str(out))
