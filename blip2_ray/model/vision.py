@@ -84,8 +84,12 @@ def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.T
         return vision_model.encoder(inputs_embeds=emb).last_hidden_state
 
 
-def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision."""
-    hidden = vision_trunk(vision_model, pixel_values)
+def ln_vision(vision_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) trunk output -> (B, N, D) float32 image tokens through the trainable ln_vision."""
     ln = vision_model.post_layernorm
     return ln(hidden.to(ln.weight.dtype))
+
+
+def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision."""
+    return ln_vision(vision_model, vision_trunk(vision_model, pixel_values))
