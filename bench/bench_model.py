@@ -13,7 +13,7 @@
    per-round ratios of samples/s and their median (target >= 1.25x).
 
 Usage: python bench/bench_model.py [--device cpu|cuda] [--size small|real] [--steps N] [--batch B]
-       [--sections stage2,stage1,stage1-step] [--rounds R] [--vit-blocks N]
+       [--sections stage2,stage1,stage1-step] [--rounds R] [--vit-blocks N] [--threads N]
 `--size real` is ViT-g + OPT-2.7B in bf16 (a GPU with ~40 GB); `small` is a CPU-sized config.
 """
 
@@ -145,7 +145,7 @@ def bench_stage1(args):
         _, cache = m.query_pass(image_kv, keep_kv=True)
     dec = ids.clone()
     dec[:, 0] = m.dec_token_id
-    rows, targets = losses.itg_targets(dec.masked_fill(mask == 0, -100))
+    positions, targets = losses.itg_targets(dec.masked_fill(mask == 0, -100))
 
     def vit():
         m.encode_image(x)
@@ -163,7 +163,7 @@ def bench_stage1(args):
         losses.itm_loss(logits, b).backward()
 
     def itg():
-        h = m.itg_hidden(cache, dec, mask)[rows]
+        h = m.itg_hidden(cache, dec, mask).flatten(0, 1)[positions]
         losses.itg_loss(m.lm_head(h, m.embeddings.word_embeddings.weight), targets).backward()
 
     def full():
@@ -284,13 +284,13 @@ def bench_stage1_step(args):
 
     print(f"stage-1 step at real Q-Former size (BERT-base, 32 queries, vocab {m.lm_head.bias.numel()}; ViT-g width "
           f"{cfg.vision.hidden_size}, {cfg.vision.num_layers} frozen blocks, {s} px), batch {b}, fp32, dropout "
-          f"{cfg.qformer.dropout}, AdamW, device {args.device}, {args.rounds} ABBA rounds:")
+          f"{cfg.qformer.dropout}, AdamW, device {args.device}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} ABBA rounds:")
     times = {k: [] for k in arms}
     ratios, cpu_ratios = [], []
     for r in range(args.rounds):  # ABBA: linear drift within a round hits both arms alike
-        order = ["replaced", "current", "current", "replaced"]
-        if r % 2:
-            order.reverse()
+        a, b_ = ("replaced", "current") if r % 2 == 0 else ("current", "replaced")
+        order = [a, b_, b_, a]
         got = {k: [] for k in arms}
         for k in order:
             got[k].append(one_step(arms[k]))
@@ -322,8 +322,10 @@ def main():
     ap.add_argument("--sections", default="stage2,stage1,stage1-step", help="comma-separated sections to run")
     ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds of the real-size stage-1 step")
     ap.add_argument("--vit-blocks", type=int, default=4, help="frozen ViT-g blocks in the real-size stage-1 step")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0: torch's default); 1 keeps a shared machine's load out of CPU time")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     sections = {"stage2": bench_stage2, "stage1": bench_stage1, "stage1-step": bench_stage1_step}
     unknown = set(args.sections.split(",")) - set(sections)
     if unknown:

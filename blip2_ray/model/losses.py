@@ -101,14 +101,14 @@ def itg_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions that predict a caption token, so that only they go through the LM head.
 
     `labels` (B, T) hold the decoder input ids ([DEC] first) with padding set to -100; position t
-    predicts labels[:, t + 1]. Returns rows (B, T) bool (True where that next label is not -100) and
-    the targets (N,) in the row-major order of `hidden[rows]`.
+    predicts labels[:, t + 1]. Returns (positions (N,), targets (N,)): flat indices into the (B*T)
+    positions, row-major, and the token each predicts. (One host sync on a GPU: N is data-dependent.)
     """
-    following = labels[:, 1:]
-    rows = F.pad(following != -100, (0, 1), value=False)  # the last position predicts nothing
-    return rows, following[following != -100]
+    following = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # the last position predicts nothing
+    positions = (following != -100).nonzero().squeeze(1)
+    return positions, following[positions]
 
 
 def itg_loss(lm_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Caption generation loss: mean label-smoothed CE of (N, V) logits at the rows of `itg_targets`."""
+    """Caption generation loss: mean label-smoothed CE of (N, V) logits at the positions of `itg_targets`."""
     return F.cross_entropy(at_least_float32(lm_logits), targets, label_smoothing=label_smoothing)

@@ -192,8 +192,8 @@ class Blip2Stage1(nn.Module):
         # ITG: [DEC] replaces [CLS]; padding gets no loss; only positions with a label reach the LM head
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.dec_token_id
-        rows, targets = losses.itg_targets(dec_ids.masked_fill(attention_mask == 0, -100))
-        hidden = self.itg_hidden(query_cache, dec_ids, attention_mask)[rows]  # (N, H)
+        positions, targets = losses.itg_targets(dec_ids.masked_fill(attention_mask == 0, -100))
+        hidden = self.itg_hidden(query_cache, dec_ids, attention_mask).flatten(0, 1)[positions]  # (N, H)
         loss_itg = losses.itg_loss(self.lm_head(hidden, self.embeddings.word_embeddings.weight), targets, ls)
 
         return Stage1Output(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg)

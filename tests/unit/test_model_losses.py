@@ -138,10 +138,10 @@ def test_itg_loss_shifts_and_ignores_padding():
                 continue
             total += float(ce_smoothed(logits[b, t], target, 0.1))
             count += 1
-    rows, targets = losses.itg_targets(labels)
-    assert rows.tolist() == [[True, True, False, False, False], [True, True, True, True, False]]
+    positions, targets = losses.itg_targets(labels)
+    assert positions.tolist() == [0, 1, 5, 6, 7, 8]  # (b, t) -> b * 5 + t, for the t whose next label counts
     assert targets.tolist() == [1, 2, 4, 5, 6, 0]
-    assert losses.itg_loss(logits[rows], targets, 0.1).item() == pytest.approx(total / count, rel=1e-5)
+    assert losses.itg_loss(logits.flatten(0, 1)[positions], targets, 0.1).item() == pytest.approx(total / count, rel=1e-5)
 
 
 def test_decoder_mask_rules():
