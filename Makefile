@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-model bench-data bench-train bench-ds-step bench-serve bench-eval clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ test: install
 test-unit: install
 	$(PY) -m pytest -q tests/unit
 
+# ruff (style, imports, unused names; config in pyproject.toml), then no import cycle inside the package
+lint: install
+	$(PY) -m ruff check .
+	$(PY) tools/check_import_cycles.py blip2_ray
+
 bench-model: install
 	$(PY) bench/bench_model.py
+
+bench-model-memory: install
+	$(PY) bench/bench_model_memory.py
 
 bench-data: install
 	$(PY) bench/bench_data.py

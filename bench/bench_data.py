@@ -41,9 +41,9 @@ def processes_run(pool, procs: int, files, cfg, toks) -> tuple[int, float, None]
 
 
 def _timed_loop(files, cfg, toks) -> tuple[int, float, float]:
-    from blip2_ray.data.records import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.data.records import cached_llm_tokenizer, cached_qformer_tokenizer
 
-    qformer_tokenizer(toks["qformer"]), llm_tokenizer(toks["opt"])
+    cached_qformer_tokenizer(toks["qformer"]), cached_llm_tokenizer(toks["opt"])
     begin = time.time()
     n, _, _ = single_loop(files, cfg, toks)
     return n, begin, time.time()
@@ -59,7 +59,8 @@ def single_loop(files, cfg, toks) -> tuple[int, float, float]:
         recs = list(read_shard_records(f, cfg.image_keys, cfg.caption_keys, lambda r: None))
         for i in range(0, len(recs), cfg.decode_batch_size):
             out = process_records(recs[i:i + cfg.decode_batch_size], cfg, train=True, on_skip=lambda r: None,
-                                  qformer_tokenizer_path=toks["qformer"], llm_tokenizer_path=toks["opt"])
+                                  qformer_tokenizer_path=toks["qformer"], llm_tokenizer_path=toks["opt"],
+                                  llm_family="opt")
             n += len(out["key"])
             first = first or time.perf_counter() - t0
     return n, time.perf_counter() - t0, first
@@ -103,7 +104,8 @@ def pipeline_run(src, cfg, toks) -> tuple[int, float, float]:
     from blip2_ray.data.pipeline import build_dataset
 
     t0, n, first = time.perf_counter(), 0, None
-    ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"], llm_tokenizer=toks["opt"])
+    ds = build_dataset(cfg, src if isinstance(src, list) else [src], train=True, qformer_tokenizer=toks["qformer"],
+                       llm_tokenizer=toks["opt"], llm_family="opt")
     for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy", prefetch_batches=2):
         n += len(batch["key"])
         first = first or time.perf_counter() - t0
@@ -122,6 +124,7 @@ def main() -> int:
 
     import ray
 
+    from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.readers import list_shards
     from blip2_ray.data.sample import make_sample_shards
@@ -134,7 +137,7 @@ def main() -> int:
     make_sample_shards(src, num=args.num, shards=args.shards, image_size=256, seed=0)
     src2 = os.path.join(tmp, "wds2x")  # same shard size, twice the shards
     make_sample_shards(src2, num=per_shard * args.shards * 2, shards=args.shards * 2, image_size=256, seed=1)
-    cfg = DataConfig(image_size=224, decode_batch_size=32)
+    cfg = from_dict(DataConfig, {"image_size": 224, "decode_batch_size": 32})
     files = list_shards(src)
 
     single_loop(files[:1], cfg, toks)  # warm caches (tokenizers, imports)
@@ -172,7 +175,7 @@ def main() -> int:
     print(f"{'run':<38}{'images/s':>10}{'per core':>10}")
     print(f"{'single-process loop (1 core)':<38}{r1:>10.1f}{r1:>10.1f}")
     print(f"{f'Ray Data pipeline ({args.cpus} cores)':<38}{r2:>10.1f}{r2 / args.cpus:>10.1f}")
-    print(f"{f'Ray Data pipeline, 2x shards':<38}{n3 / t3:>10.1f}{n3 / t3 / args.cpus:>10.1f}")
+    print(f"{'Ray Data pipeline, 2x shards':<38}{n3 / t3:>10.1f}{n3 / t3 / args.cpus:>10.1f}")
     print(f"{f'{args.cpus} plain processes (ceiling, no Ray)':<38}{r4:>10.1f}{r4 / args.cpus:>10.1f}")
     print(f"speed-up pipeline / single loop: {r2 / r1:.2f}x (target >= 1.6x on 2 cores); "
           f"{args.cpus} plain processes / single loop: {r4 / r1:.2f}x")

@@ -32,12 +32,11 @@ def main() -> int:
     import torch.distributed as dist
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import deepspeed
     from bench_train import make_cfg
 
     from blip2_ray.train.loop import build_model, forward, outputs_as_dicts, vectorise_scalar_parameters
     from blip2_ray.train.optim import deepspeed_config, param_groups
-
-    import deepspeed
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),

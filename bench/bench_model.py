@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from blip2_ray.model import hf_io  # noqa: E402
+from blip2_ray.model import builders, hf_format, tokenizer_paths  # noqa: E402
 from blip2_ray.model.config import model_config  # noqa: E402
 
 SMALL = dict(
@@ -62,29 +62,33 @@ def timed(fn, device, steps, warmup=2):
 
 def bench_stage2(args):
     if args.size == "real":
-        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"})
+        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"},
+                           allow_random_init=True)
     else:
         cfg = model_config("tiny", **SMALL)
-    tok = hf_io.llm_tokenizer(cfg)
+    tok = tokenizer_paths.llm_tokenizer(cfg)
     torch.manual_seed(0)
-    ours = hf_io.build_stage2(cfg, tok)
+    ours = builders.build_stage2(cfg, tok)
     from transformers import Blip2ForConditionalGeneration
 
     with tempfile.TemporaryDirectory() as d:
-        hf_io.export_stage2(ours, d, tok, cfg)
+        hf_format.export_stage2(ours, d, tok, cfg)
         dtype = torch.bfloat16 if args.size == "real" else torch.float32
         theirs = Blip2ForConditionalGeneration.from_pretrained(d, dtype=dtype)
     # the same frozen / trainable split on both
     for n, p in theirs.named_parameters():
-        p.requires_grad_(not (n.startswith("language_model.") or (n.startswith("vision_model.") and "post_layernorm" not in n)))
+        frozen = n.startswith("language_model.") or (n.startswith("vision_model.") and "post_layernorm" not in n)
+        p.requires_grad_(not frozen)
     ours.to(args.device).train()
     theirs.to(args.device).train()
     theirs.language_model.eval()
 
     b, s = args.batch, cfg.vision.image_size
     x = torch.randn(b, 3, s, s, device=args.device)
-    caps = [f"a photo of a {c} {sh} on a white background\n" for c, sh in zip(["red", "blue", "green", "black"] * 64, ["circle", "square", "star", "ring"] * 64)][:b]
-    enc = tok(caps, padding="max_length", max_length=cfg.llm.max_text_len, truncation=True, return_tensors="pt").to(args.device)
+    caps = [f"a photo of a {c} {sh} on a white background\n"
+            for c, sh in zip(["red", "blue", "green", "black"] * 64, ["circle", "square", "star", "ring"] * 64)][:b]
+    enc = tok(caps, padding="max_length", max_length=cfg.llm.max_text_len, truncation=True,
+              return_tensors="pt").to(args.device)
     nq = cfg.qformer.num_query_tokens
     img = theirs.config.image_token_index
     hf_ids = torch.cat([torch.full((b, nq), img, device=args.device), enc.input_ids], 1)
@@ -94,7 +98,8 @@ def bench_stage2(args):
 
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-5)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda"
+                else torch.autocast("cpu", enabled=False))
 
     def step_ours():
         with autocast:
@@ -125,13 +130,11 @@ def bench_stage2(args):
 
 
 def bench_stage1(args):
-    if args.size == "real":
-        cfg = model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"})
-    else:
-        cfg = model_config("tiny", **SMALL)
-    tok = hf_io.qformer_tokenizer(cfg)
+    cfg = (model_config("vitg_opt2.7b", vision={"dtype": "bfloat16"}, allow_random_init=True) if args.size == "real"
+           else model_config("tiny", **SMALL))
+    tok = tokenizer_paths.qformer_tokenizer(cfg)
     torch.manual_seed(0)
-    m = hf_io.build_stage1(cfg, tok).to(args.device).train()
+    m = builders.build_stage1(cfg, tok).to(args.device).train()
     b, s = args.batch, cfg.vision.image_size
     x = torch.randn(b, 3, s, s, device=args.device).to(next(m.vision_model.parameters()).dtype)
     ids, mask = caption_batch(tok, b, args.device)
@@ -254,10 +257,11 @@ def peak_rss_gib() -> float:
 
 
 def bench_stage1_step(args):
-    cfg = model_config("vitg_opt2.7b", vision={"num_layers": args.vit_blocks, "dtype": "float32"})
-    tok = hf_io.qformer_tokenizer(cfg)
+    cfg = model_config("vitg_opt2.7b", vision={"num_layers": args.vit_blocks, "dtype": "float32"},
+                       allow_random_init=True)
+    tok = tokenizer_paths.qformer_tokenizer(cfg)
     torch.manual_seed(0)
-    m = hf_io.build_stage1(cfg, tok).to(args.device).train()  # dropout 0.1 on
+    m = builders.build_stage1(cfg, tok).to(args.device).train()  # dropout 0.1 on
     b, s = args.batch, cfg.vision.image_size
     x = torch.randn(b, 3, s, s, device=args.device)
     ids, mask = caption_batch(tok, b, args.device)

@@ -54,9 +54,12 @@ def make_cfg(work: str, args, num_workers: int, steps: int):
 
 def plain_loop(cfg, warmup: int) -> dict:
     """The same model step without Ray Train or DeepSpeed, batches from the same Ray dataset."""
+    import ray
     import torch
 
+    from blip2_ray.data.epoch_plan import epoch_plan, epoch_plan_name
     from blip2_ray.data.pipeline import iter_train_batches
+    from blip2_ray.data.transforms import normalize_pixels_tensor
     from blip2_ray.train.loop import build_model
     from blip2_ray.train.optim import param_groups, warmup_cosine
     from blip2_ray.train.trainer import absolute_paths, build_train_dataset
@@ -72,7 +75,9 @@ def plain_loop(cfg, warmup: int) -> dict:
     ds = build_train_dataset(cfg)
     step, t_start, wait = 0, None, 0.0
     epoch = 0
+    plan = epoch_plan(epoch_plan_name(cfg.run_name))
     while step < cfg.train.max_steps:
+        ray.get(plan.begin.remote(epoch))  # as rank 0 of the Train workers does
         it = iter(iter_train_batches(ds.iterator(), cfg.train.micro_batch_size, cfg.data, epoch=epoch))
         while step < cfg.train.max_steps:
             tw = time.perf_counter()
@@ -82,10 +87,11 @@ def plain_loop(cfg, warmup: int) -> dict:
                 break
             if t_start is not None:
                 wait += time.perf_counter() - tw
+            pixels = normalize_pixels_tensor(b["pixel_values"])  # uint8 rows, normalised where the model runs
             if cfg.stage == 1:
-                out = model(b["pixel_values"], b["qformer_input_ids"], b["qformer_attention_mask"])
+                out = model(pixels, b["qformer_input_ids"], b["qformer_attention_mask"])
             else:
-                out = model(b["pixel_values"], b["llm_input_ids"], b["llm_attention_mask"])
+                out = model(pixels, b["llm_input_ids"], b["llm_attention_mask"])
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if cfg.train.grad_clip > 0:  # as DeepSpeed's gradient_clipping

@@ -17,10 +17,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-T = TypeVar("T")
-
-
 from blip2_ray.errors import UserError
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):
@@ -166,11 +165,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge(base: dict, override: dict) -> dict:
+    """`base` with `override` on top, mappings merged key by key (neither argument is changed)."""
     out = dict(base)
     for k, v in override.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -223,7 +223,7 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
     """Defaults of `cls` <- YAML file at `path` <- each `--set key=value` in order."""
     data: dict = read_yaml(path) if path else {}
     for item in sets or []:
-        data = _merge(data, parse_set(item))
+        data = merge(data, parse_set(item))
     return from_dict(cls, data)
 
 

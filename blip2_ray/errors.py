@@ -1,31 +1,10 @@
-"""User errors: a bad path, key, input or request gets one clear sentence, not a traceback."""
+"""The error type of every user mistake: a bad path, key, input or resource request gets one clear
+sentence, not a traceback. A job's `main` prints it as `error: <sentence>` and exits 2
+(`runtime.cli.cli_main`); raised inside a Ray worker, `runtime.user_errors` carries it to the driver.
+"""
 
 from __future__ import annotations
-
-import functools
-import sys
-from typing import Callable
 
 
 class UserError(Exception):
     """An error the user can fix; its message is one sentence naming the thing and the fix."""
-
-
-def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a job's `main`: a UserError (or ConfigError) prints `error: <sentence>` and exits 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs) -> int:
-        from blip2_ray.config import ConfigError
-
-        try:
-            rc = fn(*args, **kwargs)
-        except (UserError, ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-        return int(rc or 0)
-
-    return wrapper

@@ -23,15 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from blip2_ray.errors import cli_main  # noqa: E402
+from blip2_ray.runtime.cli import cli_main  # noqa: E402
+from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 
 
 def rows_of(shards: str, image_size: int, qformer_tok: str | None, llm_tok: str | None) -> list[dict]:
     """Eval-transformed rows of `shards` through the real data pipeline."""
+    from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.pipeline import build_dataset
 
-    cfg = DataConfig(image_size=image_size)
+    cfg = from_dict(DataConfig, {"image_size": image_size})
     return build_dataset(cfg, [shards], train=False, qformer_tokenizer=qformer_tok, llm_tokenizer=llm_tok).take_all()
 
 
@@ -62,14 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--address", default=None, help="Ray address (default: start a local instance)")
     args = ap.parse_args(argv)
 
-    import ray
-
     from blip2_ray.config import load_config
     from blip2_ray.data.sample import make_sample_shards
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import llm_tokenizer, load_stage1, load_stage2, tokenizer_path
+    from blip2_ray.model.hf_format import load_stage1, load_stage2
     from blip2_ray.model.stage2 import generate_text
     from blip2_ray.model.tiny_backbones import pretrain_tiny_llm, pretrain_tiny_vision
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer, resolve_tokenizer_dir
     from blip2_ray.model.tokenizers import COLOURS, SHAPES
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.evaluate import caption_names_object, retrieval_recall_at_1
@@ -84,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. data: {train['good']} training and 96 held-out images of coloured shapes {stamp()}", flush=True)
 
     if args.address:
-        ray.init(address=args.address)
-    else:
+        init_ray(args.address)
+    else:  # the demo's own instance, even inside a shell that names another cluster in RAY_ADDRESS
         os.environ.pop("RAY_ADDRESS", None)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+        # 4 logical CPUs on any machine: the 2 train workers and a decode task must fit at once, or Ray waits
+        # for resources forever
+        init_ray("local", env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4, include_dashboard=False, log_to_driver=True)
 
     # 2. the frozen backbones, pre-trained on the same kind of data and then frozen for BLIP-2
     cfg = model_config("tiny")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train.max_steps={args.stage1_steps}"])
     run_pretrain(s1)
 
-    held = rows_of(f"{work}/data/heldout", size, tokenizer_path("tiny", "qformer"), None)
+    held = rows_of(f"{work}/data/heldout", size, resolve_tokenizer_dir("tiny", "qformer"), None)
     truth = [colour_shape(r["caption"]) for r in held]
     stage1, _ = load_stage1(s1.output_dir, vision_dtype="float32")
     r1, chance = retrieval_recall_at_1(stage1, stack(held, "pixel_values"), stack(held, "qformer_input_ids"),

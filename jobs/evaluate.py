@@ -21,7 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blip2_ray.errors import cli_main  # noqa: E402
+from blip2_ray.runtime.cli import cli_main, job_parser, load_job_config  # noqa: E402
+from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 
 
 def format_table(metrics: dict[str, float], title: str = "") -> str:
@@ -53,36 +54,18 @@ def caption_metrics_main(argv: list[str]) -> int:
     return 0
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML of overrides of the EvalConfig defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line last")
-    return p.parse_args(argv)
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    ray.init(address=address or "local", runtime_env=env)
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "caption-metrics":
         return caption_metrics_main(argv[1:])
-    from blip2_ray.config import load_config
     from blip2_ray.eval.config import EvalConfig
     from blip2_ray.eval.job import check_inputs, run_evaluation
 
-    args = parse_args(argv)
-    cfg = load_config(EvalConfig, args.config, args.set)
+    p = job_parser(__doc__.split("\n")[0], config_help="YAML of overrides of the EvalConfig defaults",
+                   json_help="print the metrics as one JSON line last")
+    args = p.parse_args(argv)
+    cfg = load_job_config(EvalConfig, args)
     check_inputs(cfg)  # before Ray starts
     init_ray(args.address)
     report = run_evaluation(cfg)

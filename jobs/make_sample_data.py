@@ -13,7 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blip2_ray.errors import UserError, cli_main  # noqa: E402
+from blip2_ray.errors import UserError  # noqa: E402
+from blip2_ray.runtime.cli import cli_main  # noqa: E402
 
 
 def parse_corrupt(items: list[str]) -> dict[str, int]:
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-shapes", type=int, default=4)
     p.add_argument("--corrupt", nargs="*", default=[], metavar="KIND=COUNT",
                    help="inject bad records: undecodable_image, truncated_image, small_image, bomb_image, "
-                        "missing_image, missing_caption, empty_caption, bad_caption_encoding, truncated_tar, empty_shard")
+                        "missing_image, missing_caption, empty_caption, bad_caption_encoding, truncated_tar, "
+                        "empty_shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = p.parse_args(argv)

@@ -10,31 +10,13 @@ with the same run_name resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from blip2_ray.config import load_config
-from blip2_ray.errors import cli_main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML of overrides of the PretrainConfig defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key (repeatable)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
-    return p.parse_args(argv)
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if address:
-        ray.init(address=address, runtime_env=env)
-    else:
-        ray.init(address="local", runtime_env=env)
+from blip2_ray.runtime.cli import cli_main, job_parser, load_job_config  # noqa: E402
+from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 
 
 @cli_main
@@ -42,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.trainer import check_inputs, run_pretrain
 
-    args = parse_args(argv)
-    cfg = load_config(PretrainConfig, args.config, args.set)
+    p = job_parser(__doc__.split("\n")[0], config_help="YAML of overrides of the PretrainConfig defaults")
+    args = p.parse_args(argv)
+    cfg = load_job_config(PretrainConfig, args)
     check_inputs(cfg)  # before any worker: bad paths are one sentence, not a Ray traceback
     init_ray(args.address)
     result = run_pretrain(cfg)

@@ -21,31 +21,29 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blip2_ray.errors import cli_main  # noqa: E402
+from blip2_ray.runtime.cli import cli_main, job_parser  # noqa: E402
+from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = job_parser(__doc__.split("\n\n")[0], config_help="YAML mapping of ServeConfig keys", config_required=False)
     p.add_argument("--model", help="stage-2 / Blip2ForConditionalGeneration directory (caption, vqa, chat)")
     p.add_argument("--retrieval-model", help="stage-1 / Blip2ForImageTextRetrieval directory (embeddings, match)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--config", help="YAML mapping of ServeConfig keys")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: a new local one)")
     return p.parse_args(argv)
 
 
 def load_serve_config(args: argparse.Namespace):
     """ServeConfig from --config, the flags and --set (validated strictly)."""
-    from blip2_ray.config import _merge, from_dict, parse_set, read_yaml
+    from blip2_ray.config import from_dict, merge, parse_set, read_yaml
     from blip2_ray.serve.config import ServeConfig
 
     data = read_yaml(args.config) if args.config else {}
     flags = {"model": args.model, "retrieval_model": args.retrieval_model, "host": args.host, "port": args.port}
-    data = _merge(data, {k: v for k, v in flags.items() if v is not None})
+    data = merge(data, {k: v for k, v in flags.items() if v is not None})
     for item in args.set:
-        data = _merge(data, parse_set(item))
+        data = merge(data, parse_set(item))
     return from_dict(ServeConfig, data)
 
 
@@ -59,8 +57,7 @@ def main(argv=None) -> int:
 
     from blip2_ray.serve.app import build_app
 
-    own_cluster = not args.address
-    ray.init(address=args.address or "local", include_dashboard=False)
+    own_cluster = init_ray(args.address, include_dashboard=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     print(f"serving {cfg.served_model_name} on http://{cfg.host}:{cfg.port} (docs at /docs); Ctrl-C stops", flush=True)

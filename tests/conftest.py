@@ -1,9 +1,9 @@
-"""Shared fixtures. Unit tests need no Ray; integration tests share one local Ray instance per session."""
+"""Shared by every test: the environment, GPU skips, the tiny tokenizers, and the rule that only
+integration tests (tests/integration, marked there by its conftest) may start Ray."""
 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -14,12 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the 'tiny' tokenizers are built once per test session here (Ray workers inherit the variable)
 os.environ.setdefault("BLIP2_RAY_CACHE", tempfile.mkdtemp(prefix="blip2_ray_cache_"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def has_cuda() -> bool:
@@ -42,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizers() -> dict[str, str]:
-    """{"qformer", "opt", "t5"} -> tokenizer directories built offline for the tiny preset.
+    """{"qformer", "opt", "t5", "llama", "qwen2"} -> tokenizer directories built offline (tiny sizes).
 
     The same directories the 'tiny' tokenizer setting of a model config resolves to.
     """
@@ -52,71 +46,25 @@ def tiny_tokenizers() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_exports(tmp_path_factory, tiny_tokenizers) -> dict[str, str]:
-    """Randomly initialised tiny models exported in HF format: {"stage1", "stage2"} -> directory (read only)."""
-    import torch
+def tiny_blip_clip(tmp_path_factory) -> dict[str, str]:
+    """Random tiny BLIP captioner and CLIP filter in the hub layouts of Salesforce/blip-image-captioning-large
+    and openai/clip-vit-large-patch14, built offline: {"blip", "clip"} -> directory (read only)."""
+    from blip2_ray.capfilt.tiny_models import build_tiny_blip, build_tiny_clip
 
-    from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer
-    from blip2_ray.model.hf_io import qformer_tokenizer
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny_exports")
-    cfg = model_config("tiny")
-    tok = llm_tokenizer(cfg)
-    export_stage2(build_stage2(cfg, tok), str(root / "stage2"), tok, cfg)
-    export_stage1(build_stage1(cfg), str(root / "stage1"), qformer_tokenizer(cfg), cfg)
-    return {"stage1": str(root / "stage1"), "stage2": str(root / "stage2")}
+    root = tmp_path_factory.mktemp("tiny_blip_clip")
+    return {"blip": build_tiny_blip(str(root / "blip-image-captioning-large")),
+            "clip": build_tiny_clip(str(root / "clip-vit-large-patch14"))}
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session (never `ray stop`: others may share the machine).
-
-    `address="local"` always starts a new instance rather than joining RAY_ADDRESS or the latest cluster
-    on the machine. Yields the address other processes (jobs, Train workers) can join.
-    """
+@pytest.fixture(autouse=True)
+def _no_ray_outside_integration_tests(request, monkeypatch):
+    """`-m "not integration"` must run without Ray: any other test that starts it fails, naming itself."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
     import ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
-    ctx = ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=True,
-        object_store_memory=1_000_000_000,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
-    )
-    yield ctx.address_info["address"]
-    ray.shutdown()
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts Ray; move it to tests/integration")
 
+    monkeypatch.setattr(ray, "init", refuse)
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-compatible server (moto, server mode) on 127.0.0.1 with one bucket.
-
-    Yields {"endpoint_url", "bucket", "client"}; AWS_ACCESS_KEY_ID/SECRET are "testing" while it runs
-    (the data pipeline hands them to its Ray tasks explicitly).
-    """
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket="shards")
-    try:
-        yield {"endpoint_url": endpoint, "bucket": "shards", "client": client}
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

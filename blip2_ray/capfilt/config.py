@@ -3,37 +3,53 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
+from blip2_ray.runtime.compute import ComputeConfig
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 @dataclass
 class CaptionerConfig:
-    model: str = doc("stage-2 export directory (Blip2ForConditionalGeneration + tokenizer) that writes captions", "")
+    kind: Literal["blip2", "blip"] = doc(
+        "blip2: a stage-2 export / Blip2ForConditionalGeneration directory; blip: a BlipForConditionalGeneration "
+        "+ BlipProcessor directory (e.g. Salesforce/blip-image-captioning-large, the paper's captioner)", "blip2")
+    model: str = doc("the captioner's local model directory (of the `kind` above)", "")
     num_captions: int = doc("synthetic captions per image (nucleus sampling)", 10)
     top_p: float = doc("nucleus sampling mass", 0.9)
     temperature: float = doc("sampling temperature", 1.0)
+    repetition_penalty: float = doc("HF generate's repetition penalty (1.0: none; BLIP's own sampling uses 1.1)", 1.0)
     max_new_tokens: int = doc("longest synthetic caption, tokens", 30)
     min_new_tokens: int = doc("shortest synthetic caption, tokens", 5)
-    prompt: str = doc("text prompt before the caption (e.g. 'a photo of'); '' for none", "")
+    prompt: str = doc("text the caption continues (blip2: 'a photo of', blip: 'a picture of'); '' for none "
+                      "(blip: unconditional, the decoder starts from [DEC] alone)", "")
     prepend_prompt: bool = doc("keep the prompt at the start of the synthetic caption", True)
-    dtype: str = doc("float32 | float16 | bfloat16 | auto (fp16 ViT/LLM on GPU, fp32 on CPU)", "auto")
+    dtype: Dtype = doc("auto: fp16 on GPU, fp32 on CPU", "auto")
 
     def validate(self) -> None:
         if self.num_captions < 0:
             raise ValueError(f"num_captions must be >= 0, got {self.num_captions}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0 or self.repetition_penalty <= 0:
+            raise ValueError("temperature and repetition_penalty must be > 0")
         if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
             raise ValueError("need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
 
 
 @dataclass
 class FilterConfig:
-    model: str = doc("stage-1 export (or Blip2ForImageTextRetrieval) directory that scores captions by ITC", "")
-    keep: int = doc("captions kept per image (the best by ITC similarity, web and synthetic together)", 2)
-    dtype: str = doc("ViT dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU)", "auto")
+    kind: Literal["blip2_itc", "clip"] = doc(
+        "blip2_itc: a stage-1 export / Blip2ForImageTextRetrieval directory, ranked by ITC similarity (max over "
+        "queries); clip: a CLIPModel + CLIPProcessor directory (e.g. openai/clip-vit-large-patch14, the paper's "
+        "filter), ranked by CLIP's logits_per_image; captions past the text limit are truncated and counted",
+        "blip2_itc")
+    model: str = doc("the filter's local model directory (of the `kind` above)", "")
+    keep: int = doc("captions kept per image (the best by the filter's score, web and synthetic together)", 2)
+    dtype: Dtype = doc("auto: fp16 on GPU, fp32 on CPU (blip2_itc: the ViT's dtype)", "auto")
 
     def validate(self) -> None:
         if self.keep < 1:
@@ -41,15 +57,11 @@ class FilterConfig:
 
 
 @dataclass
-class ComputeConfig:
-    num_actors: int = doc("actors in the pool (each holds both models; one GPU each where GPUs exist)", 2)
-    num_gpus_per_actor: float | None = doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
-    num_cpus_per_actor: float = doc("CPUs reserved per actor", 1.0)
-    batch_size: int = doc("images per model call inside an actor", 16)
+class CapFiltComputeConfig(ComputeConfig):
+    """The shared actor-pool section with CapFilt's defaults (an actor holds both models)."""
 
-    def validate(self) -> None:
-        if self.num_actors < 1 or self.batch_size < 1:
-            raise ValueError("num_actors and batch_size must be >= 1")
+    num_actors: int = doc("actors in the pool (each holds both models; one GPU each where GPUs exist)", 2)
+    batch_size: int = doc("images per model call inside an actor", 16)
 
 
 @dataclass
@@ -58,7 +70,7 @@ class CapFiltConfig:
     output_dir: str = doc("local directory for the output shards (same file names and format as the input)", "")
     captioner: CaptionerConfig = doc("the model that writes synthetic captions", factory=CaptionerConfig)
     filter: FilterConfig = doc("the model that ranks captions", factory=FilterConfig)
-    compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
+    compute: CapFiltComputeConfig = doc("Ray actor pool", factory=CapFiltComputeConfig)
     data: DataConfig = doc("record decoding and checks (image_keys, caption_keys, min_image_side, ...)",
                            factory=DataConfig)
     seed: int = doc("seed of the caption sampling (per shard)", 0)
@@ -69,7 +81,10 @@ class CapFiltConfig:
             raise ValueError("input must name at least one source")
         if not self.output_dir:
             raise ValueError("output_dir must be set")
+        filter_dir = {"blip2_itc": "a stage-1 export", "clip": "a CLIPModel"}[self.filter.kind]
         if not self.filter.model:
-            raise ValueError("filter.model must name a stage-1 export directory")
+            raise ValueError(f"filter.model must name {filter_dir} directory (filter.kind={self.filter.kind})")
+        caption_dir = {"blip2": "a stage-2 export", "blip": "a BlipForConditionalGeneration"}[self.captioner.kind]
         if self.captioner.num_captions > 0 and not self.captioner.model:
-            raise ValueError("captioner.model must name a stage-2 export directory (or set captioner.num_captions=0)")
+            raise ValueError(f"captioner.model must name {caption_dir} directory (captioner.kind="
+                             f"{self.captioner.kind}), or set captioner.num_captions=0")

@@ -7,7 +7,6 @@ per-shard counts (each shard's are kept beside it as `<shard>.capfilt.json`).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections import Counter
@@ -16,15 +15,17 @@ from blip2_ray.capfilt import shards as S
 from blip2_ray.capfilt.config import CapFiltConfig
 from blip2_ray.config import to_dict
 from blip2_ray.errors import UserError
+from blip2_ray.runtime.files import stale_temporaries, write_json_atomic
 
 
 def check_models(cfg: CapFiltConfig) -> None:
-    """One clear sentence before any actor starts if a model directory is missing."""
-    for what, path, needed in (("filter.model", cfg.filter.model, True),
-                               ("captioner.model", cfg.captioner.model, cfg.captioner.num_captions > 0)):
-        if needed and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"{what} {path!r} is not a model export directory (no config.json); "
-                            f"pass a directory written by the training job's export")
+    """One clear sentence before any actor starts if a model directory is missing, incomplete (no weights,
+    processor or tokenizer) or holds another model than its kind needs (config.json's model_type/architectures)."""
+    from blip2_ray.capfilt.captioners import check_captioner
+    from blip2_ray.capfilt.filters import check_filter
+
+    check_filter(cfg.filter)
+    check_captioner(cfg.captioner)
 
 
 def plan(cfg: CapFiltConfig) -> tuple[list[str], list[str]]:
@@ -39,14 +40,33 @@ def plan(cfg: CapFiltConfig) -> tuple[list[str], list[str]]:
                         f"so run the sources into separate output_dirs")
     os.makedirs(cfg.output_dir, exist_ok=True)
     todo = [f for f in files if not os.path.exists(S.output_path(cfg.output_dir, f))]
+    check_same_models([f for f in files if f not in todo], cfg)
     for f in todo:  # temporaries of an interrupted earlier run (hidden, never read) are removed
-        for stale in glob.glob(os.path.join(cfg.output_dir, f".{glob.escape(os.path.basename(f))}.*.tmp")):
+        for stale in stale_temporaries(S.output_path(cfg.output_dir, f)):
             os.remove(stale)
     return files, todo
 
 
+def check_same_models(done: list[str], cfg: CapFiltConfig) -> None:
+    """UserError if a finished shard in output_dir was written by other models than `cfg` names: a resumed
+    run must not mix two captioner/filter pairs in one output (its provenance would no longer hold)."""
+    from blip2_ray.capfilt.worker import provenance
+
+    want = provenance(cfg)
+    for f in done:
+        side = S.output_path(cfg.output_dir, f) + ".capfilt.json"
+        if os.path.exists(side):
+            with open(side) as fh:
+                got = json.load(fh).get("models")
+            if got is not None and got != want:
+                raise UserError(f"{cfg.output_dir!r} already holds {os.path.basename(f)} written by {got}, not by "
+                                f"{want}; use a new output_dir for another model pair (or delete those shards)")
+
+
 def summarize(files: list[str], cfg: CapFiltConfig, new: list[dict]) -> dict:
     """Totals over every shard (done now or by an earlier run)."""
+    from blip2_ray.capfilt.worker import SHARD_COUNTS, provenance
+
     per_shard = {r["shard"]: r for r in new}
     for f in files:
         if f not in per_shard:
@@ -57,26 +77,18 @@ def summarize(files: list[str], cfg: CapFiltConfig, new: list[dict]) -> dict:
     tot: Counter = Counter()
     skipped: Counter = Counter()
     for r in per_shard.values():
-        tot.update({k: r[k] for k in ("images", "generated", "kept", "kept_web", "images_with_web_kept")})
+        tot.update({k: r.get(k, 0) for k in SHARD_COUNTS})
         skipped.update(r.get("skipped", {}))
     kept = tot["kept"]
     return {
         "shards": len(files), "shards_done_now": len(new), "shards_done_before": len(per_shard) - len(new),
         "images": tot["images"], "captions_generated": tot["generated"], "captions_kept": kept,
-        "web_captions_kept": tot["kept_web"],
+        "web_captions_kept": tot["kept_web"], "captions_truncated": tot["truncated"],
         "share_of_kept_that_are_web": (tot["kept_web"] / kept) if kept else 0.0,
         "share_of_images_keeping_web": (tot["images_with_web_kept"] / tot["images"]) if tot["images"] else 0.0,
-        "skipped": dict(sorted(skipped.items())), "output_dir": os.path.abspath(cfg.output_dir),
+        "skipped": dict(sorted(skipped.items())), "models": provenance(cfg),
+        "output_dir": os.path.abspath(cfg.output_dir),
     }
-
-
-def actor_resources(cfg: CapFiltConfig) -> dict:
-    import ray
-
-    gpus = cfg.compute.num_gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return {"num_gpus": gpus, "num_cpus": cfg.compute.num_cpus_per_actor}
 
 
 def run_capfilt(cfg: CapFiltConfig) -> dict:
@@ -84,38 +96,18 @@ def run_capfilt(cfg: CapFiltConfig) -> dict:
     import ray
 
     from blip2_ray.capfilt.worker import CapFiltWorker
+    from blip2_ray.runtime.compute import actor_pool
+    from blip2_ray.runtime.user_errors import report_user_errors, reraise_user_errors
 
     check_models(cfg)
     files, todo = plan(cfg)
     new: list[dict] = []
     if todo:
         ds = ray.data.from_items([{"path": f} for f in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(
-            CapFiltWorker, fn_constructor_kwargs={"cfg": to_dict(cfg)}, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.compute.num_actors, len(todo))), **actor_resources(cfg),
-        )
-        try:
+        ds = ds.map_batches(report_user_errors(CapFiltWorker), fn_constructor_kwargs={"cfg": to_dict(cfg)},
+                            batch_size=1, batch_format="numpy", **actor_pool(cfg.compute, len(todo)))
+        with reraise_user_errors():
             new = [json.loads(r["summary"]) for r in ds.iter_rows()]
-        except Exception as e:
-            cause = user_error_in(e)
-            if cause is not None:
-                raise cause from None
-            raise
     summary = summarize(files, cfg, new)
-    path = cfg.summary_file or os.path.join(cfg.output_dir, "capfilt_summary.json")
-    S.write_json(path, summary)
+    write_json_atomic(cfg.summary_file or os.path.join(cfg.output_dir, "capfilt_summary.json"), summary)
     return summary
-
-
-def user_error_in(e: BaseException) -> UserError | None:
-    """The UserError an actor raised, if that is what `e` wraps (Ray adds several layers)."""
-    import re
-
-    for _ in range(10):
-        if e is None:
-            return None
-        if isinstance(e, UserError):
-            m = re.search(r"UserError: (.+)", str(e))
-            return UserError(m.group(1).strip() if m else str(e).strip().splitlines()[0])
-        e = e.__cause__ or getattr(e, "cause", None) or e.__context__
-    return None

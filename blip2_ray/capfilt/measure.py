@@ -55,7 +55,7 @@ def kept_correct_rate(capfilt_dir: str) -> dict:
     """Over CapFilt output shards: share of images whose top kept caption is right (colour and shape)."""
     n = right = web_top = 0
     for path in list_shards(capfilt_dir):
-        for key, members in S.read_tar_members(path, lambda r: None):
+        for _, members in S.read_tar_members(path, lambda r: None):
             meta, cf = json.loads(members["json"]), json.loads(members["capfilt.json"])
             n += 1
             right += int(_names(cf["captions"][0], meta))
@@ -63,22 +63,21 @@ def kept_correct_rate(capfilt_dir: str) -> dict:
     return {"images": n, "top_kept_correct_rate": right / max(1, n), "wrong_web_caption_top_rate": web_top / max(1, n)}
 
 
-def wrong_caption_rejection(filter_dir: str, data: str, limit: int = 500, seed: int = 0) -> dict:
-    """The filter alone: per image, candidates = the wrong web caption, the correct caption and 8 other
-    wrong ones; how often correct > wrong web caption, and how often correct is the top-1."""
-    import torch
-
-    from blip2_ray.data.records import tokenize_qformer
-    from blip2_ray.data.transforms import decode_image, eval_transform
-    from blip2_ray.model.hf_io import load_stage1
+def wrong_caption_rejection(filter_dir: str, data: str, limit: int = 500, seed: int = 0,
+                            kind: str = "blip2_itc") -> dict:
+    """The filter alone (`kind`: blip2_itc or clip): per image, candidates = the wrong web caption, the correct
+    caption and 8 other wrong ones; how often correct > wrong web caption, and how often correct is the top-1."""
+    from blip2_ray.capfilt.config import FilterConfig
+    from blip2_ray.capfilt.filters import build_filter, check_filter
+    from blip2_ray.data.transforms import decode_image
 
     rng = np.random.default_rng(seed)
-    model, tok = load_stage1(filter_dir)
-    model.eval()
-    size = model.vision_model.config.image_size
+    fc = FilterConfig(kind=kind, model=filter_dir)
+    check_filter(fc)
+    filt = build_filter(fc, text_max_len=32)
     items = []
     for path in list_shards(data):
-        for key, m in S.read_tar_members(path, lambda r: None):
+        for _, m in S.read_tar_members(path, lambda r: None):
             if "json" in m and "jpg" in m and "colour" in json.loads(m["json"]):
                 items.append((m["jpg"], json.loads(m["json"])))
             if len(items) >= limit:
@@ -87,18 +86,16 @@ def wrong_caption_rejection(filter_dir: str, data: str, limit: int = 500, seed: 
             break
     beats = top1 = 0
     k = 10
-    with torch.no_grad():
-        for start in range(0, len(items), 32):
-            chunk = items[start:start + 32]
-            px = torch.from_numpy(np.stack([eval_transform(decode_image(b, 1, 1 << 30), size) for b, _ in chunk]))
-            feats = model.image_feats(model.encode_image(px))
-            for b, (_, meta) in enumerate(chunk):
-                cands = [_wrong(meta["colour"], meta["shape"], rng), f"a {meta['colour']} {meta['shape']}"]
-                cands += [_wrong(meta["colour"], meta["shape"], rng) for _ in range(k - 2)]
-                enc = tokenize_qformer(tok, cands, 32)
-                tf = model.text_feat(torch.from_numpy(enc["qformer_input_ids"]), torch.from_numpy(enc["qformer_attention_mask"]))
-                sim = (tf @ feats[b].t()).amax(1)
-                beats += int(sim[1] > sim[0])
-                top1 += int(int(sim.argmax()) == 1)
+    for start in range(0, len(items), 32):
+        chunk = items[start:start + 32]
+        candidates = []
+        for _, meta in chunk:
+            cands = [_wrong(meta["colour"], meta["shape"], rng), f"a {meta['colour']} {meta['shape']}"]
+            candidates.append(cands + [_wrong(meta["colour"], meta["shape"], rng) for _ in range(k - 2)])
+        scores, _ = filt.score([decode_image(b, 1, 1 << 30) for b, _ in chunk], candidates)
+        for sim in scores:
+            beats += int(sim[1] > sim[0])
+            top1 += int(int(sim.argmax()) == 1)
     n = max(1, len(items))
-    return {"images": len(items), "candidates": k, "correct_kept_rate": beats / n, "top1_correct_rate": top1 / n}
+    return {"images": len(items), "candidates": k, "correct_kept_rate": beats / n, "top1_correct_rate": top1 / n,
+            "filter": filt.provenance}

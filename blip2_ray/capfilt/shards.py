@@ -9,17 +9,17 @@ under its final name only once complete (written to a hidden temporary name, the
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
-import uuid
 from typing import Callable, Iterator
 
 from blip2_ray.data.readers import _split_key, open_file, shard_format
 from blip2_ray.data.transforms import EMPTY_SHARD, TRUNCATED_SHARD
+from blip2_ray.runtime.files import atomic_path
 
 
-def read_tar_members(path: str, on_skip: Callable[[str], None], s3_opts: dict | None = None) -> Iterator[tuple[str, dict]]:
+def read_tar_members(path: str, on_skip: Callable[[str], None],
+                     s3_opts: dict | None = None) -> Iterator[tuple[str, dict]]:
     """(key, {suffix: bytes}) for every complete record of a WebDataset tar; a cut-short tar keeps the
     records before the break (`truncated_shard` counted), an empty one counts `empty_shard`."""
     key, members, n = None, {}, 0
@@ -51,7 +51,8 @@ def read_tar_members(path: str, on_skip: Callable[[str], None], s3_opts: dict | 
         on_skip(EMPTY_SHARD)
 
 
-def read_parquet_rows(path: str, on_skip: Callable[[str], None], s3_opts: dict | None = None) -> tuple[list[dict], object]:
+def read_parquet_rows(path: str, on_skip: Callable[[str], None],
+                      s3_opts: dict | None = None) -> tuple[list[dict], object]:
     """(rows as dicts, arrow schema) of a parquet shard; an unreadable file counts `truncated_shard`."""
     import pyarrow.parquet as pq
 
@@ -67,34 +68,18 @@ def read_parquet_rows(path: str, on_skip: Callable[[str], None], s3_opts: dict |
 
 
 def output_path(out_dir: str, in_path: str) -> str:
+    """Where the CapFilt version of the shard `in_path` goes: the same file name in `out_dir`."""
     return os.path.join(out_dir, os.path.basename(in_path))
-
-
-def _tmp_path(final: str) -> str:
-    d, name = os.path.split(final)
-    # hidden and without the shard suffix: readers (and the training pipeline) never list it
-    return os.path.join(d, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def commit(tmp: str, final: str) -> None:
-    """Make a finished file visible under its final name (atomic on one filesystem)."""
-    os.replace(tmp, final)
 
 
 def write_tar(final: str, records: list[tuple[str, dict[str, bytes]]]) -> None:
     """Write records [(key, {suffix: bytes})] to `final` atomically."""
-    tmp = _tmp_path(final)
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, members in records:
-                for suffix, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
-        commit(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in records:
+            for suffix, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
 
 
 def write_parquet(final: str, rows: list[dict], schema, caption_col: str) -> None:
@@ -105,20 +90,8 @@ def write_parquet(final: str, rows: list[dict], schema, caption_col: str) -> Non
     fields = [f for f in (schema or []) if f.name not in (caption_col, "capfilt")]
     fields += [pa.field(caption_col, pa.list_(pa.string())), pa.field("capfilt", pa.string())]
     table = pa.Table.from_pylist(rows, schema=pa.schema(fields))
-    tmp = _tmp_path(final)
-    try:
+    with atomic_path(final) as tmp:
         pq.write_table(table, tmp, row_group_size=64)
-        commit(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(final: str, data: dict) -> None:
-    tmp = _tmp_path(final)
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    commit(tmp, final)
 
 
 def is_parquet(path: str) -> bool:

@@ -1,8 +1,9 @@
-"""The CapFilt work on one shard, Ray-free: decode, caption (nucleus sampling), rank by ITC, write.
+"""The CapFilt work on one shard, Ray-free: decode, caption (nucleus sampling), rank, write.
 
-`CapFiltWorker` loads both models once; `process_shard(path)` turns an input shard into an output shard
-(written atomically) and returns its counts. Ray's actor pool calls it through `__call__` (one shard
-path per batch); the benchmark's single-process loop calls `process_shard` directly.
+`CapFiltWorker` holds one captioner and one filter (`captioners.py`, `filters.py`: BLIP-2 or the paper's
+BLIP + CLIP, any pair); `process_shard(path)` turns an input shard into an output shard (written
+atomically) and returns its counts. Ray's actor pool calls it through `__call__` (one shard path per
+batch); the benchmark's single-process loop calls `process_shard` directly.
 """
 
 from __future__ import annotations
@@ -16,91 +17,51 @@ import numpy as np
 import torch
 
 from blip2_ray.capfilt import shards as S
+from blip2_ray.capfilt.captioners import build_captioner
 from blip2_ray.capfilt.config import CapFiltConfig
+from blip2_ray.capfilt.filters import build_filter
+from blip2_ray.capfilt.model_dirs import model_name
 from blip2_ray.config import from_dict
-from blip2_ray.data.transforms import EMPTY_CAPTION, SkipRecord, caption_choices, clean_caption, decode_image, eval_transform
+from blip2_ray.data.transforms import EMPTY_CAPTION, SkipRecord, caption_choices, clean_caption, decode_image
+from blip2_ray.runtime.files import write_json_atomic
+
+# per-shard counts (the job sums them): captions written, kept, and cut to the filter's text limit
+SHARD_COUNTS = ("images", "generated", "kept", "kept_web", "images_with_web_kept", "truncated")
 
 
-def pick_device_dtype(dtype: str) -> tuple[str, torch.dtype]:
-    cuda = torch.cuda.is_available()
-    if dtype == "auto":
-        return ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
-    return ("cuda" if cuda else "cpu"), getattr(torch, dtype)
+def shard_seed(seed: int, in_path: str) -> int:
+    """The torch seed of one shard's caption sampling: the run's seed and the shard's file name."""
+    return seed * 1_000_003 + zlib.crc32(os.path.basename(in_path).encode())
 
 
-def rank_captions(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """(Q, E) one image's query features x (N, E) candidate captions -> (N,) ITC similarity (max over Q)."""
-    return (text_feats.float() @ image_feats.float().t()).amax(dim=1)
+def provenance(cfg: CapFiltConfig) -> dict:
+    """Which models wrote and ranked the captions: {"captioner": {"kind", "model"} or None, "filter": {...}}."""
+    cc, fc = cfg.captioner, cfg.filter
+    captioner = {"kind": cc.kind, "model": model_name(cc.model)} if cc.num_captions > 0 else None
+    return {"captioner": captioner, "filter": {"kind": fc.kind, "model": model_name(fc.model)}}
 
 
 class CapFiltWorker:
-    """Both models in one process: the captioner (stage 2) and the filter (stage 1)."""
+    """One model pair in one process: the captioner (`captioner.kind`) and the filter (`filter.kind`)."""
 
     def __init__(self, cfg: dict):
-        from blip2_ray.model.hf_io import load_stage1, load_stage2
-        from blip2_ray.model.tokenizers import load_tokenizer
-
         self.cfg = from_dict(CapFiltConfig, cfg)
-        fc, cc = self.cfg.filter, self.cfg.captioner
-        self.device, fdtype = pick_device_dtype(fc.dtype)
-        self.filter, self.filter_tok = load_stage1(fc.model, vision_dtype=str(fdtype).replace("torch.", ""))
-        self.filter.to(self.device).eval()
-        self.filter_size = self.filter.vision_model.config.image_size
-        self.captioner = None
-        if cc.num_captions > 0:
-            _, cdtype = pick_device_dtype(cc.dtype)
-            self.captioner = load_stage2(cc.model, vision_dtype=cdtype, llm_dtype=cdtype).to(self.device).eval()
-            self.caption_tok = load_tokenizer(cc.model, "captioner tokenizer")
-            self.caption_size = self.captioner.vision_model.config.image_size
+        self.filter = build_filter(self.cfg.filter, self.cfg.data.qformer_max_len)
+        self.captioner = build_captioner(self.cfg.captioner)
+        self.provenance = provenance(self.cfg)
 
     # ---------------------------------------------------------------------------- one batch of images
-    def _pixels(self, images, size: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([eval_transform(im, size) for im in images])).to(self.device)
-
     def synthetic_captions(self, images) -> list[list[str]]:
         """K sampled captions per image (cleaned; empty ones dropped)."""
-        from blip2_ray.model.stage2 import generate_text
-
-        cc = self.cfg.captioner
         if self.captioner is None or not images:
             return [[] for _ in images]
-        px = self._pixels(images, self.caption_size).to(self.captioner.query_tokens.dtype)
-        texts = generate_text(self.captioner, self.caption_tok, px, [cc.prompt] if cc.prompt else None,
-                              num_beams=1, do_sample=True, top_p=cc.top_p, temperature=cc.temperature,
-                              max_new_tokens=cc.max_new_tokens, min_new_tokens=cc.min_new_tokens,
-                              num_return_sequences=cc.num_captions)
-        k = cc.num_captions  # HF returns the K samples of an image next to each other
-        out = []
-        for i in range(len(images)):
-            caps = []
-            for t in texts[i * k:(i + 1) * k]:
-                if cc.prompt and cc.prepend_prompt:
-                    t = f"{cc.prompt} {t}"
-                t = clean_caption(t, self.cfg.data.max_caption_words)
-                if t:
-                    caps.append(t)
-            out.append(caps)
-        return out
-
-    def score(self, images, candidates: list[list[str]]) -> list[np.ndarray]:
-        """ITC similarity of each image with each of its candidate captions."""
-        from blip2_ray.data.records import tokenize_qformer
-
-        px = self._pixels(images, self.filter_size)
-        image_feats = self.filter.image_feats(self.filter.encode_image(px))  # (B, Q, E)
-        flat = [c for cs in candidates for c in cs]
-        enc = tokenize_qformer(self.filter_tok, flat, self.cfg.data.qformer_max_len)
-        text_feats = self.filter.text_feat(torch.from_numpy(enc["qformer_input_ids"]).to(self.device),
-                                           torch.from_numpy(enc["qformer_attention_mask"]).to(self.device))
-        out, start = [], 0
-        for b, cs in enumerate(candidates):
-            out.append(rank_captions(image_feats[b], text_feats[start:start + len(cs)]).cpu().numpy())
-            start += len(cs)
-        return out
+        words = self.cfg.data.max_caption_words
+        return [[c for c in (clean_caption(t, words) for t in texts) if c] for texts in self.captioner.caption(images)]
 
     @torch.no_grad()  # per call: Ray runs the UDF on another thread, and grad mode is per thread
-    def caption_and_filter(self, images, web: list[list[str]]) -> list[dict]:
-        """Per image {"captions", "scores", "synthetic"} of the kept captions, best first."""
+    def caption_and_filter(self, images, web: list[list[str]]) -> tuple[list[dict], int]:
+        """(per image {"captions", "scores", "synthetic", "generated"} of the kept captions, best first;
+        how many candidates the filter truncated to its text limit)."""
         synth = self.synthetic_captions(images)
         candidates, flags = [], []
         for w, s in zip(web, synth):
@@ -113,13 +74,14 @@ class CapFiltWorker:
                     fl.append(is_synth)
             candidates.append(cs)
             flags.append(fl)
-        scores = self.score(images, [[clean_caption(c, self.cfg.data.max_caption_words) for c in cs] for cs in candidates])
+        scores, truncated = self.filter.score(
+            images, [[clean_caption(c, self.cfg.data.max_caption_words) for c in cs] for cs in candidates])
         out = []
         for cs, fl, sc, s in zip(candidates, flags, scores, synth):
             order = np.argsort(-sc, kind="stable")[: self.cfg.filter.keep]
             out.append({"captions": [cs[i] for i in order], "scores": [round(float(sc[i]), 6) for i in order],
                         "synthetic": [bool(fl[i]) for i in order], "generated": len(s)})
-        return out
+        return out, truncated
 
     # ------------------------------------------------------------------------------------ one shard
     def process_shard(self, in_path: str) -> dict:
@@ -127,7 +89,7 @@ class CapFiltWorker:
         cfg, dc = self.cfg, self.cfg.data
         final = S.output_path(cfg.output_dir, in_path)
         skips: Counter = Counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + zlib.crc32(os.path.basename(in_path).encode()))
+        torch.manual_seed(shard_seed(cfg.seed, in_path))
         parquet = S.is_parquet(in_path)
         if parquet:
             rows, schema = S.read_parquet_rows(in_path, lambda r: skips.update([r]))
@@ -158,14 +120,15 @@ class CapFiltWorker:
         stats = Counter()
         for start in range(0, len(good), cfg.compute.batch_size):
             chunk = good[start:start + cfg.compute.batch_size]
-            results = self.caption_and_filter([g[2] for g in chunk], [g[3] for g in chunk])
+            results, truncated = self.caption_and_filter([g[2] for g in chunk], [g[3] for g in chunk])
+            stats["truncated"] += truncated
             for (key, record, _, web), res in zip(chunk, results):
                 stats["images"] += 1
                 stats["generated"] += res.pop("generated")
                 stats["kept"] += len(res["captions"])
                 stats["kept_web"] += sum(not s for s in res["synthetic"])
                 stats["images_with_web_kept"] += int(any(not s for s in res["synthetic"]))
-                meta = {**res, "web": web}
+                meta = {**res, "web": web, **self.provenance}
                 if parquet:
                     row = dict(record)
                     row[caption_col] = res["captions"]
@@ -178,10 +141,10 @@ class CapFiltWorker:
                     members["capfilt.json"] = json.dumps(meta).encode()
                     out_records.append((key, members))
 
-        summary = {"shard": in_path, "output": final, **{k: int(stats[k]) for k in
-                   ("images", "generated", "kept", "kept_web", "images_with_web_kept")}, "skipped": dict(skips)}
+        summary = {"shard": in_path, "output": final, **{k: int(stats[k]) for k in SHARD_COUNTS},
+                   "skipped": dict(skips), "models": self.provenance}
         # counts first, the shard last: the shard's final name is the commit point of the whole shard
-        S.write_json(final + ".capfilt.json", summary)
+        write_json_atomic(final + ".capfilt.json", summary)
         if parquet:
             S.write_parquet(final, out_records, schema, caption_col)
         else:

@@ -34,6 +34,9 @@ class DataConfig:
                                   "while a shard is still decoding (Ray Data's default, 128, holds up to 128 MiB "
                                   "of a shard's rows before the first leaves)", 8.0)
     prefetch_batches: int = doc("batches prefetched by each Train worker", 2)
+    stall_timeout_s: float = doc("a training worker that receives no batch for this long stops the run with a "
+                                 "diagnosis (what it waited for, the cluster's used and free resources); 0: wait "
+                                 "forever. Counted as a worker failure: failure.max_failures restarts apply", 600.0)
     s3_endpoint_url: str | None = doc("S3-compatible endpoint (MinIO, moto...); None uses AWS_ENDPOINT_URL or AWS",
                                       None)
     s3_region: str | None = doc("S3 region; None uses the AWS default chain", None)
@@ -63,5 +66,7 @@ class DataConfig:
             raise ValueError(f"decode_concurrency must be >= 1 or null, got {self.decode_concurrency}")
         if self.output_block_mib <= 0:
             raise ValueError(f"output_block_mib must be > 0, got {self.output_block_mib}")
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"stall_timeout_s must be >= 0 (0: no limit), got {self.stall_timeout_s}")
         if self.num_cpus_per_decode_task <= 0:
             raise ValueError(f"num_cpus_per_decode_task must be > 0, got {self.num_cpus_per_decode_task}")

@@ -33,7 +33,8 @@ def storage_options(endpoint_url: str | None = None, anonymous: bool = False, re
     if endpoint:
         opts["endpoint_url"] = endpoint
     if region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
-        opts["client_kwargs"] = {"region_name": region or os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]}
+        region = region or os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
+        opts["client_kwargs"] = {"region_name": region}
     if anonymous:
         opts["anon"] = True
     elif capture_env_credentials and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
@@ -102,7 +103,8 @@ def list_shards(path: str, s3_opts: dict | None = None) -> list[str]:
         elif os.path.isdir(path):
             found = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
         else:
-            raise UserError(f"data source {path!r} does not exist; pass a shard file, a directory, a glob or an s3:// URI")
+            raise UserError(f"data source {path!r} does not exist; pass a shard file, a directory, a glob or an "
+                            f"s3:// URI")
         files = sorted(os.path.abspath(f) for f in found if os.path.isfile(f) and _is_shard(f))
     if not files:
         raise UserError(f"data source {path!r} holds no .tar or .parquet shard")
@@ -208,7 +210,8 @@ def _to_bytes(value) -> bytes | None:
     return bytes(value)
 
 
-def parquet_columns(schema_names: list[str], path: str, image_keys: list[str], caption_keys: list[str]) -> tuple[str, str]:
+def parquet_columns(schema_names: list[str], path: str, image_keys: list[str],
+                    caption_keys: list[str]) -> tuple[str, str]:
     """(image column, caption column) of a parquet file; UserError naming the file and column if absent."""
     image_col = next((c for c in image_keys if c in schema_names), None)
     if image_col is None:
@@ -258,7 +261,8 @@ def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[st
                 for i in range(batch.num_rows):
                     key = keys[i] if keys[i] is not None else f"{stem}:{n}"
                     n += 1
-                    yield {"key": str(key), "image": _to_bytes(d[image_col][i]), "caption": _to_bytes(d[caption_col][i])}
+                    yield {"key": str(key), "image": _to_bytes(d[image_col][i]),
+                           "caption": _to_bytes(d[caption_col][i])}
         except OSError:
             on_skip(TRUNCATED_SHARD)
             return

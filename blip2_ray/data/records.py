@@ -17,7 +17,8 @@ from blip2_ray.data.transforms import SkipRecord, decode_image, eval_resize, pic
 _TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading takes ~100 ms
 
 
-def qformer_tokenizer(path: str):
+def cached_qformer_tokenizer(path: str):
+    """The Q-Former (BERT) tokenizer of the directory `path`, loaded once per process."""
     if ("qformer", path) not in _TOKENIZERS:
         from blip2_ray.model.tokenizers import load_qformer_tokenizer
 
@@ -25,22 +26,13 @@ def qformer_tokenizer(path: str):
     return _TOKENIZERS[("qformer", path)]
 
 
-def llm_tokenizer(path: str):
+def cached_llm_tokenizer(path: str):
+    """The LLM tokenizer of the directory `path`, right padded (training batches), loaded once per process."""
     if ("llm", path) not in _TOKENIZERS:
-        from blip2_ray.model.tokenizers import load_tokenizer
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
-        tok = load_tokenizer(path, "LLM tokenizer")
-        tok.padding_side = "right"  # training batches: right padded
-        _TOKENIZERS[("llm", path)] = tok
+        _TOKENIZERS[("llm", path)] = load_llm_tokenizer(path)
     return _TOKENIZERS[("llm", path)]
-
-
-def prepends_bos(tok) -> bool:
-    """True for decoder-only tokenizers (OPT) that start every sequence with their bos token."""
-    if tok.bos_token_id is None:
-        return False
-    ids = tok("a")["input_ids"]
-    return bool(ids) and ids[0] == tok.bos_token_id
 
 
 def tokenize_qformer(tok, captions: list[str], max_len: int) -> dict[str, np.ndarray]:
@@ -50,12 +42,22 @@ def tokenize_qformer(tok, captions: list[str], max_len: int) -> dict[str, np.nda
             "qformer_attention_mask": enc["attention_mask"].astype(np.int64)}
 
 
-def tokenize_llm(tok, captions: list[str], max_len: int) -> dict[str, np.ndarray]:
-    """LLM ids right padded to `max_len`: OPT gets "</s>caption\\n", T5 gets "caption</s>"."""
-    texts = [c + "\n" for c in captions] if prepends_bos(tok) else list(captions)
-    enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
-    return {"llm_input_ids": enc["input_ids"].astype(np.int64),
-            "llm_attention_mask": enc["attention_mask"].astype(np.int64)}
+def tokenize_llm(tok, captions: list[str], max_len: int, llm_family: str | None = None) -> dict[str, np.ndarray]:
+    """LLM ids right padded to `max_len`, as the family is trained: the tokenizer's own BOS handling,
+    then the caption, then its end (model.tokenizers.caption_end_ids): OPT "</s>caption\\n", Llama
+    "<s>caption</s>", Qwen2 "caption<|endoftext|>", T5 "caption</s>". The end survives truncation."""
+    from blip2_ray.model.tokenizers import caption_end_ids
+
+    end = caption_end_ids(tok, llm_family)
+    ids = np.full((len(captions), max_len), tok.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(captions), max_len), dtype=np.int64)
+    if captions:
+        body = tok(list(captions), truncation=True, max_length=max_len - len(end))["input_ids"]
+        for i, row in enumerate(body):
+            row = list(row) + end
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+    return {"llm_input_ids": ids, "llm_attention_mask": mask}
 
 
 def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -65,16 +67,22 @@ def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, epoch: int = 0,
                     qformer_tokenizer_path: str | None = None, llm_tokenizer_path: str | None = None,
-                    on_skip: Callable[[str], None], with_pixels: bool = True) -> dict[str, np.ndarray]:
+                    llm_family: str | None = None, on_skip: Callable[[str], None], with_pixels: bool = True,
+                    record_numbers: Iterable[int] | None = None) -> dict[str, np.ndarray]:
     """Raw records {"key", "image", "caption"} -> a batch of columns (rows of bad records dropped).
 
     Columns: key (str), caption (str, cleaned), pixel_values uint8 (B, 3, S, S) RGB (train crop/flip or
-    eval resize; CLIP normalisation happens on the consumer: TrainCollate / transforms.normalize_pixels),
-    and, per tokenizer given, qformer_/llm_ input_ids and attention_mask int64 (B, max_len).
+    eval resize; CLIP normalisation happens on the consumer: `transforms.normalize_pixels` on the host or
+    `transforms.normalize_pixels_tensor` on the device), and, per tokenizer given, qformer_/llm_ input_ids
+    and attention_mask int64 (B, max_len); `llm_family` (the LLM's model_type, e.g. "opt") decides how a
+    caption ends (see tokenize_llm). With `record_numbers` (one per record: its position in the shard) a
+    "record" int64 column keeps the numbers of the rows that survive.
     """
-    keys, captions, pixels = [], [], []
+    keys, captions, pixels, kept = [], [], [], []
     size = cfg.image_size
+    numbers = iter(record_numbers) if record_numbers is not None else None
     for r in records:
+        number = next(numbers) if numbers is not None else None
         key = str(r["key"])
         rng = record_rng(cfg.seed, epoch, key)
         try:
@@ -89,14 +97,17 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
             continue
         keys.append(key)
         captions.append(caption)
+        kept.append(number)
     out = {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object)}
+    if numbers is not None:
+        out["record"] = np.array(kept, dtype=np.int64)
     if with_pixels:
         out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
     if qformer_tokenizer_path:
-        out.update(tokenize_qformer(qformer_tokenizer(qformer_tokenizer_path), captions, cfg.qformer_max_len)
+        out.update(tokenize_qformer(cached_qformer_tokenizer(qformer_tokenizer_path), captions, cfg.qformer_max_len)
                    if captions else _empty_ids("qformer", cfg.qformer_max_len))
     if llm_tokenizer_path:
-        out.update(tokenize_llm(llm_tokenizer(llm_tokenizer_path), captions, cfg.llm_max_len)
+        out.update(tokenize_llm(cached_llm_tokenizer(llm_tokenizer_path), captions, cfg.llm_max_len, llm_family)
                    if captions else _empty_ids("llm", cfg.llm_max_len))
     return out
 

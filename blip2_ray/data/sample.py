@@ -95,7 +95,8 @@ def _bomb_png(side: int = 100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
 
 
 def _corrupt_record(kind: str, good_image: bytes, rng: np.random.Generator) -> tuple[bytes | None, bytes | None]:
@@ -156,12 +157,14 @@ def make_sample_shards(out_dir: str, fmt: str = "webdataset", num: int = 100, sh
         caption = (json.dumps(caps) if num_captions > 1 else caps[0]).encode()
         image = _jpeg(draw_shape(c, s, image_size, rng))
         records.append({"key": f"{i:07d}", "image": image, "caption": caption, "meta": {"colour": c, "shape": s}})
-    bad = [k for k, n in corrupt.items() if k in CORRUPT_KINDS and k not in ("truncated_tar", "empty_shard") for _ in range(n)]
+    bad = [k for k, n in corrupt.items() if k in CORRUPT_KINDS and k not in ("truncated_tar", "empty_shard")
+           for _ in range(n)]
     filler = _jpeg(draw_shape(colours[0], shapes[0], image_size, rng))
     for j, kind in enumerate(bad):
         image, caption = _corrupt_record(kind, filler, rng)
         pos = int(rng.integers(0, len(records) + 1))
-        records.insert(pos, {"key": f"bad{j:05d}_{kind}", "image": image, "caption": caption, "meta": {"corrupt": kind}})
+        records.insert(pos, {"key": f"bad{j:05d}_{kind}", "image": image, "caption": caption,
+                             "meta": {"corrupt": kind}})
 
     per = [records[i::shards] for i in range(shards)]
     ext = "tar" if fmt == "webdataset" else "parquet"

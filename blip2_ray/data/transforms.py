@@ -29,18 +29,20 @@ TRUNCATED_SHARD = "truncated_shard"
 EMPTY_SHARD = "empty_shard"
 
 # _NORM_LUT[c, v] = (v / 255 - mean[c]) / std[c]
-_NORM_LUT = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - CLIP_MEAN[:, None]) / CLIP_STD[:, None]).astype(np.float32)
+_NORM_LUT = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - CLIP_MEAN[:, None])
+             / CLIP_STD[:, None]).astype(np.float32)
 
 _PUNCT = re.compile(r'[.!"()*#:;~]')
 _SPACES = re.compile(r"\s+")
 
 
 class SkipRecord(Exception):
-    """A record that must be dropped; `reason` is one of the skip reasons above."""
+    """A record that must be dropped; `reason` is one of the skip reasons above, `detail` says more."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 def clean_caption(text: str, max_words: int = 50) -> str:
@@ -79,25 +81,28 @@ def pick_caption(raw: bytes | str | None, rng: np.random.Generator, max_words: i
 
 
 def decode_image(data: bytes | None, min_side: int, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB PIL image, checking the header size before the pixels are decoded."""
+    """Bytes -> RGB PIL image (the first frame), checking the header size before the pixels are decoded.
+
+    The one image decoder of the project (the data pipeline, CapFilt, evaluation and the Serve ingress).
+    """
     if data is None or len(data) == 0:
-        raise SkipRecord(MISSING_IMAGE)
+        raise SkipRecord(MISSING_IMAGE, "the image is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is the limit
             im = Image.open(io.BytesIO(data))
             w, h = im.size  # from the header: no pixels decoded yet
             if w * h > max_pixels:
-                raise SkipRecord(IMAGE_TOO_LARGE)
+                raise SkipRecord(IMAGE_TOO_LARGE, f"the image has {w}x{h} pixels, over the limit of {max_pixels}")
             if min(w, h) < min_side:
-                raise SkipRecord(IMAGE_TOO_SMALL)
+                raise SkipRecord(IMAGE_TOO_SMALL, f"the image is {w}x{h}, under the minimum side of {min_side}")
             return im.convert("RGB")  # decodes; a truncated file raises OSError here
     except Image.DecompressionBombError:
-        raise SkipRecord(IMAGE_TOO_LARGE) from None
+        raise SkipRecord(IMAGE_TOO_LARGE, f"the image is over the limit of {max_pixels} pixels") from None
     except SkipRecord:
         raise
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
-        raise SkipRecord(UNDECODABLE_IMAGE) from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad bytes
+        raise SkipRecord(UNDECODABLE_IMAGE, f"the image could not be decoded ({e.__class__.__name__})") from None
 
 
 def random_resized_crop_box(
@@ -140,6 +145,20 @@ def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
     for c in range(3):
         np.take(_NORM_LUT[c], pixels[..., c, :, :], out=out[..., c, :, :])
     return out
+
+
+def normalize_pixels_tensor(pixels):
+    """uint8 torch tensor (..., 3, H, W) RGB on any device -> float32 on that device with CLIP mean/std.
+
+    The same float32 operations in the same order as the host lookup table of `normalize_pixels`
+    ((v / 255 - mean) / std), so both give identical values; it runs where the model does, after the
+    4x smaller uint8 copy to the device.
+    """
+    import torch
+
+    mean = torch.from_numpy(CLIP_MEAN).to(pixels.device).view(3, 1, 1)
+    std = torch.from_numpy(CLIP_STD).to(pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
 
 
 def train_crop(im: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.5) -> np.ndarray:

@@ -177,7 +177,8 @@ def caption_scores(references: dict, predictions: dict, *, meteor: bool | None =
             continue
         if not available():
             if want:
-                raise UserError(f"{name} needs java and pycocoevalcap with its {name} jars; install them or drop {name}")
+                raise UserError(f"{name} needs java and pycocoevalcap with its {name} jars; install them or "
+                                f"drop {name}")
             continue
         import importlib
 
@@ -234,7 +235,8 @@ def load_predictions(path: str) -> dict:
     data = _load_json(path, "predictions")
     if isinstance(data, dict):
         return {_norm_id(k): v for k, v in data.items()}
-    if not isinstance(data, list) or any(not isinstance(r, dict) or "image_id" not in r or "caption" not in r for r in data):
+    if not isinstance(data, list) or any(not isinstance(r, dict) or "image_id" not in r or "caption" not in r
+                                         for r in data):
         raise UserError(f"predictions file {path!r} must be a COCO result list [{{\"image_id\", \"caption\"}}, ...]")
     out: dict = {}
     for r in data:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from blip2_ray.config import doc
 from blip2_ray.data.config import DataConfig
+from blip2_ray.runtime.compute import ComputeConfig
 
 
 @dataclass
@@ -46,11 +47,9 @@ class GenerationConfig:
 
 
 @dataclass
-class ComputeConfig:
-    num_actors: int = doc("actors in the pool (one GPU each where GPUs exist)", 2)
-    num_gpus_per_actor: float | None = doc("GPUs per actor; null: 1 if the cluster has GPUs, else 0", None)
-    num_cpus_per_actor: float = doc("CPUs reserved per actor", 1.0)
-    batch_size: int = doc("images (or texts) per model call", 32)
+class EvalComputeConfig(ComputeConfig):
+    """The shared actor-pool section plus the one dtype of the evaluated model's ViT and LLM."""
+
     dtype: str = doc("ViT/LLM dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU)", "auto")
 
 
@@ -59,12 +58,16 @@ class EvalConfig:
     task: Literal["retrieval", "caption", "vqa"] = doc("what to evaluate", "retrieval")
     model: str = doc("export directory: stage 1 for retrieval, stage 2 for caption / vqa", "")
     vqa_format: Literal["vqav2", "okvqa", "gqa"] = doc("vqa: answer format and metric (gqa: exact match)", "vqav2")
+    vqa_rules: Literal["lavis", "official"] = doc(
+        "vqa: answer scoring rules: lavis = LAVIS's copy of the VQA evaluator (the paper's val numbers), official "
+        "= GT-Vision-Lab/VQA's vqaEval.py (also normalises disagreeing human answers; leaves the prediction raw "
+        "when all ten agree); gqa: lavis only (docs/evaluation.md)", "lavis")
     output: str = doc("the JSON report (predictions and rankings go beside it)", "eval_report.json")
     test_set: TestSetConfig = doc("the images and their captions / questions", factory=TestSetConfig)
     retrieval: RetrievalConfig = doc("retrieval settings", factory=RetrievalConfig)
     generation: GenerationConfig = doc("caption / vqa generation (the recipe's values by default)",
                                        factory=GenerationConfig)
-    compute: ComputeConfig = doc("Ray actor pool", factory=ComputeConfig)
+    compute: EvalComputeConfig = doc("Ray actor pool", factory=EvalComputeConfig)
     data: DataConfig = doc("record decoding and checks for shards (image_keys, caption_keys, ...)",
                            factory=DataConfig)
 
@@ -75,5 +78,8 @@ class EvalConfig:
             raise ValueError("test_set.annotations or test_set.shards must be set")
         if self.task == "vqa" and not self.test_set.annotations:
             raise ValueError("vqa needs test_set.annotations")
+        if self.vqa_format == "gqa" and self.vqa_rules != "lavis":
+            raise ValueError("vqa_rules must be lavis for vqa_format gqa (the official VQA evaluator has no GQA "
+                             "exact match)")
         if self.retrieval.k_test < 1:
             raise ValueError("retrieval.k_test must be >= 1")

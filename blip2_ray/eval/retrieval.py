@@ -52,7 +52,8 @@ class TopKAccumulator:
             self._i2t[i] = (top.values[row].numpy(), top.indices[row].numpy())
         st = sim.t()  # (T, B)
         bt = st.topk(min(self.k, st.shape[1]), dim=1)
-        self._t2i_vals, self._t2i_idx = _merge_topk(self._t2i_vals, self._t2i_idx, bt.values, image_index[bt.indices], self.k)
+        self._t2i_vals, self._t2i_idx = _merge_topk(self._t2i_vals, self._t2i_idx, bt.values,
+                                                    image_index[bt.indices], self.k)
 
     def i2t(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         return self._i2t

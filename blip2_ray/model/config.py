@@ -2,8 +2,9 @@
 
 `ModelConfig(preset="vitg_opt2.7b")` takes every value of that preset; keys given next to `preset`
 override it. The `tiny` presets are CPU test sizes (hidden 32, 2 layers, 32 px images) that still
-learn on the generated shapes data; the others are the paper's sizes (random init, or weights from
-local HF-format directories through the `path` fields).
+learn on the generated shapes data (random weights by design); the others are the paper's sizes, whose
+frozen ViT and LLM must name their weights through the `path` fields (docs/checkpoints.md) unless
+`allow_random_init` says a random init is meant.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import ConfigError, _merge, doc
+from blip2_ray.config import ConfigError, doc, merge
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -20,7 +21,9 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 @dataclass
 class VisionConfig:
     kind: Literal["eva_vit_g", "clip_vit_l"] = doc("frozen image encoder architecture", "eva_vit_g")
-    path: str | None = doc("local HF-format directory with its weights (None: random init)", None)
+    path: str | None = doc(
+        "frozen ViT weights: a BLIP-2 dir (its vision_model.*), a Blip2VisionModel dir, a CLIP dir, or LAVIS's "
+        "eva_vit_g.pth; layout read from the content (None: from model.init_from, else random)", None)
     hidden_size: int = doc("ViT width", 1408)
     intermediate_size: int = doc("ViT MLP width", 6144)
     num_layers: int = doc("blocks kept (EVA ViT-g: 39 of 40; CLIP ViT-L: 23 of 24)", 39)
@@ -28,6 +31,8 @@ class VisionConfig:
     image_size: int = doc("input resolution in pixels", 224)
     patch_size: int = doc("patch size in pixels", 14)
     layer_norm_eps: float = doc("LayerNorm epsilon", 1e-6)
+    ln_vision_eps: float | None = doc(
+        "epsilon of ln_vision (null: layer_norm_eps, HF's convention; LAVIS checkpoints were trained with 1e-5)", None)
     dtype: Dtype = doc("dtype of the frozen weights (ln_vision always trains in float32)", "float16")
 
     def validate(self) -> None:
@@ -40,7 +45,9 @@ class VisionConfig:
 @dataclass
 class QFormerConfig:
     tokenizer: str = doc("local bert-base-uncased tokenizer directory, or 'tiny' (built offline)", "tiny")
-    init_from_bert: str | None = doc("local BERT checkpoint directory to initialise from (query FFN copied)", None)
+    init_from_bert: str | None = doc(
+        "BERT directory to initialise from (bert-base-uncased as published or saved by transformers; "
+        "the query FFN starts as a copy of the text FFN)", None)
     hidden_size: int = doc("Q-Former width", 768)
     num_layers: int = doc("transformer layers", 12)
     num_heads: int = doc("attention heads", 12)
@@ -64,11 +71,13 @@ class QFormerConfig:
 
 @dataclass
 class LLMConfig:
-    kind: Literal["opt", "t5"] = doc("frozen language model family", "opt")
-    path: str | None = doc("local HF-format LLM directory (None: random init from the fields below)", None)
+    kind: Literal["decoder", "opt", "t5"] = doc(
+        "decoder: any AutoModelForCausalLM (OPT, Llama, Qwen2, Mistral, GPT-2...; 'opt' is an alias); "
+        "t5: FlanT5", "opt")
+    path: str | None = doc("local HF-format LLM directory (None: random init of an OPT / T5 of the sizes below)", None)
     tokenizer: str = doc("local tokenizer directory, or 'tiny' (built offline)", "tiny")
     dtype: Dtype = doc("dtype of the frozen LLM (FlanT5: bfloat16)", "float16")
-    hidden_size: int = doc("model width (OPT hidden_size / T5 d_model)", 2560)
+    hidden_size: int = doc("model width of a random init (OPT hidden_size / T5 d_model)", 2560)
     num_layers: int = doc("layers (T5: per stack)", 32)
     num_heads: int = doc("attention heads", 32)
     ffn_size: int = doc("FFN width (OPT ffn_dim / T5 d_ff)", 10240)
@@ -128,15 +137,25 @@ class ModelConfig:
     vision: VisionConfig = doc("frozen image encoder", factory=VisionConfig)
     qformer: QFormerConfig = doc("trainable Q-Former", factory=QFormerConfig)
     llm: LLMConfig = doc("frozen language model (stage 2)", factory=LLMConfig)
-    init_from: str | None = doc("stage 2: a stage-1 export directory to start the Q-Former from", None)
-    hf_path: str | None = doc("a whole model in HF format (Blip2ForConditionalGeneration dir) to load", None)
+    init_from: str | None = doc(
+        "a stage-1 export dir (or Blip2ForImageTextRetrieval dir) or a LAVIS BLIP-2 .pth to start from: the "
+        "queries, Q-Former, ln_vision (+ heads in stage 1, + projection from a stage-2 .pth) and, when it holds "
+        "one, the frozen ViT", None)
+    hf_path: str | None = doc("stage 2: a whole model in HF format (Blip2ForConditionalGeneration dir) to load", None)
+    allow_random_init: bool = doc(
+        "allow a non-tiny preset to build its frozen ViT / LLM with random weights (benchmarks, tests)", False)
 
     @staticmethod
     def apply_preset(data: dict, where: str) -> dict:
         name = data.get("preset", "tiny")
         if name not in PRESETS:
             raise ConfigError(f"{where or 'model'}.preset {name!r} is unknown; valid presets: {', '.join(PRESETS)}")
-        return _merge(copy.deepcopy(PRESETS[name]), data)
+        return merge(copy.deepcopy(PRESETS[name]), data)
+
+
+def llm_is_decoder(kind: str) -> bool:
+    """`model.llm.kind` "decoder" (or its alias "opt"): a decoder-only LLM; "t5": encoder-decoder."""
+    return kind != "t5"
 
 
 def model_config(preset: str = "tiny", **overrides) -> ModelConfig:

@@ -11,21 +11,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from blip2_ray.model.precision import at_least_float32, autocast_off
+
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 def identity_gather(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def full_precision(x: torch.Tensor) -> torch.autocast:
-    """A region where autocast is off on `x`'s device: logits and losses are computed in float32."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors (autocast outputs) as float32; float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def itc_similarities(
@@ -34,15 +26,14 @@ def itc_similarities(
     """ITC logits of the local batch against the global one.
 
     image_feats: (B, Q, E) L2-normalised query features; text_feat: (B, E) normalised [CLS] features.
-    Returns sim_i2t (B, W*B) and sim_t2i (B, W*B), float32 also under autocast: the max over the Q
+    Returns sim_i2t (B, W*B) and sim_t2i (B, W*B), float32 even under autocast: the max over the Q
     queries of the dot product, / temp. The other ranks' features come through `gather` with no
     gradient (as in the reference): each rank back-propagates through its own rows only.
     """
     image_all = gather(image_feats.detach())  # (W*B, Q, E)
     text_all = gather(text_feat.detach())  # (W*B, E)
-    with full_precision(text_feat):
-        image_feats, text_feat = at_least_float32(image_feats), at_least_float32(text_feat)
-        temp = at_least_float32(temp)
+    with autocast_off(image_feats.device.type):  # float32 similarities and division by temp (docs/training.md)
+        image_feats, text_feat, temp = at_least_float32(image_feats), at_least_float32(text_feat), at_least_float32(temp)
         sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, at_least_float32(text_all)).amax(-1) / temp
         sim_t2i = torch.einsum("be,nqe->bnq", text_feat, at_least_float32(image_all)).amax(-1) / temp
     return sim_i2t, sim_t2i

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from blip2_ray.model.config import QFormerConfig
-from blip2_ray.model.losses import at_least_float32, full_precision
+from blip2_ray.model.precision import at_least_float32, autocast_off
 
 
 def build_qformer(cfg: QFormerConfig, vision_width: int, vocab_size: int, with_text: bool = True) -> nn.Module:
@@ -65,8 +65,7 @@ class QFormerLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., V) float32 logits (the vocabulary projection runs in float32 under autocast)."""
-        h = self.layer_norm(nn.functional.gelu(self.dense(hidden)))
-        with full_precision(h):
-            weight, bias = at_least_float32(word_embeddings), at_least_float32(self.bias)
-            return nn.functional.linear(at_least_float32(h), weight, bias)
+        """(..., H) -> (..., V) float32 logits (the whole head runs in float32 under autocast)."""
+        with autocast_off(hidden.device.type):  # float32 ITG logits even under autocast (model/precision.py)
+            h = self.layer_norm(nn.functional.gelu(self.dense(at_least_float32(hidden))))
+            return nn.functional.linear(h, at_least_float32(word_embeddings), self.bias)

@@ -15,6 +15,7 @@ from torch import nn
 
 from blip2_ray.model import losses
 from blip2_ray.model.config import ModelConfig
+from blip2_ray.model.precision import Float32Linear, autocast_off
 from blip2_ray.model.qformer import QFormerLMHead, build_qformer, init_query_tokens
 from blip2_ray.model.qformer_passes import (
     KeysValues,
@@ -43,10 +44,13 @@ class Stage1Output:
 class Blip2Stage1(nn.Module):
     """Frozen ViT + trainable ln_vision, queries, Q-Former, projections, ITM head, LM head, temperature.
 
-    `dec_token_id` / `pad_token_id` come from the Q-Former tokenizer (BERT + `[DEC]`).
+    `dec_token_id` / `pad_token_id` come from the Q-Former tokenizer (BERT + `[DEC]`). `vision_model`:
+    the image encoder built by the caller (builders.build_stage1: from its weight source, in its
+    storage dtype); None builds a random one from `cfg.vision`.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, dec_token_id: int, pad_token_id: int = 0):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, dec_token_id: int, pad_token_id: int = 0,
+                 vision_model: nn.Module | None = None):
         super().__init__()
         from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
@@ -54,15 +58,16 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         self.dec_token_id = dec_token_id
         self.pad_token_id = pad_token_id
-        self.vision_model = build_vision_model(cfg.vision)
+        self.vision_model = vision_model if vision_model is not None else build_vision_model(cfg.vision)
         freeze_vision(self.vision_model, DTYPES[cfg.vision.dtype])
         self.query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size)
         self.qformer = build_qformer(q, cfg.vision.hidden_size, vocab_size, with_text=True)
         self.embeddings = Blip2TextEmbeddings(self.qformer.config)
         self.embeddings.apply(self.qformer._init_weights)
-        self.vision_projection = nn.Linear(q.hidden_size, q.embed_dim)
-        self.text_projection = nn.Linear(q.hidden_size, q.embed_dim)
-        self.itm_head = nn.Linear(q.hidden_size, 2)
+        # float32 even under autocast: ITC features and ITM logits (model/precision.py)
+        self.vision_projection = Float32Linear(q.hidden_size, q.embed_dim)
+        self.text_projection = Float32Linear(q.hidden_size, q.embed_dim)
+        self.itm_head = Float32Linear(q.hidden_size, 2)
         self.lm_head = QFormerLMHead(q.hidden_size, vocab_size, eps=self.qformer.config.layer_norm_eps)
         self.temp = nn.Parameter(torch.tensor(q.temp_init))
 
@@ -100,13 +105,13 @@ class Blip2Stage1(nn.Module):
         return self._image_feats_from_queries(self.query_features(image_embeds))
 
     def _image_feats_from_queries(self, query_hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(losses.at_least_float32(self.vision_projection(query_hidden)), dim=-1)
+        return F.normalize(self.vision_projection(query_hidden), dim=-1)  # Float32Linear: float32 features
 
     def text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) caption tokens -> (B, E) L2-normalised float32 ITC text feature of [CLS] (text-only pass)."""
         text = embed_input(self.qformer, self.embeddings(input_ids=input_ids))
         h, _ = run_layers(self.qformer, text, key_padding_mask(attention_mask), outputs=1)
-        return F.normalize(losses.at_least_float32(self.text_projection(h[:, 0])), dim=-1)
+        return F.normalize(self.text_projection(h[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
@@ -122,8 +127,8 @@ class Blip2Stage1(nn.Module):
         keep = torch.cat([ones, attention_mask], 1)
         h, _ = run_layers(self.qformer, embed_input(self.qformer, embeds), key_padding_mask(keep), query_length=nq,
                           image_kv=image_kv, outputs=nq)
-        with losses.full_precision(h):
-            return self.itm_head(losses.at_least_float32(h)).mean(dim=1)
+        with autocast_off(h.device.type):  # itm_head is a Float32Linear; the mean stays float32 too
+            return self.itm_head(h).mean(dim=1)
 
     def itg_hidden(self, query_cache: list[KeysValues], dec_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
@@ -148,17 +153,14 @@ class Blip2Stage1(nn.Module):
         *,
         rank: int = 0,
         gather: losses.Gather = losses.identity_gather,
-        gather_with_grad: losses.Gather | None = None,
         generator: torch.Generator | None = None,
     ) -> Stage1Output:
         """ITC + ITM + ITG on one local batch; `gather` concatenates over ranks (no gradient).
 
         pixel_values (B, 3, H, W); input_ids / attention_mask (B, T) from the Q-Former tokenizer
         ([CLS] first). Batches must have the same B on every rank (ITC targets assume it).
-        `gather_with_grad` is accepted for older callers and unused: nothing is gathered with
-        gradient any more (see ITM below).
+        Nothing is gathered with gradient: ITM's negative images travel as frozen trunk output (see below).
         """
-        del gather_with_grad
         ls = self.cfg.qformer.label_smoothing
         trunk = vision_trunk(self.vision_model, pixel_values)  # (B, N, D) frozen, no grad
         image_embeds = ln_vision(self.vision_model, trunk)  # (B, N, D) float32

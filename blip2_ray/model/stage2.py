@@ -2,8 +2,10 @@
 
 Attribute names follow transformers' `Blip2ForConditionalGeneration` (`vision_model`, `query_tokens`,
 `qformer`, `language_projection`, `language_model`), so weights load from and export to it as is.
-OPT (decoder-only): loss on the caption only; "\\n" ends a caption. FlanT5 (encoder-decoder): the
-prefix-LM split, at a random point between 1 and the caption's midpoint, which HF does not have.
+Decoder-only LLMs (OPT, Llama, Qwen2, Mistral, GPT-2...): loss on the caption only; a caption ends in
+"\\n" for OPT (BLIP-2's convention) and in the tokenizer's EOS otherwise (model/tokenizers.py). FlanT5
+(encoder-decoder): the prefix-LM split, at a random point between 1 and the caption's midpoint, which
+HF does not have.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip2_ray.model.precision import autocast_off
 from blip2_ray.model.qformer import run_qformer
 from blip2_ray.model.vision import encode_image, freeze_vision
 
-VQA_PROMPTS = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
+VQA_PROMPTS = {"decoder": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
+
+
+def llm_kind_of(kind: str) -> str:
+    """"decoder" for any decoder-only kind ("opt" is an alias), "t5" for encoder-decoder."""
+    return "t5" if kind == "t5" else "decoder"
 
 
 @dataclass
 class Stage2Output:
     loss: torch.Tensor
-    logits: torch.Tensor  # OPT: (B, T-1, V) at the text positions predicting tokens 1..T-1; T5: decoder logits
+    logits: torch.Tensor  # decoder: (B, T, V), row t predicts text token t (from position t-1); T5: decoder logits
 
     def components(self) -> dict[str, float]:
         return {"loss": float(self.loss.detach()), "loss_lm": float(self.loss.detach())}
@@ -32,8 +40,10 @@ class Stage2Output:
 class Blip2Stage2(nn.Module):
     """Frozen ViT (+ trainable ln_vision) -> Q-Former (query path) -> language_projection -> frozen LLM.
 
-    llm_kind: "opt" or "t5". `prompt_ids` (1, P) are prompt tokens inserted after OPT's BOS (or before
-    the T5 prefix) at training time; they get no loss.
+    llm_kind: "decoder" (alias "opt") or "t5". `starts_with_bos`: the LLM tokenizer puts a BOS first
+    (OPT, Llama, Mistral; not GPT-2 or Qwen2): it gets no loss and prompts go after it. `prompt_ids`
+    (1, P) are prompt tokens inserted after the BOS (or before the T5 prefix) at training time; they
+    get no loss.
     """
 
     def __init__(
@@ -48,23 +58,26 @@ class Blip2Stage2(nn.Module):
         vision_dtype: torch.dtype = torch.float16,
         llm_dtype: torch.dtype = torch.float16,
         prompt_ids: torch.Tensor | None = None,
+        starts_with_bos: bool = True,
         freeze: bool = True,
     ):
         super().__init__()
-        if llm_kind not in ("opt", "t5"):
-            raise ValueError(f"llm_kind must be 'opt' or 't5', not {llm_kind!r}")
-        self.llm_kind = llm_kind
+        if llm_kind not in ("decoder", "opt", "t5"):
+            raise ValueError(f"llm_kind must be 'decoder' (alias 'opt') or 't5', not {llm_kind!r}")
+        self.llm_kind = llm_kind_of(llm_kind)
+        self.starts_with_bos = starts_with_bos and self.llm_kind == "decoder"
         self.vision_model = vision_model
         self.query_tokens = query_tokens
         self.qformer = qformer
         self.language_projection = language_projection
         self.language_model = language_model
-        self.register_buffer(
-            "prompt_ids", prompt_ids if prompt_ids is not None else torch.zeros(1, 0, dtype=torch.long), persistent=False
-        )
+        if prompt_ids is None:
+            prompt_ids = torch.zeros(1, 0, dtype=torch.long)
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
         if freeze:
             freeze_vision(self.vision_model, vision_dtype)
-            self.language_model.to(llm_dtype)
+            if any(p.dtype != llm_dtype for p in self.language_model.parameters()):
+                self.language_model.to(llm_dtype)
             self.language_model.requires_grad_(False)
             self.language_model.eval()
 
@@ -77,6 +90,11 @@ class Blip2Stage2(nn.Module):
     @property
     def num_query_tokens(self) -> int:
         return self.query_tokens.shape[1]
+
+    @property
+    def llm_family(self) -> str:
+        """The LLM's model_type ("opt", "llama", "qwen2", "t5", ...)."""
+        return self.language_model.config.model_type
 
     def llm_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
@@ -98,30 +116,34 @@ class Blip2Stage2(nn.Module):
     ) -> Stage2Output:
         """Language-modelling loss of the captions given the images.
 
-        OPT: llm_input_ids (B, T) = [</s>, caption, "\\n", pad...] (right padded). T5: (B, T) =
-        [caption, </s>, pad...]; the prefix-LM split is drawn per sample with `generator`.
+        Decoder: llm_input_ids (B, T) = [BOS if the tokenizer has one, caption, end, pad...] (right
+        padded; end = "\\n" for OPT, the EOS otherwise). T5: (B, T) = [caption, </s>, pad...]; the
+        prefix-LM split is drawn per sample with `generator`.
         """
         prefix = self.visual_prompt(pixel_values)
-        if self.llm_kind == "opt":
-            return self._opt_loss(prefix, llm_input_ids, llm_attention_mask)
+        if self.llm_kind == "decoder":
+            return self._decoder_loss(prefix, llm_input_ids, llm_attention_mask)
         return self._t5_loss(prefix, llm_input_ids, llm_attention_mask, generator)
 
-    def _opt_loss(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Stage2Output:
+    def _decoder_loss(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Stage2Output:
         b, nq = prefix.shape[:2]
-        n_prompt = 1 + self.prompt_ids.shape[1]  # BOS + prompt tokens get no loss
+        lead = int(self.starts_with_bos)
+        n_no_loss = lead + self.prompt_ids.shape[1]  # BOS + prompt tokens get no loss
         if self.prompt_ids.shape[1]:
             p = self.prompt_ids.to(ids.device).expand(b, -1)
-            ids = torch.cat([ids[:, :1], p, ids[:, 1:]], 1)
-            mask = torch.cat([mask[:, :1], torch.ones_like(p, dtype=mask.dtype), mask[:, 1:]], 1)
-        text_embeds = self.llm_embeddings()(ids)
-        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            ids = torch.cat([ids[:, :lead], p, ids[:, lead:]], 1)
+            mask = torch.cat([mask[:, :lead], torch.ones_like(p, dtype=mask.dtype), mask[:, lead:]], 1)
         full_mask = torch.cat([torch.ones(b, nq, dtype=mask.dtype, device=mask.device), mask], 1)
-        decoder_out = self.language_model.model(inputs_embeds=embeds, attention_mask=full_mask)
-        # only the text positions that predict a caption token need the (large) vocabulary projection
-        hidden = decoder_out.last_hidden_state[:, nq:-1]
-        logits = self.language_model.lm_head(hidden)  # (B, T-1, V): position t predicts token t+1
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        labels[:, : n_prompt - 1] = -100
+        # only the positions that predict a text token need the (large) vocabulary projection: the last
+        # query's output predicts text token 0 (a first token without BOS), position nq+t-1 token t
+        t = ids.shape[1]
+        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
+            text_embeds = self.llm_embeddings()(ids)
+            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, logits_to_keep=t + 1)
+        logits = out.logits[:, :-1]  # (B, T, V)
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :n_no_loss] = -100
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return Stage2Output(loss, logits)
 
@@ -136,11 +158,13 @@ class Blip2Stage2(nn.Module):
             p = self.prompt_ids.to(ids.device).expand(b, -1)
             enc_ids = torch.cat([p, enc_ids], 1)
             enc_mask = torch.cat([torch.ones_like(p, dtype=enc_mask.dtype), enc_mask], 1)
-        text_embeds = self.llm_embeddings()(enc_ids)
-        embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
         full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=enc_mask.device), enc_mask], 1)
         decoder_input_ids = self.language_model._shift_right(labels)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, decoder_input_ids=decoder_input_ids)
+        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
+            text_embeds = self.llm_embeddings()(enc_ids)
+            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask,
+                                      decoder_input_ids=decoder_input_ids)
         loss = F.cross_entropy(
             out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1), ignore_index=-100
         )
@@ -164,27 +188,30 @@ class Blip2Stage2(nn.Module):
     ) -> torch.Tensor:
         """New token ids (B, L) conditioned on the images and an optional prompt.
 
-        OPT: `input_ids` are LEFT-padded prompts that start with </s> (None: just </s>). T5: prompts
-        for the encoder (None: only the visual prompt). Returns only the generated tokens.
+        Decoder: `input_ids` are LEFT-padded prompts as the tokenizer writes them (with its BOS if it has
+        one; None: just the BOS, or nothing). T5: prompts for the encoder (None: only the visual
+        prompt). Returns only the generated tokens.
         """
-        prefix = self.visual_prompt(pixel_values)
-        b, nq = prefix.shape[:2]
-        dev = prefix.device
         emb = self.llm_embeddings()
+        dev = emb.weight.device  # the LLM's input side (a device_map may put it apart from the ViT)
+        prefix = self.visual_prompt(pixel_values).to(dev)
+        b, nq = prefix.shape[:2]
         cfg = self.language_model.config
         if input_ids is None:
-            if self.llm_kind == "opt":
+            if self.starts_with_bos:
                 input_ids = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=dev)
             else:
                 input_ids = torch.zeros(b, 0, dtype=torch.long, device=dev)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if pad_token_id is None:
+            pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+        input_ids = input_ids.to(dev)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
         embeds = torch.cat([prefix.to(emb.weight.dtype), emb(input_ids)], 1)
         mask = torch.cat([torch.ones(b, nq, dtype=attention_mask.dtype, device=dev), attention_mask], 1)
         kwargs = dict(
             inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens, do_sample=do_sample,
-            pad_token_id=cfg.pad_token_id if pad_token_id is None else pad_token_id, **generate_kwargs,
+            pad_token_id=pad_token_id, **generate_kwargs,
         )
         if eos_token_id is not None:
             kwargs["eos_token_id"] = eos_token_id
@@ -219,18 +246,19 @@ def prefix_lm_split(
 
 
 def vqa_prompt(question: str, llm_kind: str) -> str:
-    """The recipe's VQA prompt: OPT "Question: {} Answer:", FlanT5 "Question: {} Short answer:"."""
-    return VQA_PROMPTS[llm_kind].format(question)
+    """The recipe's VQA prompt: decoders (OPT...) "Question: {} Answer:", FlanT5 "Question: {} Short answer:"."""
+    return VQA_PROMPTS[llm_kind_of(llm_kind)].format(question)
 
 
 def tokenize_prompts(tokenizer, prompts: list[str] | None, batch: int, llm_kind: str, device=None):
-    """Prompts -> (input_ids, attention_mask) for `Blip2Stage2.generate` (OPT: left padded, with BOS)."""
+    """Prompts -> (input_ids, attention_mask) for `Blip2Stage2.generate` (decoders: left padded, with the
+    tokenizer's own BOS handling; T5: right padded)."""
     if not prompts or all(not p for p in prompts):
         return None, None
     if len(prompts) == 1 and batch > 1:
         prompts = prompts * batch
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left" if llm_kind == "opt" else "right"
+    tokenizer.padding_side = "left" if llm_kind_of(llm_kind) == "decoder" else "right"
     try:
         enc = tokenizer(prompts, padding="longest", return_tensors="pt")
     finally:
@@ -238,10 +266,10 @@ def tokenize_prompts(tokenizer, prompts: list[str] | None, batch: int, llm_kind:
     return enc.input_ids.to(device), enc.attention_mask.to(device)
 
 
-def caption_eos_ids(tokenizer, llm_kind: str) -> list[int]:
-    """Tokens that end a caption: "\\n" (the stage-2 training EOS) and </s> for OPT; </s> for T5."""
+def caption_eos_ids(tokenizer, llm_family: str) -> list[int]:
+    """Tokens that end a caption: "\\n" (BLIP-2's training EOS) and </s> for OPT; the EOS for the others."""
     ids = [tokenizer.eos_token_id]
-    if llm_kind == "opt":
+    if llm_family == "opt":
         nl = tokenizer("\n", add_special_tokens=False).input_ids
         if len(nl) == 1:
             ids.insert(0, nl[0])
@@ -257,6 +285,6 @@ def generate_text(
 ) -> list[str]:
     """Captions or answers as strings (prompts optional, one per image or one for all)."""
     ids, mask = tokenize_prompts(tokenizer, prompts, pixel_values.shape[0], model.llm_kind, pixel_values.device)
-    generate_kwargs.setdefault("eos_token_id", caption_eos_ids(tokenizer, model.llm_kind))
+    generate_kwargs.setdefault("eos_token_id", caption_eos_ids(tokenizer, model.llm_family))
     out = model.generate(pixel_values, ids, mask, **generate_kwargs)
     return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip2_ray.model.config import ModelConfig
-from blip2_ray.model.hf_io import build_language_model, padded_vocab
+from blip2_ray.model.config import ModelConfig, llm_is_decoder
+from blip2_ray.model.language_model import build_language_model, padded_vocab
 from blip2_ray.model.vision import build_vision_model
 
 
@@ -53,7 +53,8 @@ def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Genera
     """
     attrs = [w for w in caption.split() if w in words]
     fillers = [w for w in ("the", "of", "and", "with", "this", "that", "one", "image", "scene") if w not in attrs]
-    ctx = attrs + [fillers[int(i)] for i in torch.randint(0, len(fillers), (max(0, ctx_len - len(attrs)),), generator=rng)]
+    picks = torch.randint(0, len(fillers), (max(0, ctx_len - len(attrs)),), generator=rng)
+    ctx = attrs + [fillers[int(i)] for i in picks]
     ctx = [ctx[int(i)] for i in torch.randperm(len(ctx), generator=rng)]
     ctx_ids = tokenizer(" ".join(ctx), add_special_tokens=False).input_ids
     cap_ids = tokenizer(caption + "\n").input_ids  # starts with </s>
@@ -71,7 +72,7 @@ def pretrain_tiny_llm(
     (e.g. its colour and shape) in a shuffled context before </s>, so the LM learns to copy from its
     context, as pre-trained LLMs can. Loss is on the caption tokens only.
     """
-    if cfg.llm.kind != "opt":
+    if not llm_is_decoder(cfg.llm.kind):
         raise ValueError("the tiny LLM pre-training covers OPT (the demo's LLM)")
     torch.manual_seed(seed)
     llm = build_language_model(cfg, cfg.llm.vocab_size or padded_vocab(len(tokenizer)))

@@ -1,18 +1,36 @@
 """Frozen image encoders: EVA ViT-g/14 (HF `Blip2VisionModel` layout) and CLIP ViT-L/14.
 
-The trunk is frozen: half-precision weights, eval mode, no grad. Its last LayerNorm, BLIP-2's
-`ln_vision`, is the exception: it trains and runs in float32. In HF's layout that LayerNorm is
-`vision_model.post_layernorm`, so freezing "the ViT" must leave it alone.
+The trunk is frozen: half-precision weights, eval mode, no grad, computed in its storage dtype even under
+autocast. Its last LayerNorm, BLIP-2's `ln_vision`, is the exception: it trains and runs in float32. In
+HF's layout that LayerNorm is `vision_model.post_layernorm`, so freezing "the ViT" must leave it alone.
+`build_vision_model` allocates the trunk directly in its storage dtype: with a weight source on the meta
+device and then assigned the file's tensors, without one as a seeded random init in that dtype.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
+from blip2_ray.model import convert
+from blip2_ray.model.checkpoint_files import (
+    assign_weights,
+    default_dtype,
+    parameters_on_meta,
+    require_materialized,
+)
 from blip2_ray.model.config import VisionConfig
+from blip2_ray.model.precision import autocast_off
+from blip2_ray.model.weight_sources import WeightSource, ln_vision_eps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a torch dtype or its config name ("float16", "bfloat16", "float32")."""
+    return dtype if isinstance(dtype, torch.dtype) else DTYPES[str(dtype).removeprefix("torch.")]
 
 
 class ClipVisionTower(nn.Module):
@@ -22,36 +40,28 @@ class ClipVisionTower(nn.Module):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        if cfg.path:
-            self.clip = CLIPVisionModel.from_pretrained(cfg.path, local_files_only=True)
-            self.clip.vision_model.encoder.layers = self.clip.vision_model.encoder.layers[: cfg.num_layers]
-            self.clip.config.num_hidden_layers = cfg.num_layers
-        else:
-            self.clip = CLIPVisionModel(
-                CLIPVisionConfig(
-                    hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                    image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps,
-                )
+        self.clip = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps,
             )
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        )
+        self.config = self.clip.config
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=ln_vision_eps(cfg))
 
     def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vm = self.clip.vision_model
+        vm = self.clip  # transformers 5: CLIPVisionModel holds embeddings / pre_layrnorm / encoder itself
         h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype)))
         return vm.encoder(inputs_embeds=h).last_hidden_state
 
 
-def build_vision_model(cfg: VisionConfig) -> nn.Module:
-    """The image encoder with random weights or weights from `cfg.path`, not yet frozen."""
+def vision_module(cfg: VisionConfig) -> nn.Module:
+    """The image encoder's module for `cfg`, created under the caller's dtype / device contexts."""
     if cfg.kind == "clip_vit_l":
         return ClipVisionTower(cfg)
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
-    if cfg.path:
-        from blip2_ray.model.hf_io import require_local_dir
-
-        return Blip2VisionModel.from_pretrained(require_local_dir(cfg.path, "vision model"), local_files_only=True)
     return Blip2VisionModel(
         Blip2VisionConfig(
             hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
@@ -63,33 +73,84 @@ def build_vision_model(cfg: VisionConfig) -> nn.Module:
     )
 
 
+def build_vision_model(cfg: VisionConfig, source: WeightSource | None = None) -> nn.Module:
+    """The image encoder, not yet frozen: trunk in `cfg.dtype`, ln_vision (post_layernorm) in float32.
+
+    `source`: the weights (see weight_sources.vision_source); None: random init (seeded by the caller).
+    Peak memory is the trunk in its dtype plus one tensor being converted.
+    """
+    dtype = DTYPES[cfg.dtype]
+    if source is None:
+        with default_dtype(dtype):
+            model = vision_module(cfg)
+    else:
+        with default_dtype(dtype), parameters_on_meta():
+            model = vision_module(cfg)
+        load_vision_weights(model, cfg, source)
+    model.post_layernorm.float()
+    model.post_layernorm.eps = ln_vision_eps(cfg)
+    return model
+
+
+def load_vision_weights(model: nn.Module, cfg: VisionConfig, source: WeightSource) -> None:
+    """Assign the trunk (and ln_vision when the source has it) from `source` into a meta-built `model`."""
+    files = source.files()
+    layout = source.layout
+    prefix = "vision_model." if layout is convert.LAVIS_BLIP2 else ""
+    keys = [k for k in files.keys() if not prefix or k.startswith(("visual_encoder.", "ln_vision."))]
+    plan = convert.plan_conversion(layout, keys, source.label, depth=cfg.num_layers)
+    own = {prefix + k: v for k, v in model.state_dict(keep_vars=True).items()}
+    state = {k.removeprefix(prefix): v for k, v in convert.convert_tensors(plan, files, own).items()}
+    provides = layout.provides if not prefix else convert.VIT_PROVIDES
+    required = [k for k in model.state_dict(keep_vars=True) if re.search(provides, k)]
+    assign_weights(model, state, source.label, required=required)
+    ln = model.post_layernorm
+    if ln.weight.device.type == "meta":  # the source has no ln_vision: LayerNorm's own init (LAVIS's too)
+        ln.to_empty(device="cpu")
+        ln.reset_parameters()
+    require_materialized(model, source.label)
+
+
 def freeze_vision(vision_model: nn.Module, dtype: torch.dtype) -> None:
-    """Freeze the trunk in `dtype` and eval mode; keep `post_layernorm` (ln_vision) trainable in float32."""
+    """Freeze the trunk in `dtype` and eval mode; keep `post_layernorm` (ln_vision) trainable in float32.
+
+    Parameters already in `dtype` are left in place (no copy).
+    """
     for name, p in vision_model.named_parameters():
         if name.startswith("post_layernorm."):
-            p.data = p.data.float()
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
             p.requires_grad_(True)
         else:
-            p.data = p.data.to(dtype)
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
             p.requires_grad_(False)
     vision_model.eval()
 
 
 def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, computed without grad."""
-    with torch.no_grad():
+    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, without grad, in the trunk's storage dtype.
+
+    Autocast is off inside: the frozen weights are used as stored (an fp16 trunk computes in fp16 under
+    bf16 autocast too), and the pixels are cast to that dtype by the embeddings.
+    """
+    with torch.no_grad(), autocast_off(pixel_values.device.type):
         if isinstance(vision_model, ClipVisionTower):
             return vision_model.trunk(pixel_values)
-        emb = vision_model.embeddings(pixel_values)
+        emb = vision_model.embeddings(pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype))
         return vision_model.encoder(inputs_embeds=emb).last_hidden_state
 
 
 def ln_vision(vision_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) trunk output -> (B, N, D) float32 image tokens through the trainable ln_vision."""
+    """(B, N, D) trunk output -> (B, N, D) image tokens through the trainable ln_vision, in its float32 weights' dtype.
+
+    Autocast is off: ln_vision computes in float32 (float64 when the model is, in the equality tests).
+    """
     ln = vision_model.post_layernorm
-    return ln(hidden.to(ln.weight.dtype))
+    with autocast_off(hidden.device.type):
+        return ln(hidden.to(ln.weight.dtype))
 
 
 def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision."""
+    """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision in float32."""
     return ln_vision(vision_model, vision_trunk(vision_model, pixel_values))

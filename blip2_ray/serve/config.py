@@ -29,6 +29,49 @@ class AutoscalingSection:
 
 
 @dataclass
+class IngressSection:
+    """The HTTP ingress: auth, body parsing and image decoding + resizing (its CPU work) for every model replica."""
+
+    num_replicas: int = doc("ingress replicas (ignored with autoscaling)", 1)
+    autoscaling: AutoscalingSection | None = doc("autoscale the ingress instead of num_replicas", None)
+    cpus_per_replica: float = doc("CPUs reserved by each ingress replica (it decodes the images; the default "
+                                  "lets caption + retrieval + ingress start on a 2-CPU machine)", 0.5)
+    max_ongoing_requests: int = doc("requests one ingress replica holds at once", 256)
+
+    def validate(self) -> None:
+        if self.num_replicas < 1 or self.max_ongoing_requests < 1:
+            raise ValueError("num_replicas and max_ongoing_requests must be at least 1")
+        if self.cpus_per_replica < 0:
+            raise ValueError("cpus_per_replica must be >= 0")
+
+
+@dataclass
+class RetrievalSection:
+    """The retrieval deployment (/v1/embeddings, /v1/match): its own replicas, resources and batching."""
+
+    num_replicas: int = doc("retrieval replicas (ignored with autoscaling)", 1)
+    autoscaling: AutoscalingSection | None = doc("autoscale the retrieval deployment instead of num_replicas", None)
+    cpus_per_replica: float = doc("CPUs reserved by each retrieval replica", 0.5)
+    gpus_per_replica: float = doc("GPUs reserved by each retrieval replica when device is cuda (a fraction "
+                                  "shares a GPU with the caption deployment)", 0.25)
+    max_batch_size: int = doc("most requests of one kind @serve.batch groups into one forward pass", 8)
+    batch_wait_timeout_s: float = doc("how long a retrieval batch waits to fill", 0.005)
+    max_ongoing_requests: int = doc("requests a retrieval replica holds at once (>= max_batch_size)", 32)
+    max_queued_requests: int = doc("requests waiting for a retrieval replica before 503 (-1: unbounded)", 64)
+
+    def validate(self) -> None:
+        if self.num_replicas < 1 or self.max_batch_size < 1:
+            raise ValueError("num_replicas and max_batch_size must be at least 1")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                             f"max_batch_size ({self.max_batch_size})")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded) or positive")
+        if self.cpus_per_replica < 0 or self.gpus_per_replica < 0 or self.batch_wait_timeout_s < 0:
+            raise ValueError("cpus_per_replica, gpus_per_replica and batch_wait_timeout_s must be >= 0")
+
+
+@dataclass
 class GenerationDefaults:
     max_new_tokens: int = doc("caption/chat tokens when the request gives none", 30)
     min_new_tokens: int = doc("minimum caption tokens when the request gives none", 1)
@@ -51,22 +94,27 @@ class GenerationDefaults:
 @dataclass
 class ServeConfig:
     model: str | None = doc("stage-2 / Blip2ForConditionalGeneration directory (caption, vqa, chat)", None)
-    retrieval_model: str | None = doc("stage-1 export or Blip2ForImageTextRetrieval directory (embeddings, match)", None)
-    model_name: str | None = doc("name reported in responses and /v1/models (default: the model directory's name)", None)
+    retrieval_model: str | None = doc("stage-1 export or Blip2ForImageTextRetrieval directory (embeddings, match)",
+                                      None)
+    model_name: str | None = doc("name reported in responses and /v1/models (default: the model directory's name)",
+                                 None)
     app_name: str = doc("Serve application name", "blip2")
     host: str = doc("HTTP host", "127.0.0.1")
     port: int = doc("HTTP port", 8000)
     device: Literal["cpu", "cuda"] = doc("where the models run", "cpu")
     dtype: Literal["float32", "float16", "bfloat16"] = doc("weights of the frozen ViT and LLM", "float32")
-    num_replicas: int = doc("replicas of each model deployment (ignored with autoscaling)", 1)
-    autoscaling: AutoscalingSection | None = doc("autoscale the model deployments instead of num_replicas", None)
-    cpus_per_replica: float = doc("CPUs reserved by each model replica", 1.0)
-    gpus_per_replica: float = doc("GPUs reserved by each model replica when device is cuda", 1.0)
-    max_batch_size: int = doc("most requests @serve.batch groups into one generate call", 8)
-    batch_wait_timeout_s: float = doc("how long a batch waits to fill", 0.01)
-    max_ongoing_requests: int = doc("requests a model replica holds at once (>= max_batch_size)", 32)
-    max_queued_requests: int = doc("requests waiting for a model replica before 503 (-1: unbounded)", 64)
-    ingress_max_ongoing_requests: int = doc("requests the HTTP ingress replica holds at once", 256)
+    num_replicas: int = doc("caption deployment replicas (ignored with autoscaling)", 1)
+    autoscaling: AutoscalingSection | None = doc("autoscale the caption deployment instead of num_replicas", None)
+    cpus_per_replica: float = doc("CPUs reserved by each caption replica", 1.0)
+    gpus_per_replica: float = doc("GPUs reserved by each caption replica when device is cuda", 1.0)
+    max_batch_size: int = doc("most rows a caption replica decodes together (continuous batching: requests "
+                              "join the running batch at a decode step)", 8)
+    batch_wait_timeout_s: float = doc("how long an idle caption replica waits for more requests to share the "
+                                      "first prefill (only if requests arrived while its last batch ran)", 0.01)
+    max_ongoing_requests: int = doc("requests a caption replica holds at once (>= max_batch_size)", 32)
+    max_queued_requests: int = doc("requests waiting for a caption replica before 503 (-1: unbounded)", 64)
+    ingress: IngressSection = doc("the HTTP ingress deployment", factory=IngressSection)
+    retrieval: RetrievalSection = doc("the retrieval deployment", factory=RetrievalSection)
     max_body_bytes: int = doc("largest request body; larger gets 413", 10_000_000)
     max_image_pixels: int = doc("largest width x height of one image; larger gets 413", 25_000_000)
     max_images_per_request: int = doc("most images in one /v1/embeddings request", 16)
@@ -87,9 +135,8 @@ class ServeConfig:
             path = getattr(self, key)
             if path and not Path(path).is_dir():
                 raise ValueError(f"{key} {path!r} is not a local directory")
-        positive = ("num_replicas", "max_batch_size", "max_ongoing_requests", "ingress_max_ongoing_requests",
-                    "max_body_bytes", "max_image_pixels", "max_images_per_request", "max_texts_per_request",
-                    "max_prompt_chars")
+        positive = ("num_replicas", "max_batch_size", "max_ongoing_requests", "max_body_bytes", "max_image_pixels",
+                    "max_images_per_request", "max_texts_per_request", "max_prompt_chars")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")

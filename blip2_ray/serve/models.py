@@ -1,45 +1,48 @@
 """The model deployments' classes (wrapped with `serve.deployment` in `app.py`).
 
-`CaptionDeployment` answers caption, VQA and chat: requests arriving together are grouped by
-`@serve.batch` into one `Blip2Stage2.generate` call per set of generation settings; each image's ViT +
-Q-Former pass runs once. `RetrievalDeployment` answers embeddings and match with a stage-1 model.
-Requests reach these classes already validated and preprocessed by the ingress (pixel values as numpy).
+`CaptionDeployment` answers caption, VQA and chat through the continuous-batching `GenerationEngine`:
+`generate(item)` returns the whole answer, `generate_stream(item)` (a streaming handle call) yields it
+as it grows. `RetrievalDeployment` answers embeddings and match with a stage-1 model, batching
+concurrent requests with `@serve.batch`. Requests arrive validated by the ingress, their images as
+resized uint8 (3, H, W) numpy, normalised here on the replica's device.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 import torch
 from ray import serve
 
 from blip2_ray.model.vision import DTYPES
+from blip2_ray.serve.engine import GenerationEngine
+from blip2_ray.serve.images import PixelNormalizer
 
 
 class CaptionDeployment:
-    """A stage-2 model behind `@serve.batch`. `generate(item)` -> {"text", "tokens", "finish_reason", ...}.
-
-    item: {"pixel_values": (3, H, W) float32, "prompt": str, "max_new_tokens", "min_new_tokens",
-    "num_beams", "temperature"} (temperature 0: greedy or beam search; > 0: sampling).
+    """A stage-2 model. item: {"pixel_values": uint8 (3, H, W), "prompt": str, "question": bool (the prompt
+    is a question, asked with the model's VQA prompt), "max_new_tokens", "min_new_tokens", "num_beams",
+    "temperature"} (temperature 0: greedy or beam search; > 0: sampling).
     """
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
-        from transformers import AutoTokenizer
-
-        from blip2_ray.model.hf_io import load_stage2
+        from blip2_ray.model.hf_format import load_stage2
         from blip2_ray.model.stage2 import caption_eos_ids
+        from blip2_ray.model.tokenizers import load_llm_tokenizer
 
         self.device = torch.device(device)
         self.model = load_stage2(model_dir, vision_dtype=DTYPES[dtype], llm_dtype=DTYPES[dtype]).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.eos_ids = caption_eos_ids(self.tokenizer, self.model.llm_kind)
+        self.tokenizer = load_llm_tokenizer(model_dir)
         lm_cfg = self.model.language_model.config
-        # OPT has learned positions: queries + prompt + new tokens must fit; T5 has relative positions
-        self.max_positions = getattr(lm_cfg, "max_position_embeddings", None) if self.model.llm_kind == "opt" else None
-        self.generate_batch.set_max_batch_size(max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # decoders have a position limit: queries + prompt + new tokens must fit; T5 has relative positions
+        limit = getattr(lm_cfg, "max_position_embeddings", None) or getattr(lm_cfg, "n_positions", None)
+        self.max_positions = None if lm_cfg.is_encoder_decoder else limit
+        self.engine = GenerationEngine(
+            self.model, self.tokenizer, caption_eos_ids(self.tokenizer, self.model.llm_family),
+            PixelNormalizer(model_dir, self.device), max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+        )
+        self.requests = 0  # calls that reached this replica
 
     def replica_actor_name(self) -> str:
         """This replica's Ray actor name (tests kill it to check the replica is replaced)."""
@@ -47,90 +50,133 @@ class CaptionDeployment:
 
         return ray.get_runtime_context().get_actor_name()
 
-    async def generate(self, item: dict) -> dict:
-        n_prompt = len(self.tokenizer(item["prompt"]).input_ids) if item["prompt"] else 1
+    def stats(self) -> dict:
+        """Requests that reached this replica; the engine's rows running and waiting now, and its counters
+        (admitted, finished, cancelled, steps)."""
+        return {"requests": self.requests, **self.engine.stats()}
+
+    def _prompted(self, item: dict) -> dict:
+        from blip2_ray.model.stage2 import vqa_prompt
+
+        if not item.get("question"):
+            return item
+        return {**item, "prompt": vqa_prompt(item["prompt"], self.model.llm_kind), "question": False}
+
+    def _too_long(self, item: dict) -> dict | None:
+        if self.max_positions is None:
+            return None
+        n_prompt = len(self.tokenizer(item["prompt"]).input_ids) if item["prompt"] else int(self.model.starts_with_bos)
         total = self.model.num_query_tokens + n_prompt + item["max_new_tokens"]
-        if self.max_positions is not None and total > self.max_positions:
-            return {"error": (422, "invalid_request_error",
-                              f"prompt ({n_prompt} tokens) + max_new_tokens ({item['max_new_tokens']}) exceed the "
-                              f"model's {self.max_positions - self.model.num_query_tokens} text positions")}
-        return await self.generate_batch(item)
+        if total <= self.max_positions:
+            return None
+        return {"error": (422, "invalid_request_error",
+                          f"prompt ({n_prompt} tokens) + max_new_tokens ({item['max_new_tokens']}) exceed the "
+                          f"model's {self.max_positions - self.model.num_query_tokens} text positions")}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, items: list[dict]) -> list[dict]:
-        # On the replica's loop, not in a thread: requests that arrive while the model runs wait in Ray's
-        # queue and form the next batch. A thread would fight the loop for the GIL (generate is Python
-        # heavy), and the loop, starved, admitted requests so slowly that batches stayed small
-        # (bench_serve: mean batch 2.5 and 24 req/s at concurrency 32 in a thread, 18 and 57 req/s here).
-        return self._run(items)
+    async def generate(self, item: dict) -> dict:
+        """The whole answer: {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
+        "batch_size", "group_size"} or {"error": (status, type, message)}."""
+        self.requests += 1
+        item = self._prompted(item)
+        if (error := self._too_long(item)) is not None:
+            return error
+        row = self.engine.submit(item)
+        try:
+            return await row.result()
+        finally:
+            row.cancel()  # a caller that went away (cancelled request): its row leaves the batch
 
-    def _run(self, items: list[dict]) -> list[dict]:
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, it in enumerate(items):
-            key = (it["max_new_tokens"], it["min_new_tokens"], it["num_beams"], it["temperature"], bool(it["prompt"]))
-            groups[key].append(i)
-        results: list[dict] = [{}] * len(items)
-        for (max_new, min_new, beams, temperature, has_prompt), idx in groups.items():
-            out = self._generate_group([items[i] for i in idx], max_new, min_new, beams, temperature, has_prompt)
-            for i, r in zip(idx, out):
-                results[i] = {**r, "batch_size": len(items), "group_size": len(idx)}
-        return results
-
-    @torch.no_grad()
-    def _generate_group(self, items, max_new, min_new, beams, temperature, has_prompt) -> list[dict]:
-        from blip2_ray.model.stage2 import tokenize_prompts
-
-        pixels = torch.from_numpy(np.stack([it["pixel_values"] for it in items])).to(self.device)  # (B, 3, H, W)
-        prompts = [it["prompt"] for it in items] if has_prompt else None
-        ids, mask = tokenize_prompts(self.tokenizer, prompts, len(items), self.model.llm_kind, self.device)
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-        out = self.model.generate(pixels, ids, mask, num_beams=beams, max_new_tokens=max_new,
-                                  min_new_tokens=min_new, eos_token_id=self.eos_ids, **sampling)  # (B, L)
-        n_prompt = self.model.num_query_tokens + (ids.shape[1] if ids is not None else 1)
-        results = []
-        for row in out.tolist():
-            stop = next((j for j, t in enumerate(row) if t in self.eos_ids), None)
-            tokens = row if stop is None else row[: stop + 1]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results.append({"text": text, "token_ids": tokens, "completion_tokens": len(tokens),
-                            "prompt_tokens": n_prompt, "finish_reason": "length" if stop is None else "stop"})
-        return results
+    async def generate_stream(self, item: dict):
+        """Yields {"delta": str, "batch_size", "group_size"} as the text grows (the first one, with an empty
+        delta, once the row is admitted), the last one with "done": the result `generate` returns; or one
+        {"error": ...}. Deltas of steps the caller has not consumed yet go out together."""
+        self.requests += 1
+        item = self._prompted(item)
+        if (error := self._too_long(item)) is not None:
+            yield error
+            return
+        row = self.engine.submit(item, stream=True)
+        try:
+            async for chunk in row.chunks():
+                yield chunk
+        finally:
+            row.cancel()
 
 
 class RetrievalDeployment:
-    """A stage-1 model: normalised ITC features of images and texts, and ITM match probabilities."""
+    """A stage-1 model: normalised ITC features of images and texts, and ITM match probabilities.
 
-    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32"):
-        from blip2_ray.model.hf_io import load_stage1
+    Concurrent requests of one kind are grouped by `@serve.batch` into one forward pass; each runs on
+    the replica's loop (one short forward; requests arriving meanwhile form the next batch).
+    """
+
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32", max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.005):
+        from blip2_ray.model.hf_format import load_stage1
 
         self.device = torch.device(device)
         model, self.tokenizer = load_stage1(model_dir, vision_dtype=dtype)
         self.model = model.to(self.device).eval()
+        self.normalise = PixelNormalizer(model_dir, self.device)
+        for method in (self._images_batch, self._texts_batch, self._match_batch):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _tokens(self, texts: list[str]):
         enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=32, return_tensors="pt")
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
-    @torch.no_grad()
-    def embed_images(self, pixel_values: np.ndarray) -> dict:
-        """(B, 3, H, W) -> {"queries": (B, Q, E), "pooled": (B, E)} normalised ITC features."""
-        embeds = self.model.encode_image(torch.from_numpy(pixel_values).to(self.device))
-        feats = self.model.image_feats(embeds)  # (B, Q, E)
-        pooled = torch.nn.functional.normalize(feats.mean(1), dim=-1)
-        return {"queries": feats.float().cpu().numpy(), "pooled": pooled.float().cpu().numpy()}
+    async def embed_images(self, pixel_values: np.ndarray) -> dict:
+        """uint8 (B, 3, H, W) -> {"queries": (B, Q, E), "pooled": (B, E)} normalised ITC features, "batch_size"."""
+        return await self._images_batch(pixel_values)
 
-    @torch.no_grad()
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """(N, E) normalised ITC text features."""
-        return self.model.text_feat(*self._tokens(texts)).float().cpu().numpy()
+    async def embed_texts(self, texts: list[str]) -> dict:
+        """{"features": (N, E) normalised ITC text features, "batch_size"}."""
+        return await self._texts_batch(texts)
 
-    @torch.no_grad()
-    def match(self, pixel_values: np.ndarray, texts: list[str]) -> dict:
-        """One image (1, 3, H, W) against N texts: ITM match probability and ITC similarity, each (N,)."""
-        embeds = self.model.encode_image(torch.from_numpy(pixel_values).to(self.device))  # once per request
-        feats = self.model.image_feats(embeds)[0]  # (Q, E)
-        ids, mask = self._tokens(texts)
-        text = self.model.text_feat(ids, mask)  # (N, E)
-        itc = (text @ feats.T).max(dim=1).values  # max over the queries, as in training (without temp)
-        itm = self.model.itm_logits(embeds.expand(len(texts), -1, -1), ids, mask).softmax(-1)[:, 1]
-        return {"itm": itm.float().cpu().numpy(), "itc": itc.float().cpu().numpy()}
+    async def match(self, pixel_values: np.ndarray, texts: list[str]) -> dict:
+        """One image uint8 (1, 3, H, W) against N texts: {"itm", "itc"} each (N,), and "batch_size"."""
+        return await self._match_batch((pixel_values, texts))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _images_batch(self, requests: list[np.ndarray]) -> list[dict]:
+        with torch.no_grad():
+            embeds = self.model.encode_image(self.normalise(np.concatenate(requests)))
+            feats = self.model.image_feats(embeds)  # (B, Q, E)
+            pooled = torch.nn.functional.normalize(feats.mean(1), dim=-1)
+        feats, pooled = feats.float().cpu().numpy(), pooled.float().cpu().numpy()
+        out, start = [], 0
+        for px in requests:
+            end = start + len(px)
+            out.append({"queries": feats[start:end], "pooled": pooled[start:end], "batch_size": len(requests)})
+            start = end
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _texts_batch(self, requests: list[list[str]]) -> list[dict]:
+        with torch.no_grad():
+            feats = self.model.text_feat(*self._tokens([t for texts in requests for t in texts])).float().cpu().numpy()
+        out, start = [], 0
+        for texts in requests:
+            out.append({"features": feats[start:start + len(texts)], "batch_size": len(requests)})
+            start += len(texts)
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _match_batch(self, requests: list[tuple[np.ndarray, list[str]]]) -> list[dict]:
+        counts = [len(texts) for _, texts in requests]
+        owner = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts)).to(self.device)  # (N,)
+        with torch.no_grad():
+            embeds = self.model.encode_image(self.normalise(np.concatenate([px for px, _ in requests])))  # once each
+            feats = self.model.image_feats(embeds)  # (B, Q, E)
+            ids, mask = self._tokens([t for _, texts in requests for t in texts])
+            text = self.model.text_feat(ids, mask)  # (N, E)
+            # max over the queries of each text's own image, as in training (without temp)
+            itc = torch.einsum("ne,nqe->nq", text, feats[owner]).max(dim=1).values
+            itm = self.model.itm_logits(embeds[owner], ids, mask).softmax(-1)[:, 1]
+        itc, itm = itc.float().cpu().numpy(), itm.float().cpu().numpy()
+        out, start = [], 0
+        for n in counts:
+            out.append({"itm": itm[start:start + n], "itc": itc[start:start + n], "batch_size": len(requests)})
+            start += n
+        return out

@@ -29,7 +29,9 @@ class TrainConfig:
     eps: float = doc("AdamW epsilon", 1e-8)
     grad_clip: float = doc("gradient-norm clipping (0: off)", 0.0)
     precision: Literal["fp32", "bf16", "fp16"] = doc(
-        "Q-Former compute precision; bf16/fp16 keep fp32 master weights in the optimizer", "bf16")
+        "autocast dtype of the trainable parts; trainable weights stay fp32 (the masters), the frozen ViT/LLM "
+        "compute in their own dtype, ln_vision and the ITC/ITM/ITG logits in fp32 (docs/training.md); fp16 adds "
+        "loss scaling", "bf16")
     seed: int = doc("seed of the model init (frozen random parts must match across ranks and restarts)", 42)
     log_every: int = doc("report metrics and print a progress line every N steps", 10)
     checkpoint_every: int = doc("save a resumable checkpoint every N steps (and at the end)", 1000)
@@ -52,13 +54,19 @@ class TrainConfig:
 class ScalingSection:
     num_workers: int = doc("Ray Train workers (one GPU each with use_gpu)", 2)
     use_gpu: bool = doc("one GPU per worker and NCCL; false: CPU workers and gloo", False)
-    cpus_per_worker: float = doc("CPUs reserved per training worker", 1.0)
+    cpus_per_worker: float = doc("CPUs reserved per training worker (the job checks at start that the workers "
+                                 "and one data decode task fit the cluster together)", 1.0)
+    resource_wait_s: float = doc("seconds the start-up resource check waits for an autoscaling cluster to add the "
+                                 "nodes the run needs (it asks the autoscaler for them); 0: check the nodes up now "
+                                 "and fail in seconds if they cannot hold the run", 0.0)
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be > 0")
+        if self.resource_wait_s < 0:
+            raise ValueError("resource_wait_s must be >= 0")
 
 
 @dataclass
@@ -97,6 +105,8 @@ class FaultInjection:
     pid_dir: str | None = doc("directory the last rank writes `worker.pid` into (None: off)", None)
     at_step: int = doc("the step before which the pid is written (once per pid_dir)", 0)
     pause_s: float = doc("seconds the worker sleeps after writing its pid", 0.0)
+    trained_keys_dir: str | None = doc("directory each rank appends a line per trained row to (run start step, step, "
+                                       "epoch, key, CRC of its pixels); None: off", None)
 
 
 @dataclass
@@ -130,7 +140,27 @@ class PretrainConfig:
             raise ValueError("model.init_from is a stage-2 setting (a stage-1 export to start from)")
         if self.scaling.use_gpu is False and self.train.precision == "fp16":
             raise ValueError("train.precision fp16 needs GPUs; use fp32 (or bf16) on CPU workers")
+        llm = self.model.llm
+        if self.stage == 2 and llm.kind == "t5" and (llm.dtype == "float16" or self.train.precision == "fp16"):
+            raise ValueError(f"FlanT5 overflows in float16 (model.llm.dtype {llm.dtype}, train.precision "
+                             f"{self.train.precision}); use bf16 precision and a bfloat16 (or float32) LLM")
         _ = self.gradient_accumulation_steps  # raises when the batch sizes do not divide
+
+    def start_warnings(self) -> list[str]:
+        """What the job says once at start about settings that train differently from the paper."""
+        out = []
+        per_pass = self.train.micro_batch_size * self.scaling.num_workers
+        if self.stage == 1 and self.gradient_accumulation_steps > 1:
+            out.append(f"stage 1 with gradient accumulation {self.gradient_accumulation_steps}: ITC and ITM contrast "
+                       f"each micro batch over the workers, {per_pass} samples (train.micro_batch_size "
+                       f"{self.train.micro_batch_size} x {self.scaling.num_workers} workers), not the global batch "
+                       f"of {self.train.global_batch_size} (the paper contrasts 1680 per step); raise "
+                       f"train.micro_batch_size or scaling.num_workers for more negatives")
+        if self.stage == 2 and self.train.precision == "bf16" and self.model.llm.dtype == "float16":
+            out.append("stage 2 with bf16 autocast and a float16 LLM: gradients pass through the frozen LLM in "
+                       "float16 without loss scaling and can underflow; use train.precision fp16 (loss scaling, "
+                       "as the reference trains OPT) or a bfloat16 LLM")
+        return out
 
     # ---- derived values: computed here only ----
     @property

@@ -50,7 +50,7 @@ def warmup_cosine(max_steps: int, warmup_steps: int, lr: float, min_lr: float,
 
 
 def deepspeed_config(cfg: PretrainConfig) -> dict:
-    """The DeepSpeed config of a run: ZeRO stage, batch sizes, AdamW, precision, clipping."""
+    """The DeepSpeed config of a run: ZeRO stage, batch sizes, AdamW, precision (autocast), clipping."""
     t, ds = cfg.train, cfg.deepspeed
     zero: dict = {
         "stage": ds.zero_stage,
@@ -78,8 +78,14 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if t.precision == "bf16":
-        out["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        out["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
+    if t.precision != "fp32":
+        # torch.autocast inside the engine's forward, not DeepSpeed's bf16/fp16 modes: those cast every
+        # parameter (the frozen ViT/LLM and ln_vision too). Parameters stay as built (trainable float32 =
+        # the master weights, frozen parts in their storage dtype); fp16 adds DeepSpeed's GradScaler.
+        # No lower-precision-safe modules: gradients are reduced in float32 (docs/training.md).
+        out["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[t.precision],
+                                 "lower_precision_safe_modules": []}
     return out
+
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

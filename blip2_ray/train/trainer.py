@@ -14,14 +14,11 @@ from blip2_ray.train.config import PretrainConfig
 
 def tokenizer_dirs(cfg: PretrainConfig) -> tuple[str | None, str | None]:
     """(Q-Former tokenizer dir for stage 1, LLM tokenizer dir for stage 2): the columns the stage reads."""
-    from blip2_ray.model.hf_io import tokenizer_path
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer_dir, qformer_tokenizer_dir
 
     if cfg.stage == 1:
-        return tokenizer_path(cfg.model.qformer.tokenizer, "qformer"), None
-    llm = cfg.model.llm
-    if llm.tokenizer == "tiny" and llm.path:
-        return None, llm.path
-    return None, tokenizer_path(llm.tokenizer, llm.kind)
+        return qformer_tokenizer_dir(cfg.model), None
+    return None, llm_tokenizer_dir(cfg.model)
 
 
 def check_inputs(cfg: PretrainConfig) -> list[str]:
@@ -30,27 +27,29 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     Returns the training shard files.
     """
     from blip2_ray.data.pipeline import resolve_sources
-    from blip2_ray.model.hf_io import require_local_dir
+    from blip2_ray.model.hf_format import check_exportable
+    from blip2_ray.model.weight_sources import check_weight_sources
 
     if not cfg.data.train:
         raise UserError("data.train is empty; name the training shards, e.g. --set data.train='[shards/]'")
     files = resolve_sources(cfg.data.train, cfg.data)
     if not files:
         raise UserError(f"data.train {cfg.data.train} holds no .tar or .parquet shard")
-    if cfg.stage == 2 and cfg.model.init_from:
-        d = require_local_dir(cfg.model.init_from, "model.init_from (a stage-1 export)")
-        if not os.path.exists(os.path.join(d, "config.json")):
-            raise UserError(f"model.init_from {cfg.model.init_from!r} holds no config.json; "
-                            f"point it at the output_dir of a stage-1 run")
+    check_weight_sources(cfg.model, cfg.stage)  # kinds, sizes, contradictions, no accidental random init
+    check_exportable(cfg.model)
     tokenizer_dirs(cfg)
     return files
 
 
 def build_train_dataset(cfg: PretrainConfig):
+    """The run's training dataset, its epoch read from the run's EpochPlan (created here, held by the driver)."""
+    from blip2_ray.data.epoch_plan import epoch_plan_name
     from blip2_ray.data.pipeline import build_dataset
+    from blip2_ray.model.weight_sources import llm_family
 
     qtok, ltok = tokenizer_dirs(cfg)
-    return build_dataset(cfg.data, cfg.data.train, train=True, qformer_tokenizer=qtok, llm_tokenizer=ltok)
+    return build_dataset(cfg.data, cfg.data.train, train=True, qformer_tokenizer=qtok, llm_tokenizer=ltok,
+                         plan_name=epoch_plan_name(cfg.run_name), llm_family=llm_family(cfg.model) if ltok else None)
 
 
 def run_config(cfg: PretrainConfig):
@@ -107,7 +106,9 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     cfg.tensorboard_dir = cfg.tensorboard_path
     cfg.data.train = [fix(p) for p in cfg.data.train]
     cfg.data.eval = [fix(p) for p in cfg.data.eval]
-    cfg.model.init_from = fix(cfg.model.init_from)
+    m = cfg.model
+    m.init_from, m.hf_path, m.vision.path, m.llm.path = map(fix, (m.init_from, m.hf_path, m.vision.path, m.llm.path))
+    m.qformer.init_from_bert = fix(m.qformer.init_from_bert)
     if not cfg.is_s3:
         cfg.storage_path = cfg.local_storage_path
     if cfg.fault_injection.pid_dir:
@@ -115,11 +116,48 @@ def absolute_paths(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
+class TrainingWarning(UserWarning):
+    """A setting that trains differently from the paper (said once per run, at start)."""
+
+
 def run_pretrain(cfg: PretrainConfig, dataset=None):
-    """Check inputs, train (resuming the run's latest checkpoint if any), export; the ray.train Result."""
+    """Check inputs and cluster resources, train (resuming the run's latest checkpoint if any), export.
+
+    Returns the ray.train Result. A worker that stopped for a data stall raises its DataStallError here.
+    """
+    import warnings
+
+    from ray.train import TrainingFailedError
+
+    from blip2_ray.train.resources import check_cluster
+
     cfg = absolute_paths(cfg)
     check_inputs(cfg)
-    return build_trainer(cfg, dataset).fit()
+    check_cluster(cfg)
+    for message in cfg.start_warnings():
+        warnings.warn(message, TrainingWarning, stacklevel=2)
+    try:
+        return build_trainer(cfg, dataset).fit()
+    except TrainingFailedError as e:
+        stall = data_stall_of(e)
+        if stall is not None:
+            raise stall from None
+        raise
+
+
+def data_stall_of(error: BaseException):
+    """The DataStallError a worker raised inside a Ray Train failure, or None."""
+    from blip2_ray.train.batches import DataStallError
+
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = failure
+        for _ in range(8):  # RayTaskError -> its cause -> ...
+            if cause is None:
+                break
+            if isinstance(cause, DataStallError):
+                return DataStallError(str(cause.args[0]) if cause.args else str(cause))
+            cause = getattr(cause, "cause", None) or cause.__cause__
+    return None
 
 
 def read_train_state(checkpoint) -> dict:

@@ -113,6 +113,53 @@ def test_capfilt_parquet_and_filter_only(ray_session, tiny_models, tmp_path):
     assert len(json.loads(row["capfilt"])["web"]) == 2  # both web phrasings were candidates
 
 
+def test_capfilt_paper_pair_blip_clip(ray_session, tiny_blip_clip, tiny_models, tmp_path):
+    """BLIP-large + CLIP ViT-L/14's layouts (tiny, random) in the same actor pool: counts, provenance in every
+    record and in the summary, CLIP's 77-token limit counted, resume, and no mixing with another pair."""
+    from blip2_ray.capfilt import shards as S
+    from blip2_ray.capfilt.job import run_capfilt
+    from blip2_ray.data.config import DataConfig
+    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.records import process_records
+    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.errors import UserError
+
+    make_sample_shards(str(tmp_path / "in"), "webdataset", num=12, shards=3, image_size=32, seed=3)
+    first = sorted(list_shards(str(tmp_path / "in")))[0]
+    recs = list(S.read_tar_members(first, print))
+    recs[0][1]["txt"] = " ".join(["zebras"] * 60).encode()  # 50 words after cleaning, > 77 CLIP tokens
+    S.write_tar(first, recs)
+    out = tmp_path / "out"
+    paper = {"captioner": {"kind": "blip", "model": tiny_blip_clip["blip"], "prompt": "a picture of",
+                           "prepend_prompt": False, "repetition_penalty": 1.1},
+             "filter": {"kind": "clip", "model": tiny_blip_clip["clip"]}}
+    cfg = _cfg(tmp_path / "in", out, tiny_models, **paper)
+    s = run_capfilt(cfg)
+    models = {"captioner": {"kind": "blip", "model": "blip-image-captioning-large"},
+              "filter": {"kind": "clip", "model": "clip-vit-large-patch14"}}
+    assert s["images"] == 12 and s["shards_done_now"] == 3 and s["captions_kept"] == 24
+    assert 0 < s["captions_generated"] <= 12 * 3
+    assert s["captions_truncated"] == 1 and s["models"] == models
+    dc = DataConfig(image_size=32)
+    for path in list_shards(str(out)):
+        for _, m in S.read_tar_members(path, print):
+            meta = json.loads(m["capfilt.json"])
+            assert {k: meta[k] for k in ("captioner", "filter")} == models
+            assert len(meta["captions"]) == 2 and meta["scores"][0] >= meta["scores"][1]
+            assert json.loads(m["txt"]) == meta["captions"]
+        assert json.loads((out / (os.path.basename(path) + ".capfilt.json")).read_text())["models"] == models
+    recs = [r for p in list_shards(str(out)) for r in read_shard_records(p, dc.image_keys, dc.caption_keys, print)]
+    skips = []
+    assert len(process_records(recs, dc, train=True, on_skip=skips.append)["key"]) == 12 and not skips
+
+    os.remove(out / "00002.tar")
+    s2 = run_capfilt(cfg)
+    assert (s2["shards_done_now"], s2["images"], s2["captions_truncated"]) == (1, 12, 1)
+    os.remove(out / "00002.tar")
+    with pytest.raises(UserError, match="already holds 0000[01].tar written by .*blip.*use a new output_dir"):
+        run_capfilt(_cfg(tmp_path / "in", out, tiny_models))  # the BLIP-2 pair into the paper pair's output
+
+
 def test_capfilt_cli_bad_model_is_one_sentence(tmp_path):
     from blip2_ray.data.sample import make_sample_shards
 
@@ -123,9 +170,17 @@ def test_capfilt_cli_bad_model_is_one_sentence(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: filter.model") and "nope" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--set", "filter.keep=0"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg),
+                        "--set", "filter.keep=0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "keep must be >= 1" in r.stderr
+    bert = tmp_path / "bert-base-uncased"  # a model directory, but not a CLIP one: refused before Ray starts
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--set",
+                        "filter.kind=clip", "--set", f"filter.model={bert}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: filter.model") and "filter.kind=clip needs a CLIPModel" in r.stderr
 
 
 def test_wrong_caption_measures_run(ray_session, tiny_models, tmp_path):
@@ -154,11 +209,12 @@ def test_capfilt_cli_on_the_shared_cluster(ray_session, tiny_models, tmp_path):
     make_sample_shards(str(tmp_path / "in"), "webdataset", num=6, shards=2, image_size=32, seed=6)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"input: [{tmp_path / 'in'}]\noutput_dir: {tmp_path / 'out'}\n"
-                   f"captioner: {{model: {tiny_models['captioner']}, num_captions: 2, max_new_tokens: 4, min_new_tokens: 1}}\n"
+                   f"captioner: {{model: {tiny_models['captioner']}, num_captions: 2, max_new_tokens: 4, "
+                   f"min_new_tokens: 1}}\n"
                    f"filter: {{model: {tiny_models['filter']}}}\ncompute: {{num_actors: 1, num_cpus_per_actor: 0.5}}\n"
                    f"data: {{image_size: 32}}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--address", ray_session,
-                        "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg),
+                        "--address", ray_session, "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["images"] == 6 and s["captions_kept"] == 12 and s["shards"] == 2

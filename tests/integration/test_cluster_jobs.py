@@ -22,24 +22,19 @@ import signal
 import subprocess
 import sys
 import time
-import socket
 import urllib.request
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from blip2_ray.runtime.cluster import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# the working_dir upload is size-limited: ship the code, not the environment or outputs
-EXCLUDES = [".venv", ".git", ".whl", ".cache", ".hypothesis", ".pytest_cache", "demo_out", "runs",
-            "build", "data", "outputs", "**/__pycache__"]
+# the working_dir upload is size-limited: ship the code, not the environment or outputs. Patterns match
+# like .gitignore: outputs are anchored at the root ("data" alone also dropped blip2_ray/data/, and the
+# jobs then imported that package from wherever else Python found it)
+EXCLUDES = [".venv", ".git", ".whl", ".cache", ".hypothesis", ".pytest_cache", ".ruff_cache", "/demo_out", "/runs",
+            "/build", "/data", "/outputs", "**/__pycache__"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_cli() -> str:

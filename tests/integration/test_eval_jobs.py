@@ -34,10 +34,11 @@ def karpathy(tmp_path_factory):
         name = f"COCO_val2014_{int(key):012d}.jpg"
         (root / "images" / name).write_bytes(m["jpg"])
         meta = json.loads(m["json"])
-        entries.append({"image": name, "caption": json.loads(m["txt"]), "colour": meta["colour"], "shape": meta["shape"]})
+        entries.append({"image": name, "caption": json.loads(m["txt"]), "colour": meta["colour"],
+                        "shape": meta["shape"]})
     (root / "test.json").write_text(json.dumps(entries))
-    vqa = [{"question_id": i, "question": "what colour is the shape?", "image": e["image"], "answer": [e["colour"]] * 10}
-           for i, e in enumerate(entries)]
+    vqa = [{"question_id": i, "question": "what colour is the shape?", "image": e["image"],
+            "answer": [e["colour"]] * 10} for i, e in enumerate(entries)]
     (root / "vqa.json").write_text(json.dumps(vqa))
     return root
 
@@ -58,7 +59,7 @@ def dense_reference(model_dir: str, ts) -> dict:
     from blip2_ray.data.records import tokenize_qformer
     from blip2_ray.data.transforms import decode_image, eval_transform
     from blip2_ray.eval.retrieval import dense_rankings, itc_similarity, recall_at_k
-    from blip2_ray.model.hf_io import load_stage1
+    from blip2_ray.model.hf_format import load_stage1
 
     model, tok = load_stage1(model_dir)
     model.eval()
@@ -79,7 +80,8 @@ def dense_reference(model_dir: str, ts) -> dict:
 
 
 def test_retrieval_equals_dense_reference(ray_session, models, karpathy, tmp_path):
-    from blip2_ray.eval.job import load_test_set, run_evaluation
+    from blip2_ray.eval.job import run_evaluation
+    from blip2_ray.eval.test_sets import load_test_set
 
     cfg = _cfg(task="retrieval", model=models["stage1"], output=str(tmp_path / "r.json"),
                test_set={"annotations": str(karpathy / "test.json"), "image_root": str(karpathy / "images")},
@@ -110,6 +112,24 @@ def test_retrieval_from_shards_skips_corrupt(ray_session, models, tmp_path):
                test_set={"shards": [str(tmp_path / "s")]}, retrieval={"k_test": 4})
     report = run_evaluation(cfg)
     assert report["images"] == 8 and report["skipped_images"] == 1 and report["texts"] == 8
+
+
+def test_a_user_error_inside_an_actor_reaches_the_driver_as_itself(ray_session, models, karpathy, tmp_path):
+    """The actors load the model: an export whose config.json is not BLIP-2's fails there, in Ray."""
+    import shutil
+
+    from blip2_ray.errors import UserError
+    from blip2_ray.eval.job import run_evaluation
+
+    broken = tmp_path / "broken_stage1"
+    shutil.copytree(models["stage1"], broken)
+    (broken / "config.json").write_text("{not json")
+    cfg = _cfg(task="retrieval", model=str(broken), output=str(tmp_path / "r.json"),
+               test_set={"annotations": str(karpathy / "test.json"), "image_root": str(karpathy / "images")})
+    with pytest.raises(UserError) as info:
+        run_evaluation(cfg)
+    assert type(info.value) is UserError
+    assert str(info.value) == f"{str(broken)!r} holds no BLIP-2 config.json (OSError)"
 
 
 def test_caption_and_vqa(ray_session, models, karpathy, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from blip2_ray.eval.caption_metrics import caption_scores
 from blip2_ray.eval.ptb_tokenizer import ptb_tokenize
 
+
 def _fixture():
     """The recorded fixture lives with the unit tests (loaded by path: tests/ is not a package)."""
     import importlib.util

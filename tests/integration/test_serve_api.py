@@ -11,19 +11,11 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.integration
+from blip2_ray.runtime.cluster import free_port
 
 TOKEN = "test-token-123"
 TOKEN_ENV = "BLIP2_SERVE_TEST_TOKEN"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(seed: int, size=(40, 48)) -> bytes:
@@ -47,8 +39,10 @@ def data_url(seed: int) -> str:
 def model_dirs(tmp_path_factory):
     import torch
 
+    from blip2_ray.model.builders import build_stage1, build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage1, build_stage2, export_stage1, export_stage2, llm_tokenizer, qformer_tokenizer
+    from blip2_ray.model.hf_format import export_stage1, export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     root = tmp_path_factory.mktemp("serve_models")
     torch.manual_seed(0)
@@ -75,6 +69,8 @@ def server(ray_session, model_dirs, monkeypatch_module):
     monkeypatch_module.setenv(TOKEN_ENV, TOKEN)
     main = from_dict(ServeConfig, {
         "model": stage2, "retrieval_model": stage1, "api_token_env": TOKEN_ENV, "cpus_per_replica": 0.5,
+        "ingress": {"cpus_per_replica": 0.25, "num_replicas": 2},
+        "retrieval": {"cpus_per_replica": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_body_bytes": 2_000_000,
         "max_image_pixels": 200 * 200, "generation": {"max_new_tokens": 12},
     })
@@ -82,6 +78,7 @@ def server(ray_session, model_dirs, monkeypatch_module):
     monkeypatch_module.delenv(TOKEN_ENV)
     limited = from_dict(ServeConfig, {
         "model": stage2, "api_token_env": TOKEN_ENV, "cpus_per_replica": 0.5, "max_batch_size": 1,
+        "ingress": {"cpus_per_replica": 0.25},
         "max_ongoing_requests": 1, "max_queued_requests": 1, "generation": {"max_new_tokens": 60},
     })
     serve.run(build_app(limited, name_prefix="Limited"), name="limited", route_prefix="/limited")
@@ -196,11 +193,21 @@ def test_openai_client_round_trip(server):
     messages = [{"role": "user", "content": [{"type": "text", "text": "a photo of"},
                                              {"type": "image_url", "image_url": {"url": data_url(7)}}]}]
     out = client.chat.completions.create(model="tiny-opt", messages=messages, max_tokens=9, temperature=0)
-    expected = post(server, "/v1/caption", {"image": b64(7), "prompt": "a photo of", "max_new_tokens": 9}).json()["caption"]
+    body = {"image": b64(7), "prompt": "a photo of", "max_new_tokens": 9}
+    expected = post(server, "/v1/caption", body).json()["caption"]
     assert out.choices[0].message.content == expected
     assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
-    stream = client.chat.completions.create(model="tiny-opt", messages=messages, max_tokens=9, stream=True)
+    stream = list(client.chat.completions.create(model="tiny-opt", messages=messages, max_tokens=9, stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in stream) == expected
+    last = stream[-1]  # the finish chunk carries the finish reason and the usage
+    assert last.choices[0].finish_reason == out.choices[0].finish_reason and last.usage == out.usage
+    with_usage = list(client.chat.completions.create(model="tiny-opt", messages=messages, max_tokens=9, stream=True,
+                                                     stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage == out.usage  # OpenAI's usage-only chunk
+    raw = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "stream": True})
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.text.splitlines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     sampled = client.chat.completions.create(model="tiny-opt", messages=messages, max_tokens=5, temperature=0.8)
     assert isinstance(sampled.choices[0].message.content, str)
     with pytest.raises(openai.AuthenticationError):
@@ -215,11 +222,34 @@ def test_concurrent_requests_are_batched(server):
     assert max(sizes) > 1, sizes
 
 
+def test_concurrent_retrieval_requests_are_batched_and_unchanged(server):
+    texts = ["a dog", "two cats on a sofa", "a red car", "a tree"]
+    bodies = [("/v1/match", {"image": b64(i % 3), "texts": texts[: 1 + i % 4]}) for i in range(12)]
+    bodies += [("/v1/embeddings", {"images": [b64(i), b64(i + 1)]}) for i in range(6)]
+    bodies += [("/v1/embeddings", {"texts": texts[i % 4:]}) for i in range(6)]
+    alone = [post(server, path, body) for path, body in bodies]
+    with cf.ThreadPoolExecutor(12) as ex:
+        together = list(ex.map(lambda pb: post(server, *pb), bodies))
+    assert all(r.status_code == 200 for r in alone + together)
+    assert max(int(r.headers["x-batch-size"]) for r in together) > 1
+    for a, t in zip(alone, together):  # a batch of other requests changes no result
+        np.testing.assert_allclose(json_numbers(t.json()), json_numbers(a.json()), atol=1e-5)
+
+
+def json_numbers(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in json_numbers(value[k])]
+    if isinstance(value, list):
+        return [x for v in value for x in json_numbers(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
 # ---------------------------------------------------------------- errors
 def test_error_statuses(server):
     c = server["client"]
     assert_error(post(server, "/v1/caption", {"image": "not base64 !!"}), 400, "invalid_image")
-    assert_error(post(server, "/v1/caption", {"image": base64.b64encode(b"not an image").decode()}), 400, "invalid_image")
+    not_an_image = base64.b64encode(b"not an image").decode()
+    assert_error(post(server, "/v1/caption", {"image": not_an_image}), 400, "invalid_image")
     assert_error(c.post("/v1/caption", content=b"{not json", headers={**AUTH, "content-type": "application/json"}), 400)
     assert_error(c.post("/v1/caption", content=b"", headers=AUTH), 400)
     assert_error(post(server, "/v1/caption", {"image": b64(1, size=(300, 300))}), 413, "image_too_large")
@@ -238,6 +268,24 @@ def test_error_statuses(server):
     assert_error(post(server, "/v1/chat/completions", no_image), 422)
     web_image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]}
     assert_error(post(server, "/v1/chat/completions", web_image), 403)
+
+
+def test_a_bad_request_never_reaches_the_model_replica(server):
+    from ray import serve
+
+    stats = serve.get_deployment_handle("CaptionDeployment", app_name="main").stats
+    before = stats.remote().result(timeout_s=30)["requests"]
+    gif = "data:image/png;base64," + base64.b64encode(b"GIF89a!").decode()
+    chat_bad = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": gif}}]}]}
+    for path, body in [("/v1/caption", {"image": base64.b64encode(png_bytes(1)[:50]).decode()}),
+                       ("/v1/vqa", {"image": "%%%", "question": "what?"}),
+                       ("/v1/caption", {"image": b64(1, size=(300, 300))}),
+                       ("/v1/caption", {"image": b64(1), "max_new_tokens": 10_000}),
+                       ("/v1/chat/completions", {**chat_bad, "stream": True})]:
+        assert 400 <= post(server, path, body).status_code < 500
+    assert stats.remote().result(timeout_s=30)["requests"] == before
+    assert post(server, "/v1/caption", {"image": b64(1)}).status_code == 200
+    assert stats.remote().result(timeout_s=30)["requests"] == before + 1
 
 
 def test_absent_model_is_404_naming_the_flag(server):
@@ -267,7 +315,7 @@ def test_fuzzed_bodies_never_5xx(server):
         max_leaves=12,
     )
     fields = st.sampled_from(["image", "images", "texts", "prompt", "question", "max_new_tokens", "num_beams",
-                              "min_new_tokens", "messages", "max_tokens", "temperature", "stream"])
+                              "min_new_tokens", "messages", "max_tokens", "temperature", "stream", "stream_options"])
     image_like = st.sampled_from([b64(1), data_url(2), "", "data:,", "data:image/png;base64,AAAA",
                                   base64.b64encode(png_bytes(1)[:60]).decode(), "file:///etc/passwd"])
     # a valid PNG signature + header followed by random bytes: the decoder, not the parser, must refuse it
@@ -281,7 +329,8 @@ def test_fuzzed_bodies_never_5xx(server):
         if use_raw:
             r = c.post(path, content=raw, headers={**AUTH, "content-type": "application/json"})
         else:
-            r = c.post(path, content=json.dumps(body, allow_nan=True), headers={**AUTH, "content-type": "application/json"})
+            r = c.post(path, content=json.dumps(body, allow_nan=True),
+                       headers={**AUTH, "content-type": "application/json"})
         assert r.status_code < 500, (path, body, r.status_code, r.text)
         if r.status_code >= 400:
             assert set(r.json()["error"]) == {"message", "type"}

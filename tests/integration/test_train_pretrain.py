@@ -1,10 +1,14 @@
 """Pre-training on Ray Train + DeepSpeed with 2 CPU workers (gloo) on generated shapes shards.
 
 Few, combined trainer runs (the whole file is minutes on 2 cores):
-  1. stage 1, ZeRO-3: one worker process is SIGKILLed mid-run -> the group restarts from the last
-     checkpoint and ends at exactly max_steps; frozen ViT held ~1/2 per worker; export loads in HF.
-  2. the same run resubmitted with a larger max_steps continues from its checkpoint.
+  1. stage 1, ZeRO-3, bf16 autocast with a bfloat16 ViT (mixed dtypes, 2 ranks): one worker process is
+     SIGKILLed mid-run -> the group restarts from the last checkpoint and ends at exactly max_steps;
+     frozen ViT held ~1/2 per worker; export loads in HF.
+  2. the same run resubmitted with a larger max_steps continues from its checkpoint, into epoch 1: over both
+     resumes every record of epoch 0 is trained exactly once, the resubmission decodes only epoch 0's
+     untrained records, and every trained row has the crop/flip of its own epoch (epoch 1 differs).
   3. stage 2, ZeRO-2, Q-Former from the stage-1 export: finite loss, checkpoint, HF export + processor.
+  4. a run whose decode tasks cannot start stops after data.stall_timeout_s with the diagnosis.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -66,7 +71,9 @@ def stage1_run(ray_session, shards, tmp_path_factory):
     cfg = tiny_cfg(tmp, shards, **{
         "stage": 1, "run_name": "s1", "output_dir": f"{tmp}/export", "train.max_steps": 4,
         "deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0,
+        "train.precision": "bf16", "model.vision.dtype": "bfloat16",
         "fault_injection.pid_dir": str(pid_dir), "fault_injection.at_step": 3, "fault_injection.pause_s": 120,
+        "fault_injection.trained_keys_dir": str(tmp / "trained"),
     })
     killed: list[int] = []
     killer = threading.Thread(target=kill_when_paused, args=(str(pid_dir / "worker.pid"), killed), daemon=True)
@@ -79,7 +86,7 @@ def stage1_run(ray_session, shards, tmp_path_factory):
 def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
     from transformers import Blip2ForImageTextRetrieval
 
-    from blip2_ray.model.hf_io import load_stage1
+    from blip2_ray.model.hf_format import load_stage1
     from blip2_ray.train.trainer import read_train_state
 
     cfg, result, killed = stage1_run
@@ -92,11 +99,13 @@ def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
     state = read_train_state(result.checkpoint)
     assert state["step"] == 4 and state["start_steps"] == [0, 2] and state["world_size"] == 2
     run_dir = os.path.join(cfg.local_storage_path, "s1")
-    ckpts = sorted(p for p in os.listdir(run_dir) if p.startswith("checkpoint_0") and os.path.isdir(os.path.join(run_dir, p)))
+    ckpts = sorted(p for p in os.listdir(run_dir)
+                   if p.startswith("checkpoint_0") and os.path.isdir(os.path.join(run_dir, p)))
     assert ckpts == ["checkpoint_00000002", "checkpoint_00000004"]
     # ZeRO-3: each of the 2 workers holds about half of the frozen ViT
     assert 0.45 <= m["frozen_param_fraction_held"] <= 0.55
     assert 0 <= m["data_wait_fraction"] <= 1 and m["samples_per_s"] > 0 and m["skipped_records"] == 0
+    assert 0.1 < m["peak_host_rss_gib"] < 8
     hf = Blip2ForImageTextRetrieval.from_pretrained(cfg.output_dir)
     assert hf.config.num_query_tokens == 8
     model, _ = load_stage1(cfg.output_dir)
@@ -104,14 +113,61 @@ def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
     assert os.listdir(cfg.tensorboard_path)
 
 
-def test_resubmitted_run_continues_from_its_checkpoint(stage1_run):
+def expected_pixel_crcs(shards: str, epoch: int, cfg: PretrainConfig) -> dict[str, int]:
+    """key -> CRC of the uint8 crop + flip the recipe gives each record in `epoch` (computed here, no Ray)."""
+    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.records import record_rng
+    from blip2_ray.data.transforms import decode_image, train_crop
+
+    out = {}
+    for path in list_shards(shards):
+        for r in read_shard_records(path, cfg.data.image_keys, cfg.data.caption_keys, lambda reason: None):
+            rng = record_rng(cfg.data.seed, epoch, r["key"])  # one caption each: no draw before the crop
+            im = decode_image(r["image"], cfg.data.min_image_side, cfg.data.max_image_pixels)
+            out[r["key"]] = zlib.crc32(train_crop(im, cfg.data.image_size, rng, cfg.data.min_crop_scale).tobytes())
+    return out
+
+
+def surviving_rows(trained_dir) -> list[tuple[int, str, int]]:
+    """(epoch, key, pixel CRC) of every row the final model learned from: each run's rows up to the step
+    the next run resumed from (what a run trained after its last checkpoint was rolled back)."""
+    rows = []
+    for path in sorted(os.listdir(trained_dir)):
+        with open(os.path.join(trained_dir, path)) as f:
+            rows += [line.split() for line in f]
+    starts = sorted({int(r[0]) for r in rows})
+    ends = dict(zip(starts, starts[1:] + [10 ** 9]))
+    return [(int(e), k, int(c)) for s, step, e, k, c in rows if int(step) <= ends[int(s)]]
+
+
+def test_resubmitted_run_continues_from_its_checkpoint_without_training_a_record_twice(stage1_run, shards):
+    import ray
+
+    from blip2_ray.data.epoch_plan import epoch_plan, epoch_plan_name
     from blip2_ray.train.trainer import run_pretrain
 
     cfg, _, _ = stage1_run
-    cfg.train.max_steps = 6
+    plan = epoch_plan(epoch_plan_name(cfg.run_name))
+    generation = ray.get(plan.generation.remote())
+    cfg.train.max_steps = 12  # 8 steps of 8 records are one epoch of the 64: this run ends 4 steps into epoch 1
     cfg.fault_injection.pid_dir = None
     result = run_pretrain(cfg)
-    assert result.metrics["step"] == 6 and result.metrics["start_steps"] == [0, 2, 4]
+    assert result.metrics["step"] == 12 and result.metrics["start_steps"] == [0, 2, 4] and result.metrics["epoch"] == 1
+    # cheap resume: this run decoded only the 32 records of epoch 0 not trained before its step-4 checkpoint
+    # (the decoding of the visits consumed before it and of the trained records of the partial ones is skipped)
+    assert ray.get(plan.decoded_records.remote(0, generation)) == 64 - 4 * 8
+
+    rows = surviving_rows(cfg.fault_injection.trained_keys_dir)
+    epoch0 = [k for e, k, _ in rows if e == 0]
+    epoch1 = [k for e, k, _ in rows if e == 1]
+    keys = sorted(expected_pixel_crcs(shards, 0, cfg))
+    assert sorted(epoch0) == keys  # across the SIGKILL restart and this resubmission: each record exactly once
+    assert len(epoch1) == 4 * 8 == len(set(epoch1))
+    # every row has the crop and flip of its own epoch (so a resumed run continues the same sequence) ...
+    want = {e: expected_pixel_crcs(shards, e, cfg) for e in (0, 1)}
+    assert all(crc == want[e][k] for e, k, crc in rows)
+    # ... and epoch 1 sees other crops and flips of the same images than epoch 0
+    assert sum(want[0][k] != want[1][k] for k in epoch1) >= 0.9 * len(epoch1)
 
 
 def test_stage2_zero2_from_stage1_export(stage1_run, shards, tmp_path):
@@ -132,3 +188,25 @@ def test_stage2_zero2_from_stage1_export(stage1_run, shards, tmp_path):
     hf = Blip2ForConditionalGeneration.from_pretrained(cfg.output_dir)
     processor = Blip2Processor.from_pretrained(cfg.output_dir)
     assert hf.config.num_query_tokens == 8 and processor.num_query_tokens == 8
+
+
+def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards, tmp_path, monkeypatch):
+    """The start-up check is bypassed (as if the CPUs were taken after it ran): the workers hold 3.5 of the
+    4 CPUs, a decode task needs 1, no batch ever comes, and the run stops after data.stall_timeout_s."""
+    from blip2_ray.train import resources
+    from blip2_ray.train.batches import DataStallError
+    from blip2_ray.train.trainer import run_pretrain
+
+    monkeypatch.setattr(resources, "check_cluster", lambda cfg: None)
+    cfg = tiny_cfg(tmp_path, shards, **{
+        "stage": 1, "run_name": "stall", "output_dir": f"{tmp_path}/export", "train.max_steps": 2,
+        "scaling.cpus_per_worker": 1.75, "data.num_cpus_per_decode_task": 1.0, "data.stall_timeout_s": 10,
+        "failure.max_failures": 0,
+    })
+    t0 = time.monotonic()
+    with pytest.raises(DataStallError) as e:
+        run_pretrain(cfg)
+    msg = str(e.value)
+    assert "received no batch for 10 s (data.stall_timeout_s=10) at step 0, epoch 0" in msg, msg
+    assert "data.num_cpus_per_decode_task=1 CPU each" in msg and "cluster has CPU 3.5 of 4 used" in msg, msg
+    assert time.monotonic() - t0 < 240

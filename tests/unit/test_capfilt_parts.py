@@ -10,8 +10,9 @@ import torch
 
 from blip2_ray.capfilt import shards as S
 from blip2_ray.capfilt.config import CapFiltConfig
-from blip2_ray.capfilt.worker import rank_captions
+from blip2_ray.capfilt.filters import rank_captions
 from blip2_ray.config import ConfigError, from_dict
+from blip2_ray.runtime.files import temporary_path
 
 
 def test_config_validation():
@@ -40,7 +41,7 @@ def test_shard_writes_are_atomic_and_invisible_until_done(tmp_path):
     S.write_tar(final, [("k1", {"jpg": b"x", "txt": json.dumps(["a", "b"]).encode()})])
     assert os.listdir(tmp_path) == ["00000.tar"]
     # a temporary name is hidden and has no shard suffix: no reader lists a half-written file
-    tmp = S._tmp_path(final)
+    tmp = temporary_path(final)
     open(tmp, "wb").close()
     assert list_shards(str(tmp_path)) == [final]
     got = list(S.read_tar_members(final, print))
@@ -53,7 +54,7 @@ def test_shard_writes_are_atomic_and_invisible_until_done(tmp_path):
     cfg = from_dict(CapFiltConfig, {"input": [str(tmp_path / "in")], "output_dir": str(tmp_path / "out"),
                                     "filter": {"model": "f"}, "captioner": {"num_captions": 0}})
     os.makedirs(tmp_path / "out")
-    stale = S._tmp_path(str(tmp_path / "out" / "00001.tar"))
+    stale = temporary_path(str(tmp_path / "out" / "00001.tar"))
     open(stale, "wb").close()
     open(tmp_path / "out" / "00000.tar", "wb").close()  # done
     files, todo = plan(cfg)

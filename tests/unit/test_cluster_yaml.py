@@ -40,7 +40,8 @@ def test_no_credentials_and_an_instance_profile_everywhere(cluster):
 
 
 def test_image_and_project_install(cluster):
-    assert cluster["docker"]["image"].startswith("rayproject/ray:2.60.0-") and cluster["docker"]["image"].endswith("-gpu")
+    image = cluster["docker"]["image"]
+    assert image.startswith("rayproject/ray:2.60.0-") and image.endswith("-gpu")
     mount = cluster["file_mounts"]
     assert mount.get("/home/ray/blip2_ray") == "."  # the checked-out version travels
     assert any("pip install" in c and "/home/ray/blip2_ray" in c for c in cluster["setup_commands"])
@@ -63,12 +64,13 @@ def test_training_configs_fit_the_gpu_node_types(cluster):
         assert cfg.scaling.use_gpu, path
         # some train node type holds the whole run: enough GPUs over its max_workers, and CPUs per GPU
         fits = []
-        for name, t in train_types.items():
+        for t in train_types.values():
             gpus, cpus = t["resources"]["GPU"], t["resources"]["CPU"]
             nodes_needed = math.ceil(cfg.scaling.num_workers / gpus)
             cpu_ok = min(gpus, cfg.scaling.num_workers) * cfg.scaling.cpus_per_worker <= cpus
             fits.append(nodes_needed <= t["max_workers"] and cpu_ok)
-        assert any(fits), f"{path}: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs fit no train node type"
+        assert any(fits), (f"{path}: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs fit "
+                           f"no train node type")
 
 
 def test_serve_config_fits_the_serve_node_type(cluster):
@@ -80,6 +82,11 @@ def test_serve_config_fits_the_serve_node_type(cluster):
     per_node = math.floor(t["resources"]["GPU"] / args["gpus_per_replica"])
     assert per_node >= 1 and args["cpus_per_replica"] <= t["resources"]["CPU"]
     assert args["num_replicas"] <= per_node * t["max_workers"]
+    # one replica of each deployment (caption, retrieval, the ingress replicas) shares one serve node
+    r, i = args["retrieval"], args["ingress"]
+    assert args["gpus_per_replica"] + r["gpus_per_replica"] <= t["resources"]["GPU"]
+    cpus = args["cpus_per_replica"] + r["cpus_per_replica"] + i["num_replicas"] * i["cpus_per_replica"]
+    assert cpus <= t["resources"]["CPU"]
 
 
 def test_data_nodes_exist_for_decoding(cluster):

@@ -36,7 +36,8 @@ def test_yaml_then_set_overrides(tmp_path):
 
 
 def test_unknown_key_names_the_valid_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config key 'inner.step'.*valid keys at 'inner': lr, sources, steps"):
+    valid = r"unknown config key 'inner.step'.*valid keys at 'inner': lr, sources, steps"
+    with pytest.raises(ConfigError, match=valid):
         load_config(Job, None, ["inner.step=3"])
     with pytest.raises(ConfigError, match="valid keys at the top level: flag, inner, name"):
         from_dict(Job, {"nme": "x"})

@@ -84,8 +84,10 @@ def test_sample_images_match_their_captions(tmp_path):
     make_sample_shards(str(tmp_path), num=12, shards=1, image_size=64, num_captions=2)
     with tarfile.open(tmp_path / "00000.tar") as t:
         files = {m.name: t.extractfile(m).read() for m in t.getmembers()}
-    from PIL import Image
     import io
+
+    from PIL import Image
+
     from blip2_ray.data.sample import _RGB
     for i in range(12):
         meta = json.loads(files[f"{i:07d}.json"])
@@ -103,10 +105,10 @@ def test_tokenised_columns(tmp_path, tiny_tokenizers):
     recs = list(read_shard_records(f, cfg.image_keys, cfg.caption_keys, print))
     for llm in ("opt", "t5"):
         out = process_records(recs, cfg, train=False, on_skip=print, qformer_tokenizer_path=tiny_tokenizers["qformer"],
-                              llm_tokenizer_path=tiny_tokenizers[llm])
+                              llm_tokenizer_path=tiny_tokenizers[llm], llm_family=llm)
         assert out["pixel_values"].shape == (6, 3, 32, 32) and out["pixel_values"].dtype == np.uint8
-        from blip2_ray.data.records import llm_tokenizer, qformer_tokenizer
-        qt, lt = qformer_tokenizer(tiny_tokenizers["qformer"]), llm_tokenizer(tiny_tokenizers[llm])
+        from blip2_ray.data.records import cached_llm_tokenizer, cached_qformer_tokenizer
+        qt, lt = cached_qformer_tokenizer(tiny_tokenizers["qformer"]), cached_llm_tokenizer(tiny_tokenizers[llm])
         q, m = out["qformer_input_ids"], out["qformer_attention_mask"]
         assert q.shape == (6, 16) and q.dtype == np.int64 and m.dtype == np.int64
         assert (q[:, 0] == qt.cls_token_id).all()

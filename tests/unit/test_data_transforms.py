@@ -26,7 +26,8 @@ def test_clean_caption_follows_recipe():
 
 def test_pick_caption_reasons_and_multi_caption_draws():
     rng = np.random.default_rng(0)
-    for raw, reason in [(None, T.MISSING_CAPTION), (b"  ..  ", T.EMPTY_CAPTION), (b"a \xff\xfe b", T.BAD_CAPTION_ENCODING)]:
+    for raw, reason in [(None, T.MISSING_CAPTION), (b"  ..  ", T.EMPTY_CAPTION),
+                        (b"a \xff\xfe b", T.BAD_CAPTION_ENCODING)]:
         with pytest.raises(T.SkipRecord) as e:
             T.pick_caption(raw, rng)
         assert e.value.reason == reason
@@ -62,10 +63,10 @@ def test_decode_image_max_pixels_from_config_and_rgb():
 def test_random_resized_crop_box_scale_and_bounds():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        l, t, r, b = T.random_resized_crop_box(256, 192, rng, (0.5, 1.0))
-        assert 0 <= l < r <= 256 and 0 <= t < b <= 192
-        assert (r - l) * (b - t) >= 0.5 * 256 * 192 * 0.95  # rounding slack
-        assert 3 / 4 * 0.95 <= (r - l) / (b - t) <= 4 / 3 * 1.05
+        left, top, right, bottom = T.random_resized_crop_box(256, 192, rng, (0.5, 1.0))
+        assert 0 <= left < right <= 256 and 0 <= top < bottom <= 192
+        assert (right - left) * (bottom - top) >= 0.5 * 256 * 192 * 0.95  # rounding slack
+        assert 3 / 4 * 0.95 <= (right - left) / (bottom - top) <= 4 / 3 * 1.05
 
 
 def test_train_and_eval_transforms_shape_norm_and_determinism():
@@ -94,22 +95,50 @@ def test_data_config_validation():
             from_dict(DataConfig, bad)
 
 
-def test_uint8_transport_and_collate_normalisation_match_the_float_transform():
-    """Rows carry uint8 pixels; TrainCollate's CLIP normalisation gives exactly eval_transform's floats."""
+def test_uint8_transport_and_device_normalisation_match_the_float_transform():
+    """Rows carry uint8 pixels, TrainCollate keeps them uint8, and the device-side CLIP normalisation gives
+    exactly eval_transform's floats (the host lookup table) for every byte value of every channel."""
+    import torch
+
     from blip2_ray.data.pipeline import TrainCollate
-    from blip2_ray.data.transforms import CLIP_MEAN, CLIP_STD, eval_resize, eval_transform
+    from blip2_ray.data.transforms import (
+        CLIP_MEAN,
+        CLIP_STD,
+        eval_resize,
+        eval_transform,
+        normalize_pixels,
+        normalize_pixels_tensor,
+    )
 
     rng = np.random.default_rng(0)
     im = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
     raw = eval_resize(im, 32)
     assert raw.dtype == np.uint8 and raw.shape == (3, 32, 32)
-    batch = {"pixel_values": raw[None], "key": np.array(["k"], dtype=object)}
-    out = TrainCollate()(batch)["pixel_values"].numpy()[0]
+    batch = {"pixel_values": raw[None], "key": np.array(["k"], dtype=object),
+             "visit": np.array([3]), "record": np.array([7])}
+    collated = TrainCollate()(batch)
+    assert collated["pixel_values"].dtype == torch.uint8
+    assert collated["visit"].tolist() == [3] and collated["record"].tolist() == [7] and collated["key"] == ["k"]
+    out = normalize_pixels_tensor(collated["pixel_values"]).numpy()[0]
     assert out.dtype == np.float32
-    np.testing.assert_allclose(out, eval_transform(im, 32), atol=1e-6)
+    np.testing.assert_array_equal(out, eval_transform(im, 32))
     # and it is the CLIP normalisation written out
-    expected = (raw.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN)[:, None, None]) / np.asarray(CLIP_STD)[:, None, None]
+    expected = ((raw.astype(np.float32) / 255.0 - np.asarray(CLIP_MEAN)[:, None, None])
+                / np.asarray(CLIP_STD)[:, None, None])
     np.testing.assert_allclose(out, expected, atol=1e-5)
+    every = np.broadcast_to(np.arange(256, dtype=np.uint8), (2, 3, 4, 256)).copy()  # (B, 3, H, W)
+    np.testing.assert_array_equal(normalize_pixels_tensor(torch.from_numpy(every)).numpy(), normalize_pixels(every))
+
+
+@pytest.mark.gpu
+def test_device_normalisation_on_cuda_is_exact():
+    import torch
+
+    from blip2_ray.data.transforms import normalize_pixels, normalize_pixels_tensor
+
+    every = np.broadcast_to(np.arange(256, dtype=np.uint8), (2, 3, 4, 256)).copy()
+    on_gpu = normalize_pixels_tensor(torch.from_numpy(every).cuda()).cpu().numpy()
+    np.testing.assert_array_equal(on_gpu, normalize_pixels(every))
 
 
 def test_data_config_checks_output_block_size():

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from blip2_ray.errors import UserError
 from blip2_ray.eval.caption_metrics import bleu, caption_scores, cider_d, load_predictions, load_references
 from blip2_ray.eval.ptb_tokenizer import ptb_tokenize
-from blip2_ray.errors import UserError
 
 REFS = {
     1: ["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
@@ -87,7 +87,8 @@ def test_caption_scores_and_brevity_penalty():
     assert out["BLEU-4"] == pytest.approx(REFERENCE["BLEU"][3], abs=1e-9)
     assert out["CIDEr"] == pytest.approx(REFERENCE["CIDEr"], abs=1e-9)
     # a prediction identical to its only reference scores BLEU 1; shorter ones are penalised
-    assert caption_scores({1: ["a red circle on a table"]}, {1: "a red circle on a table"}, meteor=False)["BLEU-4"] == pytest.approx(1.0)
+    same = caption_scores({1: ["a red circle on a table"]}, {1: "a red circle on a table"}, meteor=False)
+    assert same["BLEU-4"] == pytest.approx(1.0)
     short = caption_scores({1: ["a red circle on a wooden table"]}, {1: "a red circle on a"}, meteor=False)
     assert short["BLEU-1"] == pytest.approx(math.exp(1 - 7 / 5), rel=1e-6)
 
@@ -98,7 +99,8 @@ def test_missing_references_is_a_user_error():
 
 
 def test_formats(tmp_path: Path):
-    ann = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a cat"}, {"image_id": 1, "caption": "cat"}]}
+    ann = {"images": [{"id": 1}],
+           "annotations": [{"image_id": 1, "caption": "a cat"}, {"image_id": 1, "caption": "cat"}]}
     (tmp_path / "a.json").write_text(json.dumps(ann))
     assert load_references(str(tmp_path / "a.json")) == {1: ["a cat", "cat"]}
     karpathy = {"images": [{"cocoid": 7, "split": "test", "sentences": [{"raw": "a dog"}]}]}

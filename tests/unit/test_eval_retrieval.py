@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_ray.eval.retrieval import (TopKAccumulator, dense_rankings, itc_similarity, itm_pairs, recall_at_k,
-                                      rerank)
+from blip2_ray.eval.retrieval import TopKAccumulator, dense_rankings, itc_similarity, itm_pairs, recall_at_k, rerank
 
 
 def test_recall_on_a_hand_made_matrix():
@@ -70,7 +69,7 @@ def test_rerank_uses_itm_plus_itc():
 
 
 def test_identical_texts_count_as_hits():
-    from blip2_ray.eval.job import TestSet, ground_truth
+    from blip2_ray.eval.test_sets import TestSet, ground_truth
 
     ts = TestSet(images=[{}, {}, {}], texts=["a red circle", "a blue square", "a red circle"],
                  txt2img=[0, 1, 2], img2txt=[[0], [1], [2]])

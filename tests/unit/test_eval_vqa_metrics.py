@@ -1,4 +1,4 @@
-"""VQAv2 accuracy: the official normalisation and the 10-choose-9 averaging, on hand-worked cases."""
+"""VQAv2 accuracy under the default (lavis) rules: normalisation and the 10-choose-9 averaging, on hand-worked cases."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_prediction_is_normalised_answers_get_punctuation_only():
 
 
 def test_scores_and_exact_match():
-    qs = {1: {"answers": ["yes"] * 10, "answer_type": "yes/no"}, 2: {"answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number"}}
+    qs = {1: {"answers": ["yes"] * 10, "answer_type": "yes/no"},
+          2: {"answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number"}}
     out = vqa_scores({1: "Yes", 2: "two"}, qs)
     assert out["accuracy"] == pytest.approx(100 * (1.0 + 0.9) / 2)
     assert out["accuracy/number"] == pytest.approx(90.0)

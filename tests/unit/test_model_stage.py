@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2_ray.model import hf_io
+from blip2_ray.model.builders import build_stage1, build_stage2
 from blip2_ray.model.config import model_config
 from blip2_ray.model.stage2 import prefix_lm_split
+from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
 
 @pytest.fixture(scope="module")
 def stage1(tiny_tokenizers):
     torch.manual_seed(0)
     cfg = model_config("tiny")
-    tok = hf_io.qformer_tokenizer(cfg)
-    return cfg, tok, hf_io.build_stage1(cfg, tok).eval()
+    tok = qformer_tokenizer(cfg)
+    return cfg, tok, build_stage1(cfg, tok).eval()
 
 
 def _itg_hidden(model, image, ids, mask):
@@ -56,13 +57,13 @@ def test_frozen_parts_stay_frozen_and_ln_vision_trains(stage, tiny_tokenizers):
     torch.manual_seed(0)
     cfg = model_config("tiny")
     if stage == 1:
-        tok = hf_io.qformer_tokenizer(cfg)
-        model = hf_io.build_stage1(cfg, tok)
+        tok = qformer_tokenizer(cfg)
+        model = build_stage1(cfg, tok)
         enc = tok(["a red circle", "a blue square", "a green star"], padding="longest", return_tensors="pt")
         batch = lambda x: model(x, enc.input_ids, enc.attention_mask).loss  # noqa: E731
     else:
-        tok = hf_io.llm_tokenizer(cfg)
-        model = hf_io.build_stage2(cfg, tok)
+        tok = llm_tokenizer(cfg)
+        model = build_stage2(cfg, tok)
         enc = tok(["a red circle\n", "a blue square\n", "a green star\n"], padding="longest", return_tensors="pt")
         batch = lambda x: model(x, enc.input_ids, enc.attention_mask).loss  # noqa: E731
     model.train()
@@ -87,7 +88,8 @@ def test_frozen_parts_stay_frozen_and_ln_vision_trains(stage, tiny_tokenizers):
 def test_stage1_reports_each_loss_component(stage1):
     cfg, tok, model = stage1
     enc = tok(["a red circle", "a blue square", "a green star", "a cyan ring"], padding="longest", return_tensors="pt")
-    out = model(torch.randn(4, 3, 32, 32), enc.input_ids, enc.attention_mask, generator=torch.Generator().manual_seed(0))
+    out = model(torch.randn(4, 3, 32, 32), enc.input_ids, enc.attention_mask,
+                generator=torch.Generator().manual_seed(0))
     c = out.components()
     assert set(c) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
     assert c["loss"] == pytest.approx(c["loss_itc"] + c["loss_itm"] + c["loss_itg"], rel=1e-5)

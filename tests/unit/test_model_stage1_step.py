@@ -17,9 +17,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from blip2_ray.model import hf_io, losses
+from blip2_ray.model import losses
+from blip2_ray.model.builders import build_stage1
 from blip2_ray.model.config import model_config
 from blip2_ray.model.qformer import run_qformer
+from blip2_ray.model.tokenizer_paths import qformer_tokenizer
 
 CAPTIONS = ["a red circle", "a blue square on a white background", "a green star", "two cyan rings on grey",
             "a black triangle", "a small yellow square next to a big one", "an orange star", "a ring"]
@@ -91,8 +93,8 @@ def reference_step(model, pixel_values, ids, mask, rank=0, gather=losses.identit
 def build(dtype=torch.float32):
     torch.manual_seed(0)
     cfg = model_config("tiny", qformer={"num_layers": 3, "dropout": 0.0})
-    tok = hf_io.qformer_tokenizer(cfg)
-    return cfg, tok, hf_io.build_stage1(cfg, tok).to(dtype)
+    tok = qformer_tokenizer(cfg)
+    return cfg, tok, build_stage1(cfg, tok).to(dtype)
 
 
 def batch(cfg, tok, rank, b, dtype=torch.float32):

@@ -1,6 +1,8 @@
-"""CaptionDeployment's batch logic without Ray: grouping by settings, and batched == one at a time."""
+"""CaptionDeployment without Ray: uint8 pixels in, concurrent requests batched, each answer what it is alone."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import pytest
@@ -10,32 +12,54 @@ import pytest
 def deployment(request, tmp_path_factory):
     import torch
 
+    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage2, export_stage2, llm_tokenizer
+    from blip2_ray.model.hf_format import export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.serve.models import CaptionDeployment
 
     torch.manual_seed(0)
     cfg = model_config(request.param)
     tok = llm_tokenizer(cfg)
     out = export_stage2(build_stage2(cfg, tok), str(tmp_path_factory.mktemp(request.param)), tok, cfg)
-    return CaptionDeployment(out)
+    return CaptionDeployment(out, max_batch_size=4, batch_wait_timeout_s=0.01)
 
 
 def item(seed: int, prompt: str = "", max_new_tokens: int = 6, num_beams: int = 1) -> dict:
-    pixels = np.random.RandomState(seed).randn(3, 32, 32).astype(np.float32)
+    pixels = (np.random.RandomState(seed).rand(3, 32, 32) * 255).astype(np.uint8)
     return {"pixel_values": pixels, "prompt": prompt, "max_new_tokens": max_new_tokens, "min_new_tokens": 1,
             "num_beams": num_beams, "temperature": 0.0}
 
 
-def test_batched_equals_one_at_a_time(deployment):
+def test_concurrent_requests_equal_one_at_a_time(deployment):
     items = [item(0), item(1, "a photo of"), item(2, "a picture of two"), item(3, max_new_tokens=4),
              item(4, num_beams=2), item(5)]
-    batched = deployment._run(items)
-    assert all(r["batch_size"] == len(items) for r in batched)
-    assert [r["group_size"] for r in batched] == [2, 2, 2, 1, 1, 2]
+
+    async def together():
+        return await asyncio.gather(*(deployment.generate(it) for it in items))
+
+    async def alone(it):
+        return await deployment.generate(it)
+
+    batched = asyncio.run(together())
+    assert max(r["batch_size"] for r in batched) == 4  # max_batch_size rows decode together
     for it, b in zip(items, batched):
-        single = deployment._run([it])[0]
-        assert b["token_ids"] == single["token_ids"]
-        assert b["text"] == single["text"]
-        assert b["completion_tokens"] <= it["max_new_tokens"]
-        assert b["finish_reason"] in ("stop", "length")
+        single = asyncio.run(alone(it))
+        assert single["batch_size"] == 1
+        assert b["token_ids"] == single["token_ids"] and b["text"] == single["text"]
+        assert b["completion_tokens"] <= it["max_new_tokens"] and b["finish_reason"] in ("stop", "length")
+
+
+def test_stream_and_too_long_prompt(deployment):
+    async def run():
+        parts = [p async for p in deployment.generate_stream(item(6, "a photo of", max_new_tokens=8))]
+        whole = await deployment.generate(item(6, "a photo of", max_new_tokens=8))
+        too_long = await deployment.generate(item(7, max_new_tokens=10_000))
+        return parts, whole, too_long
+
+    parts, whole, too_long = asyncio.run(run())
+    assert parts[-1]["done"]["token_ids"] == whole["token_ids"]
+    assert "".join(p["delta"] for p in parts) == whole["text"]
+    if deployment.max_positions is not None:  # OPT's learned positions
+        assert too_long["error"][0] == 422
+    assert deployment.stats()["running"] == 0

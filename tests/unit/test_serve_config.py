@@ -36,6 +36,10 @@ def test_defaults_and_nested(dirs):
     ({"max_queued_requests": 0}, "max_queued_requests"),
     ({"allowed_image_url_prefixes": ["ftp://x"]}, "allowed_image_url_prefixes"),
     ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas"),
+    ({"ingress": {"num_replicas": 0}}, "ingress: num_replicas"),
+    ({"ingress": {"cpus": 2}}, "unknown config key 'ingress.cpus'"),
+    ({"retrieval": {"max_batch_size": 64, "max_ongoing_requests": 32}}, "retrieval: max_ongoing_requests"),
+    ({"retrieval": {"gpus_per_replica": -0.5}}, "retrieval: cpus_per_replica, gpus_per_replica"),
 ])
 def test_rejects_bad_values(dirs, data, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
@@ -69,7 +73,8 @@ def test_job_flags_and_sets(dirs, tmp_path):
     job = _serve_job()
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"port": 9000, "max_batch_size": 4}))
-    args = job.parse_args(["--model", dirs[0], "--config", str(cfg_file), "--port", "9100", "--set", "max_batch_size=2"])
+    args = job.parse_args(["--model", dirs[0], "--config", str(cfg_file), "--port", "9100",
+                           "--set", "max_batch_size=2"])
     cfg = job.load_serve_config(args)
     assert (cfg.model, cfg.port, cfg.max_batch_size) == (dirs[0], 9100, 2)
     with pytest.raises(ConfigError, match="unknown config key"):
@@ -85,3 +90,20 @@ def test_app_builder_validates_args_strictly(dirs):
     assert isinstance(app_builder({"model": dirs[0], "retrieval_model": dirs[1]}), Application)
     with pytest.raises(ConfigError, match="unknown config key 'max_batch'"):
         app_builder({"model": dirs[0], "max_batch": 4})
+
+
+def test_build_app_takes_each_deployment_resources_from_the_config(dirs):
+    from blip2_ray.serve.app import build_app
+
+    cfg = from_dict(ServeConfig, {
+        "model": dirs[0], "retrieval_model": dirs[1], "device": "cuda", "gpus_per_replica": 0.75, "num_replicas": 2,
+        "ingress": {"num_replicas": 3, "cpus_per_replica": 2.0, "max_ongoing_requests": 500},
+        "retrieval": {"gpus_per_replica": 0.25, "cpus_per_replica": 0.5, "autoscaling": {"max_replicas": 4}},
+    })
+    ingress = build_app(cfg)._bound_deployment
+    captioner, retrieval = (a._bound_deployment for a in ingress.init_args[1:3])
+    assert ingress.num_replicas == 3 and ingress.ray_actor_options["num_cpus"] == 2.0
+    assert ingress.max_ongoing_requests == 500
+    assert captioner.num_replicas == 2 and captioner.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.75}
+    assert retrieval.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.25}
+    assert retrieval._deployment_config.autoscaling_config.max_replicas == 4

@@ -79,8 +79,7 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_param_groups_hold_only_trainable_and_no_decay_on_bias_norm():
-    from blip2_ray.model.hf_io import build_stage1
-
+    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
 
     model = build_stage1(model_config("tiny"))
@@ -104,14 +103,17 @@ def test_deepspeed_config_follows_the_config():
     d = deepspeed_config(c)
     assert d["train_micro_batch_size_per_gpu"] * d["gradient_accumulation_steps"] * 2 == d["train_batch_size"]
     assert d["zero_optimization"]["stage"] == 3 and d["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    assert d["bf16"] == {"enabled": True} and "fp16" not in d and d["gradient_clipping"] == 1.0
+    # autocast, not DeepSpeed's bf16/fp16 modes (which cast every parameter); gradients reduced in float32
+    assert d["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in d and "fp16" not in d and d["gradient_clipping"] == 1.0
     assert d["optimizer"]["params"]["betas"] == [0.9, 0.98] and d["optimizer"]["params"]["torch_adam"] is True
     d2 = deepspeed_config(cfg(train={"precision": "fp32"}))
-    assert "bf16" not in d2 and "fp16" not in d2 and "stage3_param_persistence_threshold" not in d2["zero_optimization"]
+    assert "torch_autocast" not in d2 and "stage3_param_persistence_threshold" not in d2["zero_optimization"]
     # contiguous gradient buffers: on with several workers, off at 1 (nothing to reduce), or as set
     assert d2["zero_optimization"]["contiguous_gradients"] is True
     one = {"num_workers": 1}
-    assert deepspeed_config(cfg(scaling=one, train={"global_batch_size": 4}))["zero_optimization"]["contiguous_gradients"] is False
+    single = deepspeed_config(cfg(scaling=one, train={"global_batch_size": 4}))
+    assert single["zero_optimization"]["contiguous_gradients"] is False
     forced = cfg(scaling=one, train={"global_batch_size": 4}, deepspeed={"contiguous_gradients": True})
     assert deepspeed_config(forced)["zero_optimization"]["contiguous_gradients"] is True
 
@@ -122,8 +124,8 @@ def test_gathers_are_identity_without_a_process_group():
 
 
 def test_scalar_parameters_become_vectors_and_outputs_dicts():
+    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_io import build_stage1
     from blip2_ray.train.loop import outputs_as_dicts, vectorise_scalar_parameters
 
     torch.manual_seed(0)

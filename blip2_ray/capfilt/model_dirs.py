@@ -1,0 +1,64 @@
+"""What a local HF model directory holds, checked before any actor starts; where and in what dtype models run.
+
+A CapFilt model is named by a directory and a kind (`captioner.kind`, `filter.kind`). `require_model`
+reads the directory's config.json (model_type, architectures) and the files the kind's processor needs,
+so a wrong or incomplete directory is one sentence in the driver instead of a failure in every actor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from blip2_ray.errors import UserError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def model_name(path: str) -> str:
+    """The directory's own name (e.g. 'blip-image-captioning-large'): what the output's provenance records."""
+    return os.path.basename(os.path.normpath(path))
+
+
+def read_config(path: str, what: str) -> dict:
+    """config.json of a local model directory as a dict; UserError naming `what` if absent or unreadable."""
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is not a local directory; CapFilt loads only local HF-format "
+                        f"directories (download one with `huggingface-cli download <id> --local-dir DIR`)")
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        raise UserError(f"{what} {path!r} is not a model directory (no config.json); pass the directory "
+                        f"that `save_pretrained` or the training job's export wrote")
+    try:
+        with open(f) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {path!r}: config.json is not readable JSON ({e.__class__.__name__})") from None
+
+
+def require_model(path: str, what: str, kind_key: str, kind: str, model_type: str, architectures: tuple[str, ...],
+                  files: dict[str, tuple[str, ...]]) -> dict:
+    """Check that `path` holds a `model_type` model of one of `architectures` and one file of each group
+    in `files` ({description: any of these names}); its config.json. UserError otherwise, naming the fix."""
+    cfg = read_config(path, what)
+    found_type, found_arch = cfg.get("model_type"), list(cfg.get("architectures") or [])
+    if found_type != model_type or (found_arch and not set(found_arch) & set(architectures)):
+        raise UserError(
+            f"{what} {path!r} holds a {'/'.join(found_arch) or found_type or 'unknown'} model (config.json "
+            f"model_type {found_type!r}), but {kind_key}={kind} needs a {' or '.join(architectures)} directory; "
+            f"point {what} at one or change {kind_key}")
+    groups = {"weights": WEIGHT_FILES, **files}
+    for description, names in groups.items():
+        if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+            raise UserError(f"{what} {path!r} has no {description} ({' or '.join(names)}); copy the whole model "
+                            f"repository (e.g. `huggingface-cli download <id> --local-dir DIR`)")
+    return cfg
+
+
+def load_or_user_error(load, path: str, what: str):
+    """`load(path)` (a from_pretrained call), any loading failure turned into one UserError sentence."""
+    try:
+        return load(path)
+    except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {path!r} could not be loaded ({e.__class__.__name__}: {str(e)[:200]})") from None

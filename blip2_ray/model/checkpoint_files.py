@@ -1,0 +1,234 @@
+"""Weight files on local disk: finding them, reading their tensors lazily, and putting tensors into modules.
+
+Everything here is plain PyTorch + safetensors. A checkpoint is read with `weights_only=True` (a pickle
+that holds anything but tensors and plain containers is refused) and memory-mapped where the format
+allows, so listing keys and shapes costs no memory and loading costs one copy in the target dtype.
+`assign_weights` is the one place a state dict enters a module: unknown keys, missing keys and shape
+mismatches are one `UserError` naming the first few keys and the file, never a warning.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from blip2_ray.errors import UserError
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+# HF directory layouts, in the order transformers prefers them
+DIR_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+
+
+def _download_hint(path: str) -> str:
+    return (f"(no network: download it once, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR)"
+            if "/" in path and not Path(path).is_absolute() and not path.startswith(".") else "")
+
+
+def require_local_dir(path: str, what: str) -> str:
+    """`path` if it is a local directory, else one UserError naming `what` (a hub id gets the download hint)."""
+    if not Path(path).is_dir():
+        hint = _download_hint(path) or "(this project reads local directories only)"
+        raise UserError(f"{what} {path!r} is not a local directory {hint}")
+    return str(path)
+
+
+def require_local_path(path: str, what: str) -> str:
+    """`path` if it is a local file or directory, else one UserError naming `what`."""
+    if not Path(path).exists():
+        hint = _download_hint(path) or "(this project reads local files and directories only)"
+        raise UserError(f"{what} {path!r} does not exist {hint}")
+    return str(path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {str(path)!r} is not readable JSON ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {str(path)!r} holds no JSON object")
+    return data
+
+
+def load_torch_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a `.pth`/`.bin` file (weights only, memory-mapped when possible).
+
+    A LAVIS checkpoint nests its state dict under "model" (next to "optimizer", "epoch"...); that
+    level is unwrapped. Anything but tensors there is an error.
+    """
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # files in the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled objects other than tensors are refused by weights_only
+        raise UserError(f"{path!r} is not a plain tensor checkpoint that loads with weights_only "
+                        f"({e.__class__.__name__}: {str(e).splitlines()[0][:160]})") from None
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path!r} holds no state dict (expected a mapping of parameter names to tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{path!r} holds values that are not tensors under {bad[:3]}; expected a state dict")
+    return obj
+
+
+class TensorFiles:
+    """Lazy, read-only access to the tensors of one weight file or of an HF directory (sharded or not),
+    plus `extra` files (e.g. an export's stage-1 extras).
+
+    `keys()` and `shape(k)` read only headers (safetensors) or memory maps (torch files); `get(k, dtype)`
+    returns a fresh tensor in `dtype`. `label` names the file(s) in error messages.
+    """
+
+    def __init__(self, path: str, extra: tuple[str, ...] = ()):
+        p = Path(path)
+        self.label = str(p)
+        if p.is_dir():
+            files = self._dir_files(p)
+        elif p.is_file():
+            files = [p]
+        else:
+            raise UserError(f"weight file {path!r} does not exist")
+        files += [Path(f) for f in extra]
+        self._where: dict[str, Path] = {}
+        self._torch: dict[Path, dict[str, torch.Tensor]] = {}
+        self._safe: dict[Path, object] = {}
+        for f in files:
+            for k in self._file_keys(f):
+                self._where[k] = f
+
+    @staticmethod
+    def _dir_files(d: Path) -> list[Path]:
+        for name in DIR_WEIGHT_FILES:
+            f = d / name
+            if f.is_file():
+                if name.endswith(".index.json"):
+                    weight_map = read_json(f, "weight index").get("weight_map", {})
+                    return [d / s for s in dict.fromkeys(weight_map.values())]
+                return [f]
+        raise UserError(f"directory {str(d)!r} holds no weights (none of {', '.join(DIR_WEIGHT_FILES)})")
+
+    def _file_keys(self, f: Path) -> list[str]:
+        if f.suffix == SAFETENSORS_SUFFIX:
+            from safetensors import safe_open
+
+            try:
+                self._safe[f] = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise UserError(f"{str(f)!r} is not a readable safetensors file ({e.__class__.__name__})") from None
+            return list(self._safe[f].keys())
+        if f.suffix in TORCH_SUFFIXES:
+            self._torch[f] = load_torch_file(str(f))
+            return list(self._torch[f])
+        raise UserError(f"{str(f)!r} is not a weight file (expected {SAFETENSORS_SUFFIX} or one of {TORCH_SUFFIXES})")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f = self._where[key]
+        if f in self._safe:
+            return tuple(self._safe[f].get_slice(key).get_shape())
+        return tuple(self._torch[f][key].shape)
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        f = self._where[key]
+        t = self._safe[f].get_tensor(key) if f in self._safe else self._torch[f][key]
+        if dtype is not None and t.dtype != dtype and t.is_floating_point():
+            return t.to(dtype)
+        # a memory-mapped tensor is copied: the module must not depend on the file staying unchanged
+        return t.clone() if f in self._torch else t
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating-point parameters created inside are allocated in `dtype` (no float32 copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Parameters created inside live on the meta device (no memory, no init cost); buffers stay real.
+
+    Buffers (rotary frequencies, position ids) are computed at construction and are not in checkpoints,
+    so they must be real; parameters get their values from `assign_weights` afterwards.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param):
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _listing(keys: Iterable[str], n: int = 4) -> str:
+    keys = list(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str, *,
+                   required: Iterable[str] | None = None, keep_dtype: bool = False) -> None:
+    """Put `state` into `module` by assignment (the tensors become the parameters: no second copy).
+
+    Each tensor is cast to the dtype the module holds at its key (`keep_dtype`: the state's dtype is
+    kept, e.g. float32 trainable parts into a module loaded in bfloat16). `required`: keys that must be in
+    `state` (None: every key of the module). Keys the module lacks, shapes that differ and required
+    keys missing are one UserError naming the first few keys and `source`.
+    """
+    own = module.state_dict(keep_vars=True)
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise UserError(f"{source} holds weights the model has no place for: {_listing(unknown)}")
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+             if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserError(f"{source} does not fit the configured model (wrong size?): {_listing(wrong, 3)}")
+    missing = [k for k in (own if required is None else required) if k not in state]
+    if missing:
+        raise UserError(f"{source} lacks weights the model needs: {_listing(missing)}")
+    cast = {k: v if keep_dtype or v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    module.load_state_dict(cast, strict=False, assign=True)
+
+
+def require_materialized(module: nn.Module, source: str) -> None:
+    """After loading into a meta-built module: any parameter still on meta was in no file."""
+    left = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise UserError(f"{source} lacks weights the model needs: {_listing(left)}")
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and buffers as stored (each tensor counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

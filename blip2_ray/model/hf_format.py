@@ -1,0 +1,205 @@
+"""The HF BLIP-2 formats: configs, export and load of both stages.
+
+- Stage 2 <-> `Blip2ForConditionalGeneration` directories (+ `Blip2Processor`), e.g. a local copy of
+  Salesforce/blip2-opt-2.7b, with any decoder-only LLM as `text_config` (the LLM's own config).
+- Stage 1 <-> `Blip2ForImageTextRetrieval` directories; the stage-1 extras HF has no place for (the
+  Q-Former LM head and the temperature) go to `stage1_extras.safetensors` beside them.
+Exports also record the ModelConfig (`blip2_ray_model.yaml`). ln_vision: HF's post_layernorm uses the
+ViT's `layer_norm_eps`; an export whose `ln_vision_eps` differs (LAVIS imports: 1e-5) records it as
+`vision_config.ln_vision_eps`, which our loaders honour and transformers ignores (docs/checkpoints.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from blip2_ray.config import dump_yaml, from_dict, to_dict
+from blip2_ray.errors import UserError
+from blip2_ray.model.builders import build_stage1, stage2_from_blip2_dir
+from blip2_ray.model.checkpoint_files import require_local_dir
+from blip2_ray.model.config import ModelConfig
+from blip2_ray.model.language_model import DeviceMap
+from blip2_ray.model.stage1 import Blip2Stage1
+from blip2_ray.model.stage2 import Blip2Stage2
+from blip2_ray.model.tokenizers import load_qformer_tokenizer
+from blip2_ray.model.vision import DTYPES, as_dtype
+from blip2_ray.model.weight_sources import CONFIG_FILE, EXTRAS_FILE, read_model_config
+
+log = logging.getLogger(__name__)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_processor(image_size: int):
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+        do_convert_rgb=True, resample=3,
+    )
+
+
+# ---------------------------------------------------------------- HF configs
+def check_exportable(cfg: ModelConfig) -> None:
+    """A model of `cfg` can be exported to the HF BLIP-2 format (checked before a training run starts)."""
+    if cfg.vision.kind != "eva_vit_g":
+        raise UserError(f"model.vision.kind {cfg.vision.kind!r} does not export to the HF BLIP-2 format (its classes "
+                        f"hold only the EVA ViT-g), so this run's export could not be written; use an eva_vit_g preset")
+
+
+def _vision_hf_config(model: nn.Module) -> dict:
+    """The ViT's HF config as a dict, with `ln_vision_eps` recorded when it is not the ViT's own eps."""
+    from transformers import Blip2VisionModel
+
+    vision = model.vision_model
+    if not isinstance(vision, Blip2VisionModel):
+        raise UserError("only the EVA ViT-g (Blip2VisionModel) image encoder exports to the HF BLIP-2 format")
+    data = vision.config.to_dict()
+    data.pop("ln_vision_eps", None)
+    eps = vision.post_layernorm.eps
+    if eps != vision.config.layer_norm_eps:
+        data["ln_vision_eps"] = eps
+        log.warning("exporting ln_vision eps %g (ViT layer_norm_eps %g): our loaders use it; transformers' "
+                    "post_layernorm uses %g, so its outputs differ slightly (docs/checkpoints.md)",
+                    eps, vision.config.layer_norm_eps, vision.config.layer_norm_eps)
+    return data
+
+
+def stage2_hf_config(model: Blip2Stage2, image_token_index: int):
+    from transformers import Blip2Config
+
+    return Blip2Config(
+        vision_config=_vision_hf_config(model),
+        qformer_config=model.qformer.config.to_dict(),
+        text_config=model.language_model.config.to_dict(),  # the LLM's own config (any decoder family, T5)
+        num_query_tokens=model.num_query_tokens,
+        image_token_index=image_token_index,
+    )
+
+
+def stage1_hf_config(model: Blip2Stage1):
+    from transformers import Blip2Config, OPTConfig
+
+    return Blip2Config(
+        vision_config=_vision_hf_config(model),
+        qformer_config=model.qformer.config.to_dict(),
+        text_config=OPTConfig().to_dict(),  # unused by the retrieval model; HF's config requires one
+        num_query_tokens=model.query_tokens.shape[1],
+        image_text_hidden_size=model.vision_projection.out_features,
+        image_token_index=None,
+    )
+
+
+def _hf_from_state(cls, config, state: dict[str, torch.Tensor]):
+    """An HF model holding `state` without allocating a second copy (meta init + assign)."""
+    with torch.device("meta"):
+        hf = cls(config)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not _is_tied(k)]
+    if missing or unexpected:
+        raise RuntimeError(f"state does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.tie_weights()
+    return hf
+
+
+def _is_tied(key: str) -> bool:
+    return key.endswith("lm_head.weight") or key.endswith("embed_tokens.weight") or key.endswith("wte.weight")
+
+
+# ---------------------------------------------------------------- stage 2 <-> Blip2ForConditionalGeneration
+def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None) -> str:
+    """Write `out_dir` as `Blip2ForConditionalGeneration.save_pretrained` + `Blip2Processor` would."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image_size = model.vision_model.config.image_size
+    processor = Blip2Processor(image_processor(image_size), tokenizer, num_query_tokens=model.num_query_tokens)
+    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token_index >= model.llm_embeddings().num_embeddings:
+        raise UserError(f"the LLM vocabulary ({model.llm_embeddings().num_embeddings} rows) has no room for the "
+                        f"<image> token HF's processor adds (id {image_token_index}); the export needs a spare row")
+    state = dict(model.state_dict())
+    hf = _hf_from_state(Blip2ForConditionalGeneration, stage2_hf_config(model, image_token_index), state)
+    hf.save_pretrained(str(out), safe_serialization=True)
+    processor.save_pretrained(str(out))
+    if model_cfg is not None:
+        (out / CONFIG_FILE).write_text(dump_yaml(model_cfg))
+    return str(out)
+
+
+def load_stage2(path: str, *, vision_dtype: torch.dtype | str = torch.float16,
+                llm_dtype: torch.dtype | str = torch.float16, device_map: DeviceMap | None = None,
+                freeze: bool = True) -> Blip2Stage2:
+    """A stage-2 model from a `Blip2ForConditionalGeneration` directory (ours or Salesforce's), built in
+    the target dtypes directly (no float32 copy); `device_map` places the language model's submodules."""
+    return stage2_from_blip2_dir(path, vision_dtype, llm_dtype, device_map=device_map, freeze=freeze)
+
+
+# ---------------------------------------------------------------- stage 1 <-> Blip2ForImageTextRetrieval
+def stage1_extras(model: Blip2Stage1) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith("lm_head.") or k == "temp"}
+
+
+def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None) -> str:
+    """Write a directory `Blip2ForImageTextRetrieval.from_pretrained` loads (+ our stage-1 extras)."""
+    from safetensors.torch import save_file
+    from transformers import Blip2ForImageTextRetrieval
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extras = stage1_extras(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in extras}
+    hf = _hf_from_state(Blip2ForImageTextRetrieval, stage1_hf_config(model), state)
+    hf.save_pretrained(str(out), safe_serialization=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in extras.items()}, str(out / EXTRAS_FILE))
+    tokenizer.save_pretrained(str(out))
+    image_processor(model.vision_model.config.image_size).save_pretrained(str(out))
+    if model_cfg is not None:
+        (out / CONFIG_FILE).write_text(dump_yaml(model_cfg))
+    return str(out)
+
+
+def stage1_config_from_hf(path: str, hf_config, base: ModelConfig | None) -> ModelConfig:
+    """The ModelConfig of a stage-1 directory: sizes from its HF config, the rest from `base` (recorded)."""
+    v, q = hf_config.vision_config, hf_config.qformer_config
+    data = to_dict(base) if base is not None else {"preset": "tiny"}
+    recorded_eps = (data.get("vision") or {}).get("ln_vision_eps")
+    data["vision"] = {**data.get("vision", {}), "kind": "eva_vit_g", "hidden_size": v.hidden_size,
+                      "intermediate_size": v.intermediate_size, "num_layers": v.num_hidden_layers,
+                      "num_heads": v.num_attention_heads, "image_size": v.image_size, "patch_size": v.patch_size,
+                      "layer_norm_eps": v.layer_norm_eps, "path": None,
+                      "ln_vision_eps": getattr(v, "ln_vision_eps", recorded_eps)}
+    data["qformer"] = {**data.get("qformer", {}), "hidden_size": q.hidden_size, "num_layers": q.num_hidden_layers,
+                       "num_heads": q.num_attention_heads, "intermediate_size": q.intermediate_size,
+                       "cross_attention_frequency": q.cross_attention_frequency,
+                       "num_query_tokens": hf_config.num_query_tokens, "embed_dim": hf_config.image_text_hidden_size,
+                       "vocab_size": q.vocab_size, "max_position_embeddings": q.max_position_embeddings,
+                       "init_from_bert": None}
+    data.update(init_from=path, hf_path=None)
+    return from_dict(ModelConfig, data)
+
+
+def load_stage1(path: str, vision_dtype: torch.dtype | str | None = None) -> tuple[Blip2Stage1, object]:
+    """(model, Q-Former tokenizer) from a stage-1 export or a `Blip2ForImageTextRetrieval` directory.
+
+    The ViT is read in `vision_dtype` (None: as recorded, else float16) directly; the trainable parts
+    in float32. A directory without our extras file (Salesforce's) keeps the config's initial LM head
+    and temperature.
+    """
+    from transformers import Blip2Config
+
+    d = require_local_dir(path, "retrieval model")
+    try:
+        hf_config = Blip2Config.from_pretrained(d, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path!r} holds no BLIP-2 config.json ({e.__class__.__name__})") from None
+    cfg = stage1_config_from_hf(d, hf_config, read_model_config(d))
+    if vision_dtype is not None:
+        cfg.vision.dtype = next(k for k, v in DTYPES.items() if v == as_dtype(vision_dtype))
+    tok = load_qformer_tokenizer(d)
+    return build_stage1(cfg, tok), tok

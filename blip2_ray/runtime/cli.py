@@ -1,0 +1,58 @@
+"""The command line every job shares, and how a job's user errors reach the terminal.
+
+`job_parser` gives the common flags: `--config FILE.yaml` (overrides of the config's defaults), any
+number of `--set key=value` (the value parsed as YAML), `--address` (see `cluster.init_ray`) and, where
+the job prints a result, `--json`. `cli_main` wraps a job's `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable, TypeVar
+
+from blip2_ray.config import load_config
+from blip2_ray.errors import UserError
+
+T = TypeVar("T")
+
+ADDRESS_HELP = "Ray address (default: RAY_ADDRESS, else a new local instance)"
+
+
+def job_parser(description: str, *, config_help: str | None = None, config_required: bool = True,
+               set_help: str = "override one config key (repeatable)", json_help: str | None = None,
+               **parser_kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser with the job flags: --config (when `config_help`), --set, --address, and
+    --json (when `json_help`). The job adds its own arguments to it."""
+    p = argparse.ArgumentParser(description=description, **parser_kwargs)
+    if config_help is not None:
+        p.add_argument("--config", required=config_required, help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    if json_help is not None:
+        p.add_argument("--json", action="store_true", help=json_help)
+    return p
+
+
+def load_job_config(cls: type[T], args: argparse.Namespace) -> T:
+    """The validated config of type `cls`: its defaults <- the --config file <- each --set in order."""
+    return load_config(cls, args.config, args.set)
+
+
+def cli_main(fn: Callable[..., int | None]) -> Callable[..., int]:
+    """Wrap a job's `main`: a UserError (a ConfigError is one) prints `error: <sentence>` and exits 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            rc = fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return int(rc or 0)
+
+    return wrapper

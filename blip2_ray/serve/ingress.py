@@ -1,0 +1,299 @@
+"""The HTTP ingress: the FastAPI routes, each starting with one prologue that does all per-request CPU work.
+
+Auth and body limits, JSON/multipart parsing, schema checks, generation settings and texts, then image
+decode + resize to uint8 (see `images.py`): a request whose body or image is bad is answered here and
+never reaches a model replica. The error contract is in `parsing.py`, the schemas in `protocol.py`,
+the OpenAI adaptation in `chat.py`. Its replicas scale with the config's `ingress` section.
+"""
+
+# no `from __future__ import annotations` here: FastAPI must see the routes' real annotations (a string
+# `Request` in a class Serve pickles by value resolves to nothing, and the route answers 422)
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+
+from blip2_ray.config import from_dict
+from blip2_ray.serve import chat
+from blip2_ray.serve.config import ServeConfig
+from blip2_ray.serve.images import ImageResizer, load_pixels
+from blip2_ray.serve.parsing import APIError, check_headers, install_error_handlers, read_payload, validate
+from blip2_ray.serve.protocol import (
+    OPENAPI_SCHEMAS,
+    CaptionRequest,
+    ChatCompletionRequest,
+    EmbeddingsRequest,
+    MatchRequest,
+    VQARequest,
+    body_doc,
+)
+
+api = FastAPI(
+    title="BLIP-2 on Ray Serve",
+    version="1",
+    description="Captioning, VQA, embeddings, image-text matching and an OpenAI-compatible chat endpoint.",
+)
+install_error_handlers(api)
+
+
+def _custom_openapi():
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(OPENAPI_SCHEMAS)
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _custom_openapi
+
+
+# ---------------------------------------------------------------- what each model route starts with
+@dataclass(frozen=True)
+class Endpoint:
+    """A model route's prologue, as data: its body schema, the deployment it needs, and where its
+    generation settings, its text(s) and its images are in the request (None: the route has none)."""
+
+    path: str
+    schema: type[BaseModel]
+    model: str  # "caption" or "retrieval"
+    images: Callable[[Any], list[str] | None]
+    generation: Callable[[Any], tuple] | None = None  # req -> (max_new, min_new, beams, default key, temperature)
+    text: Callable[[Any], tuple[str | None, str]] | None = None  # req -> (its text, the name errors give it)
+    texts: Callable[[Any], list[str] | None] | None = None
+    multipart: bool = True
+
+
+def _embedding_images(req: EmbeddingsRequest) -> list[str] | None:
+    if (req.images is None) == (req.texts is None):
+        raise APIError(422, "invalid_request_error", "give exactly one of 'images' or 'texts'")
+    return req.images
+
+
+CAPTION = Endpoint("/v1/caption", CaptionRequest, "caption", lambda r: [r.image],
+                   lambda r: (r.max_new_tokens, r.min_new_tokens, r.num_beams, "max_new_tokens", 0.0),
+                   text=lambda r: (r.prompt, "prompt"))
+VQA = Endpoint("/v1/vqa", VQARequest, "caption", lambda r: [r.image],
+               lambda r: (r.max_new_tokens, r.min_new_tokens, r.num_beams, "vqa_max_new_tokens", 0.0),
+               text=lambda r: (r.question, "question"))
+EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingsRequest, "retrieval", _embedding_images, texts=lambda r: r.texts)
+MATCH = Endpoint("/v1/match", MatchRequest, "retrieval", lambda r: [r.image], texts=lambda r: r.texts)
+CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "caption",
+                lambda r: [chat.chat_image_and_text(r)[0]],
+                lambda r: (r.max_completion_tokens or r.max_tokens, None, None, "max_new_tokens", r.temperature or 0.0),
+                text=lambda r: (chat.chat_image_and_text(r)[1], "message text"), multipart=False)
+_FLAGS = {"caption": "--model DIR", "retrieval": "--retrieval-model DIR"}
+
+
+@dataclass
+class Prepared:
+    req: Any  # the validated request
+    pixels: np.ndarray | None  # uint8 (B, 3, H, W), None if the request has no images
+    settings: dict | None = None  # generation settings (caption routes)
+    text: str = ""  # the prompt, question or chat text (checked for length)
+    texts: list[str] | None = None  # retrieval texts (checked for count and length)
+
+
+# ---------------------------------------------------------------- the ingress deployment
+@serve.deployment
+@serve.ingress(api)
+class BLIP2Ingress:
+    def __init__(self, cfg: dict, captioner=None, retrieval=None, api_token: str | None = None):
+        self.cfg = from_dict(ServeConfig, cfg)
+        self.handles = {"caption": captioner, "retrieval": retrieval}
+        self.name = self.cfg.served_model_name
+        self.token = api_token or os.environ.get(self.cfg.api_token_env) or None
+        self.resizers = {"caption": ImageResizer(self.cfg.model) if self.cfg.model else None,
+                         "retrieval": ImageResizer(self.cfg.retrieval_model) if self.cfg.retrieval_model else None}
+
+    async def _prologue(self, request: Request, ep: Endpoint) -> Prepared:
+        """Auth and size checks, the model the route needs (404), the parsed and validated body
+        (400/413/422), its generation settings and texts (413/422), then its images decoded and resized
+        (400/403/413): whatever fails, fails here, before any model replica is called.
+
+        (In the handlers, not a middleware: Serve pickles the ingress class by value, so module state a
+        middleware could read is not the replica's.)
+        """
+        check_headers(request, self.token, self.cfg.max_body_bytes)
+        if self.handles[ep.model] is None:
+            raise APIError(404, "model_not_loaded",
+                           f"{ep.path} needs a model this server was started without: start it with {_FLAGS[ep.model]}")
+        req = validate(ep.schema, await read_payload(request, self.cfg.max_body_bytes, ep.multipart))
+        p = Prepared(req, None, self._settings(*ep.generation(req)) if ep.generation else None)
+        if ep.text:
+            p.text = self._text(*ep.text(req))
+        if ep.texts and (texts := ep.texts(req)) is not None:
+            if len(texts) > self.cfg.max_texts_per_request:
+                raise APIError(413, "request_too_large", f"texts: at most {self.cfg.max_texts_per_request} per request")
+            p.texts = [self._text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        images = ep.images(req)
+        if images is not None:
+            if len(images) > self.cfg.max_images_per_request:
+                raise APIError(413, "request_too_large",
+                               f"images: at most {self.cfg.max_images_per_request} per request")
+            c = self.cfg
+            p.pixels = await asyncio.to_thread(
+                load_pixels, images, self.resizers[ep.model], max_pixels=c.max_image_pixels,
+                allowed_prefixes=c.allowed_image_url_prefixes, fetch_timeout_s=c.image_fetch_timeout_s,
+                max_bytes=c.max_body_bytes,
+            )
+        return p
+
+    def _settings(self, max_new: int | None, min_new: int | None, beams: int | None, default_key: str,
+                  temperature: float) -> dict:
+        g = self.cfg.generation
+        max_new = getattr(g, default_key) if max_new is None else max_new
+        min_new = min(g.min_new_tokens, max_new) if min_new is None else min_new
+        beams = g.num_beams if beams is None else beams
+        if max_new > g.max_new_tokens_limit:
+            raise APIError(422, "invalid_request_error", f"max_new_tokens: at most {g.max_new_tokens_limit}")
+        if min_new > max_new:
+            raise APIError(422, "invalid_request_error", "min_new_tokens: must not exceed max_new_tokens")
+        if beams > g.max_num_beams:
+            raise APIError(422, "invalid_request_error", f"num_beams: at most {g.max_num_beams}")
+        if temperature > 0:
+            beams = 1  # sampling: one sequence
+        return {"max_new_tokens": max_new, "min_new_tokens": min_new, "num_beams": beams,
+                "temperature": float(temperature)}
+
+    def _text(self, text: str | None, what: str) -> str:
+        if text is not None and len(text) > self.cfg.max_prompt_chars:
+            raise APIError(422, "invalid_request_error", f"{what}: longer than {self.cfg.max_prompt_chars} characters")
+        return text or ""
+
+    @staticmethod
+    async def _call(awaitable):
+        """Await a deployment's answer, mapping a full queue or a dead replica to 503."""
+        import ray
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await awaitable
+        except BackPressureError:
+            raise APIError(503, "overloaded", "the server's queue is full; retry later") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            raise APIError(503, "unavailable",
+                           f"a model replica is restarting ({e.__class__.__name__}); retry") from None
+
+    @staticmethod
+    def _item(p: Prepared, question: bool) -> dict:
+        """What the caption replica gets (it words a question with its own LLM's VQA prompt)."""
+        return {"pixel_values": p.pixels[0], "prompt": p.text, "question": question, **p.settings}
+
+    async def _generate(self, p: Prepared, question: bool = False) -> dict:
+        out = await self._call(self.handles["caption"].generate.remote(self._item(p, question)))
+        if "error" in out:
+            raise APIError(*out["error"])
+        return out
+
+    @staticmethod
+    def _batch_headers(out: dict) -> dict:
+        return {"x-batch-size": str(out["batch_size"]), "x-generate-group-size": str(out["group_size"])}
+
+    # ---- routes
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "caption_model": self.handles["caption"] is not None,
+                "retrieval_model": self.handles["retrieval"] is not None}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        check_headers(request, self.token, self.cfg.max_body_bytes)
+        data = [{"id": self.name, "object": "model", "created": 0, "owned_by": "blip2_ray"}]
+        return {"object": "list", "data": data}
+
+    @api.post(CAPTION.path, openapi_extra=body_doc(CaptionRequest))
+    async def caption(self, request: Request):
+        p = await self._prologue(request, CAPTION)
+        out = await self._generate(p)
+        return JSONResponse({"caption": out["text"], "model": self.name}, headers=self._batch_headers(out))
+
+    @api.post(VQA.path, openapi_extra=body_doc(VQARequest))
+    async def vqa(self, request: Request):
+        p = await self._prologue(request, VQA)
+        out = await self._generate(p, question=True)
+        return JSONResponse({"answer": out["text"], "model": self.name}, headers=self._batch_headers(out))
+
+    @api.post(EMBEDDINGS.path, openapi_extra=body_doc(EmbeddingsRequest))
+    async def embeddings(self, request: Request):
+        p = await self._prologue(request, EMBEDDINGS)
+        if p.pixels is not None:
+            out = await self._call(self.handles["retrieval"].embed_images.remote(p.pixels))
+            data = [{"object": "embedding", "index": i, "embedding": out["pooled"][i].tolist(),
+                     "query_embeddings": out["queries"][i].tolist()} for i in range(len(p.pixels))]
+        else:
+            out = await self._call(self.handles["retrieval"].embed_texts.remote(p.texts))
+            data = [{"object": "embedding", "index": i, "embedding": f.tolist()} for i, f in enumerate(out["features"])]
+        return JSONResponse({"object": "list", "data": data, "model": self.name},
+                            headers={"x-batch-size": str(out["batch_size"])})
+
+    @api.post(MATCH.path, openapi_extra=body_doc(MatchRequest))
+    async def match(self, request: Request):
+        p = await self._prologue(request, MATCH)
+        out = await self._call(self.handles["retrieval"].match.remote(p.pixels, p.texts))
+        data = [{"text": t, "itm": float(out["itm"][i]), "itc": float(out["itc"][i])} for i, t in enumerate(p.texts)]
+        return JSONResponse({"data": data, "model": self.name}, headers={"x-batch-size": str(out["batch_size"])})
+
+    @api.post(CHAT.path, openapi_extra=body_doc(ChatCompletionRequest, multipart=False))
+    async def chat_completions(self, request: Request):
+        """One image + the last user message's text (see `chat.py`); `"stream": true` streams the tokens."""
+        p = await self._prologue(request, CHAT)
+        question = chat.is_question(p.text)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if p.req.stream:
+            return await self._stream(p, question, chat.ChunkWriter(cid, created, self.name))
+        out = await self._generate(p, question)
+        return JSONResponse(chat.completion_body(cid, created, self.name, out), headers=self._batch_headers(out))
+
+    async def _stream(self, p: Prepared, question: bool, writer: chat.ChunkWriter) -> StreamingResponse:
+        parts = self.handles["caption"].options(stream=True).generate_stream.remote(self._item(p, question))
+        try:
+            first = await self._call(parts.__anext__())  # admitted (or refused): the status is known now
+        except BaseException:
+            parts.cancel()
+            raise
+        if "error" in first:
+            parts.cancel()
+            raise APIError(*first["error"])
+        include_usage = bool(p.req.stream_options and p.req.stream_options.include_usage)
+        headers = {"x-batch-size": str(first["batch_size"]), "x-generate-group-size": str(first["group_size"])}
+        return StreamingResponse(self._events(first, parts, writer, include_usage), media_type="text/event-stream",
+                                 headers=headers)
+
+    @staticmethod
+    async def _events(first: dict, parts, writer: chat.ChunkWriter, include_usage: bool):
+        """The SSE body. A client that goes away cancels this generator: the cancel reaches the replica,
+        whose row leaves the batch at the next decode step."""
+        try:
+            yield writer.delta({"role": "assistant", "content": ""})
+            part = first
+            while True:
+                if part["delta"]:
+                    yield writer.delta({"content": part["delta"]})
+                if "done" in part:
+                    out = part["done"]
+                    yield writer.delta({}, out["finish_reason"], chat.usage(out))
+                    if include_usage:
+                        yield writer.usage_only(chat.usage(out))
+                    yield writer.done()
+                    return
+                try:
+                    part = await parts.__anext__()
+                except StopAsyncIteration:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the status line is gone: report the failure in the stream
+            yield writer.error(500, "server_error", f"generation failed ({e.__class__.__name__})")
+            yield writer.done()
+        finally:
+            parts.cancel()

@@ -1,0 +1,141 @@
+"""A Train worker's micro batches: one epoch after another from its dataset shard, fetched in a background
+thread (so a wait that never ends becomes an error with a diagnosis), moved to the device and normalised there.
+
+    epoch_batches   rank 0 writes each epoch into the run's EpochPlan (data/epoch_plan.py) before the epoch's
+                    iteration starts, then every rank iterates its shard: (epoch, batch) forever
+    BatchFeed       runs that generator in a thread; `next()` waits at most data.stall_timeout_s
+    to_device       uint8 pixels -> device -> CLIP-normalised float32; token ids -> device
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from blip2_ray.errors import UserError
+from blip2_ray.train.config import PretrainConfig
+from blip2_ray.train.data_position import DataPosition
+
+
+class DataStallError(UserError):
+    """A training worker received no batch for data.stall_timeout_s; the message says what it waited for."""
+
+
+def epoch_batches(cfg: PretrainConfig, shard, plan, rank: int, start: DataPosition,
+                  pin_memory: bool = False) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) forever from this worker's dataset shard, from `start` on.
+
+    `plan` is the run's EpochPlan actor: rank 0 tells it the epoch (and, for the resumed epoch, the visits
+    and records `start` says were trained) before iterating; streaming_split holds the other ranks until
+    every rank asked for the epoch, so the execution reads this plan.
+    """
+    import ray
+
+    from blip2_ray.data.pipeline import iter_train_batches
+
+    epoch, resumed = start.epoch, bool(start.consumed or start.partial)
+    while True:
+        if rank == 0:
+            consumed, partial = (sorted(start.consumed), start.partial) if epoch == start.epoch else ([], {})
+            ray.get(plan.begin.remote(epoch, consumed, partial))
+        n = 0
+        for batch in iter_train_batches(shard, cfg.train.micro_batch_size, cfg.data, epoch=epoch,
+                                        pin_memory=pin_memory):
+            n += 1
+            yield epoch, batch
+        if n == 0 and not (resumed and epoch == start.epoch):  # a resumed epoch may have nothing left
+            raise RuntimeError("the training data gave this worker no full micro batch; add data or lower "
+                               "train.micro_batch_size")
+        epoch += 1
+
+
+class BatchFeed:
+    """Items of `source` produced in a background thread; `next()` waits at most `timeout_s` (0: forever).
+
+    On a timeout `next()` raises `on_stall(waited_s)`. An exception in the source is raised by `next()`.
+    """
+
+    def __init__(self, source: Iterator, timeout_s: float, on_stall: Callable[[float], Exception]):
+        self._source, self._timeout, self._on_stall = source, timeout_s, on_stall
+        self._queue: queue.Queue = queue.Queue(maxsize=1)  # Ray Data prefetches; one more batch is enough
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="batch-feed", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(("error", e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.monotonic()
+        try:
+            kind, value = self._queue.get(timeout=self._timeout or None)
+        except queue.Empty:
+            raise self._on_stall(time.monotonic() - t0) from None
+        if kind == "error":
+            raise value
+        if kind == "end":
+            raise StopIteration
+        return value
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop producing (the thread ends at its next item; it is a daemon if the source blocks)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+
+def to_device(batch: dict, device: torch.device, stage: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixel_values float32 CLIP-normalised, input_ids, attention_mask) of the stage, on `device`.
+
+    The pixels cross to the device as uint8 (pinned when the batch is) and are normalised there.
+    """
+    from blip2_ray.data.transforms import normalize_pixels_tensor
+
+    prefix = "qformer" if stage == 1 else "llm"
+    pixels = normalize_pixels_tensor(batch["pixel_values"].to(device, non_blocking=True))
+    return (pixels, batch[f"{prefix}_input_ids"].to(device, non_blocking=True),
+            batch[f"{prefix}_attention_mask"].to(device, non_blocking=True))
+
+
+def stall_message(cfg: PretrainConfig, waited_s: float, rank: int, step: int, epoch: int) -> str:
+    """The diagnosis of a worker that waited `waited_s` for a batch: what it waited for, what the cluster has."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+
+    def amount(key: str) -> str:
+        t = total.get(key, 0.0)
+        return f"{t - free.get(key, 0.0):g} of {t:g} used"
+
+    res = f"CPU {amount('CPU')}" + (f", GPU {amount('GPU')}" if total.get("GPU") else "")
+    gib = 1 << 30
+    store = f"object store {(total.get('object_store_memory', 0) - free.get('object_store_memory', 0)) / gib:.1f} " \
+            f"of {total.get('object_store_memory', 0) / gib:.1f} GiB used"
+    return (f"training worker {rank} received no batch for {waited_s:.0f} s (data.stall_timeout_s="
+            f"{cfg.data.stall_timeout_s:g}) at step {step}, epoch {epoch}: it waits for Ray Data's decode tasks "
+            f"(data.num_cpus_per_decode_task={cfg.data.num_cpus_per_decode_task:g} CPU each) to deliver rows; the "
+            f"cluster has {res}, {store}, and the {cfg.scaling.num_workers} workers hold "
+            f"scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} CPU each; if fewer CPUs are free than a decode "
+            f"task needs, lower scaling.cpus_per_worker or data.num_cpus_per_decode_task, if the storage is just "
+            f"slow raise data.stall_timeout_s")

@@ -1,0 +1,135 @@
+"""What a Train worker reports at each log step: losses, throughput, data wait, memory peaks, residency.
+
+Loss components are summed as detached device tensors per micro step and read once per log step (one
+device sync per log step, not per micro step). Means over ranks for losses and times; maxima over ranks
+for memory peaks and the held fraction of the frozen parameters (the worst worker is what runs out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+
+import torch
+
+from blip2_ray.train.config import PretrainConfig
+
+log = logging.getLogger(__name__)
+GIB = float(1 << 30)
+
+
+class LossWindow:
+    """Sums over the steps since the last report."""
+
+    def __init__(self):
+        self.steps, self.time, self.wait, self.micro_steps = 0, 0.0, 0.0, 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, out: dict) -> None:
+        """One micro step's losses ("loss" and "loss_*" tensors), kept on their device: no sync here."""
+        self.micro_steps += 1
+        for k, v in out.items():
+            if k.startswith("loss"):
+                v = v.detach().float().reshape(())
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def metrics(self, cfg: PretrainConfig, engine, step: int, epoch: int) -> dict:
+        """The report of this window: averaged over ranks (losses, times), max over ranks (memory)."""
+        import torch.distributed as dist
+
+        keys = sorted(self.sums)
+        dev = engine.device
+        mean = torch.stack([self.sums[k].to(dev) / max(self.micro_steps, 1) for k in keys]
+                           + [torch.tensor(self.wait, device=dev), torch.tensor(self.time, device=dev)]).double()
+        peak = torch.tensor([host_peak_rss_gib(), device_peak_gib(dev), frozen_fraction_held(engine.module)],
+                            dtype=torch.float64, device=dev)
+        if dist.is_initialized():
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        mean, peak = mean.tolist(), peak.tolist()  # the one device sync of the window
+        out = dict(zip(keys, mean[: len(keys)]))
+        wait, elapsed = mean[-2], max(mean[-1], 1e-9)
+        out.update(
+            step=step, epoch=epoch, lr=float(engine.get_lr()[0]),
+            samples_per_s=cfg.train.global_batch_size * self.steps / elapsed,
+            steps_per_s=self.steps / elapsed,
+            data_wait_fraction=wait / elapsed,
+            peak_host_rss_gib=peak[0],
+            frozen_param_fraction_held=peak[2],
+            skipped_records=skipped_records(),
+        )
+        if dev.type == "cuda":
+            out["peak_device_memory_gib"] = peak[1]
+        return out
+
+
+def host_peak_rss_gib() -> float:
+    """The peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def device_peak_gib(device: torch.device) -> float:
+    """torch.cuda.max_memory_allocated of the device so far (0 on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+
+
+def frozen_fraction_held(module: torch.nn.Module) -> float:
+    """Elements of the frozen parameters this rank holds now / their full size (ZeRO-3: about 1/world)."""
+    held = total = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            continue
+        full = int(getattr(p, "ds_numel", p.numel()))
+        total += full
+        if hasattr(p, "ds_tensor") and p.data.numel() == 0:
+            held += p.ds_tensor.numel()  # partitioned: only this rank's slice is resident
+        else:
+            held += p.data.numel()  # whole (ZeRO-2, under the persistence threshold, or gathered right now)
+    return held / max(total, 1)
+
+
+_SKIP_COUNT_FAILED = []
+
+
+def skipped_records() -> int | None:
+    """Records the training data dropped so far (all reasons); None, with the error logged once, when the
+    count cannot be read (a number would hide that the counter is broken); None without Ray."""
+    import ray
+
+    from blip2_ray.data.pipeline import get_skip_counts
+
+    if not ray.is_initialized():
+        return None
+    try:
+        return int(sum(get_skip_counts("train").values()))
+    except Exception:
+        if not _SKIP_COUNT_FAILED:
+            _SKIP_COUNT_FAILED.append(True)
+            log.exception("cannot read the skipped-record counts; reporting skipped_records=None from now on")
+        return None
+
+
+def tensorboard(cfg: PretrainConfig):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    os.makedirs(cfg.tensorboard_path, exist_ok=True)
+    return SummaryWriter(cfg.tensorboard_path)
+
+
+def log_step(cfg: PretrainConfig, writer, m: dict) -> None:
+    """The progress line (rank 0) and the TensorBoard scalars."""
+    losses = " ".join(f"{k.removeprefix('loss_')} {m[k]:.3f}" for k in sorted(m) if k.startswith("loss_"))
+    device = f" device peak {m['peak_device_memory_gib']:.2f} GiB" if "peak_device_memory_gib" in m else ""
+    skipped = "?" if m["skipped_records"] is None else m["skipped_records"]
+    print(f"[stage{cfg.stage}] step {m['step']}/{cfg.train.max_steps} loss {m['loss']:.4f} ({losses}) "
+          f"lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s data-wait {100 * m['data_wait_fraction']:.0f}% "
+          f"host peak {m['peak_host_rss_gib']:.2f} GiB{device} skipped {skipped}", flush=True)
+    if writer is not None:
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(f"train/{k}", v, m["step"])
+        writer.flush()

@@ -1,0 +1,94 @@
+"""Integration tests: every test in this folder is marked `integration` here (and only here), so that
+`pytest -m "not integration"` selects the Ray-free rest. The session fixtures they share: one local Ray
+instance, a real S3 server, tiny model exports."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from blip2_ray.runtime.cluster import free_port
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, tiny_tokenizers) -> dict[str, str]:
+    """Randomly initialised tiny models exported in HF format: {"stage1", "stage2"} -> directory (read only)."""
+    import torch
+
+    from blip2_ray.model.builders import build_stage1, build_stage2
+    from blip2_ray.model.config import model_config
+    from blip2_ray.model.hf_format import export_stage1, export_stage2
+    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_exports")
+    cfg = model_config("tiny")
+    tok = llm_tokenizer(cfg)
+    export_stage2(build_stage2(cfg, tok), str(root / "stage2"), tok, cfg)
+    export_stage1(build_stage1(cfg), str(root / "stage1"), qformer_tokenizer(cfg), cfg)
+    return {"stage1": str(root / "stage1"), "stage2": str(root / "stage2")}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (never `ray stop`: others may share the machine).
+
+    `address="local"` always starts a new instance rather than joining RAY_ADDRESS or the latest cluster
+    on the machine. Yields the address other processes (jobs, Train workers) can join.
+    """
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+    ctx = ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+        object_store_memory=1_000_000_000,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
+    )
+    yield ctx.address_info["address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto, server mode) on 127.0.0.1 with one bucket.
+
+    Yields {"endpoint_url", "bucket", "client"}; AWS_ACCESS_KEY_ID/SECRET are "testing" while it runs
+    (the data pipeline hands them to its Ray tasks explicitly).
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="shards")
+    try:
+        yield {"endpoint_url": endpoint, "bucket": "shards", "client": client}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,103 @@
+"""The shared job runtime without a Ray instance: start-up choices, the command line, pools, files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blip2_ray.config import ConfigError, from_dict
+from blip2_ray.errors import UserError
+from blip2_ray.runtime import cli, cluster, compute, files
+
+
+@pytest.fixture
+def ray_init_calls(monkeypatch):
+    """Record ray.init's arguments instead of starting Ray."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    return calls
+
+
+def test_init_ray_address_then_ray_address_then_a_new_local_instance(ray_init_calls, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster.init_ray("ray://head:10001") is False
+    assert cluster.init_ray(None) is False
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster.init_ray(None, env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4) is True
+    assert [c["address"] for c in ray_init_calls] == ["ray://head:10001", "10.0.0.1:6379", "local"]
+    assert ray_init_calls[0]["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    assert ray_init_calls[2]["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                             "DS_ACCELERATOR": "cpu"}}
+    assert ray_init_calls[2]["num_cpus"] == 4
+
+
+def test_init_ray_does_nothing_when_connected(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert cluster.init_ray("somewhere") is False  # the guard's ray.init would raise if it were called
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = cluster.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_job_parser_flags():
+    p = cli.job_parser("x", config_help="YAML", json_help="one JSON line")
+    args = p.parse_args(["--config", "c.yaml", "--set", "a=1", "--set", "b.c=2", "--address", "auto", "--json"])
+    assert (args.config, args.set, args.address, args.json) == ("c.yaml", ["a=1", "b.c=2"], "auto", True)
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --config is required
+    bare = cli.job_parser("y").parse_args([])
+    assert bare.set == [] and bare.address is None and not hasattr(bare, "config") and not hasattr(bare, "json")
+
+
+def test_cli_main_turns_user_errors_into_one_line_and_exit_2(capsys):
+    @cli.cli_main
+    def fails(kind):
+        raise kind("model 'x' does not exist; pass an export directory")
+
+    assert fails(UserError) == 2 and fails(ConfigError) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: model 'x' does not exist; pass an export directory"] * 2
+    with pytest.raises(KeyError):
+        fails(KeyError)  # a bug keeps its traceback
+    assert cli.cli_main(lambda: None)() == 0
+
+
+def test_compute_section_pool_and_device():
+    c = from_dict(compute.ComputeConfig, {"num_actors": 4, "num_gpus_per_actor": 0.5, "num_cpus_per_actor": 2})
+    pool = compute.actor_pool(c, num_items=3)
+    assert (pool["compute"].min_size, pool["compute"].max_size) == (3, 3)
+    assert (pool["num_gpus"], pool["num_cpus"]) == (0.5, 2.0)
+    assert compute.actor_pool(c, num_items=0)["compute"].max_size == 1
+    with pytest.raises(ConfigError, match="num_actors and batch_size must be >= 1"):
+        from_dict(compute.ComputeConfig, {"batch_size": 0})
+    import torch
+
+    if not torch.cuda.is_available():
+        assert compute.device_and_dtype("auto") == ("cpu", "float32")
+        assert compute.device_and_dtype("bfloat16") == ("cpu", "bfloat16")
+
+
+def test_atomic_path_appears_complete_or_not_at_all(tmp_path):
+    final = str(tmp_path / "out" / "report.json")
+    with files.atomic_path(final) as tmp:
+        open(tmp, "w").write("{}")
+        assert not os.path.exists(final) and files.stale_temporaries(final) == [tmp]
+        assert os.path.basename(tmp).startswith(".report.json.") and tmp.endswith(".tmp")
+    assert open(final).read() == "{}" and files.stale_temporaries(final) == []
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(final) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("interrupted")
+    assert open(final).read() == "{}" and os.listdir(tmp_path / "out") == ["report.json"]
+    files.write_json_atomic(final, {"a": [1, 2]})
+    assert open(final).read() == '{"a": [1, 2]}'
