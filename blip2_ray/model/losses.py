@@ -33,7 +33,8 @@ def itc_similarities(
     image_all = gather(image_feats.detach())  # (W*B, Q, E)
     text_all = gather(text_feat.detach())  # (W*B, E)
     with autocast_off(image_feats.device.type):  # float32 similarities and division by temp (docs/training.md)
-        image_feats, text_feat, temp = at_least_float32(image_feats), at_least_float32(text_feat), at_least_float32(temp)
+        image_feats, text_feat = at_least_float32(image_feats), at_least_float32(text_feat)
+        temp = at_least_float32(temp)
         sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, at_least_float32(text_all)).amax(-1) / temp
         sim_t2i = torch.einsum("be,nqe->bnq", text_feat, at_least_float32(image_all)).amax(-1) / temp
     return sim_i2t, sim_t2i

@@ -27,8 +27,9 @@ def reference_itc(img_feats_per_rank, txt_feats_per_rank, temp, eps):
         total = 0.0
         for i in range(b):
             target = rank * b + i
-            i2t = torch.tensor([max(float(img[i, q] @ txt_all[j]) for q in range(img.shape[1])) for j in range(len(txt_all))]) / temp
-            t2i = torch.tensor([max(float(txt[i] @ img_all[j, q]) for q in range(img.shape[1])) for j in range(len(img_all))]) / temp
+            qs = range(img.shape[1])
+            i2t = torch.tensor([max(float(img[i, q] @ txt_all[j]) for q in qs) for j in range(len(txt_all))]) / temp
+            t2i = torch.tensor([max(float(txt[i] @ img_all[j, q]) for q in qs) for j in range(len(img_all))]) / temp
             total += (ce_smoothed(i2t, target, eps) + ce_smoothed(t2i, target, eps)) / 2
         out.append(total / b)
     return out
@@ -141,7 +142,8 @@ def test_itg_loss_shifts_and_ignores_padding():
     positions, targets = losses.itg_targets(labels)
     assert positions.tolist() == [0, 1, 5, 6, 7, 8]  # (b, t) -> b * 5 + t, for the t whose next label counts
     assert targets.tolist() == [1, 2, 4, 5, 6, 0]
-    assert losses.itg_loss(logits.flatten(0, 1)[positions], targets, 0.1).item() == pytest.approx(total / count, rel=1e-5)
+    loss = losses.itg_loss(logits.flatten(0, 1)[positions], targets, 0.1)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
 def test_decoder_mask_rules():
