@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from blip2_ray.model.precision import autocast_off
+from blip2_ray.model.precision import at_least_float32, autocast_off
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -26,17 +26,17 @@ def itc_similarities(
     """ITC logits of the local batch against the global one.
 
     image_feats: (B, Q, E) L2-normalised query features; text_feat: (B, E) normalised [CLS] features.
-    Returns sim_i2t (B, W*B) and sim_t2i (B, W*B), float32 even under autocast: the max over the Q queries of
-    the dot product, / temp.
-    The other ranks' features come through `gather` with no gradient (as in the reference): each rank
-    back-propagates through its own rows only.
+    Returns sim_i2t (B, W*B) and sim_t2i (B, W*B), float32 even under autocast: the max over the Q
+    queries of the dot product, / temp. The other ranks' features come through `gather` with no
+    gradient (as in the reference): each rank back-propagates through its own rows only.
     """
     image_all = gather(image_feats.detach())  # (W*B, Q, E)
     text_all = gather(text_feat.detach())  # (W*B, E)
     with autocast_off(image_feats.device.type):  # float32 similarities and division by temp (docs/training.md)
-        image_feats, text_feat, temp = image_feats.float(), text_feat.float(), temp.float()
-        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, text_all.float()).amax(-1) / temp
-        sim_t2i = torch.einsum("be,nqe->bnq", text_feat, image_all.float()).amax(-1) / temp
+        image_feats, text_feat = at_least_float32(image_feats), at_least_float32(text_feat)
+        temp = at_least_float32(temp)
+        sim_i2t = torch.einsum("bqe,ne->bnq", image_feats, at_least_float32(text_all)).amax(-1) / temp
+        sim_t2i = torch.einsum("be,nqe->bnq", text_feat, at_least_float32(image_all)).amax(-1) / temp
     return sim_i2t, sim_t2i
 
 
@@ -47,8 +47,8 @@ def itc_loss(
     b = sim_i2t.shape[0]
     targets = torch.arange(b, device=sim_i2t.device) + rank * b
     return (
-        F.cross_entropy(sim_i2t.float(), targets, label_smoothing=label_smoothing)
-        + F.cross_entropy(sim_t2i.float(), targets, label_smoothing=label_smoothing)
+        F.cross_entropy(at_least_float32(sim_i2t), targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(at_least_float32(sim_t2i), targets, label_smoothing=label_smoothing)
     ) / 2
 
 
@@ -86,16 +86,21 @@ def itm_loss(itm_logits: torch.Tensor, num_positive: int) -> torch.Tensor:
     """Plain CE on (3B, 2) logits ordered (positives, text+neg image, neg text+image): labels 1, 0, 0."""
     labels = torch.zeros(itm_logits.shape[0], dtype=torch.long, device=itm_logits.device)
     labels[:num_positive] = 1
-    return F.cross_entropy(itm_logits.float(), labels)
+    return F.cross_entropy(at_least_float32(itm_logits), labels)
 
 
-def itg_loss(lm_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Caption generation loss: (B, T, V) logits at the text positions predict labels shifted by one.
+def itg_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions that predict a caption token, so that only they go through the LM head.
 
-    `labels` (B, T) hold the decoder input ids ([DEC] first) with padding set to -100.
+    `labels` (B, T) hold the decoder input ids ([DEC] first) with padding set to -100; position t
+    predicts labels[:, t + 1]. Returns (positions (N,), targets (N,)): flat indices into the (B*T)
+    positions, row-major, and the token each predicts. (One host sync on a GPU: N is data-dependent.)
     """
-    logits = lm_logits[:, :-1].float()
-    target = labels[:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing
-    )
+    following = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # the last position predicts nothing
+    positions = (following != -100).nonzero().squeeze(1)
+    return positions, following[positions]
+
+
+def itg_loss(lm_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Caption generation loss: mean label-smoothed CE of (N, V) logits at the positions of `itg_targets`."""
+    return F.cross_entropy(at_least_float32(lm_logits), targets, label_smoothing=label_smoothing)

@@ -20,6 +20,14 @@ def autocast_off(device_type: str) -> torch.autocast:
     return torch.autocast(device_type, enabled=False)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (autocast outputs, half weights) as float32; float32 and float64 unchanged.
+
+    float64 passes through so that the model can be checked against a reference in double precision.
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class Float32Linear(nn.Linear):
     """nn.Linear that computes in float32 even under autocast (its weights are the float32 masters).
 
@@ -28,5 +36,5 @@ class Float32Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with autocast_off(x.device.type):
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias)
+            bias = None if self.bias is None else at_least_float32(self.bias)
+            return F.linear(at_least_float32(x), at_least_float32(self.weight), bias)

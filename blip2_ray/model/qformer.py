@@ -2,9 +2,8 @@
 
 Built on transformers' `Blip2QFormerModel` (its layers already route query positions through the
 query FFN and cross-attention, text positions through the text FFN), so weights share HF's names.
-What HF lacks for stage 1 is written here: the attention masks of the three objectives (text only,
-bidirectional, and the ITG mask where queries see queries and text sees queries plus its past), and
-the BERT LM head tied to the word embeddings.
+What HF lacks for stage 1 is written here (the BERT LM head tied to the word embeddings) and in
+`qformer_passes` (the passes with explicit keys/values, the objectives' attention masks).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 from blip2_ray.model.config import QFormerConfig
-from blip2_ray.model.precision import autocast_off
+from blip2_ray.model.precision import at_least_float32, autocast_off
 
 
 def build_qformer(cfg: QFormerConfig, vision_width: int, vocab_size: int, with_text: bool = True) -> nn.Module:
@@ -33,30 +32,6 @@ def build_qformer(cfg: QFormerConfig, vision_width: int, vocab_size: int, with_t
 def init_query_tokens(num_queries: int, hidden: int) -> nn.Parameter:
     """(1, Q, H) learned queries, normal(0, 0.02) as in the reference."""
     return nn.Parameter(torch.randn(1, num_queries, hidden) * 0.02)
-
-
-def padding_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L) 1/0 keep mask -> (B, 1, 1, L) additive mask for every query row."""
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
-
-
-def itg_mask(num_queries: int, text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The ITG mask as a (B, 1, Q+T, Q+T) additive mask.
-
-    Queries attend to all queries and never to text; text token t attends to all queries and to text
-    tokens <= t that are not padding. (The reference gets the same by reusing the query pass's
-    key/values as a prefix of a causal decoder.)
-    """
-    b, t = text_mask.shape
-    n = num_queries + t
-    idx = torch.arange(n, device=text_mask.device)
-    causal = idx[None, :] <= idx[:, None]  # (n, n): key j <= row i
-    is_query_key = idx[None, :] < num_queries
-    is_query_row = idx[:, None] < num_queries
-    allowed = torch.where(is_query_row, is_query_key, is_query_key | causal)  # (n, n)
-    key_valid = torch.cat([torch.ones(b, num_queries, dtype=torch.bool, device=text_mask.device), text_mask.bool()], 1)
-    allowed = allowed[None] & key_valid[:, None, :]  # (B, n, n)
-    return (~allowed)[:, None].to(dtype) * torch.finfo(dtype).min
 
 
 def run_qformer(
@@ -90,6 +65,7 @@ class QFormerLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) float32 logits (the whole head runs in float32 under autocast)."""
         with autocast_off(hidden.device.type):  # float32 ITG logits even under autocast (model/precision.py)
-            h = self.layer_norm(nn.functional.gelu(self.dense(hidden.float())))
-            return nn.functional.linear(h, word_embeddings.float(), self.bias)
+            h = self.layer_norm(nn.functional.gelu(self.dense(at_least_float32(hidden))))
+            return nn.functional.linear(h, at_least_float32(word_embeddings), self.bias)

@@ -15,16 +15,19 @@ from torch import nn
 
 from blip2_ray.model import losses
 from blip2_ray.model.config import ModelConfig
-from blip2_ray.model.precision import Float32Linear
-from blip2_ray.model.qformer import (
-    QFormerLMHead,
-    build_qformer,
-    init_query_tokens,
-    itg_mask,
-    padding_mask,
-    run_qformer,
+from blip2_ray.model.precision import Float32Linear, autocast_off
+from blip2_ray.model.qformer import QFormerLMHead, build_qformer, init_query_tokens
+from blip2_ray.model.qformer_passes import (
+    KeysValues,
+    concat_images,
+    decoder_mask,
+    embed_input,
+    image_keys_values,
+    key_padding_mask,
+    run_layers,
+    select_images,
 )
-from blip2_ray.model.vision import DTYPES, build_vision_model, encode_image, freeze_vision
+from blip2_ray.model.vision import DTYPES, build_vision_model, encode_image, freeze_vision, ln_vision, vision_trunk
 
 
 @dataclass
@@ -78,37 +81,68 @@ class Blip2Stage1(nn.Module):
         """(B, 3, H, W) -> (B, N, D) float32 image tokens after the trainable ln_vision."""
         return encode_image(self.vision_model, pixel_values)
 
+    def image_keys_values(self, image_embeds: torch.Tensor) -> list[KeysValues | None]:
+        """(B, N, D) image tokens -> each cross-attention layer's keys/values, computed once per image."""
+        return image_keys_values(self.qformer, image_embeds)
+
+    def query_pass(self, image_kv: list[KeysValues | None], keep_kv: bool = False):
+        """Queries through the Q-Former (they see queries and the image) -> ((B, Q, H), per-layer cache).
+
+        With `keep_kv` the cache holds each layer's self-attention keys/values of the queries: the ITG
+        decoder attends to them (as the reference's `past_key_values`), gradient included.
+        """
+        batch = next(kv for kv in image_kv if kv is not None)[0].shape[0]
+        queries = embed_input(self.qformer, self.query_tokens.expand(batch, -1, -1))
+        return run_layers(self.qformer, queries, None, query_length=queries.shape[1], image_kv=image_kv,
+                          keep_kv=keep_kv)
+
     def query_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, N, D) image tokens -> (B, Q, H) query outputs (queries see queries and the image)."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return run_qformer(self.qformer, queries, None, image_embeds, query_length=queries.shape[1])
+        return self.query_pass(self.image_keys_values(image_embeds))[0]
 
     def image_feats(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, Q, E) L2-normalised ITC image features."""
-        return F.normalize(self.vision_projection(self.query_features(image_embeds)), dim=-1)
+        """(B, Q, E) L2-normalised float32 ITC image features."""
+        return self._image_feats_from_queries(self.query_features(image_embeds))
+
+    def _image_feats_from_queries(self, query_hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision_projection(query_hidden), dim=-1)  # Float32Linear: float32 features
 
     def text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) caption tokens -> (B, E) L2-normalised ITC text feature of [CLS] (text-only pass)."""
-        h = run_qformer(self.qformer, self.embeddings(input_ids=input_ids), padding_mask(attention_mask, self.temp.dtype))
+        """(B, T) caption tokens -> (B, E) L2-normalised float32 ITC text feature of [CLS] (text-only pass)."""
+        text = embed_input(self.qformer, self.embeddings(input_ids=input_ids))
+        h, _ = run_layers(self.qformer, text, key_padding_mask(attention_mask), outputs=1)
         return F.normalize(self.text_projection(h[:, 0]), dim=-1)
 
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, 2) ITM logits: queries + text with full bidirectional attention, head averaged over queries."""
-        b, nq = image_embeds.shape[0], self.query_tokens.shape[1]
-        queries = self.query_tokens.expand(b, -1, -1)
-        embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
-        mask = torch.cat([torch.ones(b, nq, dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
-        h = run_qformer(self.qformer, embeds, padding_mask(mask, embeds.dtype), image_embeds, query_length=nq)
-        return self.itm_head(h[:, :nq]).mean(dim=1)
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 2) float32 ITM logits: queries + text, full bidirectional attention, head averaged over queries."""
+        return self.itm_logits_from_kv(self.image_keys_values(image_embeds), input_ids, attention_mask)
 
-    def itg_logits(self, image_embeds: torch.Tensor, dec_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) LM logits at the text positions under the ITG mask."""
-        b, nq = image_embeds.shape[0], self.query_tokens.shape[1]
-        queries = self.query_tokens.expand(b, -1, -1)
-        embeds = self.embeddings(input_ids=dec_ids, query_embeds=queries)
-        mask = itg_mask(nq, attention_mask, embeds.dtype)
-        h = run_qformer(self.qformer, embeds, mask, image_embeds, query_length=nq)
-        return self.lm_head(h[:, nq:], self.embeddings.word_embeddings.weight)
+    def itm_logits_from_kv(self, image_kv: list[KeysValues | None], input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+        """`itm_logits` with the images given as their cross-attention keys/values (one row per text)."""
+        b, nq = input_ids.shape[0], self.query_tokens.shape[1]
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=self.query_tokens.expand(b, -1, -1))
+        ones = torch.ones(b, nq, dtype=attention_mask.dtype, device=attention_mask.device)
+        keep = torch.cat([ones, attention_mask], 1)
+        h, _ = run_layers(self.qformer, embed_input(self.qformer, embeds), key_padding_mask(keep), query_length=nq,
+                          image_kv=image_kv, outputs=nq)
+        with autocast_off(h.device.type):  # itm_head is a Float32Linear; the mean stays float32 too
+            return self.itm_head(h).mean(dim=1)
+
+    def itg_hidden(self, query_cache: list[KeysValues], dec_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) ITG decoder states: text attends to the cached queries and to its own past."""
+        text = embed_input(self.qformer, self.embeddings(input_ids=dec_ids))
+        nq = query_cache[0][0].shape[2]
+        h, _ = run_layers(self.qformer, text, decoder_mask(nq, attention_mask), prefix_kv=query_cache)
+        return h
+
+    def itg_logits(self, image_embeds: torch.Tensor, dec_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) float32 LM logits at every text position (the step itself projects only labelled ones)."""
+        _, cache = self.query_pass(self.image_keys_values(image_embeds), keep_kv=True)
+        return self.lm_head(self.itg_hidden(cache, dec_ids, attention_mask), self.embeddings.word_embeddings.weight)
 
     # ---- the stage-1 step ----
     def forward(
@@ -119,38 +153,50 @@ class Blip2Stage1(nn.Module):
         *,
         rank: int = 0,
         gather: losses.Gather = losses.identity_gather,
-        gather_with_grad: losses.Gather = losses.identity_gather,
         generator: torch.Generator | None = None,
     ) -> Stage1Output:
-        """ITC + ITM + ITG on one local batch; `gather`/`gather_with_grad` concatenate over ranks.
+        """ITC + ITM + ITG on one local batch; `gather` concatenates over ranks (no gradient).
 
         pixel_values (B, 3, H, W); input_ids / attention_mask (B, T) from the Q-Former tokenizer
         ([CLS] first). Batches must have the same B on every rank (ITC targets assume it).
+        Nothing is gathered with gradient: ITM's negative images travel as frozen trunk output (see below).
         """
         ls = self.cfg.qformer.label_smoothing
-        image_embeds = self.encode_image(pixel_values)  # (B, N, D)
+        trunk = vision_trunk(self.vision_model, pixel_values)  # (B, N, D) frozen, no grad
+        image_embeds = ln_vision(self.vision_model, trunk)  # (B, N, D) float32
+        image_kv = self.image_keys_values(image_embeds)  # shared by ITC and ITM
         b = image_embeds.shape[0]
 
-        # ITC
-        image_feats = self.image_feats(image_embeds)  # (B, Q, E)
+        # ITC; the query pass keeps its keys/values for ITG
+        query_hidden, query_cache = self.query_pass(image_kv, keep_kv=True)
+        image_feats = self._image_feats_from_queries(query_hidden)  # (B, Q, E)
         text_feat = self.text_feat(input_ids, attention_mask)  # (B, E)
         sim_i2t, sim_t2i = losses.itc_similarities(image_feats, text_feat, self.temp, gather)
         loss_itc = losses.itc_loss(sim_i2t, sim_t2i, rank, ls)
 
-        # ITM with hard negatives from the global batch; negative images keep their gradient
+        # ITM with hard negatives from the global batch
         neg_img, neg_txt = losses.sample_hard_negatives(sim_i2t, sim_t2i, rank, generator)
-        image_world = gather_with_grad(image_embeds)
+        local = torch.arange(b, device=neg_img.device)
+        if sim_i2t.shape[1] == b:  # world size 1: every negative image is a local one, its keys/values exist
+            itm_kv = select_images(image_kv, torch.cat([local, neg_img, local]))
+        else:
+            # Negative images from any rank: gather the frozen trunk output (no gradient) and apply
+            # ln_vision here. Its parameter gradient lands on this rank instead of the image's owner;
+            # ln_vision is replicated and its gradient summed over ranks, so the update is the same
+            # as gathering ln_vision's output with gradient, without all-reducing activations.
+            negatives = ln_vision(self.vision_model, gather(trunk)[neg_img])
+            itm_kv = concat_images(image_kv, self.image_keys_values(negatives), image_kv)
         ids_world, mask_world = gather(input_ids), gather(attention_mask)
-        itm_images = torch.cat([image_embeds, image_world[neg_img], image_embeds])
         itm_ids = torch.cat([input_ids, input_ids, ids_world[neg_txt]])
         itm_mask = torch.cat([attention_mask, attention_mask, mask_world[neg_txt]])
-        loss_itm = losses.itm_loss(self.itm_logits(itm_images, itm_ids, itm_mask), b)
+        loss_itm = losses.itm_loss(self.itm_logits_from_kv(itm_kv, itm_ids, itm_mask), b)
 
-        # ITG: [DEC] replaces [CLS]; padding gets no loss
+        # ITG: [DEC] replaces [CLS]; padding gets no loss; only positions with a label reach the LM head
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.dec_token_id
-        labels = dec_ids.masked_fill(attention_mask == 0, -100)
-        loss_itg = losses.itg_loss(self.itg_logits(image_embeds, dec_ids, attention_mask), labels, ls)
+        positions, targets = losses.itg_targets(dec_ids.masked_fill(attention_mask == 0, -100))
+        hidden = self.itg_hidden(query_cache, dec_ids, attention_mask).flatten(0, 1)[positions]  # (N, H)
+        loss_itg = losses.itg_loss(self.lm_head(hidden, self.embeddings.word_embeddings.weight), targets, ls)
 
         return Stage1Output(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg)
 

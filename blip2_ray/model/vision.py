@@ -141,8 +141,16 @@ def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.T
         return vision_model.encoder(inputs_embeds=emb).last_hidden_state
 
 
+def ln_vision(vision_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) trunk output -> (B, N, D) image tokens through the trainable ln_vision, in its float32 weights' dtype.
+
+    Autocast is off: ln_vision computes in float32 (float64 when the model is, in the equality tests).
+    """
+    ln = vision_model.post_layernorm
+    with autocast_off(hidden.device.type):
+        return ln(hidden.to(ln.weight.dtype))
+
+
 def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision in float32."""
-    hidden = vision_trunk(vision_model, pixel_values)
-    with autocast_off(hidden.device.type):
-        return vision_model.post_layernorm(hidden.float())
+    return ln_vision(vision_model, vision_trunk(vision_model, pixel_values))

@@ -48,7 +48,8 @@ class _GatherWithGrad(torch.autograd.Function):
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (W*B, ...); gradient flows back to the rank that owns each row.
 
-    ITM's negative images may come from another rank: their encoder (ln_vision) still learns from it.
+    The stage-1 step no longer uses it (ITM gathers the frozen trunk output without gradient and applies
+    ln_vision locally, docs/stage1_step.md); the formulation it replaced, written out in the tests, does.
     """
     if world_size() == 1:
         return x

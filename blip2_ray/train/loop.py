@@ -29,7 +29,7 @@ from blip2_ray.config import from_dict
 from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, stall_message, to_device
 from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords, merge_position
-from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
+from blip2_ray.train.distributed import all_gather_no_grad
 from blip2_ray.train.metrics import LossWindow, log_step, tensorboard
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
 
@@ -74,7 +74,7 @@ def forward(engine, cfg: PretrainConfig, batch: dict, rank: int):
     """One micro batch through the engine (pixels normalised on its device) -> a StepOutput."""
     pixels, ids, mask = to_device(batch, engine.device, cfg.stage)
     if cfg.stage == 1:
-        return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad, gather_with_grad=all_gather_with_grad)
+        return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad)  # nothing is gathered with gradient
     return engine(pixels, ids, mask)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_ray.model import losses
-from blip2_ray.model.qformer import itg_mask
+from blip2_ray.model.qformer_passes import decoder_mask
 
 
 def ce_smoothed(logits_row, target, eps):
@@ -27,8 +27,9 @@ def reference_itc(img_feats_per_rank, txt_feats_per_rank, temp, eps):
         total = 0.0
         for i in range(b):
             target = rank * b + i
-            i2t = torch.tensor([max(float(img[i, q] @ txt_all[j]) for q in range(img.shape[1])) for j in range(len(txt_all))]) / temp
-            t2i = torch.tensor([max(float(txt[i] @ img_all[j, q]) for q in range(img.shape[1])) for j in range(len(img_all))]) / temp
+            qs = range(img.shape[1])
+            i2t = torch.tensor([max(float(img[i, q] @ txt_all[j]) for q in qs) for j in range(len(txt_all))]) / temp
+            t2i = torch.tensor([max(float(txt[i] @ img_all[j, q]) for q in qs) for j in range(len(img_all))]) / temp
             total += (ce_smoothed(i2t, target, eps) + ce_smoothed(t2i, target, eps)) / 2
         out.append(total / b)
     return out
@@ -138,17 +139,19 @@ def test_itg_loss_shifts_and_ignores_padding():
                 continue
             total += float(ce_smoothed(logits[b, t], target, 0.1))
             count += 1
-    assert losses.itg_loss(logits, labels, 0.1).item() == pytest.approx(total / count, rel=1e-5)
+    positions, targets = losses.itg_targets(labels)
+    assert positions.tolist() == [0, 1, 5, 6, 7, 8]  # (b, t) -> b * 5 + t, for the t whose next label counts
+    assert targets.tolist() == [1, 2, 4, 5, 6, 0]
+    loss = losses.itg_loss(logits.flatten(0, 1)[positions], targets, 0.1)
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
-def test_itg_mask_rules():
+def test_decoder_mask_rules():
     text_mask = torch.tensor([[1, 1, 1, 0]])
     nq = 2
-    allowed = itg_mask(nq, text_mask, torch.float32)[0, 0] == 0  # (6, 6)
-    for i in range(6):
+    allowed = decoder_mask(nq, text_mask)[0, 0]  # (4 text rows, 2 query + 4 text keys)
+    assert allowed.shape == (4, 6) and allowed.dtype == torch.bool
+    for i in range(4):
         for j in range(6):
-            if i < nq:
-                expect = j < nq  # queries see queries only
-            else:
-                expect = j < nq or (j <= i and text_mask[0, j - nq] == 1)
+            expect = j < nq or (j - nq <= i and text_mask[0, j - nq] == 1)  # all queries, earlier real text
             assert bool(allowed[i, j]) == expect, (i, j)
