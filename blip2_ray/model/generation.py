@@ -106,8 +106,11 @@ def prefill(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids: torch.Ten
     embeds, mask = prompt_embeddings(model, pixel_values, input_ids, attention_mask)
     lm = model.language_model
     if decoder_only(model):
+        # the last position by index, not `logits_to_keep=1`: that slice keeps the sequence stride, and on
+        # CPU a bf16 lm_head on such a view copies the whole (V, D) weight first (3 s at OPT-2.7B width)
+        last = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
         out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                 logits_to_keep=1)
+                 logits_to_keep=last)
         padded = bool((mask == 0).any())
         return DecodeBatch(out.cache, mask, padded=padded), out.logits[:, -1].float()
     b = embeds.shape[0]
