@@ -14,6 +14,7 @@ mean latency of tokens 2..32; the ratio project / transformers per round (target
 Not included: HTTP and Serve routing (`make bench-serve` measures the app; a few ms per request).
 
 Usage: python bench/bench_serve_scale.py [--depth N] [--rounds 3] [--tokens 32] [--threads T]
+(`make bench-serve-scale ARGS="--depth 8"`; full size, the default, needs ~11 GiB of free memory.)
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def serve_child(depth: int, model_dir: str, rounds: int, tokens: int, threads: i
 
     if threads:
         torch.set_num_threads(threads)
-    import transformers  # noqa: F401  (imports counted in the baseline, not in the load)
+    from transformers import Blip2ForConditionalGeneration  # noqa: F401  (code in the baseline, not the load)
 
     before, t0 = rss_bytes(), time.perf_counter()
     model = load_caption_model(model_dir, "cpu", "bfloat16")
@@ -196,9 +197,21 @@ def serve_child(depth: int, model_dir: str, rounds: int, tokens: int, threads: i
     return out
 
 
+def weight_gib(depth: int) -> float:
+    """About the bf16 bytes of the model at `depth` (ViT-g block 25.2M, OPT-2.7B block 78.7M parameters,
+    embeddings 130M, the float32 Q-Former 107M)."""
+    vit, opt = (depth, depth) if depth else (39, 32)
+    return (2 * (25.2e6 * vit + 78.7e6 * opt + 130e6) + 4 * 107e6) / GiB
+
+
+def available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--depth", type=int, default=4, help="ViT and OPT blocks (0: the full 39 + 32, ~7.6 GB bf16)")
+    ap.add_argument("--depth", type=int, default=0, help="ViT and OPT blocks (0: the full 39 + 32, ~7.4 GiB)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -211,6 +224,11 @@ def main() -> None:
     if args.child == "serve":
         print(json.dumps(serve_child(args.depth, args.model_dir, args.rounds, args.tokens, args.threads)))
         return
+    need, have = 1.3 * weight_gib(args.depth) + 1.5, available_gib()
+    if need > have:
+        sys.exit(f"bench_serve_scale: --depth {args.depth} needs about {need:.1f} GiB of free memory (the weights "
+                 f"{weight_gib(args.depth):.1f} GiB, once per step), {have:.1f} GiB is available; use a smaller "
+                 f"--depth")
     size = "full size (39 ViT + 32 OPT blocks)" if not args.depth else f"{args.depth} ViT + {args.depth} OPT blocks"
     print(f"vitg_opt2.7b layout, random bf16 weights, real widths, {size}; CPU, {os.cpu_count()} cores", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_serve_scale_") as d:
