@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-eval clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-ds-step: install
 
 bench-serve: install
 	$(PY) bench/bench_serve.py
+
+bench-serve-scale: install
+	$(PY) bench/bench_serve_scale.py $(ARGS)
 
 bench-eval: install
 	$(PY) bench/bench_eval.py

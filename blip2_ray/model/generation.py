@@ -106,8 +106,11 @@ def prefill(model: Blip2Stage2, pixel_values: torch.Tensor, input_ids: torch.Ten
     embeds, mask = prompt_embeddings(model, pixel_values, input_ids, attention_mask)
     lm = model.language_model
     if decoder_only(model):
+        # the last position by index, not `logits_to_keep=1`: that slice keeps the sequence stride, and on
+        # CPU a bf16 lm_head on such a view copies the whole (V, D) weight first (3 s at OPT-2.7B width)
+        last = torch.tensor([embeds.shape[1] - 1], device=embeds.device)
         out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                 logits_to_keep=1)
+                 logits_to_keep=last)
         padded = bool((mask == 0).any())
         return DecodeBatch(out.cache, mask, padded=padded), out.logits[:, -1].float()
     b = embeds.shape[0]
@@ -155,16 +158,19 @@ def _rebuild(self_kv: list, cross_kv: list, encoder: bool):
 def select_rows(batch: DecodeBatch, keep: list[int]) -> DecodeBatch:
     """Only the rows `keep` (in that order); cache columns no kept row uses are dropped."""
     idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+    at = lambda t: idx.to(t.device)  # noqa: E731  (a device_map puts each layer's cache on its own device)
     mask = batch.mask[idx]
     used = mask.any(0).nonzero()
     start = int(used[0]) if len(used) else mask.shape[1]  # left padding all kept rows share
     mask = mask[:, start:]
-    self_kv = [(layer.keys[idx, :, start:], layer.values[idx, :, start:]) for layer in _self_layers(batch.cache)]
+    self_kv = [(layer.keys[at(layer.keys), :, start:], layer.values[at(layer.values), :, start:])
+               for layer in _self_layers(batch.cache)]
     encoder = batch.encoder_hidden is not None
-    cross_kv = [(layer.keys[idx], layer.values[idx]) for layer in _cross_layers(batch.cache)]
+    cross_kv = [(layer.keys[at(layer.keys)], layer.values[at(layer.values)]) for layer in _cross_layers(batch.cache)]
     return DecodeBatch(
         _rebuild(self_kv, cross_kv, encoder), mask,
-        batch.encoder_hidden[idx] if encoder else None, batch.encoder_mask[idx] if encoder else None,
+        batch.encoder_hidden[at(batch.encoder_hidden)] if encoder else None,
+        batch.encoder_mask[at(batch.encoder_mask)] if encoder else None,
         padded=bool((mask == 0).any()),
     )
 

@@ -15,6 +15,7 @@ import os
 from ray import serve
 
 from blip2_ray.config import from_dict, to_dict
+from blip2_ray.serve.capacity import check_deployment_fits
 from blip2_ray.serve.config import AutoscalingSection, ServeConfig
 from blip2_ray.serve.ingress import BLIP2Ingress, api
 from blip2_ray.serve.models import CaptionDeployment, RetrievalDeployment
@@ -33,7 +34,11 @@ def _actor(cfg: ServeConfig, cpus: float, gpus: float) -> dict:
 
 
 def build_app(cfg: ServeConfig, name_prefix: str = ""):
-    """The Serve application for `cfg`: ingress + the model deployments whose directories are given."""
+    """The Serve application for `cfg`: ingress + the model deployments whose directories are given.
+
+    Checks first that the caption model fits the connected cluster's GPUs (or nodes' memory on CPU).
+    """
+    check_deployment_fits(cfg)
     captioner = retrieval = None
     if cfg.model:
         captioner = serve.deployment(CaptionDeployment).options(
@@ -41,7 +46,7 @@ def build_app(cfg: ServeConfig, name_prefix: str = ""):
             max_queued_requests=cfg.max_queued_requests, health_check_timeout_s=cfg.health_check_timeout_s,
             ray_actor_options=_actor(cfg, cfg.cpus_per_replica, cfg.gpus_per_replica),
             **_replicas(cfg.num_replicas, cfg.autoscaling),
-        ).bind(cfg.model, cfg.device, cfg.dtype, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        ).bind(cfg.model, cfg.device, cfg.dtype, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.gpus_per_replica)
     if cfg.retrieval_model:
         r = cfg.retrieval
         retrieval = serve.deployment(RetrievalDeployment).options(

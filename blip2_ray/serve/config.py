@@ -106,7 +106,10 @@ class ServeConfig:
     num_replicas: int = doc("caption deployment replicas (ignored with autoscaling)", 1)
     autoscaling: AutoscalingSection | None = doc("autoscale the caption deployment instead of num_replicas", None)
     cpus_per_replica: float = doc("CPUs reserved by each caption replica", 1.0)
-    gpus_per_replica: float = doc("GPUs reserved by each caption replica when device is cuda", 1.0)
+    gpus_per_replica: float = doc("GPUs reserved by each caption replica when device is cuda; a whole number > 1 "
+                                  "splits the LLM by layer over them (device_map), a fraction shares one GPU", 1.0)
+    gpu_memory_gib: float | None = doc("memory of one GPU of the serve nodes, for the deploy-time fit check "
+                                       "(None: read with nvidia-smi on each GPU node)", None)
     max_batch_size: int = doc("most rows a caption replica decodes together (continuous batching: requests "
                               "join the running batch at a decode step)", 8)
     batch_wait_timeout_s: float = doc("how long an idle caption replica waits for more requests to share the "
@@ -148,6 +151,12 @@ class ServeConfig:
             raise ValueError("max_queued_requests must be -1 (unbounded) or positive")
         if self.batch_wait_timeout_s < 0:
             raise ValueError("batch_wait_timeout_s must be >= 0")
+        whole = self.gpus_per_replica == int(self.gpus_per_replica)
+        if self.gpus_per_replica <= 0 or (self.gpus_per_replica > 1 and not whole):
+            raise ValueError(f"gpus_per_replica must be a fraction in (0, 1] or a whole number of GPUs, "
+                             f"got {self.gpus_per_replica}")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError("gpu_memory_gib must be positive")
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
         for p in self.allowed_image_url_prefixes:

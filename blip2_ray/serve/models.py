@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from ray import serve
 
-from blip2_ray.model.vision import DTYPES
 from blip2_ray.serve.engine import GenerationEngine
 from blip2_ray.serve.images import PixelNormalizer
 
@@ -25,13 +24,14 @@ class CaptionDeployment:
     """
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
-        from blip2_ray.model.hf_format import load_stage2
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, gpus_per_replica: float = 1.0):
         from blip2_ray.model.stage2 import caption_eos_ids
         from blip2_ray.model.tokenizers import load_llm_tokenizer
+        from blip2_ray.serve.placement import load_caption_model
 
-        self.device = torch.device(device)
-        self.model = load_stage2(model_dir, vision_dtype=DTYPES[dtype], llm_dtype=DTYPES[dtype]).to(self.device).eval()
+        # in the serving dtype directly; with gpus_per_replica > 1 the LLM is split over the replica's GPUs
+        self.model = load_caption_model(model_dir, device, dtype, gpus_per_replica)
+        self.device = self.model.query_tokens.device
         self.tokenizer = load_llm_tokenizer(model_dir)
         lm_cfg = self.model.language_model.config
         # decoders have a position limit: queries + prompt + new tokens must fit; T5 has relative positions
