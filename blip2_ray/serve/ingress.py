@@ -22,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.exceptions import TaskCancelledError
 
 from blip2_ray.config import from_dict
 from blip2_ray.serve import chat
@@ -55,6 +56,22 @@ def _custom_openapi():
 
 
 api.openapi = _custom_openapi
+
+
+class ServeStreamingResponse(StreamingResponse):
+    """A StreamingResponse that takes Ray Serve's cancelled `receive()` for the disconnect it is.
+
+    Behind Serve's proxy a client that goes away cancels the replica's pending `receive()`: it raises
+    `TaskCancelledError` instead of returning `{"type": "http.disconnect"}`, and starlette would let that
+    escape with a traceback in the replica's log. Returning ends the response the way a disconnect does
+    (the body generator is cancelled, and with it the request's row in the batch).
+    """
+
+    async def listen_for_disconnect(self, receive) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except TaskCancelledError:
+            return
 
 
 # ---------------------------------------------------------------- what each model route starts with
@@ -266,8 +283,8 @@ class BLIP2Ingress:
             raise APIError(*first["error"])
         include_usage = bool(p.req.stream_options and p.req.stream_options.include_usage)
         headers = {"x-batch-size": str(first["batch_size"]), "x-generate-group-size": str(first["group_size"])}
-        return StreamingResponse(self._events(first, parts, writer, include_usage), media_type="text/event-stream",
-                                 headers=headers)
+        return ServeStreamingResponse(self._events(first, parts, writer, include_usage),
+                                      media_type="text/event-stream", headers=headers)
 
     @staticmethod
     async def _events(first: dict, parts, writer: chat.ChunkWriter, include_usage: bool):
