@@ -39,11 +39,21 @@ DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray checkpoint directory
 
 # ----------------------------------------------------------------------------------- model pieces
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
-    """The stage's model, seeded: random frozen parts are identical on every rank and every restart."""
+    """The stage's model, seeded: random frozen parts are identical on every rank and every restart.
+
+    ZeRO-3 (the process group must exist): the frozen ViT / LLM are built partitioned over the ranks
+    (train/zero3.py), never whole on one worker; weight files are read into each rank's slices.
+    """
     from blip2_ray.model.builders import build_stage1, build_stage2
 
+    construction = None
+    if cfg.deepspeed.zero_stage == 3:
+        from blip2_ray.train.zero3 import frozen_construction
+
+        construction = frozen_construction(deepspeed_config(cfg))
     torch.manual_seed(cfg.train.seed)
-    return build_stage1(cfg.model) if cfg.stage == 1 else build_stage2(cfg.model)
+    build = build_stage1 if cfg.stage == 1 else build_stage2
+    return build(cfg.model, construction=construction)
 
 
 def build_engine(cfg: PretrainConfig):
