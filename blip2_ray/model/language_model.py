@@ -85,10 +85,10 @@ def build_language_model(cfg: ModelConfig, vocab_size: int, construction: Frozen
     config = _llm_config(cfg, vocab_size) if not llm.path else _llm_config_at(llm.path, llm.kind)
     with default_dtype(dtype), construction_context(construction):
         model = _llm_class(llm.kind, dtype if llm.path else None)(config)
+    if construction is not None:
+        construction.finish(model, not llm.path)
     if llm.path:
         load_language_model_partitioned(model, llm.path)
-    elif construction is not None:
-        construction.init_hf_weights(model)
     return model
 
 

@@ -24,13 +24,15 @@ from torch import nn
 class FrozenConstruction:
     """How the builders construct the frozen ViT / LLM when they are to be partitioned as built.
 
-    `context()`: entered around each frozen part's construction (deepspeed.zero.Init). `init_hf_weights`:
-    re-runs an HF model's own weight init on its partitioned parameters (an HF model initialises its
-    weights after its children were constructed, i.e. already partitioned, so that init would be lost).
+    `context()`: entered around each frozen part's construction (deepspeed.zero.Init). `finish(model,
+    init_weights)`: partitions the parameters a module registered after its own construction (HF's
+    Blip2Attention sets `qkv.bias` on its child), and with `init_weights` re-runs an HF model's own weight
+    init on its partitioned parameters (an HF model initialises its weights after its children were
+    constructed, i.e. already partitioned, so that init would be lost).
     """
 
     context: Callable[[], ContextManager]
-    init_hf_weights: Callable[[nn.Module], None]
+    finish: Callable[[nn.Module, bool], None]
 
 
 def construction_context(construction: FrozenConstruction | None) -> ContextManager:

@@ -86,8 +86,7 @@ def build_vision_model(cfg: VisionConfig, source: WeightSource | None = None,
     if construction is not None:
         with default_dtype(dtype), construction.context():
             model = vision_module(cfg)
-        if source is None:
-            construction.init_hf_weights(model)
+        construction.finish(model, source is None)
     elif source is None:
         with default_dtype(dtype):
             model = vision_module(cfg)

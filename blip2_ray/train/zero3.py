@@ -18,9 +18,10 @@ import contextlib
 import copy
 from typing import Iterator
 
+import torch
 from torch import nn
 
-from blip2_ray.model.partitioned import FrozenConstruction
+from blip2_ray.model.partitioned import FrozenConstruction, is_partitioned
 
 
 def frozen_construction(ds_config: dict) -> FrozenConstruction:
@@ -28,8 +29,9 @@ def frozen_construction(ds_config: dict) -> FrozenConstruction:
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
 
-    config = copy.deepcopy(ds_config)
-    config["zero_optimization"]["memory_efficient_linear"] = False
+    # zero.Init reads only the ZeRO section (and checks batch sizes against the world size it sees)
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": {**copy.deepcopy(ds_config["zero_optimization"]), "memory_efficient_linear": False}}
 
     @contextlib.contextmanager
     def context():
@@ -37,7 +39,7 @@ def frozen_construction(ds_config: dict) -> FrozenConstruction:
                                                      tensor_overrides=[DeepSpeedTensorOverride.device]):
             yield
 
-    return FrozenConstruction(context=context, init_hf_weights=init_hf_weights_partitioned)
+    return FrozenConstruction(context=context, finish=finish_partitioned)
 
 
 @contextlib.contextmanager
@@ -46,7 +48,7 @@ def hf_init_deferred() -> Iterator[None]:
 
     An HF model initialises its weights at the end of its __init__, when its children are already
     partitioned: that init would index empty tensors (OPT zeroes its padding row). It runs afterwards,
-    gathered, in `init_hf_weights_partitioned`; tying the LM head to the embeddings still happens.
+    gathered, in `finish_partitioned`; tying the LM head to the embeddings still happens.
     """
     from transformers.modeling_utils import PreTrainedModel
 
@@ -58,14 +60,42 @@ def hf_init_deferred() -> Iterator[None]:
         PreTrainedModel.initialize_weights = original
 
 
-def init_hf_weights_partitioned(model: nn.Module) -> None:
-    """An HF model's own weight init (its `_init_weights`) on partitioned parameters.
+def finish_partitioned(model: nn.Module, init_weights: bool) -> None:
+    """Partition what construction left whole; with `init_weights`, an HF model's own weight init.
 
-    Deferred at construction (hf_init_deferred); transformers' ZeRO-3 init gathers each module,
+    A parameter set on a module after that module's __init__ (HF's Blip2Attention assigns `qkv.bias`) was
+    never seen by zero.Init: it is partitioned here, next to the already partitioned ones. The HF init was
+    deferred at construction (hf_init_deferred); transformers' ZeRO-3 init gathers each module,
     initialises it on rank 0 and scatters it.
     """
     from transformers.integrations.deepspeed import initialize_weights_zero3
 
-    for m in model.modules():
-        m.__dict__.pop("_is_hf_initialized", None)
-    initialize_weights_zero3(model)
+    whole = [p for p in model.parameters() if not is_partitioned(p)]
+    if whole:
+        partitioned = next(p for p in model.parameters() if is_partitioned(p))
+        partitioned.convert_to_zero_parameters(param_list=whole)
+    if init_weights:
+        for m in model.modules():
+            m.__dict__.pop("_is_hf_initialized", None)
+        initialize_weights_zero3(model)
+
+
+def gathered_state(module: nn.Module, rank: int) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(key, tensor) over `module.state_dict()`, a tied tensor under its first key only; every rank iterates.
+
+    Each partitioned parameter is gathered alone, copied to host memory on rank 0 and released again: at
+    no time does a rank hold more than one whole parameter beyond its partitions. Other ranks get None.
+    """
+    import deepspeed
+
+    seen = set()
+    for key, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if is_partitioned(t):
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                value = t.detach().cpu().clone() if rank == 0 else None
+        else:
+            value = t.detach().cpu() if rank == 0 else None
+        yield key, value
