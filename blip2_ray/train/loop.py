@@ -180,34 +180,21 @@ def restore(engine, cfg: PretrainConfig, world: int) -> dict | None:
 def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     """World-size-free HF export of the trained weights to cfg.output_dir (rank 0 writes; all ranks call).
 
-    ZeRO-2: rank 0 puts the trainable weights into a fresh plain model and exports it. ZeRO-3: no rank
-    builds the whole model; every parameter (frozen ViT / LLM too) is gathered alone and streamed into
-    safetensors shards by rank 0 (model/hf_export_stream.py), so the export holds one shard at a time.
+    No rank builds another model: every tensor of the engine's module (ZeRO-3: each parameter gathered
+    alone, the frozen ViT / LLM too) is streamed into safetensors shards by rank 0
+    (model/hf_export_stream.py), so the export adds at most one shard to a worker's memory.
     """
     import torch.distributed as dist
 
-    from blip2_ray.model.hf_format import export_stage1, export_stage2
+    from blip2_ray.model.hf_export_stream import export_streamed
     from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.train.zero3 import gathered_state
 
-    tokenizer = (lambda: qformer_tokenizer(cfg.model)) if cfg.stage == 1 else (lambda: llm_tokenizer(cfg.model))
-    out = None
-    if cfg.deepspeed.zero_stage == 3:
-        from blip2_ray.model.hf_export_stream import export_streamed
-        from blip2_ray.train.zero3 import gathered_state
-
-        out = export_streamed(engine.module, cfg.stage, gathered_state(engine.module, rank),
-                              cfg.output_dir if rank == 0 else None, tokenizer() if rank == 0 else None, cfg.model)
-    elif rank == 0:
-        state = {n: p.detach().float().cpu().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
-        plain = build_model(cfg)
-        shapes = {n: p.shape for n, p in plain.named_parameters() if p.requires_grad}
-        missing = set(shapes) - set(state)
-        if missing:
-            raise RuntimeError(f"trained state lacks {sorted(missing)[:3]}")
-        # reshape undoes vectorise_scalar_parameters
-        plain.load_state_dict({n: state[n].reshape(shapes[n]) for n in shapes}, strict=False)
-        export = export_stage1 if cfg.stage == 1 else export_stage2
-        out = export(plain, cfg.output_dir, tokenizer(), cfg.model)
+    tokenizer = None
+    if rank == 0:
+        tokenizer = qformer_tokenizer(cfg.model) if cfg.stage == 1 else llm_tokenizer(cfg.model)
+    out = export_streamed(engine.module, cfg.stage, gathered_state(engine.module, rank),
+                          cfg.output_dir if rank == 0 else None, tokenizer, cfg.model)
     if out is not None:
         print(f"[stage{cfg.stage}] exported to {out}", flush=True)
     if dist.is_initialized():
