@@ -72,7 +72,8 @@ def load_language_model(path: str, kind: str, dtype: torch.dtype, what: str = "m
     return strict_from_pretrained(cls, require_local_dir(path, what), what, dtype=dtype)
 
 
-def build_language_model(cfg: ModelConfig, vocab_size: int, construction: FrozenConstruction | None = None) -> nn.Module:
+def build_language_model(cfg: ModelConfig, vocab_size: int,
+                         construction: FrozenConstruction | None = None) -> nn.Module:
     """The frozen LLM: from `llm.path`, else a random OPT (decoder) / T5 of the configured sizes.
 
     Allocated directly in `llm.dtype` (not yet frozen). `construction` (ZeRO-3, model/partitioned.py):

@@ -3,7 +3,8 @@
 Each rank builds the stage-2 model as the Train worker does (`train.loop.build_model`), then, before any
 DeepSpeed engine exists: it holds about half of every frozen parameter, and the values that arrive (gathered
 back parameter by parameter) are the written files' (a Blip2VisionModel directory and an OPT directory, as
-transformers' save_pretrained writes them) or, with random frozen parts, a plain build's (the ViT exactly, the OPT in distribution).
+transformers' save_pretrained writes them) or, with random frozen parts, a plain build's (the ViT exactly,
+the OPT in distribution).
 Then the engine trains a step and the export gathers everything into a directory HF loads with the same values.
 """
 
