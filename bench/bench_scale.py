@@ -9,7 +9,8 @@ batch 1 per worker, `--steps` optimizer steps, run once with ZeRO-2 and once wit
 process (same Ray instance, same data). Reported per run: each worker's peak host RSS (ru_maxrss of the
 Train worker process, reported by the job's own metrics at the last step: building, engine and steps,
 before the export), the last step's time, and the frozen fraction each worker holds. `--depth N` keeps
-N ViT blocks and N LLM blocks (same widths; 0 = the preset's depth: 39 + 32 for vitg_opt2.7b).
+N ViT blocks and N LLM blocks (same widths; 0 = the preset's depth: 39 + 32 for vitg_opt2.7b). Both
+runs' workers get MALLOC_MMAP_THRESHOLD_=65536 (`--malloc-mmap-threshold`; 0 leaves glibc's default).
 
 ZeRO-2 holds the whole bf16 model on every worker (~7.2 GiB for vitg_opt2.7b); ZeRO-3 builds the frozen
 parts partitioned (train/zero3.py), so it should hold about 1/N of them. Target: zero3_peak_gib <=
@@ -72,6 +73,8 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--zero", default="2,3", help="ZeRO stages to run, in this order")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=65536,
+                   help="MALLOC_MMAP_THRESHOLD_ of the Train workers, both runs (0: glibc's dynamic default)")
     args = p.parse_args()
 
     import ray
@@ -83,12 +86,18 @@ def main() -> int:
     image_size = model_config(args.preset, allow_random_init=True).vision.image_size
     make_sample_shards(f"{work}/data", num=8 * args.workers * args.steps, shards=2, image_size=image_size, seed=0)
     os.environ.pop("RAY_ADDRESS", None)
+    env = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    if args.malloc_mmap_threshold:
+        # glibc raises its mmap threshold after large frees, so freed gathered parameters stay in the heap
+        # and count as resident; a fixed threshold returns them (docs/training.md, ZeRO-3 memory)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     ray.init(address="local", num_cpus=args.workers + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": env})
     depth = f"depth {args.depth}" if args.depth else "full depth"
     print(f"stage 2 {args.preset} ({depth}), bf16, {args.workers} workers, micro batch 1, {args.steps} steps, "
           f"CPU, {os.cpu_count()} cores", flush=True)
-    out = {"preset": args.preset, "depth": args.depth or "full", "workers": args.workers, "steps": args.steps}
+    out = {"preset": args.preset, "depth": args.depth or "full", "workers": args.workers, "steps": args.steps,
+           "malloc_mmap_threshold": args.malloc_mmap_threshold}
     for stage in [int(s) for s in args.zero.split(",")]:
         r = run(work, args, stage)
         print(f"ZeRO-{stage}: peak RSS per worker {r['peak_rss_gib_per_worker']} GiB, last step {r['step_s']} s, "
