@@ -3,11 +3,11 @@
 `frozen_construction(ds_config)` is what the builders take (model/partitioned.py): each frozen part is
 constructed inside `deepspeed.zero.Init`, so every parameter is cut into world-size slices as soon as its
 module exists (peak: the largest module whole, plus 1/world of the rest), and weight files are read into
-each rank's slice (checkpoint_files.assign_weights). Two settings differ from zero.Init's defaults:
-  - no dtype override: zero.Init would cast every new floating tensor to the config's dtype (float32
-    here, the config has no DeepSpeed bf16/fp16 mode), undoing the storage-dtype builders;
-  - no memory-efficient linear: it replaces torch.nn.functional.linear process-wide, which the precision
-    policy (model/precision.py) does not need and the tests do not cover.
+each rank's slice (checkpoint_files.assign_weights). No dtype override: zero.Init would cast every new
+floating tensor to the config's dtype (float32 here, the config has no DeepSpeed bf16/fp16 mode), undoing
+the storage-dtype builders. Its memory-efficient linear stays on (it is what deepspeed.initialize enabled
+before): without it autograd keeps every gathered frozen LLM weight alive from its forward to its backward
+(the visual prompt's gradient passes through the LLM), i.e. the whole LLM on every worker.
 The trainable parts (Q-Former, queries, projections, ln_vision) are built plainly and partitioned by
 `deepspeed.initialize`, which keeps the frozen parts' existing partitions.
 """
@@ -30,8 +30,7 @@ def frozen_construction(ds_config: dict) -> FrozenConstruction:
     from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
 
     # zero.Init reads only the ZeRO section (and checks batch sizes against the world size it sees)
-    config = {"train_micro_batch_size_per_gpu": 1,
-              "zero_optimization": {**copy.deepcopy(ds_config["zero_optimization"]), "memory_efficient_linear": False}}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": copy.deepcopy(ds_config["zero_optimization"])}
 
     @contextlib.contextmanager
     def context():
