@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-train: install
 
 bench-ds-step: install
 	DS_ACCELERATOR=cpu $(PY) bench/bench_ds_step.py
+
+# paper-size stage 2, ZeRO-2 vs ZeRO-3 per-worker peak memory (needs ~20 GiB free; BENCH_SCALE_ARGS="--depth 8" is lighter)
+bench-scale: install
+	DS_ACCELERATOR=cpu $(PY) bench/bench_scale.py $(BENCH_SCALE_ARGS)
 
 bench-serve: install
 	$(PY) bench/bench_serve.py

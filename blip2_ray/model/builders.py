@@ -33,6 +33,7 @@ from blip2_ray.model.language_model import (
     place_language_model,
     strict_from_pretrained,
 )
+from blip2_ray.model.partitioned import FrozenConstruction
 from blip2_ray.model.qformer import build_qformer, init_query_tokens
 from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.stage2 import Blip2Stage2
@@ -50,11 +51,14 @@ from blip2_ray.model.weight_sources import (
 )
 
 
-def build_stage1(cfg: ModelConfig, tokenizer=None) -> Blip2Stage1:
-    """A stage-1 model: frozen ViT from its source (or seeded random), Q-Former from BERT and/or init_from."""
+def build_stage1(cfg: ModelConfig, tokenizer=None, construction: FrozenConstruction | None = None) -> Blip2Stage1:
+    """A stage-1 model: frozen ViT from its source (or seeded random), Q-Former from BERT and/or init_from.
+
+    `construction` (ZeRO-3, model/partitioned.py): the frozen ViT is built partitioned over the ranks.
+    """
     check_weight_sources(cfg, stage=1)
     tok = tokenizer or qformer_tokenizer(cfg)
-    vision = build_vision_model(cfg.vision, vision_source(cfg))
+    vision = build_vision_model(cfg.vision, vision_source(cfg), construction)
     # trainable parts: when init_from supplies them all (a stage-1 checkpoint), on the meta device first
     # (no random init to throw away), else a seeded random init in float32
     whole = bool(cfg.init_from) and not cfg.qformer.init_from_bert
@@ -84,11 +88,19 @@ def _init_stage1_extras_left_on_meta(model: Blip2Stage1, cfg: ModelConfig) -> No
         model.temp = nn.Parameter(torch.tensor(cfg.qformer.temp_init))
 
 
-def build_stage2(cfg: ModelConfig, tokenizer=None) -> Blip2Stage2:
+def build_stage2(cfg: ModelConfig, tokenizer=None, construction: FrozenConstruction | None = None) -> Blip2Stage2:
     """A stage-2 model: `hf_path` (a whole Blip2ForConditionalGeneration dir), else frozen ViT + LLM from
-    their sources and the trainable queries, Q-Former and projection (from `init_from` when given)."""
+    their sources and the trainable queries, Q-Former and projection (from `init_from` when given).
+
+    `construction` (ZeRO-3, model/partitioned.py): the frozen ViT and LLM are built partitioned over the
+    ranks (not with `hf_path`: that directory is read whole by transformers, a UserError names the fix).
+    """
     check_weight_sources(cfg, stage=2)
     vision_dtype, llm_dtype = DTYPES[cfg.vision.dtype], DTYPES[cfg.llm.dtype]
+    if cfg.hf_path and construction is not None:
+        raise UserError("model.hf_path is read whole on every worker, so deepspeed.zero_stage 3 could not build "
+                        "it partitioned; name its parts instead (model.vision.path and model.llm.path, with "
+                        "model.init_from for the Q-Former) or use deepspeed.zero_stage 2")
     if cfg.hf_path:
         model = stage2_from_blip2_dir(cfg.hf_path, vision_dtype, llm_dtype)
         tok = (tokenizer or llm_tokenizer(cfg)) if cfg.llm.prompt else None
@@ -96,8 +108,8 @@ def build_stage2(cfg: ModelConfig, tokenizer=None) -> Blip2Stage2:
         tok = tokenizer or llm_tokenizer(cfg)
         q = cfg.qformer
         # frozen parts, each allocated in its storage dtype
-        vision = build_vision_model(cfg.vision, vision_source(cfg))
-        language_model = build_language_model(cfg, cfg.llm.vocab_size or padded_vocab(len(tok)))
+        vision = build_vision_model(cfg.vision, vision_source(cfg), construction)
+        language_model = build_language_model(cfg, cfg.llm.vocab_size or padded_vocab(len(tok)), construction)
         # trainable parts, float32
         qformer = build_qformer(q, cfg.vision.hidden_size, vocab_size=q.vocab_size or 1, with_text=False)
         query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from blip2_ray.errors import UserError
+from blip2_ray.model.partitioned import full_shape, is_partitioned, load_into_partition
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -197,22 +198,29 @@ def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], source: st
     """Put `state` into `module` by assignment (the tensors become the parameters: no second copy).
 
     Each tensor is cast to the dtype the module holds at its key (`keep_dtype`: the state's dtype is
-    kept, e.g. float32 trainable parts into a module loaded in bfloat16). `required`: keys that must be in
-    `state` (None: every key of the module). Keys the module lacks, shapes that differ and required
-    keys missing are one UserError naming the first few keys and `source`.
+    kept, e.g. float32 trainable parts into a module loaded in bfloat16). A ZeRO-3 partitioned parameter
+    (model/partitioned.py) is not replaced: this rank's slice of the tensor is copied into its partition.
+    `required`: keys that must be in `state` (None: every key of the module). Keys the module lacks,
+    shapes that differ and required keys missing are one UserError naming the first few keys and `source`.
     """
     own = module.state_dict(keep_vars=True)
     unknown = [k for k in state if k not in own]
     if unknown:
         raise UserError(f"{source} holds weights the model has no place for: {_listing(unknown)}")
-    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
-             if tuple(v.shape) != tuple(own[k].shape)]
-    if wrong:
-        raise UserError(f"{source} does not fit the configured model (wrong size?): {_listing(wrong, 3)}")
     missing = [k for k in (own if required is None else required) if k not in state]
     if missing:
         raise UserError(f"{source} lacks weights the model needs: {_listing(missing)}")
-    cast = {k: v if keep_dtype or v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    cast, wrong = {}, []
+    for k in state:  # one lookup per key: a lazy state (convert.LazyTensors) reads each tensor once
+        v = state[k]
+        if tuple(v.shape) != full_shape(own[k]):
+            wrong.append(f"{k} {tuple(v.shape)} (model: {full_shape(own[k])})")
+        elif is_partitioned(own[k]):
+            load_into_partition(own[k], v)
+        else:
+            cast[k] = v if keep_dtype or v.dtype == own[k].dtype else v.to(own[k].dtype)
+    if wrong:
+        raise UserError(f"{source} does not fit the configured model (wrong size?): {_listing(wrong, 3)}")
     module.load_state_dict(cast, strict=False, assign=True)
 
 

@@ -11,12 +11,16 @@ tiny size exactly as the real file has it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from blip2_ray.errors import UserError
+from blip2_ray.model.partitioned import full_shape, is_partitioned
 
 
 @dataclass(frozen=True)
@@ -239,30 +243,55 @@ def _fit(kind: str, value: torch.Tensor, like: torch.Tensor | None, shape: tuple
     return value  # left as is: assign_weights reports the shape mismatch
 
 
-def convert_tensors(plan: Plan, files, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read the planned tensors from `files` (TensorFiles-like), each in the dtype `model_state` has there.
+class LazyTensors(Mapping):
+    """A read-only mapping whose values are read when looked up (each lookup reads again, nothing is kept).
+
+    Loading into partitioned parameters (model/partitioned.py) then holds one whole tensor at a time.
+    """
+
+    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
+        self._readers = readers
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._readers[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def renamed(self, rename: Callable[[str], str]) -> LazyTensors:
+        return LazyTensors({rename(k): r for k, r in self._readers.items()})
+
+
+def convert_tensors(plan: Plan, files, model_state: dict[str, torch.Tensor]) -> LazyTensors:
+    """The planned tensors of `files` (TensorFiles-like), each read on lookup in the dtype `model_state` has there.
 
     `model_state`: the target module's `state_dict(keep_vars=True)` (meta tensors are fine except for
-    "rows_prefix" fits, which keep the model's own rows beyond the source's).
+    "rows_prefix" fits, which keep the model's own rows beyond the source's; partitioned parameters count
+    with their full shape).
     """
-    out = {}
-    for target, parts in plan.sources.items():
-        own = model_state.get(target)
-        dtype = own.dtype if own is not None else None
-        fit = next((k for pattern, k in plan.layout.fits.items() if re.search(pattern, target)), None)
-        read_dtype = torch.float32 if fit == "grid" else dtype  # interpolate in float32, as LAVIS does
-        if parts[0][1] is None:
-            value = files.get(parts[0][0], read_dtype)
-        else:  # the qkv bias: cat(q_bias, zeros, v_bias)
-            by_part = {p: files.get(k, read_dtype) for k, p in parts}
-            if set(by_part) != {"q", "v"}:
-                raise UserError(f"{plan.label}: {target} needs both q_bias and v_bias, found {sorted(by_part)}")
-            value = torch.cat([by_part["q"], torch.zeros_like(by_part["q"]), by_part["v"]])
-        if own is not None and fit and tuple(value.shape) != tuple(own.shape):
-            like = own if own.device.type != "meta" else None
-            value = _fit(fit, value, like, tuple(own.shape))
-        out[target] = value if dtype is None or value.dtype == dtype else value.to(dtype)
-    return out
+    return LazyTensors({target: partial(_read_target, plan, files, model_state, target, parts)
+                        for target, parts in plan.sources.items()})
+
+
+def _read_target(plan: Plan, files, model_state: dict[str, torch.Tensor], target: str, parts) -> torch.Tensor:
+    own = model_state.get(target)
+    dtype = own.dtype if own is not None else None
+    fit = next((k for pattern, k in plan.layout.fits.items() if re.search(pattern, target)), None)
+    read_dtype = torch.float32 if fit == "grid" else dtype  # interpolate in float32, as LAVIS does
+    if parts[0][1] is None:
+        value = files.get(parts[0][0], read_dtype)
+    else:  # the qkv bias: cat(q_bias, zeros, v_bias)
+        by_part = {p: files.get(k, read_dtype) for k, p in parts}
+        if set(by_part) != {"q", "v"}:
+            raise UserError(f"{plan.label}: {target} needs both q_bias and v_bias, found {sorted(by_part)}")
+        value = torch.cat([by_part["q"], torch.zeros_like(by_part["q"]), by_part["v"]])
+    if own is not None and fit and tuple(value.shape) != full_shape(own):
+        like = own if own.device.type != "meta" and not is_partitioned(own) else None
+        value = _fit(fit, value, like, full_shape(own))
+    return value if dtype is None or value.dtype == dtype else value.to(dtype)
 
 
 def interpolate_position_embedding(pos: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -23,6 +23,7 @@ from blip2_ray.model.builders import build_stage1, stage2_from_blip2_dir
 from blip2_ray.model.checkpoint_files import require_local_dir
 from blip2_ray.model.config import ModelConfig
 from blip2_ray.model.language_model import DeviceMap
+from blip2_ray.model.partitioned import full_shape
 from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.stage2 import Blip2Stage2
 from blip2_ray.model.tokenizers import load_qformer_tokenizer
@@ -88,7 +89,7 @@ def stage1_hf_config(model: Blip2Stage1):
         vision_config=_vision_hf_config(model),
         qformer_config=model.qformer.config.to_dict(),
         text_config=OPTConfig().to_dict(),  # unused by the retrieval model; HF's config requires one
-        num_query_tokens=model.query_tokens.shape[1],
+        num_query_tokens=full_shape(model.query_tokens)[1],
         image_text_hidden_size=model.vision_projection.out_features,
         image_token_index=None,
     )

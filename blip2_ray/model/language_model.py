@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from blip2_ray.errors import UserError
-from blip2_ray.model.checkpoint_files import default_dtype, require_local_dir
+from blip2_ray.model.checkpoint_files import TensorFiles, assign_weights, default_dtype, require_local_dir
 from blip2_ray.model.config import ModelConfig, llm_is_decoder
+from blip2_ray.model.convert import LazyTensors
+from blip2_ray.model.partitioned import FrozenConstruction, construction_context
 from blip2_ray.model.vision import DTYPES
 from blip2_ray.model.weight_sources import llm_config_at
 
@@ -70,35 +72,87 @@ def load_language_model(path: str, kind: str, dtype: torch.dtype, what: str = "m
     return strict_from_pretrained(cls, require_local_dir(path, what), what, dtype=dtype)
 
 
-def build_language_model(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+def build_language_model(cfg: ModelConfig, vocab_size: int,
+                         construction: FrozenConstruction | None = None) -> nn.Module:
     """The frozen LLM: from `llm.path`, else a random OPT (decoder) / T5 of the configured sizes.
 
-    Allocated directly in `llm.dtype` (not yet frozen).
+    Allocated directly in `llm.dtype` (not yet frozen). `construction` (ZeRO-3, model/partitioned.py):
+    built partitioned, `llm.path`'s tensors read into each rank's slices (load_language_model_partitioned).
     """
-    from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
-
     llm = cfg.llm
     dtype = DTYPES[llm.dtype]
-    if llm.path:
+    if llm.path and construction is None:
         return load_language_model(llm.path, llm.kind, dtype)
-    with default_dtype(dtype):
-        if llm_is_decoder(llm.kind):
-            return OPTForCausalLM(
-                OPTConfig(
-                    vocab_size=vocab_size, hidden_size=llm.hidden_size, num_hidden_layers=llm.num_layers,
-                    num_attention_heads=llm.num_heads, ffn_dim=llm.ffn_size, max_position_embeddings=llm.max_positions,
-                    word_embed_proj_dim=llm.hidden_size, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-                    dropout=0.1, attention_dropout=0.0,
-                )
-            )
-        return T5ForConditionalGeneration(
-            T5Config(
-                vocab_size=vocab_size, d_model=llm.hidden_size, d_kv=llm.head_dim, d_ff=llm.ffn_size,
-                num_layers=llm.num_layers, num_decoder_layers=llm.num_layers, num_heads=llm.num_heads,
-                feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-                decoder_start_token_id=0,
-            )
+    config = _llm_config(cfg, vocab_size) if not llm.path else _llm_config_at(llm.path, llm.kind)
+    with default_dtype(dtype), construction_context(construction):
+        model = _llm_class(llm.kind, dtype if llm.path else None)(config)
+    if construction is not None:
+        construction.finish(model, not llm.path)
+    if llm.path:
+        load_language_model_partitioned(model, llm.path)
+    return model
+
+
+def _llm_config(cfg: ModelConfig, vocab_size: int):
+    from transformers import OPTConfig, T5Config
+
+    llm = cfg.llm
+    if llm_is_decoder(llm.kind):
+        return OPTConfig(
+            vocab_size=vocab_size, hidden_size=llm.hidden_size, num_hidden_layers=llm.num_layers,
+            num_attention_heads=llm.num_heads, ffn_dim=llm.ffn_size, max_position_embeddings=llm.max_positions,
+            word_embed_proj_dim=llm.hidden_size, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+            dropout=0.1, attention_dropout=0.0,
         )
+    return T5Config(
+        vocab_size=vocab_size, d_model=llm.hidden_size, d_kv=llm.head_dim, d_ff=llm.ffn_size,
+        num_layers=llm.num_layers, num_decoder_layers=llm.num_layers, num_heads=llm.num_heads,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def _llm_config_at(path: str, kind: str):
+    from transformers import AutoConfig
+
+    llm_config_at(path, kind)
+    return AutoConfig.from_pretrained(require_local_dir(path, "model.llm.path"), local_files_only=True)
+
+
+def _llm_class(kind: str, from_path_dtype: torch.dtype | None):
+    """The class a random LLM is built as (OPT / T5), or (a dtype given) the Auto class of a directory's
+    config, built in that dtype (transformers would take the dtype config.json names)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        OPTForCausalLM,
+        T5ForConditionalGeneration,
+    )
+
+    if from_path_dtype is not None:
+        auto = AutoModelForCausalLM if llm_is_decoder(kind) else AutoModelForSeq2SeqLM
+        return partial(auto.from_config, dtype=from_path_dtype)
+    return OPTForCausalLM if llm_is_decoder(kind) else T5ForConditionalGeneration
+
+
+def load_language_model_partitioned(model: nn.Module, path: str, what: str = "model.llm.path") -> None:
+    """Read an HF LLM directory's tensors into `model`'s partitioned parameters, one tensor at a time.
+
+    Keys as the directory stores them, or without the base model prefix (facebook/opt-* files store
+    `decoder.*` for `model.decoder.*`). Tied weights (the LM head of OPT) may be absent; any other key
+    that does not fit is a UserError (model/checkpoint_files.assign_weights).
+    """
+    files = TensorFiles(require_local_dir(path, what))
+    own = model.state_dict(keep_vars=True)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def target(key: str) -> str:
+        return key if key in own or prefix + key not in own else prefix + key
+
+    state = LazyTensors({target(k): partial(files.get, k, own[target(k)].dtype if target(k) in own else None)
+                         for k in files.keys()})
+    # every parameter once (a tied LM head is the input embedding); buffers are computed, not read
+    assign_weights(model, state, f"{what} {path!r}", required=[n for n, _ in model.named_parameters()])
 
 
 def _to_device(device: torch.device, value):

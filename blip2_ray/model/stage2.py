@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip2_ray.model.partitioned import full_shape
 from blip2_ray.model.precision import autocast_off
 from blip2_ray.model.qformer import run_qformer
 from blip2_ray.model.vision import encode_image, freeze_vision
@@ -89,7 +90,7 @@ class Blip2Stage2(nn.Module):
 
     @property
     def num_query_tokens(self) -> int:
-        return self.query_tokens.shape[1]
+        return full_shape(self.query_tokens)[1]  # ZeRO-3 partitioned: the whole parameter's shape
 
     @property
     def llm_family(self) -> str:

@@ -22,6 +22,7 @@ from blip2_ray.model.checkpoint_files import (
     require_materialized,
 )
 from blip2_ray.model.config import VisionConfig
+from blip2_ray.model.partitioned import FrozenConstruction, set_parameter_dtype
 from blip2_ray.model.precision import autocast_off
 from blip2_ray.model.weight_sources import WeightSource, ln_vision_eps
 
@@ -73,34 +74,43 @@ def vision_module(cfg: VisionConfig) -> nn.Module:
     )
 
 
-def build_vision_model(cfg: VisionConfig, source: WeightSource | None = None) -> nn.Module:
+def build_vision_model(cfg: VisionConfig, source: WeightSource | None = None,
+                       construction: FrozenConstruction | None = None) -> nn.Module:
     """The image encoder, not yet frozen: trunk in `cfg.dtype`, ln_vision (post_layernorm) in float32.
 
     `source`: the weights (see weight_sources.vision_source); None: random init (seeded by the caller).
-    Peak memory is the trunk in its dtype plus one tensor being converted.
+    Peak memory is the trunk in its dtype plus one tensor being converted. `construction` (ZeRO-3,
+    model/partitioned.py): built partitioned, each rank reading only its slices; peak about 1/world of it.
     """
     dtype = DTYPES[cfg.dtype]
-    if source is None:
+    if construction is not None:
+        with default_dtype(dtype), construction.context():
+            model = vision_module(cfg)
+        construction.finish(model, source is None)
+    elif source is None:
         with default_dtype(dtype):
             model = vision_module(cfg)
     else:
         with default_dtype(dtype), parameters_on_meta():
             model = vision_module(cfg)
+    # ln_vision in float32 before any weight arrives (a file's float32 ln_vision is not rounded on the way)
+    set_parameter_dtype(model.post_layernorm, torch.float32)
+    if source is not None:
         load_vision_weights(model, cfg, source)
-    model.post_layernorm.float()
     model.post_layernorm.eps = ln_vision_eps(cfg)
     return model
 
 
 def load_vision_weights(model: nn.Module, cfg: VisionConfig, source: WeightSource) -> None:
-    """Assign the trunk (and ln_vision when the source has it) from `source` into a meta-built `model`."""
+    """Assign the trunk (and ln_vision when the source has it) from `source` into a meta-built (or
+    partitioned) `model`."""
     files = source.files()
     layout = source.layout
     prefix = "vision_model." if layout is convert.LAVIS_BLIP2 else ""
     keys = [k for k in files.keys() if not prefix or k.startswith(("visual_encoder.", "ln_vision."))]
     plan = convert.plan_conversion(layout, keys, source.label, depth=cfg.num_layers)
     own = {prefix + k: v for k, v in model.state_dict(keep_vars=True).items()}
-    state = {k.removeprefix(prefix): v for k, v in convert.convert_tensors(plan, files, own).items()}
+    state = convert.convert_tensors(plan, files, own).renamed(lambda k: k.removeprefix(prefix))
     provides = layout.provides if not prefix else convert.VIT_PROVIDES
     required = [k for k in model.state_dict(keep_vars=True) if re.search(provides, k)]
     assign_weights(model, state, source.label, required=required)

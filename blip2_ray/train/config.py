@@ -75,6 +75,12 @@ class DeepSpeedSection:
                           "frozen ViT/LLM included)", 2)
     stage3_param_persistence_threshold: int = doc(
         "ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default 1e5)", 100_000)
+    stage3_max_live_parameters: int = doc(
+        "ZeRO-3: most parameter elements held gathered at once, also the reuse distance within which a gathered "
+        "parameter is kept (DeepSpeed's default 1e9 keeps ~2 GB of a bf16 ViT/LLM whole on every worker)",
+        100_000_000)
+    stage3_prefetch_bucket_size: int = doc("ZeRO-3: parameter elements gathered ahead of the module that needs them",
+                                           50_000_000)
     overlap_comm: bool = doc("overlap gradient reduction with backward", False)
     reduce_bucket_size: int = doc("elements per gradient-reduction bucket", 50_000_000)
     contiguous_gradients: bool | None = doc(
@@ -87,6 +93,8 @@ class DeepSpeedSection:
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
         if self.stage3_param_persistence_threshold < 0 or self.reduce_bucket_size < 1:
             raise ValueError("stage3_param_persistence_threshold must be >= 0 and reduce_bucket_size >= 1")
+        if self.stage3_max_live_parameters < 1 or self.stage3_prefetch_bucket_size < 0:
+            raise ValueError("stage3_max_live_parameters must be >= 1 and stage3_prefetch_bucket_size >= 0")
 
 
 @dataclass

@@ -39,11 +39,21 @@ DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray checkpoint directory
 
 # ----------------------------------------------------------------------------------- model pieces
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
-    """The stage's model, seeded: random frozen parts are identical on every rank and every restart."""
+    """The stage's model, seeded: random frozen parts are identical on every rank and every restart.
+
+    ZeRO-3 (the process group must exist): the frozen ViT / LLM are built partitioned over the ranks
+    (train/zero3.py), never whole on one worker; weight files are read into each rank's slices.
+    """
     from blip2_ray.model.builders import build_stage1, build_stage2
 
+    construction = None
+    if cfg.deepspeed.zero_stage == 3:
+        from blip2_ray.train.zero3 import frozen_construction
+
+        construction = frozen_construction(deepspeed_config(cfg))
     torch.manual_seed(cfg.train.seed)
-    return build_stage1(cfg.model) if cfg.stage == 1 else build_stage2(cfg.model)
+    build = build_stage1 if cfg.stage == 1 else build_stage2
+    return build(cfg.model, construction=construction)
 
 
 def build_engine(cfg: PretrainConfig):
@@ -168,35 +178,24 @@ def restore(engine, cfg: PretrainConfig, world: int) -> dict | None:
 
 # ------------------------------------------------------------------------------------------ export
 def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
-    """World-size-free HF export of the trained weights to cfg.output_dir (rank 0 writes; all ranks call)."""
-    import deepspeed
+    """World-size-free HF export of the trained weights to cfg.output_dir (rank 0 writes; all ranks call).
+
+    No rank builds another model: every tensor of the engine's module (ZeRO-3: each parameter gathered
+    alone, the frozen ViT / LLM too) is streamed into safetensors shards by rank 0
+    (model/hf_export_stream.py), so the export adds at most one shard to a worker's memory.
+    """
     import torch.distributed as dist
 
-    from blip2_ray.model.hf_format import export_stage1, export_stage2
+    from blip2_ray.model.hf_export_stream import export_streamed
     from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.train.zero3 import gathered_state
 
-    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    state = None
-    if cfg.deepspeed.zero_stage == 3:
-        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
-            if rank == 0:
-                state = {n: p.detach().float().cpu().clone() for n, p in trainable}
-    elif rank == 0:
-        state = {n: p.detach().float().cpu().clone() for n, p in trainable}
-    out = None
+    tokenizer = None
     if rank == 0:
-        # a fresh plain model: under ZeRO-3 the engine's frozen parts are partitioned over the ranks
-        plain = build_model(cfg)
-        shapes = {n: p.shape for n, p in plain.named_parameters() if p.requires_grad}
-        missing = set(shapes) - set(state)
-        if missing:
-            raise RuntimeError(f"trained state lacks {sorted(missing)[:3]}")
-        # reshape undoes vectorise_scalar_parameters
-        plain.load_state_dict({n: state[n].reshape(shapes[n]) for n in shapes}, strict=False)
-        if cfg.stage == 1:
-            out = export_stage1(plain, cfg.output_dir, qformer_tokenizer(cfg.model), cfg.model)
-        else:
-            out = export_stage2(plain, cfg.output_dir, llm_tokenizer(cfg.model), cfg.model)
+        tokenizer = qformer_tokenizer(cfg.model) if cfg.stage == 1 else llm_tokenizer(cfg.model)
+    out = export_streamed(engine.module, cfg.stage, gathered_state(engine.module, rank),
+                          cfg.output_dir if rank == 0 else None, tokenizer, cfg.model)
+    if out is not None:
         print(f"[stage{cfg.stage}] exported to {out}", flush=True)
     if dist.is_initialized():
         dist.barrier()

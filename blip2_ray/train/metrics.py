@@ -2,7 +2,8 @@
 
 Loss components are summed as detached device tensors per micro step and read once per log step (one
 device sync per log step, not per micro step). Means over ranks for losses and times; maxima over ranks
-for memory peaks and the held fraction of the frozen parameters (the worst worker is what runs out).
+for memory peaks and the held fraction of the frozen parameters (the worst worker is what runs out); the
+peaks of every worker as lists too (`*_per_worker`, in rank order).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import resource
 
 import torch
 
+from blip2_ray.model.partitioned import held_numel
 from blip2_ray.train.config import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,15 @@ class LossWindow:
                            + [torch.tensor(self.wait, device=dev), torch.tensor(self.time, device=dev)]).double()
         peak = torch.tensor([host_peak_rss_gib(), device_peak_gib(dev), frozen_fraction_held(engine.module)],
                             dtype=torch.float64, device=dev)
+        per_worker = [peak]
         if dist.is_initialized():
             dist.all_reduce(mean)
             mean /= dist.get_world_size()
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            per_worker = [torch.empty_like(peak) for _ in range(dist.get_world_size())]
+            dist.all_gather(per_worker, peak)
+            peak = torch.stack(per_worker).amax(0)
         mean, peak = mean.tolist(), peak.tolist()  # the one device sync of the window
+        per_worker = [p.tolist() for p in per_worker]
         out = dict(zip(keys, mean[: len(keys)]))
         wait, elapsed = mean[-2], max(mean[-1], 1e-9)
         out.update(
@@ -57,11 +63,13 @@ class LossWindow:
             steps_per_s=self.steps / elapsed,
             data_wait_fraction=wait / elapsed,
             peak_host_rss_gib=peak[0],
+            peak_host_rss_gib_per_worker=[p[0] for p in per_worker],
             frozen_param_fraction_held=peak[2],
             skipped_records=skipped_records(),
         )
         if dev.type == "cuda":
             out["peak_device_memory_gib"] = peak[1]
+            out["peak_device_memory_gib_per_worker"] = [p[1] for p in per_worker]
         return out
 
 
@@ -76,17 +84,12 @@ def device_peak_gib(device: torch.device) -> float:
 
 
 def frozen_fraction_held(module: torch.nn.Module) -> float:
-    """Elements of the frozen parameters this rank holds now / their full size (ZeRO-3: about 1/world)."""
-    held = total = 0
-    for p in module.parameters():
-        if p.requires_grad:
-            continue
-        full = int(getattr(p, "ds_numel", p.numel()))
-        total += full
-        if hasattr(p, "ds_tensor") and p.data.numel() == 0:
-            held += p.ds_tensor.numel()  # partitioned: only this rank's slice is resident
-        else:
-            held += p.data.numel()  # whole (ZeRO-2, under the persistence threshold, or gathered right now)
+    """Elements of the frozen parameters this rank holds now / their full size (ZeRO-3: about 1/world).
+
+    ZeRO-3 builds the frozen parts partitioned (train/zero3.py), so this is also what the worker held
+    while building them (plus one module at a time); the peak host RSS metric is the measured truth.
+    """
+    held, total = held_numel(module)
     return held / max(total, 1)
 
 

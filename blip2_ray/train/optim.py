@@ -61,6 +61,9 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     }
     if ds.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+        zero["stage3_max_live_parameters"] = ds.stage3_max_live_parameters
+        zero["stage3_max_reuse_distance"] = ds.stage3_max_live_parameters
+        zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
         # the export gathers the trainable weights itself; no 16-bit copy at every save
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     out = {

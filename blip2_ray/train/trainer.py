@@ -21,6 +21,11 @@ def tokenizer_dirs(cfg: PretrainConfig) -> tuple[str | None, str | None]:
     return None, llm_tokenizer_dir(cfg.model)
 
 
+ZERO3_HF_PATH = ("model.hf_path is read whole on every worker, so deepspeed.zero_stage 3 could not build it "
+                 "partitioned; name its parts instead (model.vision.path and model.llm.path, with model.init_from "
+                 "for the Q-Former) or use deepspeed.zero_stage 2")
+
+
 def check_inputs(cfg: PretrainConfig) -> list[str]:
     """Fail with one sentence before any worker starts: data paths, stage-1 export, tokenizers.
 
@@ -37,6 +42,8 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
         raise UserError(f"data.train {cfg.data.train} holds no .tar or .parquet shard")
     check_weight_sources(cfg.model, cfg.stage)  # kinds, sizes, contradictions, no accidental random init
     check_exportable(cfg.model)
+    if cfg.deepspeed.zero_stage == 3 and cfg.model.hf_path and cfg.stage == 2:
+        raise UserError(ZERO3_HF_PATH)
     tokenizer_dirs(cfg)
     return files
 
