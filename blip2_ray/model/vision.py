@@ -10,6 +10,7 @@ device and then assigned the file's tensors, without one as a seeded random init
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -129,11 +130,16 @@ def freeze_vision(vision_model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, without grad, in the trunk's storage dtype.
+    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, in the trunk's storage dtype.
 
-    Autocast is off inside: the frozen weights are used as stored (an fp16 trunk computes in fp16 under
-    bf16 autocast too), and the pixels are cast to that dtype by the embeddings.
+    Frozen trunk: no grad and autocast off inside (the frozen weights are used as stored: an fp16 trunk
+    computes in fp16 under bf16 autocast too; the pixels are cast to that dtype by the embeddings). A
+    trunk made trainable by `unfreeze_vision` computes with grad under the caller's autocast, with its
+    gradient checkpointing and drop path.
     """
+    training = getattr(vision_model, "vit_training", None)
+    if training is not None:
+        return _trainable_trunk(vision_model, pixel_values, training)
     with torch.no_grad(), autocast_off(pixel_values.device.type):
         if isinstance(vision_model, ClipVisionTower):
             return vision_model.trunk(pixel_values)
@@ -141,8 +147,59 @@ def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.T
         return vision_model.encoder(inputs_embeds=emb).last_hidden_state
 
 
+@dataclass
+class VitTraining:
+    """How a trainable ViT trunk runs: recompute blocks in backward, per-block drop path rates."""
+
+    grad_checkpointing: bool = False
+    drop_path: list[float] = field(default_factory=list)  # one rate per block (empty: off)
+
+
+def vit_blocks(vision_model: nn.Module) -> list[nn.Module]:
+    """The trunk's transformer blocks, first to last."""
+    encoder = vision_model.clip.encoder if isinstance(vision_model, ClipVisionTower) else vision_model.encoder
+    return list(encoder.layers)
+
+
+def unfreeze_vision(vision_model: nn.Module, grad_checkpointing: bool = False, drop_path: float = 0.0) -> None:
+    """Make the whole ViT trainable in float32 (the master weights; autocast decides the compute dtype).
+
+    `drop_path`: the last block's stochastic-depth rate, linear from 0 at the first block (per sample,
+    applied to each block's whole residual update; EVA drops its attention and MLP branches separately).
+    """
+    vision_model.float()
+    vision_model.requires_grad_(True)
+    n = len(vit_blocks(vision_model))
+    rates = [drop_path * i / max(1, n - 1) for i in range(n)] if drop_path > 0 else []
+    vision_model.vit_training = VitTraining(grad_checkpointing, rates)
+
+
+def _trainable_trunk(vision_model: nn.Module, pixel_values: torch.Tensor, training: VitTraining) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    if isinstance(vision_model, ClipVisionTower):
+        vm = vision_model.clip
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        call = lambda block, x: block(x, None)  # noqa: E731 - CLIP blocks take an attention mask
+    else:
+        h = vision_model.embeddings(pixel_values)
+        call = lambda block, x: block(x)  # noqa: E731
+    for i, block in enumerate(vit_blocks(vision_model)):
+        if training.grad_checkpointing and vision_model.training and torch.is_grad_enabled():
+            out = checkpoint(call, block, h, use_reentrant=False)
+        else:
+            out = call(block, h)
+        rate = training.drop_path[i] if training.drop_path and vision_model.training else 0.0
+        if rate > 0:
+            keep = torch.rand(h.shape[0], 1, 1, device=h.device) >= rate
+            out = h + (out - h) * keep.to(h.dtype) / (1 - rate)
+        h = out
+    return h
+
+
 def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision in float32."""
+    """(B, 3, H, W) -> (B, N, D) float32 image tokens: the trunk (frozen: no grad) then trainable ln_vision in
+    float32."""
     hidden = vision_trunk(vision_model, pixel_values)
     with autocast_off(hidden.device.type):
         return vision_model.post_layernorm(hidden.float())

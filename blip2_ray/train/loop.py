@@ -30,6 +30,8 @@ from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, st
 from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords, merge_position
 from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
+from blip2_ray.train.finetune_config import FinetuneConfig
+from blip2_ray.train.finetune_model import finetune_model, vit_lr_scale
 from blip2_ray.train.metrics import LossWindow, log_step, tensorboard
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
 
@@ -43,7 +45,10 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
     from blip2_ray.model.builders import build_stage1, build_stage2
 
     torch.manual_seed(cfg.train.seed)
-    return build_stage1(cfg.model) if cfg.stage == 1 else build_stage2(cfg.model)
+    model = build_stage1(cfg.model) if cfg.stage == 1 else build_stage2(cfg.model)
+    if isinstance(cfg, FinetuneConfig):
+        finetune_model(model, cfg)
+    return model
 
 
 def build_engine(cfg: PretrainConfig):
@@ -56,13 +61,14 @@ def build_engine(cfg: PretrainConfig):
     import deepspeed
 
     model = build_model(cfg)
+    lr_scale = vit_lr_scale(model, cfg) if isinstance(cfg, FinetuneConfig) else None
     sched = warmup_cosine(cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.lr, cfg.min_lr,
                           cfg.train.warmup_start_lr)
     vectorise_scalar_parameters(model)
     outputs_as_dicts(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
+        model_parameters=param_groups(model, cfg.train.weight_decay, lr_scale=lr_scale, lr=cfg.train.lr),
         config=deepspeed_config(cfg),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
         dist_init_required=False,
@@ -205,7 +211,7 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
 
 # -------------------------------------------------------------------------------------- the worker
 def train_loop_per_worker(config: dict) -> None:
-    cfg = from_dict(PretrainConfig, config["cfg"])
+    cfg = from_dict(FinetuneConfig if config.get("finetune") else PretrainConfig, config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import ray.train
     import torch.distributed as dist
