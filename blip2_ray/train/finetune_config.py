@@ -63,10 +63,18 @@ class FinetuneEvalSection:
     compute: EvalComputeConfig = doc("the evaluation's Ray actor pool", factory=EvalComputeConfig)
 
 
-def _finetune_train() -> TrainConfig:
-    # LAVIS caption_coco_ft.yaml: lr 1e-5 (floor 0), 1000 warmup steps from 1e-8, wd 0.05, clip none
-    return TrainConfig(max_steps=1000, global_batch_size=128, micro_batch_size=16, lr=1e-5, min_lr=0.0,
-                       warmup_steps=1000, warmup_start_lr=1e-8, betas=[0.9, 0.999])
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """Pre-training's optimisation keys with LAVIS caption_coco_ft.yaml's values as defaults."""
+
+    max_steps: int = doc("optimizer steps of the whole run (COCO Karpathy train, 5 epochs at 128: ~17.7k)", 17_700)
+    global_batch_size: int = doc("samples per optimizer step over all workers (LAVIS: 16 per GPU x 8)", 128)
+    micro_batch_size: int = doc("samples per forward/backward on one worker", 16)
+    lr: float = doc("peak learning rate", 1e-5)
+    min_lr: float | None = doc("cosine floor", 0.0)
+    warmup_steps: int = doc("linear warmup steps from warmup_start_lr to lr", 1000)
+    warmup_start_lr: float = doc("lr at step 0 of the warmup", 1e-8)
+    betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.999])
 
 
 @dataclass
@@ -78,7 +86,8 @@ class FinetuneConfig(PretrainConfig):
                         "blip2_finetune")
     output_dir: str = doc("final HF export (caption / vqa: Blip2ForConditionalGeneration + processor; retrieval: "
                           "the Blip2ForImageTextRetrieval layout) and finetune_report.json", "outputs/finetune")
-    train: TrainConfig = doc("optimisation and schedule (defaults: LAVIS caption_coco_ft)", factory=_finetune_train)
+    train: FinetuneTrainConfig = doc("optimisation and schedule (defaults: LAVIS caption_coco_ft)",
+                                     factory=FinetuneTrainConfig)
     annotations: AnnotationSection = doc("annotation files and image folders", factory=AnnotationSection)
     vision_training: VisionTrainingSection = doc("how the ViT trains", factory=VisionTrainingSection)
     evaluation: FinetuneEvalSection = doc("evaluation of the held-out annotations", factory=FinetuneEvalSection)
