@@ -203,3 +203,28 @@ def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.T
     hidden = vision_trunk(vision_model, pixel_values)
     with autocast_off(hidden.device.type):
         return vision_model.post_layernorm(hidden.float())
+
+
+def resize_vision_input(vision_model: nn.Module, image_size: int) -> bool:
+    """Make an EVA/BLIP-2 ViT take `image_size` pixels: its position embeddings resampled once (bicubic over
+    the patch grid, CLS kept: LAVIS's interpolate_pos_embed), its config updated. Whether anything changed."""
+    from blip2_ray.errors import UserError
+
+    if isinstance(vision_model, ClipVisionTower):
+        if vision_model.config.image_size != image_size:
+            have = vision_model.config.image_size
+            raise UserError(f"changing the CLIP ViT's image size ({have} -> {image_size}) at load is not supported; "
+                            f"keep model.vision.image_size at {have}")
+        return False
+    emb = vision_model.embeddings
+    if emb.image_size == image_size:
+        return False
+    if image_size % emb.patch_size:
+        raise UserError(f"image size {image_size} is not a multiple of the ViT's patch size {emb.patch_size}")
+    n = (image_size // emb.patch_size) ** 2
+    pos = convert.interpolate_position_embedding(emb.position_embedding.detach(), (1, n + 1, emb.embed_dim))
+    emb.position_embedding = nn.Parameter(pos.to(emb.position_embedding.dtype),
+                                          requires_grad=emb.position_embedding.requires_grad)
+    emb.image_size, emb.num_patches, emb.num_positions = image_size, n, n + 1
+    vision_model.config.image_size = image_size
+    return True

@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-from blip2_ray.model.vision import unfreeze_vision, vit_blocks
+from blip2_ray.model.vision import resize_vision_input, unfreeze_vision, vit_blocks
 from blip2_ray.train.finetune_config import FinetuneConfig
 
 _BLOCK = re.compile(r"^vision_model\.(?:clip\.)?encoder\.layers\.(\d+)\.")
@@ -19,6 +19,9 @@ _EMBEDDINGS = re.compile(r"^vision_model\.(?:clip\.)?(embeddings|pre_layrnorm)\.
 def finetune_model(model: nn.Module, cfg: FinetuneConfig) -> None:
     """Apply `cfg.vision_training` to a freshly built stage model, in place (the LLM stays frozen)."""
     vt = cfg.vision_training
+    # a whole BLIP-2 directory (model.hf_path) arrives at its own image size: fine-tuning at a larger one
+    # (LAVIS: 364 px) resamples its position embeddings here, once; builders already do it for init_from
+    resize_vision_input(model.vision_model, cfg.model.vision.image_size)
     if not vt.freeze_vit:
         unfreeze_vision(model.vision_model, vt.grad_checkpointing, vt.drop_path)
 

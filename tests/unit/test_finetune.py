@@ -193,3 +193,17 @@ def test_memory_sentence_for_an_unfrozen_real_vit_on_one_worker():
     assert "without ZeRO sharding" in msg and "14.7 GiB" in msg, msg
     assert start_warnings(_cfg(model={"preset": "vitg_opt2.7b"}, vision_training={"freeze_vit": True},
                                data={"image_size": 224})) == []
+
+
+def test_a_larger_image_size_resamples_the_position_embeddings_once():
+    from blip2_ray.model.convert import interpolate_position_embedding
+    from blip2_ray.model.vision import encode_image, resize_vision_input
+
+    v = _tiny_vision()
+    before = v.embeddings.position_embedding.detach().clone()  # (1, 1 + 4*4, 32): 32 px, patch 8
+    assert resize_vision_input(v, 48) and not resize_vision_input(v, 48)
+    after = v.embeddings.position_embedding
+    assert after.shape == (1, 1 + 36, 32) and v.config.image_size == 48
+    torch.testing.assert_close(after.detach(), interpolate_position_embedding(before, (1, 37, 32)))
+    torch.testing.assert_close(after[0, 0].detach(), before[0, 0])  # CLS position kept
+    assert encode_image(v, torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
