@@ -152,7 +152,8 @@ def run_finetune(cfg: FinetuneConfig, dataset=None) -> dict:
         print(f"[finetune] fine-tuned {cfg.task} metrics: {_short(metrics['finetuned'])}", flush=True)
     m = result.metrics or {}
     report = {"task": cfg.task, "output_dir": cfg.output_dir, "metrics": metrics,
-              "train": {"step": m.get("step"), "loss": m.get("loss")}, "data": manifest}
+              "train": {k: m.get(k) for k in ("step", "loss", "samples_per_s", "peak_host_rss_gib",
+                                              "peak_device_memory_gib")}, "data": manifest}
     write_json_atomic(os.path.join(cfg.output_dir, REPORT_FILE), report)
     return report
 
