@@ -23,15 +23,11 @@ from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     from blip2_ray.train.finetune_config import FinetuneConfig
     from blip2_ray.train.finetune_job import check_finetune_inputs, resolve_start, run_finetune
-    from blip2_ray.train.trainer import check_inputs
 
     p = job_parser(__doc__.split("\n")[0], config_help="YAML of overrides of the FinetuneConfig defaults")
     args = p.parse_args(argv)
     cfg = load_job_config(FinetuneConfig, args)
-    start = resolve_start(cfg)
-    check_finetune_inputs(start)  # before any worker: bad paths are one sentence, not a Ray traceback
-    if start.data.train:
-        check_inputs(start)
+    check_finetune_inputs(resolve_start(cfg))  # before Ray: bad paths are one sentence, not a Ray traceback
     init_ray(args.address)
     report = run_finetune(cfg)
     metrics = report["metrics"]

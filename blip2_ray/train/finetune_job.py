@@ -55,6 +55,11 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations:
     if cfg.task not in IMPLEMENTED_TASKS:
         raise UserError(f"task {cfg.task!r} is not implemented yet in jobs/finetune.py (implemented: "
                         f"{', '.join(IMPLEMENTED_TASKS)}); docs/finetuning.md says what is missing")
+    from blip2_ray.model.hf_format import check_exportable
+    from blip2_ray.model.weight_sources import check_weight_sources
+
+    check_weight_sources(cfg.model, cfg.stage)  # the starting model, before the images are packed
+    check_exportable(cfg.model)
     a = cfg.annotations
     ann = read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
     if a.eval and not os.path.isfile(a.eval):

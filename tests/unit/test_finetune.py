@@ -207,3 +207,18 @@ def test_a_larger_image_size_resamples_the_position_embeddings_once():
     torch.testing.assert_close(after.detach(), interpolate_position_embedding(before, (1, 37, 32)))
     torch.testing.assert_close(after[0, 0].detach(), before[0, 0])  # CLS position kept
     assert encode_image(v, torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
+
+
+def test_init_from_a_whole_blip2_directory_becomes_hf_path(tmp_path):
+    from blip2_ray.train.finetune_job import resolve_start
+
+    (tmp_path / "blip2").mkdir()
+    (tmp_path / "blip2/config.json").write_text(json.dumps({"model_type": "blip-2",
+                                                            "architectures": ["Blip2ForConditionalGeneration"]}))
+    cfg = resolve_start(_cfg(model={"init_from": str(tmp_path / "blip2")}))
+    assert cfg.model.hf_path == str(tmp_path / "blip2") and cfg.model.init_from is None
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1/config.json").write_text(json.dumps({"model_type": "blip-2",
+                                                         "architectures": ["Blip2ForImageTextRetrieval"]}))
+    cfg = resolve_start(_cfg(model={"init_from": str(tmp_path / "s1")}))
+    assert cfg.model.init_from == str(tmp_path / "s1") and cfg.model.hf_path is None  # a stage-1 export
