@@ -50,6 +50,11 @@ class VisionTrainingSection:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.freeze_vit:
+            used = [k for k, on in (("grad_checkpointing", self.grad_checkpointing), ("drop_path", self.drop_path > 0),
+                                    ("layer_decay", self.layer_decay != 1)) if on]
+            if used:
+                raise ValueError(f"{', '.join(used)} apply to a trained ViT; with freeze_vit true remove them")
 
 
 @dataclass

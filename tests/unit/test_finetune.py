@@ -33,6 +33,8 @@ def test_task_decides_the_stage_and_contradictions_are_errors():
     with pytest.raises(ConfigError, match="layer_decay"):
         _cfg(vision_training={"layer_decay": 0})
     assert _cfg().vision_training.freeze_vit is False  # fine-tuning trains the ViT by default
+    with pytest.raises(ConfigError, match="grad_checkpointing apply to a trained ViT"):
+        _cfg(vision_training={"freeze_vit": True, "grad_checkpointing": True})
 
 
 def test_shipped_tiny_config_loads():
