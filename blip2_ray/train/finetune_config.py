@@ -72,7 +72,7 @@ class FinetuneEvalSection:
 class FinetuneTrainConfig(TrainConfig):
     """Pre-training's optimisation keys with LAVIS caption_coco_ft.yaml's values as defaults."""
 
-    max_steps: int = doc("optimizer steps of the whole run (COCO Karpathy train, 5 epochs at 128: ~17.7k)", 17_700)
+    max_steps: int = doc("optimizer steps of the whole run (COCO Karpathy train, 5 epochs at 128: 22,139)", 22_139)
     global_batch_size: int = doc("samples per optimizer step over all workers (LAVIS: 16 per GPU x 8)", 128)
     micro_batch_size: int = doc("samples per forward/backward on one worker", 16)
     lr: float = doc("peak learning rate", 1e-5)

@@ -224,3 +224,15 @@ def test_init_from_a_whole_blip2_directory_becomes_hf_path(tmp_path):
                                                          "architectures": ["Blip2ForImageTextRetrieval"]}))
     cfg = resolve_start(_cfg(model={"init_from": str(tmp_path / "s1")}))
     assert cfg.model.init_from == str(tmp_path / "s1") and cfg.model.hf_path is None  # a stage-1 export
+
+
+def test_real_caption_config_carries_lavis_caption_coco_ft_values():
+    cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/finetune_caption_coco.yaml")
+    t, g = cfg.train, cfg.evaluation.generation
+    assert (cfg.model.preset, cfg.model.vision.image_size, cfg.data.image_size) == ("vitg_opt2.7b", 364, 364)
+    assert (t.lr, t.warmup_steps, t.weight_decay, t.micro_batch_size, cfg.scaling.num_workers) == (1e-5, 1000, 0.05,
+                                                                                                   16, 8)
+    assert t.max_steps == -(-566_747 * 5 // t.global_batch_size)  # 5 epochs of COCO Karpathy train captions
+    assert (g.num_beams, g.max_new_tokens, g.min_new_tokens) == (5, 30, 8)  # new tokens only (LAVIS #707)
+    assert cfg.model.llm.prompt == "a photo of " and not cfg.vision_training.freeze_vit
+    assert cfg.vision_training.grad_checkpointing
