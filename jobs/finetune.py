@@ -1,9 +1,9 @@
-"""BLIP-2 fine-tuning (caption; vqa and retrieval not yet) with the ViT trained, on Ray Train + DeepSpeed ZeRO.
+"""BLIP-2 fine-tuning (caption, retrieval; vqa not yet) with the ViT trained, on Ray Train + DeepSpeed ZeRO.
 
     python jobs/finetune.py --config jobs/configs/finetune_caption_tiny.yaml [--set key=value ...]
     ray job submit --address http://127.0.0.1:8265 -- python jobs/finetune.py --config ...
 
-The annotations (LAVIS/BLIP COCO Karpathy JSON + image root) are packed once into parquet shards under
+The annotations (LAVIS/BLIP COCO Karpathy or Flickr30k JSON + image root) are packed once into parquet shards under
 <storage_path>/<run_name>/finetune_shards; the export and finetune_report.json (metrics before / after)
 go to output_dir. A rerun with the same run_name resumes from its latest checkpoint (docs/finetuning.md).
 """

@@ -30,7 +30,7 @@ def sections() -> list[tuple[str, str, type]]:
 
     return [
         ("Pre-training (stage 1 and stage 2)", "jobs/pretrain.py", PretrainConfig),
-        ("Fine-tuning (caption; vqa and retrieval not yet)", "jobs/finetune.py", FinetuneConfig),
+        ("Fine-tuning (caption, retrieval; vqa not yet)", "jobs/finetune.py", FinetuneConfig),
         ("CapFilt (caption and filter a corpus)", "jobs/capfilt.py", CapFiltConfig),
         ("Evaluation (retrieval, caption, VQA)", "jobs/evaluate.py", EvalConfig),
         ("Serving", "jobs/serve.py", ServeConfig),

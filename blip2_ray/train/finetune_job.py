@@ -2,7 +2,7 @@
 parquet shards once, evaluate the starting model (optional), train on the pre-training loop, evaluate the export.
 
 `run_finetune(cfg)` is what `jobs/finetune.py` (and the tests) call once Ray is up. Tasks implemented:
-caption. `vqa` and `retrieval` are refused with a UserError before any work starts.
+caption, retrieval. `vqa` is refused with a UserError before any work starts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from blip2_ray.train.finetune_config import FinetuneConfig
 from blip2_ray.train.finetune_model import vit_training_gib
 
 REPORT_FILE = "finetune_report.json"
-IMPLEMENTED_TASKS = ("caption",)
+IMPLEMENTED_TASKS = ("caption", "retrieval")
 # trunk parameters of the real ViTs (EVA ViT-g/14 with 39 blocks, CLIP ViT-L/14 with 23)
 VIT_PARAMS = {"eva_vit_g": 985_000_000, "clip_vit_l": 291_000_000}
 
@@ -47,6 +47,14 @@ def resolve_start(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
+def start_dir(cfg: FinetuneConfig) -> str | None:
+    """The starting model as an export directory the evaluation can read (None: it is assembled from parts)."""
+    if cfg.stage == 2:
+        return cfg.model.hf_path
+    init = cfg.model.init_from
+    return init if init and os.path.isfile(os.path.join(init, "config.json")) else None
+
+
 def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations:
     """One sentence before any worker starts: the task, the annotations and their images, the start model.
 
@@ -64,9 +72,10 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations:
     ann = read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
     if a.eval and not os.path.isfile(a.eval):
         raise UserError(f"annotations.eval {a.eval!r} does not exist")
-    if cfg.evaluation.zero_shot and not (cfg.model.hf_path and a.eval):
-        raise UserError("evaluation.zero_shot needs annotations.eval and a whole starting model (model.hf_path or "
-                        "model.init_from naming a Blip2ForConditionalGeneration directory)")
+    if cfg.evaluation.zero_shot and not (start_dir(cfg) and a.eval):
+        raise UserError("evaluation.zero_shot needs annotations.eval and a whole starting model (caption: "
+                        "model.hf_path or model.init_from naming a Blip2ForConditionalGeneration directory; "
+                        "retrieval: model.init_from naming a stage-1 export directory)")
     return ann
 
 
@@ -148,8 +157,8 @@ def run_finetune(cfg: FinetuneConfig, dataset=None) -> dict:
     metrics: dict = {}
     eval_dir = os.path.join(cfg.output_dir, "eval")
     if cfg.evaluation.zero_shot:
-        metrics["zero_shot"] = evaluate(cfg, cfg.model.hf_path, os.path.join(eval_dir, "zero_shot.json"))
-        print(f"[finetune] zero-shot {cfg.task} metrics of {cfg.model.hf_path}: {_short(metrics['zero_shot'])}",
+        metrics["zero_shot"] = evaluate(cfg, start_dir(cfg), os.path.join(eval_dir, "zero_shot.json"))
+        print(f"[finetune] zero-shot {cfg.task} metrics of {start_dir(cfg)}: {_short(metrics['zero_shot'])}",
               flush=True)
     result = run_pretrain(cfg, dataset)
     if cfg.annotations.eval:

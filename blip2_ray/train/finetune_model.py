@@ -5,10 +5,14 @@ checkpointing, drop path) and its blocks get layer-wise decayed learning rates. 
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Callable
 
+import torch
 from torch import nn
 
+from blip2_ray.model.retrieval_finetune import Blip2RetrievalFinetune
+from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.vision import resize_vision_input, unfreeze_vision, vit_blocks
 from blip2_ray.train.finetune_config import FinetuneConfig
 
@@ -17,7 +21,10 @@ _EMBEDDINGS = re.compile(r"^vision_model\.(?:clip\.)?(embeddings|pre_layrnorm)\.
 
 
 def finetune_model(model: nn.Module, cfg: FinetuneConfig) -> None:
-    """Apply `cfg.vision_training` to a freshly built stage model, in place (the LLM stays frozen)."""
+    """Apply `cfg.vision_training` to a freshly built stage model, in place (the LLM stays frozen); a stage-1
+    model becomes a Blip2RetrievalFinetune (same parameters, a step that takes image ids)."""
+    if isinstance(model, Blip2Stage1):
+        model.__class__ = Blip2RetrievalFinetune  # a subclass with no state of its own: only forward/train differ
     vt = cfg.vision_training
     # a whole BLIP-2 directory (model.hf_path) arrives at its own image size: fine-tuning at a larger one
     # (LAVIS: 364 px) resamples its position embeddings here, once; builders already do it for init_from
@@ -49,3 +56,8 @@ def vit_training_gib(num_params: int, num_workers: int, zero_stage: int) -> floa
     weights = 4 * num_params / (num_workers if zero_stage == 3 else 1)
     grads_and_adam = (4 + 8) * num_params / num_workers
     return (weights + grads_and_adam) / (1 << 30)
+
+
+def image_ids_of_keys(keys) -> torch.Tensor:
+    """(B,) int64 ids of the images of training rows keyed "<image_id>/<n>" (data/annotations.py)."""
+    return torch.tensor([zlib.crc32(str(k).rsplit("/", 1)[0].encode()) for k in keys], dtype=torch.int64)

@@ -31,7 +31,7 @@ from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords, merge_position
 from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
 from blip2_ray.train.finetune_config import FinetuneConfig
-from blip2_ray.train.finetune_model import finetune_model, vit_lr_scale
+from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys, vit_lr_scale
 from blip2_ray.train.metrics import LossWindow, log_step, tensorboard
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
 
@@ -80,7 +80,11 @@ def forward(engine, cfg: PretrainConfig, batch: dict, rank: int):
     """One micro batch through the engine (pixels normalised on its device) -> a StepOutput."""
     pixels, ids, mask = to_device(batch, engine.device, cfg.stage)
     if cfg.stage == 1:
-        return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad, gather_with_grad=all_gather_with_grad)
+        extra = {}
+        if isinstance(cfg, FinetuneConfig):  # retrieval: captions of one image are never negatives of each other
+            extra["image_ids"] = image_ids_of_keys(batch["key"]).to(engine.device)
+        return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad, gather_with_grad=all_gather_with_grad,
+                      **extra)
     return engine(pixels, ids, mask)
 
 

@@ -20,11 +20,19 @@ CONFIG = ROOT / "jobs/configs/finetune_caption_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def start_model(tmp_path_factory, tiny_tokenizers):
+def coco(tmp_path_factory, tiny_tokenizers):
+    from blip2_ray.data.sample_coco import make_coco_karpathy_sample
+
+    root = tmp_path_factory.mktemp("finetune")
+    return {"root": root, **make_coco_karpathy_sample(str(root / "coco"), num_train=96, num_test=24, image_size=32,
+                                                      captions_per_image=2, seed=5, num_colours=4, num_shapes=3)}
+
+
+@pytest.fixture(scope="module")
+def start_model(coco):
     import torch
 
     from blip2_ray.data.annotations import read_caption_annotations
-    from blip2_ray.data.sample_coco import make_coco_karpathy_sample
     from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
     from blip2_ray.model.hf_format import export_stage2
@@ -32,9 +40,7 @@ def start_model(tmp_path_factory, tiny_tokenizers):
     from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.model.tokenizers import COLOURS, SHAPES
 
-    root = tmp_path_factory.mktemp("finetune")
-    data = make_coco_karpathy_sample(str(root / "coco"), num_train=96, num_test=24, image_size=32,
-                                     captions_per_image=2, seed=5, num_colours=4, num_shapes=3)
+    root, data = coco["root"], coco
     cfg = model_config("tiny")
     tok = llm_tokenizer(cfg)
     caps = [c for e in read_caption_annotations(data["train"], data["image_root"]).entries for c in e["captions"]]
@@ -42,7 +48,7 @@ def start_model(tmp_path_factory, tiny_tokenizers):
                             batch_size=32, lr=5e-3, context_share=0.9)
     torch.manual_seed(0)
     export_stage2(build_stage2(model_config("tiny", llm={"path": llm}), tok), str(root / "start"), tok, cfg)
-    return {"root": root, **data, "start": str(root / "start")}
+    return {**data, "start": str(root / "start")}
 
 
 def test_caption_finetune_beats_zero_shot_trains_the_vit_and_keeps_the_llm(ray_session, start_model, tmp_path):
@@ -89,3 +95,40 @@ def test_finetune_bad_inputs_are_one_sentence_before_ray(start_model, tmp_path):
     for extra, message in cases:
         proc = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_retrieval_finetune_beats_zero_shot_r1_and_exports_a_retrieval_model(ray_session, coco, tmp_path):
+    import torch
+
+    from blip2_ray.model.builders import build_stage1
+    from blip2_ray.model.config import model_config
+    from blip2_ray.model.hf_format import export_stage1
+    from blip2_ray.model.tokenizer_paths import qformer_tokenizer
+
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    start = str(tmp_path / "start")
+    export_stage1(build_stage1(cfg), start, qformer_tokenizer(cfg), cfg)
+    out = tmp_path / "out"
+    sets = [f"model.init_from={start}", f"annotations.train={coco['train']}", f"annotations.eval={coco['test']}",
+            f"annotations.image_root={coco['image_root']}", f"storage_path={tmp_path / 'runs'}", f"output_dir={out}",
+            "train.max_steps=120", "train.checkpoint_every=120", "train.micro_batch_size=32", "train.lr=3e-3",
+            "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ray_session}
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/finetune.py"), "--config",
+                           str(ROOT / "jobs/configs/finetune_retrieval_tiny.yaml"), *args],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "finetune_report.json").read_text())["metrics"]
+    assert m["finetuned"]["txt_r1"] + m["finetuned"]["img_r1"] > m["zero_shot"]["txt_r1"] + m["zero_shot"]["img_r1"], m
+
+    before, after = load_file(os.path.join(start, "model.safetensors")), load_file(str(out / "model.safetensors"))
+    vit = [k for k in before if k.startswith("vision_model.encoder.") and k.endswith("fc1.weight")]
+    assert vit and all((before[k] != after[k]).any() for k in vit), "ViT unchanged"
+
+    from transformers import Blip2ForImageTextRetrieval
+
+    hf = Blip2ForImageTextRetrieval.from_pretrained(str(out))
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert (hf.state_dict()[key].float() == after[key].float()).all()

@@ -107,7 +107,7 @@ def test_bad_annotation_files_are_one_user_error(tmp_path):
 def test_unimplemented_tasks_are_refused_before_any_work(tmp_path):
     from blip2_ray.train.finetune_job import check_finetune_inputs
 
-    for task in ("vqa", "retrieval"):
+    for task in ("vqa",):
         with pytest.raises(UserError, match=f"task '{task}' is not implemented yet"):
             check_finetune_inputs(_cfg(task=task))
 
@@ -236,3 +236,59 @@ def test_real_caption_config_carries_lavis_caption_coco_ft_values():
     assert (g.num_beams, g.max_new_tokens, g.min_new_tokens) == (5, 30, 8)  # new tokens only (LAVIS #707)
     assert cfg.model.llm.prompt == "a photo of " and not cfg.vision_training.freeze_vit
     assert cfg.vision_training.grad_checkpointing
+
+
+def test_itc_by_image_spreads_targets_over_captions_of_the_same_image():
+    import torch.nn.functional as F
+
+    from blip2_ray.model import losses
+    from blip2_ray.model.retrieval_finetune import itc_loss_by_image, same_image
+
+    torch.manual_seed(0)
+    sim_i2t, sim_t2i = torch.randn(4, 4), torch.randn(4, 4)
+    distinct = same_image(torch.tensor([1, 2, 3, 4]))
+    torch.testing.assert_close(itc_loss_by_image(sim_i2t, sim_t2i, distinct, 0.1),
+                               losses.itc_loss(sim_i2t, sim_t2i, 0, 0.1))
+    same = same_image(torch.tensor([7, 7, 8, 9]))  # samples 0 and 1: two captions of one image
+    assert same.tolist()[0] == [True, True, False, False]
+    ref = 0.0
+    for sim in (sim_i2t, sim_t2i):
+        for b in range(4):
+            t = torch.tensor([0.5, 0.5, 0, 0]) if b < 2 else F.one_hot(torch.tensor(b), 4).float()
+            t = 0.9 * t + 0.1 / 4
+            ref += -(F.log_softmax(sim[b], 0) * t).sum() / 4
+    torch.testing.assert_close(itc_loss_by_image(sim_i2t, sim_t2i, same, 0.1), ref / 2)
+
+
+def test_hard_negatives_never_come_from_the_same_image():
+    from blip2_ray.model.retrieval_finetune import hard_negatives_of_other_images, same_image
+
+    ids = torch.tensor([5, 5, 5, 6, 6, 7])
+    same = same_image(ids)
+    sim = torch.zeros(6, 6)
+    sim[same] = 50.0  # the same image's captions are by far the most similar: the hardest, but not negatives
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        neg_img, neg_txt = hard_negatives_of_other_images(sim, sim, same, g)
+        assert (ids[neg_img] != ids).all() and (ids[neg_txt] != ids).all()
+    with pytest.raises(ValueError, match="another image"):
+        one = same_image(torch.tensor([3, 3]))
+        hard_negatives_of_other_images(torch.zeros(2, 2), torch.zeros(2, 2), one)
+
+
+def test_retrieval_step_uses_image_ids_and_trains_the_vit():
+    from blip2_ray.model.builders import build_stage1
+    from blip2_ray.model.config import model_config
+    from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys
+
+    torch.manual_seed(0)
+    model = build_stage1(model_config("tiny"))
+    finetune_model(model, _cfg(task="retrieval"))
+    model.train()
+    assert model.vision_model.training
+    ids = image_ids_of_keys(["coco_7/0", "coco_7/1", "coco_9/0", "coco_10/0"])
+    assert ids[0] == ids[1] and len(set(ids.tolist())) == 3
+    out = model(torch.randn(4, 3, 32, 32), torch.randint(5, 50, (4, 8)), torch.ones(4, 8, dtype=torch.long),
+                image_ids=ids)
+    out.loss.backward()
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
