@@ -51,17 +51,24 @@ def start_model(coco):
     return {**data, "start": str(root / "start")}
 
 
+def run_finetune_job(config: Path, ray_address: str, data: dict, start: str, tmp_path: Path, *sets: str):
+    """jobs/finetune.py on `config` with the generated data, `start` and tmp_path outputs; the process and the
+    output directory."""
+    out = tmp_path / "out"
+    sets = (f"model.init_from={start}", f"annotations.train={data['train']}", f"annotations.eval={data['test']}",
+            f"annotations.image_root={data['image_root']}", f"storage_path={tmp_path / 'runs'}", f"output_dir={out}",
+            "scaling.num_workers=1", "scaling.cpus_per_worker=1", *sets)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ray_address}
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs/finetune.py"), "--config", str(config), *args],
+                          env=env, capture_output=True, text=True, timeout=900)
+    return proc, out
+
+
 def test_caption_finetune_beats_zero_shot_trains_the_vit_and_keeps_the_llm(ray_session, start_model, tmp_path):
     d = start_model
-    out = tmp_path / "out"
-    sets = [f"model.init_from={d['start']}", f"annotations.train={d['train']}", f"annotations.eval={d['test']}",
-            f"annotations.image_root={d['image_root']}", f"storage_path={tmp_path / 'runs'}", f"output_dir={out}",
-            "train.max_steps=80", "train.checkpoint_every=80", "train.lr=3e-3", "scaling.num_workers=1",
-            "scaling.cpus_per_worker=1", "evaluation.generation.num_beams=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ray_session}
-    args = [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs/finetune.py"), "--config", str(CONFIG), *args],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc, out = run_finetune_job(CONFIG, ray_session, d, d["start"], tmp_path, "train.max_steps=80",
+                                 "train.checkpoint_every=80", "train.lr=3e-3", "evaluation.generation.num_beams=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "finetune_report.json").read_text())
     before, after = report["metrics"]["zero_shot"]["CIDEr"], report["metrics"]["finetuned"]["CIDEr"]
@@ -109,16 +116,9 @@ def test_retrieval_finetune_trains_the_vit_and_exports_a_retrieval_model(ray_ses
     torch.manual_seed(0)
     start = str(tmp_path / "start")
     export_stage1(build_stage1(cfg), start, qformer_tokenizer(cfg), cfg)
-    out = tmp_path / "out"
-    sets = [f"model.init_from={start}", f"annotations.train={coco['train']}", f"annotations.eval={coco['test']}",
-            f"annotations.image_root={coco['image_root']}", f"storage_path={tmp_path / 'runs'}", f"output_dir={out}",
-            "train.max_steps=30", "train.checkpoint_every=30", "train.micro_batch_size=32", "train.lr=3e-3",
-            "scaling.num_workers=1", "scaling.cpus_per_worker=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ray_session}
-    args = [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs/finetune.py"), "--config",
-                           str(ROOT / "jobs/configs/finetune_retrieval_tiny.yaml"), *args],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc, out = run_finetune_job(ROOT / "jobs/configs/finetune_retrieval_tiny.yaml", ray_session, coco, start, tmp_path,
+                                 "train.max_steps=30", "train.checkpoint_every=30", "train.micro_batch_size=32",
+                                 "train.lr=3e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # R@1 before and after are measured and reported; at this budget (30 steps from a random tiny model) ITC has
     # not yet left ln(batch), so "after beats before" is not asserted for retrieval (docs/finetuning.md)
