@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ bench-serve-scale: install
 
 bench-eval: install
 	$(PY) bench/bench_eval.py
+
+bench-finetune: install
+	DS_ACCELERATOR=cpu $(PY) bench/bench_finetune.py
 
 clean:
 	rm -rf $(VENV) demo_out runs

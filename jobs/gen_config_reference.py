@@ -26,9 +26,11 @@ def sections() -> list[tuple[str, str, type]]:
     from blip2_ray.eval.config import EvalConfig
     from blip2_ray.serve.config import ServeConfig
     from blip2_ray.train.config import PretrainConfig
+    from blip2_ray.train.finetune_config import FinetuneConfig
 
     return [
         ("Pre-training (stage 1 and stage 2)", "jobs/pretrain.py", PretrainConfig),
+        ("Fine-tuning (caption, retrieval; vqa not yet)", "jobs/finetune.py", FinetuneConfig),
         ("CapFilt (caption and filter a corpus)", "jobs/capfilt.py", CapFiltConfig),
         ("Evaluation (retrieval, caption, VQA)", "jobs/evaluate.py", EvalConfig),
         ("Serving", "jobs/serve.py", ServeConfig),

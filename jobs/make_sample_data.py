@@ -2,6 +2,8 @@
 
     python jobs/make_sample_data.py --out DIR --format webdataset|parquet --num N [--shards S]
         [--image-size 64] [--corrupt kind=count ...] [--num-captions K] [--seed 0] [--json]
+    python jobs/make_sample_data.py --out DIR --format coco-karpathy --num N [--num-test M] [--num-captions K]
+        (fine-tuning data: images/train2014, images/val2014 and annotations/coco_karpathy_{train,test}.json)
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def parse_corrupt(items: list[str]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
+    p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet", "coco-karpathy"])
+    p.add_argument("--num-test", type=int, default=16, help="coco-karpathy: held-out images")
     p.add_argument("--num", type=int, default=100, help="good records")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--image-size", type=int, default=64)
@@ -53,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from blip2_ray.data.sample import make_sample_shards
 
+    if args.format == "coco-karpathy":
+        from blip2_ray.data.sample_coco import make_coco_karpathy_sample
+
+        paths = make_coco_karpathy_sample(args.out, args.num, args.num_test, args.image_size,
+                                          max(1, args.num_captions), args.seed, args.num_colours, args.num_shapes)
+        print(json.dumps(paths) if args.json else f"wrote {args.num} training and {args.num_test} held-out images "
+              f"in the COCO Karpathy layout: {paths['train']}, {paths['test']}, images under {paths['image_root']}")
+        return 0
     try:
         summary = make_sample_shards(
             args.out, fmt=args.format, num=args.num, shards=args.shards, image_size=args.image_size,

@@ -7,12 +7,12 @@ rows go to Ray as they are. Ray-free.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from blip2_ray.data.annotations import image_id_of as _image_key
+from blip2_ray.data.annotations import read_json
 from blip2_ray.errors import UserError
 from blip2_ray.eval.config import EvalConfig
 
@@ -27,23 +27,6 @@ class TestSet:
     img2txt: list[list[int]] = field(default_factory=list)
     # vqa: {"qidx", "question_id", "idx", "question", "answers", ...}
     questions: list[dict] = field(default_factory=list)
-
-
-def read_json(path: str, what: str):
-    """The JSON at `path`; UserError naming `what` when it is missing or not JSON."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path!r} does not exist")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except ValueError as e:
-            raise UserError(f"{what} {path!r} is not valid JSON ({e})") from None
-
-
-def _image_key(path: str) -> int | str:
-    """COCO-style ids from file names (COCO_val2014_000000391895.jpg -> 391895), else the path."""
-    m = re.search(r"(\d+)\.\w+$", path)
-    return int(m.group(1)) if m else path
 
 
 def load_test_set(cfg: EvalConfig) -> TestSet:

@@ -84,7 +84,8 @@ class Blip2Stage2(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.vision_model.eval()
+        if getattr(self.vision_model, "vit_training", None) is None:
+            self.vision_model.eval()  # frozen ViT; a fine-tuned one (vision.unfreeze_vision) trains
         self.language_model.eval()  # frozen LLM: no dropout
         return self
 

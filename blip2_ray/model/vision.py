@@ -10,6 +10,7 @@ device and then assigned the file's tensors, without one as a seeded random init
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -139,11 +140,16 @@ def freeze_vision(vision_model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def vision_trunk(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, without grad, in the trunk's storage dtype.
+    """(B, 3, H, W) -> (B, N, D) hidden states before ln_vision, in the trunk's storage dtype.
 
-    Autocast is off inside: the frozen weights are used as stored (an fp16 trunk computes in fp16 under
-    bf16 autocast too), and the pixels are cast to that dtype by the embeddings.
+    Frozen trunk: no grad and autocast off inside (the frozen weights are used as stored: an fp16 trunk
+    computes in fp16 under bf16 autocast too; the pixels are cast to that dtype by the embeddings). A
+    trunk made trainable by `unfreeze_vision` computes with grad under the caller's autocast, with its
+    gradient checkpointing and drop path.
     """
+    training = getattr(vision_model, "vit_training", None)
+    if training is not None:
+        return _trainable_trunk(vision_model, pixel_values, training)
     with torch.no_grad(), autocast_off(pixel_values.device.type):
         if isinstance(vision_model, ClipVisionTower):
             return vision_model.trunk(pixel_values)
@@ -164,3 +170,78 @@ def ln_vision(vision_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def encode_image(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, N, D) float32 image tokens: frozen trunk (no grad) then trainable ln_vision in float32."""
     return ln_vision(vision_model, vision_trunk(vision_model, pixel_values))
+
+
+@dataclass
+class VitTraining:
+    """How a trainable ViT trunk runs: recompute blocks in backward, per-block drop path rates."""
+
+    grad_checkpointing: bool = False
+    drop_path: list[float] = field(default_factory=list)  # one rate per block (empty: off)
+
+
+def vit_blocks(vision_model: nn.Module) -> list[nn.Module]:
+    """The trunk's transformer blocks, first to last."""
+    encoder = vision_model.clip.encoder if isinstance(vision_model, ClipVisionTower) else vision_model.encoder
+    return list(encoder.layers)
+
+
+def unfreeze_vision(vision_model: nn.Module, grad_checkpointing: bool = False, drop_path: float = 0.0) -> None:
+    """Make the whole ViT trainable in float32 (the master weights; autocast decides the compute dtype).
+
+    `drop_path`: the last block's stochastic-depth rate, linear from 0 at the first block (per sample,
+    applied to each block's whole residual update; EVA drops its attention and MLP branches separately).
+    """
+    vision_model.float()
+    vision_model.requires_grad_(True)
+    n = len(vit_blocks(vision_model))
+    rates = [drop_path * i / max(1, n - 1) for i in range(n)] if drop_path > 0 else []
+    vision_model.vit_training = VitTraining(grad_checkpointing, rates)
+
+
+def _trainable_trunk(vision_model: nn.Module, pixel_values: torch.Tensor, training: VitTraining) -> torch.Tensor:
+    from torch.utils.checkpoint import checkpoint
+
+    if isinstance(vision_model, ClipVisionTower):
+        vm = vision_model.clip
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        call = lambda block, x: block(x, None)  # noqa: E731 - CLIP blocks take an attention mask
+    else:
+        h = vision_model.embeddings(pixel_values)
+        call = lambda block, x: block(x)  # noqa: E731
+    for i, block in enumerate(vit_blocks(vision_model)):
+        if training.grad_checkpointing and vision_model.training and torch.is_grad_enabled():
+            out = checkpoint(call, block, h, use_reentrant=False)
+        else:
+            out = call(block, h)
+        rate = training.drop_path[i] if training.drop_path and vision_model.training else 0.0
+        if rate > 0:
+            keep = torch.rand(h.shape[0], 1, 1, device=h.device) >= rate
+            out = h + (out - h) * keep.to(h.dtype) / (1 - rate)
+        h = out
+    return h
+
+
+def resize_vision_input(vision_model: nn.Module, image_size: int) -> bool:
+    """Make an EVA/BLIP-2 ViT take `image_size` pixels: its position embeddings resampled once (bicubic over
+    the patch grid, CLS kept: LAVIS's interpolate_pos_embed), its config updated. Whether anything changed."""
+    from blip2_ray.errors import UserError
+
+    if isinstance(vision_model, ClipVisionTower):
+        if vision_model.config.image_size != image_size:
+            have = vision_model.config.image_size
+            raise UserError(f"changing the CLIP ViT's image size ({have} -> {image_size}) at load is not supported; "
+                            f"keep model.vision.image_size at {have}")
+        return False
+    emb = vision_model.embeddings
+    if emb.image_size == image_size:
+        return False
+    if image_size % emb.patch_size:
+        raise UserError(f"image size {image_size} is not a multiple of the ViT's patch size {emb.patch_size}")
+    n = (image_size // emb.patch_size) ** 2
+    pos = convert.interpolate_position_embedding(emb.position_embedding.detach(), (1, n + 1, emb.embed_dim))
+    emb.position_embedding = nn.Parameter(pos.to(emb.position_embedding.dtype),
+                                          requires_grad=emb.position_embedding.requires_grad)
+    emb.image_size, emb.num_patches, emb.num_positions = image_size, n, n + 1
+    vision_model.config.image_size = image_size
+    return True

@@ -136,6 +136,8 @@ class PretrainConfig:
     failure: FailureSection = doc("fault tolerance", factory=FailureSection)
     fault_injection: FaultInjection = doc("test hooks (off by default)", factory=FaultInjection)
 
+    STAGE1_INIT_FROM = False  # pre-training stage 1 starts its Q-Former from BERT, not from an export
+
     def validate(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
@@ -144,7 +146,7 @@ class PretrainConfig:
         if self.data.image_size != self.model.vision.image_size:
             raise ValueError(f"data.image_size {self.data.image_size} differs from model.vision.image_size "
                              f"{self.model.vision.image_size}; set both to the same value")
-        if self.stage == 1 and self.model.init_from:
+        if self.stage == 1 and self.model.init_from and not self.STAGE1_INIT_FROM:
             raise ValueError("model.init_from is a stage-2 setting (a stage-1 export to start from)")
         if self.scaling.use_gpu is False and self.train.precision == "fp16":
             raise ValueError("train.precision fp16 needs GPUs; use fp32 (or bf16) on CPU workers")

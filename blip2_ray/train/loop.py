@@ -29,7 +29,9 @@ from blip2_ray.config import from_dict
 from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, stall_message, to_device
 from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords, merge_position
-from blip2_ray.train.distributed import all_gather_no_grad
+from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
+from blip2_ray.train.finetune_config import FinetuneConfig
+from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys, vit_lr_scale
 from blip2_ray.train.metrics import LossWindow, log_step, tensorboard
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
 
@@ -53,7 +55,10 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
         construction = frozen_construction(deepspeed_config(cfg))
     torch.manual_seed(cfg.train.seed)
     build = build_stage1 if cfg.stage == 1 else build_stage2
-    return build(cfg.model, construction=construction)
+    model = build(cfg.model, construction=construction)
+    if isinstance(cfg, FinetuneConfig):
+        finetune_model(model, cfg)
+    return model
 
 
 def build_engine(cfg: PretrainConfig):
@@ -66,13 +71,14 @@ def build_engine(cfg: PretrainConfig):
     import deepspeed
 
     model = build_model(cfg)
+    lr_scale = vit_lr_scale(model, cfg) if isinstance(cfg, FinetuneConfig) else None
     sched = warmup_cosine(cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.lr, cfg.min_lr,
                           cfg.train.warmup_start_lr)
     vectorise_scalar_parameters(model)
     outputs_as_dicts(model)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
+        model_parameters=param_groups(model, cfg.train.weight_decay, lr_scale=lr_scale, lr=cfg.train.lr),
         config=deepspeed_config(cfg),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
         dist_init_required=False,
@@ -84,6 +90,12 @@ def forward(engine, cfg: PretrainConfig, batch: dict, rank: int):
     """One micro batch through the engine (pixels normalised on its device) -> a StepOutput."""
     pixels, ids, mask = to_device(batch, engine.device, cfg.stage)
     if cfg.stage == 1:
+        if isinstance(cfg, FinetuneConfig):
+            # retrieval fine-tuning: captions of one image are never negatives of each other, and the ViT
+            # trains, so ITM's negative images are gathered with gradient (as LAVIS's retrieval fine-tune)
+            image_ids = image_ids_of_keys(batch["key"]).to(engine.device)
+            return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad,
+                          gather_with_grad=all_gather_with_grad, image_ids=image_ids)
         return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad)  # nothing is gathered with gradient
     return engine(pixels, ids, mask)
 
@@ -204,7 +216,7 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
 
 # -------------------------------------------------------------------------------------- the worker
 def train_loop_per_worker(config: dict) -> None:
-    cfg = from_dict(PretrainConfig, config["cfg"])
+    cfg = from_dict(FinetuneConfig if config.get("finetune") else PretrainConfig, config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import ray.train
     import torch.distributed as dist

@@ -19,15 +19,26 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or name in ("query_tokens", "temp")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only (the frozen ViT/LLM never reach the optimizer), in two decay groups."""
-    decay, plain = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None,
+                 lr: float | None = None) -> list[dict]:
+    """Trainable parameters only (the frozen ViT/LLM never reach the optimizer), in two decay groups.
+
+    With `lr_scale` (parameter name -> multiplier of `lr`; layer-wise decay of a fine-tuned ViT) the
+    groups are split further by multiplier, each with its own "lr" (LambdaLR scales each group's lr).
+    """
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (plain if no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        scale = lr_scale(name) if lr_scale is not None else 1.0
+        groups.setdefault((no_decay(name, p), scale), []).append(p)
+    out = []
+    for (plain, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        group = {"params": params, "weight_decay": 0.0 if plain else weight_decay}
+        if lr_scale is not None:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def warmup_cosine(max_steps: int, warmup_steps: int, lr: float, min_lr: float,

@@ -10,6 +10,7 @@ import os
 from blip2_ray.config import to_dict
 from blip2_ray.errors import UserError
 from blip2_ray.train.config import PretrainConfig
+from blip2_ray.train.finetune_config import FinetuneConfig
 
 
 def tokenizer_dirs(cfg: PretrainConfig) -> tuple[str | None, str | None]:
@@ -92,7 +93,7 @@ def build_trainer(cfg: PretrainConfig, dataset=None):
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg)},
+        train_loop_config={"cfg": to_dict(cfg), "finetune": isinstance(cfg, FinetuneConfig)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),

@@ -1,0 +1,176 @@
+"""Driver side of fine-tuning: check the annotations and the starting model, pack the annotated images into
+parquet shards once, evaluate the starting model (optional), train on the pre-training loop, evaluate the export.
+
+`run_finetune(cfg)` is what `jobs/finetune.py` (and the tests) call once Ray is up. Tasks implemented:
+caption, retrieval. `vqa` is refused with a UserError before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import warnings
+
+from blip2_ray.config import from_dict, to_dict
+from blip2_ray.data.annotations import CaptionAnnotations, fingerprint, read_caption_annotations, write_caption_shards
+from blip2_ray.errors import UserError
+from blip2_ray.model.weight_sources import BLIP2_MODEL_TYPES
+from blip2_ray.runtime.files import write_json_atomic
+from blip2_ray.train.finetune_config import FinetuneConfig
+from blip2_ray.train.finetune_model import vit_training_gib
+
+REPORT_FILE = "finetune_report.json"
+IMPLEMENTED_TASKS = ("caption", "retrieval")
+# trunk parameters of the real ViTs (EVA ViT-g/14 with 39 blocks, CLIP ViT-L/14 with 23)
+VIT_PARAMS = {"eva_vit_g": 985_000_000, "clip_vit_l": 291_000_000}
+
+
+def _is_blip2_generation_dir(path: str) -> bool:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return False
+    with open(cfg_path) as f:
+        data = json.load(f)
+    return data.get("model_type") in BLIP2_MODEL_TYPES and "Blip2ForImageTextRetrieval" not in data.get(
+        "architectures", [])
+
+
+def resolve_start(cfg: FinetuneConfig) -> FinetuneConfig:
+    """`model.init_from` naming a Blip2ForConditionalGeneration directory (a stage-2 export or Salesforce's
+    BLIP-2) becomes `model.hf_path` for caption / vqa: the whole model starts from it."""
+    m = cfg.model
+    if cfg.stage == 2 and m.init_from and os.path.isdir(m.init_from) and _is_blip2_generation_dir(m.init_from):
+        cfg = copy.deepcopy(cfg)
+        cfg.model.hf_path, cfg.model.init_from = cfg.model.init_from, None
+    return cfg
+
+
+def start_dir(cfg: FinetuneConfig) -> str | None:
+    """The starting model as an export directory the evaluation can read (None: it is assembled from parts)."""
+    if cfg.stage == 2:
+        return cfg.model.hf_path
+    init = cfg.model.init_from
+    return init if init and os.path.isfile(os.path.join(init, "config.json")) else None
+
+
+def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations:
+    """One sentence before any worker starts: the task, the annotations and their images, the start model.
+
+    Returns the training annotations (missing images counted, not fatal unless none resolves).
+    """
+    if cfg.task not in IMPLEMENTED_TASKS:
+        raise UserError(f"task {cfg.task!r} is not implemented yet in jobs/finetune.py (implemented: "
+                        f"{', '.join(IMPLEMENTED_TASKS)}); docs/finetuning.md says what is missing")
+    from blip2_ray.model.hf_format import check_exportable
+    from blip2_ray.model.weight_sources import check_weight_sources
+
+    check_weight_sources(cfg.model, cfg.stage)  # the starting model, before the images are packed
+    check_exportable(cfg.model)
+    a = cfg.annotations
+    ann = read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
+    if a.eval and not os.path.isfile(a.eval):
+        raise UserError(f"annotations.eval {a.eval!r} does not exist")
+    if cfg.evaluation.zero_shot and not (start_dir(cfg) and a.eval):
+        raise UserError("evaluation.zero_shot needs annotations.eval and a whole starting model (caption: "
+                        "model.hf_path or model.init_from naming a Blip2ForConditionalGeneration directory; "
+                        "retrieval: model.init_from naming a stage-1 export directory)")
+    return ann
+
+
+def start_warnings(cfg: FinetuneConfig) -> list[str]:
+    """What the job says once at start about the unfrozen ViT's memory."""
+    vt, m = cfg.vision_training, cfg.model
+    if vt.freeze_vit or m.preset.startswith("tiny"):
+        return []
+    n = VIT_PARAMS.get(m.vision.kind, 0)
+    gib = vit_training_gib(n, cfg.scaling.num_workers, cfg.deepspeed.zero_stage)
+    unsharded = vit_training_gib(n, 1, 2)
+    if cfg.scaling.num_workers == 1:
+        return [f"the unfrozen {m.vision.kind} ({n / 1e9:.2f} B parameters) trains without ZeRO sharding on 1 "
+                f"worker: its float32 weights, gradients and AdamW moments alone need {unsharded:.1f} GiB on the GPU "
+                f"(plus the frozen LLM and the activations); more workers shard the {unsharded - 4 * n / (1 << 30):.1f}"
+                f" GiB of gradients and moments"]
+    return [f"the unfrozen {m.vision.kind} needs {gib:.1f} GiB per worker for its weights, gradients and AdamW "
+            f"moments under ZeRO-{cfg.deepspeed.zero_stage} over {cfg.scaling.num_workers} workers "
+            f"({unsharded:.1f} GiB unsharded)"]
+
+
+def prepare_shards(cfg: FinetuneConfig, ann: CaptionAnnotations) -> tuple[FinetuneConfig, dict]:
+    """Pack the training annotations into parquet shards under the run's storage (once per run); the config
+    with data.train pointing at them, and the shards' manifest."""
+    if cfg.is_s3:
+        raise UserError("fine-tuning packs its annotated images next to the checkpoints and needs a local "
+                        "storage_path (or a shared file system); s3:// storage is not supported for it yet")
+    a = cfg.annotations
+    out_dir = os.path.join(cfg.local_storage_path, cfg.run_name, "finetune_shards")
+    t0 = time.time()
+    manifest = write_caption_shards(ann, out_dir, a.shard_records, fingerprint(a.train, a.image_root, a.train_split))
+    print(f"[finetune] {manifest['rows']} training pairs of {manifest['images']} images in "
+          f"{len(manifest['files'])} shards ({time.time() - t0:.1f} s); {manifest['missing_images']} images of "
+          f"{a.train} missing under {a.image_root!r}, skipped", flush=True)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.train = [out_dir]
+    return cfg, manifest
+
+
+def evaluate(cfg: FinetuneConfig, model_dir: str, output: str) -> dict:
+    """The task's metrics of `model_dir` on annotations.eval, through the evaluation job's code."""
+    from blip2_ray.eval.config import EvalConfig
+    from blip2_ray.eval.job import run_evaluation
+
+    a, e = cfg.annotations, cfg.evaluation
+    ecfg = from_dict(EvalConfig, {
+        "task": cfg.task, "model": model_dir, "output": output,
+        "test_set": {"annotations": a.eval, "image_root": a.eval_image_root or a.image_root, "split": a.eval_split,
+                     "limit": e.limit},
+        "generation": to_dict(e.generation), "retrieval": to_dict(e.retrieval), "compute": to_dict(e.compute),
+        "data": {"image_size": cfg.data.image_size},
+    })
+    return run_evaluation(ecfg)["metrics"]
+
+
+def absolute_annotation_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    cfg = copy.deepcopy(cfg)
+    a = cfg.annotations
+    for name in ("train", "eval", "image_root", "eval_image_root"):
+        value = getattr(a, name)
+        if value:
+            setattr(a, name, os.path.abspath(os.path.expanduser(value)))
+    return cfg
+
+
+def run_finetune(cfg: FinetuneConfig, dataset=None) -> dict:
+    """Check, pack the shards, evaluate the start (optional), train (resuming the run), export, evaluate.
+
+    Returns the report written to <output_dir>/finetune_report.json: {"task", "metrics": {"zero_shot",
+    "finetuned"}, "train": {step, loss}, "data": the shards' manifest}.
+    """
+    from blip2_ray.train.trainer import TrainingWarning, absolute_paths, run_pretrain
+
+    cfg = resolve_start(absolute_annotation_paths(absolute_paths(cfg)))
+    ann = check_finetune_inputs(cfg)
+    for message in start_warnings(cfg):
+        warnings.warn(message, TrainingWarning, stacklevel=2)
+    cfg, manifest = prepare_shards(cfg, ann)
+    metrics: dict = {}
+    eval_dir = os.path.join(cfg.output_dir, "eval")
+    if cfg.evaluation.zero_shot:
+        metrics["zero_shot"] = evaluate(cfg, start_dir(cfg), os.path.join(eval_dir, "zero_shot.json"))
+        print(f"[finetune] zero-shot {cfg.task} metrics of {start_dir(cfg)}: {_short(metrics['zero_shot'])}",
+              flush=True)
+    result = run_pretrain(cfg, dataset)
+    if cfg.annotations.eval:
+        metrics["finetuned"] = evaluate(cfg, cfg.output_dir, os.path.join(eval_dir, "finetuned.json"))
+        print(f"[finetune] fine-tuned {cfg.task} metrics: {_short(metrics['finetuned'])}", flush=True)
+    m = result.metrics or {}
+    report = {"task": cfg.task, "output_dir": cfg.output_dir, "metrics": metrics,
+              "train": {k: m.get(k) for k in ("step", "loss", "samples_per_s", "peak_host_rss_gib",
+                                              "peak_device_memory_gib")}, "data": manifest}
+    write_json_atomic(os.path.join(cfg.output_dir, REPORT_FILE), report)
+    return report
+
+
+def _short(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -1,0 +1,294 @@
+"""Fine-tuning pieces without Ray: config, annotation files -> shards, the trainable ViT, layer-wise lr decay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from blip2_ray.config import ConfigError, from_dict, load_config
+from blip2_ray.data.annotations import fingerprint, read_caption_annotations, write_caption_shards
+from blip2_ray.errors import UserError
+from blip2_ray.train.finetune_config import FinetuneConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(**data) -> FinetuneConfig:
+    data.setdefault("data", {"image_size": 32})
+    return from_dict(FinetuneConfig, {"annotations": {"train": "train.json"}, **data})
+
+
+def test_task_decides_the_stage_and_contradictions_are_errors():
+    assert _cfg(task="caption").stage == 2
+    assert _cfg().train.lr == 1e-5 and _cfg().train.warmup_steps == 1000  # LAVIS caption_coco_ft values
+    assert _cfg(task="retrieval", model={"init_from": "some/stage1"}).stage == 1  # a stage-1 export is allowed
+    with pytest.raises(ConfigError, match="contradicts task"):
+        _cfg(task="caption", stage=1)
+    with pytest.raises(ConfigError, match="annotations.train"):
+        from_dict(FinetuneConfig, {"data": {"image_size": 32}})
+    with pytest.raises(ConfigError, match="layer_decay"):
+        _cfg(vision_training={"layer_decay": 0})
+    assert _cfg().vision_training.freeze_vit is False  # fine-tuning trains the ViT by default
+    with pytest.raises(ConfigError, match="grad_checkpointing apply to a trained ViT"):
+        _cfg(vision_training={"freeze_vit": True, "grad_checkpointing": True})
+
+
+def test_shipped_tiny_config_loads():
+    cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/finetune_caption_tiny.yaml")
+    assert cfg.task == "caption" and cfg.model.llm.prompt == "a photo of "
+
+
+def _images(root: Path, names: list[str]) -> None:
+    from blip2_ray.data.sample import _jpeg, draw_shape
+
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_bytes(_jpeg(draw_shape("red", "circle", 32, __import__("numpy").random.default_rng(0))))
+
+
+def test_lavis_list_groups_captions_per_image_and_counts_missing_images(tmp_path):
+    _images(tmp_path / "img", ["train2014/COCO_train2014_000000000007.jpg", "train2014/b.jpg"])
+    ann = [{"image": "train2014/COCO_train2014_000000000007.jpg", "caption": "a red circle", "image_id": "coco_7"},
+           {"image": "train2014/COCO_train2014_000000000007.jpg", "caption": "a photo of a red circle",
+            "image_id": "coco_7"},
+           {"image": "train2014/b.jpg", "caption": ["one", "two"]},
+           {"image": "train2014/gone.jpg", "caption": "x", "image_id": 9}]
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    got = read_caption_annotations(str(tmp_path / "a.json"), str(tmp_path / "img"))
+    assert [e["image_id"] for e in got.entries] == ["coco_7", "train2014/b.jpg"]
+    assert got.entries[0]["captions"] == ["a red circle", "a photo of a red circle"]
+    assert got.num_pairs == 4 and got.missing == [str(tmp_path / "img/train2014/gone.jpg")]
+
+    manifest = write_caption_shards(got, str(tmp_path / "shards"), 3, "fp1")
+    assert manifest["rows"] == 4 and len(manifest["files"]) == 2 and manifest["missing_images"] == 1
+    t = pq.read_table(manifest["files"][0]).to_pydict()
+    assert t["key"] == ["coco_7/0", "coco_7/1", "train2014/b.jpg/0"]
+    assert t["caption"][1] == "a photo of a red circle"
+    assert t["image"][0] == (tmp_path / "img/train2014/COCO_train2014_000000000007.jpg").read_bytes()
+    mtime = Path(manifest["files"][0]).stat().st_mtime_ns
+    assert write_caption_shards(got, str(tmp_path / "shards"), 3, "fp1") == manifest  # same fingerprint: reused
+    assert Path(manifest["files"][0]).stat().st_mtime_ns == mtime
+
+
+def test_karpathy_dataset_json_takes_the_split_with_restval(tmp_path):
+    _images(tmp_path, ["val2014/a.jpg", "val2014/b.jpg", "val2014/c.jpg"])
+    data = {"images": [
+        {"filepath": "val2014", "filename": "a.jpg", "split": "train", "cocoid": 1, "sentences": [{"raw": "A x."}]},
+        {"filepath": "val2014", "filename": "b.jpg", "split": "restval", "cocoid": 2,
+         "sentences": [{"raw": "b one"}, {"tokens": ["b", "two"]}]},
+        {"filepath": "val2014", "filename": "c.jpg", "split": "test", "cocoid": 3, "sentences": [{"raw": "c"}]}]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
+    got = read_caption_annotations(str(tmp_path / "dataset_coco.json"), str(tmp_path))
+    assert [(e["image_id"], e["captions"]) for e in got.entries] == [(1, ["A x."]), (2, ["b one", "b two"])]
+    test = read_caption_annotations(str(tmp_path / "dataset_coco.json"), str(tmp_path), split="test")
+    assert [e["image_id"] for e in test.entries] == [3]
+
+
+def test_bad_annotation_files_are_one_user_error(tmp_path):
+    (tmp_path / "q.json").write_text(json.dumps({"questions": []}))
+    with pytest.raises(UserError, match="no known format"):
+        read_caption_annotations(str(tmp_path / "q.json"), str(tmp_path))
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "x/1.jpg", "caption": "c"}]))
+    with pytest.raises(UserError, match="none of the 1 images.*exists under image root"):
+        read_caption_annotations(str(tmp_path / "a.json"), str(tmp_path))
+    with pytest.raises(UserError, match="does not exist"):
+        read_caption_annotations(str(tmp_path / "nope.json"), str(tmp_path))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_caption_annotations(str(tmp_path / "bad.json"), str(tmp_path))
+    assert fingerprint(str(tmp_path / "a.json"), str(tmp_path), "train") != fingerprint(
+        str(tmp_path / "a.json"), str(tmp_path), "test")
+
+
+def test_unimplemented_tasks_are_refused_before_any_work(tmp_path):
+    from blip2_ray.train.finetune_job import check_finetune_inputs
+
+    for task in ("vqa",):
+        with pytest.raises(UserError, match=f"task '{task}' is not implemented yet"):
+            check_finetune_inputs(_cfg(task=task))
+
+
+def _tiny_vision():
+    from blip2_ray.model.config import model_config
+    from blip2_ray.model.vision import build_vision_model, freeze_vision
+
+    torch.manual_seed(0)
+    v = build_vision_model(model_config("tiny").vision)
+    freeze_vision(v, torch.float32)
+    return v
+
+
+def test_unfrozen_vit_gets_gradients_and_checkpointing_computes_the_same():
+    from blip2_ray.model.vision import encode_image, unfreeze_vision
+
+    px = torch.randn(2, 3, 32, 32)
+    frozen = _tiny_vision()
+    ref = encode_image(frozen, px)
+    assert not ref.requires_grad or all(p.grad is None for p in frozen.embeddings.parameters())
+    grads = []
+    for ckpt in (False, True):
+        v = _tiny_vision()
+        unfreeze_vision(v, grad_checkpointing=ckpt)
+        v.train()
+        out = encode_image(v, px)
+        torch.testing.assert_close(out, ref)  # same weights, no drop path: the frozen path's values
+        out.square().sum().backward()
+        g = v.encoder.layers[0].mlp.fc1.weight.grad
+        assert g is not None and g.abs().sum() > 0
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_drop_path_drops_whole_blocks_per_sample_in_training_only():
+    from blip2_ray.model.vision import encode_image, unfreeze_vision
+
+    v = _tiny_vision()
+    ref = encode_image(v, torch.ones(64, 3, 32, 32))
+    unfreeze_vision(v, drop_path=0.5)
+    assert v.vit_training.drop_path == [0.0, 0.5]  # linear from 0 at the first block to the rate at the last
+    v.eval()
+    torch.testing.assert_close(encode_image(v, torch.ones(64, 3, 32, 32)), ref)
+    v.train()
+    torch.manual_seed(1)
+    out = encode_image(v, torch.ones(64, 3, 32, 32))
+    # identical inputs: a sample either drops the last block's update or keeps it scaled by 1 / (1 - 0.5)
+    like_first = torch.tensor([torch.allclose(r, out[0], atol=1e-4) for r in out])
+    rest = out[~like_first]
+    assert 0 < len(rest) < 64 and all(torch.allclose(r, rest[0], atol=1e-4) for r in rest)
+
+
+def test_layer_decay_scales_blocks_and_embeddings_and_groups_carry_their_lr():
+    from blip2_ray.model.builders import build_stage2
+    from blip2_ray.model.config import model_config
+    from blip2_ray.train.finetune_model import finetune_model, vit_lr_scale
+    from blip2_ray.train.optim import param_groups
+
+    cfg = _cfg(vision_training={"layer_decay": 0.5})
+    torch.manual_seed(0)
+    model = build_stage2(model_config("tiny"))
+    finetune_model(model, cfg)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.vision_model.parameters())
+    assert not any(p.requires_grad for p in model.language_model.parameters())  # the LLM stays frozen
+    scale = vit_lr_scale(model, cfg)
+    assert scale("vision_model.encoder.layers.1.mlp.fc1.weight") == 0.5  # the last of 2 blocks: d^1
+    assert scale("vision_model.encoder.layers.0.mlp.fc1.weight") == 0.25
+    assert scale("vision_model.embeddings.patch_embedding.weight") == 0.125
+    assert scale("vision_model.post_layernorm.weight") == 1.0 and scale("qformer.layernorm.weight") == 1.0
+    groups = param_groups(model, 0.05, lr_scale=scale, lr=1e-3)
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs == [1.25e-4, 2.5e-4, 5e-4, 1e-3]
+    n = sum(len(g["params"]) for g in groups)
+    assert n == sum(1 for p in model.parameters() if p.requires_grad)
+    assert vit_lr_scale(model, _cfg()) is None
+
+
+def test_memory_sentence_for_an_unfrozen_real_vit_on_one_worker():
+    from blip2_ray.train.finetune_job import start_warnings
+
+    cfg = _cfg(model={"preset": "vitg_opt2.7b"}, scaling={"num_workers": 1}, train={"global_batch_size": 16},
+               data={"image_size": 224})
+    (msg,) = start_warnings(cfg)
+    assert "without ZeRO sharding" in msg and "14.7 GiB" in msg, msg
+    assert start_warnings(_cfg(model={"preset": "vitg_opt2.7b"}, vision_training={"freeze_vit": True},
+                               data={"image_size": 224})) == []
+
+
+def test_a_larger_image_size_resamples_the_position_embeddings_once():
+    from blip2_ray.model.convert import interpolate_position_embedding
+    from blip2_ray.model.vision import encode_image, resize_vision_input
+
+    v = _tiny_vision()
+    before = v.embeddings.position_embedding.detach().clone()  # (1, 1 + 4*4, 32): 32 px, patch 8
+    assert resize_vision_input(v, 48) and not resize_vision_input(v, 48)
+    after = v.embeddings.position_embedding
+    assert after.shape == (1, 1 + 36, 32) and v.config.image_size == 48
+    torch.testing.assert_close(after.detach(), interpolate_position_embedding(before, (1, 37, 32)))
+    torch.testing.assert_close(after[0, 0].detach(), before[0, 0])  # CLS position kept
+    assert encode_image(v, torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
+
+
+def test_init_from_a_whole_blip2_directory_becomes_hf_path(tmp_path):
+    from blip2_ray.train.finetune_job import resolve_start
+
+    (tmp_path / "blip2").mkdir()
+    (tmp_path / "blip2/config.json").write_text(json.dumps({"model_type": "blip-2",
+                                                            "architectures": ["Blip2ForConditionalGeneration"]}))
+    cfg = resolve_start(_cfg(model={"init_from": str(tmp_path / "blip2")}))
+    assert cfg.model.hf_path == str(tmp_path / "blip2") and cfg.model.init_from is None
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1/config.json").write_text(json.dumps({"model_type": "blip-2",
+                                                         "architectures": ["Blip2ForImageTextRetrieval"]}))
+    cfg = resolve_start(_cfg(model={"init_from": str(tmp_path / "s1")}))
+    assert cfg.model.init_from == str(tmp_path / "s1") and cfg.model.hf_path is None  # a stage-1 export
+
+
+def test_real_caption_config_carries_lavis_caption_coco_ft_values():
+    cfg = load_config(FinetuneConfig, ROOT / "jobs/configs/finetune_caption_coco.yaml")
+    t, g = cfg.train, cfg.evaluation.generation
+    assert (cfg.model.preset, cfg.model.vision.image_size, cfg.data.image_size) == ("vitg_opt2.7b", 364, 364)
+    assert (t.lr, t.warmup_steps, t.weight_decay, t.micro_batch_size, cfg.scaling.num_workers) == (1e-5, 1000, 0.05,
+                                                                                                   16, 8)
+    assert t.max_steps == -(-566_747 * 5 // t.global_batch_size)  # 5 epochs of COCO Karpathy train captions
+    assert (g.num_beams, g.max_new_tokens, g.min_new_tokens) == (5, 30, 8)  # new tokens only (LAVIS #707)
+    assert cfg.model.llm.prompt == "a photo of " and not cfg.vision_training.freeze_vit
+    assert cfg.vision_training.grad_checkpointing
+
+
+def test_itc_by_image_spreads_targets_over_captions_of_the_same_image():
+    import torch.nn.functional as F
+
+    from blip2_ray.model import losses
+    from blip2_ray.model.retrieval_finetune import itc_loss_by_image, same_image
+
+    torch.manual_seed(0)
+    sim_i2t, sim_t2i = torch.randn(4, 4), torch.randn(4, 4)
+    distinct = same_image(torch.tensor([1, 2, 3, 4]))
+    torch.testing.assert_close(itc_loss_by_image(sim_i2t, sim_t2i, distinct, 0.1),
+                               losses.itc_loss(sim_i2t, sim_t2i, 0, 0.1))
+    same = same_image(torch.tensor([7, 7, 8, 9]))  # samples 0 and 1: two captions of one image
+    assert same.tolist()[0] == [True, True, False, False]
+    ref = 0.0
+    for sim in (sim_i2t, sim_t2i):
+        for b in range(4):
+            t = torch.tensor([0.5, 0.5, 0, 0]) if b < 2 else F.one_hot(torch.tensor(b), 4).float()
+            t = 0.9 * t + 0.1 / 4
+            ref += -(F.log_softmax(sim[b], 0) * t).sum() / 4
+    torch.testing.assert_close(itc_loss_by_image(sim_i2t, sim_t2i, same, 0.1), ref / 2)
+
+
+def test_hard_negatives_never_come_from_the_same_image():
+    from blip2_ray.model.retrieval_finetune import hard_negatives_of_other_images, same_image
+
+    ids = torch.tensor([5, 5, 5, 6, 6, 7])
+    same = same_image(ids)
+    sim = torch.zeros(6, 6)
+    sim[same] = 50.0  # the same image's captions are by far the most similar: the hardest, but not negatives
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        neg_img, neg_txt = hard_negatives_of_other_images(sim, sim, same, g)
+        assert (ids[neg_img] != ids).all() and (ids[neg_txt] != ids).all()
+    with pytest.raises(ValueError, match="another image"):
+        one = same_image(torch.tensor([3, 3]))
+        hard_negatives_of_other_images(torch.zeros(2, 2), torch.zeros(2, 2), one)
+
+
+def test_retrieval_step_uses_image_ids_and_trains_the_vit():
+    from blip2_ray.model.builders import build_stage1
+    from blip2_ray.model.config import model_config
+    from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys
+
+    torch.manual_seed(0)
+    model = build_stage1(model_config("tiny"))
+    finetune_model(model, _cfg(task="retrieval"))
+    model.train()
+    assert model.vision_model.training
+    ids = image_ids_of_keys(["coco_7/0", "coco_7/1", "coco_9/0", "coco_10/0"])
+    assert ids[0] == ids[1] and len(set(ids.tolist())) == 3
+    out = model(torch.randn(4, 3, 32, 32), torch.randint(5, 50, (4, 8)), torch.ones(4, 8, dtype=torch.long),
+                image_ids=ids)
+    out.loss.backward()
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
