@@ -92,8 +92,13 @@ def test_app_builder_validates_args_strictly(dirs):
         app_builder({"model": dirs[0], "max_batch": 4})
 
 
-def test_build_app_takes_each_deployment_resources_from_the_config(dirs):
+def test_build_app_takes_each_deployment_resources_from_the_config(dirs, monkeypatch):
+    from blip2_ray.serve import capacity
     from blip2_ray.serve.app import build_app
+
+    # this test is about the deployments' options, not the fit check (test_serve_placement has those): no
+    # cluster view, also when an earlier test of the session left a CPU-only Ray connected in this process
+    monkeypatch.setattr(capacity, "cluster_nodes", lambda gpu_memory_gib: None)
 
     cfg = from_dict(ServeConfig, {
         "model": dirs[0], "retrieval_model": dirs[1], "device": "cuda", "gpus_per_replica": 0.75, "num_replicas": 2,
