@@ -13,24 +13,12 @@ from blip2_ray.model.generation import (
     select_rows,
     unsupported_generation_settings,
 )
-from blip2_ray.model.stage2 import caption_eos_ids, tokenize_prompts
+from blip2_ray.model.stage2 import tokenize_prompts
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny_t5"])
-def setup(request):
-    from blip2_ray.model.builders import build_stage2
-    from blip2_ray.model.config import model_config
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
-
-    torch.manual_seed(0)
-    cfg = model_config(request.param)
-    tok = llm_tokenizer(cfg)
-    model = build_stage2(cfg, tok).eval()
-    with torch.no_grad():  # larger random weights: outputs that change with the context (tiny init repeats one token)
-        for p in list(model.language_model.parameters()) + list(model.language_projection.parameters()):
-            if p.dim() == 2:
-                p.normal_(0, 1.0)
-    return model, tok, caption_eos_ids(tok, model.llm_family)
+@pytest.fixture(scope="module")
+def setup(varied_stage2):
+    return varied_stage2  # (model, tokenizer, eos ids), tiny OPT and tiny T5: tests/unit/conftest.py
 
 
 def pixels(seeds):
