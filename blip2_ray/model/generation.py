@@ -185,25 +185,24 @@ def _pad(x: torch.Tensor, length: int, dim: int, left: bool) -> torch.Tensor:
     return torch.cat([zeros, x] if left else [x, zeros], dim)
 
 
+def _concat_layers(layers_a, layers_b, length: int, left: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (keys, values) of `layers_a`'s rows then `layers_b`'s, each padded to `length` positions."""
+    return [tuple(torch.cat([_pad(x, length, -2, left), _pad(y, length, -2, left)], 0)
+                  for x, y in ((la.keys, lb.keys), (la.values, lb.values)))
+            for la, lb in zip(layers_a, layers_b)]
+
+
 @torch.no_grad()
 def concat_batches(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
     """The rows of `a` then those of `b` in one batch (the shorter one's cache left padded)."""
     t = max(a.mask.shape[1], b.mask.shape[1])
-    self_kv = [
-        tuple(torch.cat([_pad(x, t, -2, True), _pad(y, t, -2, True)], 0) for x, y in
-              ((la.keys, lb.keys), (la.values, lb.values)))
-        for la, lb in zip(_self_layers(a.cache), _self_layers(b.cache))
-    ]
+    self_kv = _concat_layers(_self_layers(a.cache), _self_layers(b.cache), t, left=True)
     mask = torch.cat([_pad(a.mask, t, 1, True), _pad(b.mask, t, 1, True)], 0)
     encoder = a.encoder_hidden is not None
     cross_kv, hidden, enc_mask = [], None, None
     if encoder:  # encoder outputs of different lengths: pad on the right, masked
         s = max(a.encoder_mask.shape[1], b.encoder_mask.shape[1])
-        cross_kv = [
-            tuple(torch.cat([_pad(x, s, -2, False), _pad(y, s, -2, False)], 0) for x, y in
-                  ((la.keys, lb.keys), (la.values, lb.values)))
-            for la, lb in zip(_cross_layers(a.cache), _cross_layers(b.cache))
-        ]
+        cross_kv = _concat_layers(_cross_layers(a.cache), _cross_layers(b.cache), s, left=False)
         hidden = torch.cat([_pad(a.encoder_hidden, s, 1, False), _pad(b.encoder_hidden, s, 1, False)], 0)
         enc_mask = torch.cat([_pad(a.encoder_mask, s, 1, False), _pad(b.encoder_mask, s, 1, False)], 0)
     return DecodeBatch(_rebuild(self_kv, cross_kv, encoder), mask, hidden, enc_mask, padded=bool((mask == 0).any()))
