@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,25 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# the memory probes and the real-width model of bench-model-memory (this folder is on sys.path)
+from bench_model_memory import model_cfg, peak_rss_bytes, rss_bytes  # noqa: E402
+
 GiB = 2**30
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def model_cfg(depth: int):
-    from blip2_ray.model.config import model_config
-
-    vision, llm = {"dtype": "bfloat16"}, {"dtype": "bfloat16"}
-    if depth:
-        vision["num_layers"], llm["num_layers"] = depth, depth
-    return model_config("vitg_opt2.7b", vision=vision, llm=llm, allow_random_init=True)
 
 
 def build_child(depth: int, out_dir: str) -> dict:
