@@ -42,6 +42,7 @@ from blip2_ray.model.tokenizers import load_llm_tokenizer, prepends_bos
 from blip2_ray.model.vision import DTYPES, as_dtype, build_vision_model
 from blip2_ray.model.weight_sources import (
     BLIP2_MODEL_TYPES,
+    INSTRUCTBLIP_MODEL_TYPE,
     WeightSource,
     bert_source,
     check_weight_sources,
@@ -160,20 +161,24 @@ def stage2_from_blip2_dir(path: str, vision_dtype: torch.dtype | str = torch.flo
     them); the ViT is cast to `vision_dtype` only if that differs. `device_map` places the language
     model's submodules ({"": "cuda:0"}, {"model.decoder.layers.0": 0, ...}; see place_language_model).
     """
-    from transformers import Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
     vision_dtype, llm_dtype = as_dtype(vision_dtype), as_dtype(llm_dtype)
     d = require_local_dir(path, "model")
     data = read_json(Path(d) / "config.json", "model config") if (Path(d) / "config.json").is_file() else {}
-    if data.get("model_type") not in BLIP2_MODEL_TYPES or "Blip2ForImageTextRetrieval" in data.get("architectures", []):
+    if not is_stage2_dir_config(data):
         raise UserError(f"{path!r} is not a Blip2ForConditionalGeneration directory (a stage-2 export or a "
-                        f"Salesforce blip2-opt / blip2-flan-t5 copy)")
-    class Blip2WithFloat32Trainables(Blip2ForConditionalGeneration):
+                        f"Salesforce blip2-opt / blip2-flan-t5 copy) or the InstructBlipForConditionalGeneration "
+                        f"directory of a VQA fine-tune")
+    base = InstructBlipForConditionalGeneration if data["model_type"] == INSTRUCTBLIP_MODEL_TYPE \
+        else Blip2ForConditionalGeneration
+
+    class WithFloat32Trainables(base):
         # the trainable parts read in float32 at full precision: transformers' own list keeps the Q-Former
         # in float32 for float16 only, and a bfloat16 round trip would lose the trained weights' low bits
         _keep_in_fp32_modules_strict = ["query_tokens", "qformer", "language_projection", "vision_model.post_layernorm"]
 
-    hf = strict_from_pretrained(Blip2WithFloat32Trainables, d, "model", dtype=llm_dtype)
+    hf = strict_from_pretrained(WithFloat32Trainables, d, "model", dtype=llm_dtype)
     recorded = read_model_config(d)
     eps = getattr(hf.config.vision_config, "ln_vision_eps", None)
     if recorded is not None and recorded.vision.ln_vision_eps is not None:
@@ -189,6 +194,15 @@ def stage2_from_blip2_dir(path: str, vision_dtype: torch.dtype | str = torch.flo
         "decoder" if decoder else "t5", vision_dtype=vision_dtype, llm_dtype=llm_dtype,
         starts_with_bos=decoder and _starts_with_bos(d, hf.config.text_config.model_type), freeze=freeze,
     )
+
+
+def is_stage2_dir_config(data: dict) -> bool:
+    """Whether a config.json describes a whole stage-2 model: Blip2ForConditionalGeneration, or the
+    InstructBlipForConditionalGeneration layout of a VQA fine-tune (question-aware Q-Former)."""
+    if data.get("model_type") == INSTRUCTBLIP_MODEL_TYPE:
+        return True
+    return data.get("model_type") in BLIP2_MODEL_TYPES and "Blip2ForImageTextRetrieval" not in data.get(
+        "architectures", [])
 
 
 def _starts_with_bos(model_dir: str, family: str) -> bool:

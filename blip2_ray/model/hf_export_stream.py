@@ -17,13 +17,15 @@ from typing import Iterable
 import torch
 
 from blip2_ray.config import dump_yaml
-from blip2_ray.errors import UserError
 from blip2_ray.model.config import ModelConfig
 from blip2_ray.model.hf_format import (
     _is_tied,
     image_processor,
+    image_token_index_of,
     stage1_hf_config,
+    stage2_hf_class,
     stage2_hf_config,
+    stage2_processor,
 )
 from blip2_ray.model.weight_sources import CONFIG_FILE, EXTRAS_FILE
 
@@ -87,13 +89,14 @@ class ShardWriter:
 
 
 def export_streamed(model, stage: int, tensors: Iterable[tuple[str, torch.Tensor | None]], out_dir: str | None,
-                    tokenizer, model_cfg: ModelConfig | None = None, max_shard_bytes: int = SHARD_BYTES) -> str | None:
+                    tokenizer, model_cfg: ModelConfig | None = None, max_shard_bytes: int = SHARD_BYTES,
+                    qformer_tokenizer=None) -> str | None:
     """Write the HF export of `model` from `tensors` (every rank iterates them; `out_dir` None: only iterate).
 
     Keys and shapes are checked against the HF class (missing or unexpected keys: RuntimeError); a tensor
     whose shape differs only by a 1-element vectorisation (the ITC temperature) takes the HF shape.
     """
-    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, GenerationConfig
+    from transformers import Blip2ForImageTextRetrieval, GenerationConfig
 
     if out_dir is None:
         for _ in tensors:
@@ -102,11 +105,8 @@ def export_streamed(model, stage: int, tensors: Iterable[tuple[str, torch.Tensor
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if stage == 2:
-        image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-        if image_token_index >= model.llm_embeddings().num_embeddings:
-            raise UserError(f"the LLM vocabulary ({model.llm_embeddings().num_embeddings} rows) has no room for the "
-                            f"<image> token HF's processor adds (id {image_token_index}); the export needs a spare row")
-        cls, config = Blip2ForConditionalGeneration, stage2_hf_config(model, image_token_index)
+        processor = stage2_processor(model, tokenizer, qformer_tokenizer)
+        cls, config = stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer))
     else:
         cls, config = Blip2ForImageTextRetrieval, stage1_hf_config(model)
     shapes = hf_key_shapes(cls, config)
@@ -132,11 +132,8 @@ def export_streamed(model, stage: int, tensors: Iterable[tuple[str, torch.Tensor
     config.architectures = [cls.__name__]
     config.save_pretrained(str(out))
     if stage == 2:
-        from transformers import Blip2Processor
-
         GenerationConfig.from_model_config(config).save_pretrained(str(out))
-        Blip2Processor(image_processor(model.vision_model.config.image_size), tokenizer,
-                       num_query_tokens=model.num_query_tokens).save_pretrained(str(out))
+        processor.save_pretrained(str(out))
     else:
         from safetensors.torch import save_file
 

@@ -70,10 +70,19 @@ def _vision_hf_config(model: nn.Module) -> dict:
     return data
 
 
-def stage2_hf_config(model: Blip2Stage2, image_token_index: int):
-    from transformers import Blip2Config
+def stage2_hf_class(model: Blip2Stage2):
+    """The HF class of a stage-2 export: Blip2ForConditionalGeneration, or, for a question-aware (VQA)
+    Q-Former, InstructBlipForConditionalGeneration (the HF class whose Q-Former reads text next to the queries)."""
+    from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-    return Blip2Config(
+    return InstructBlipForConditionalGeneration if model.takes_question else Blip2ForConditionalGeneration
+
+
+def stage2_hf_config(model: Blip2Stage2, image_token_index: int):
+    from transformers import Blip2Config, InstructBlipConfig
+
+    cls = InstructBlipConfig if model.takes_question else Blip2Config
+    return cls(
         vision_config=_vision_hf_config(model),
         qformer_config=model.qformer.config.to_dict(),
         text_config=model.language_model.config.to_dict(),  # the LLM's own config (any decoder family, T5)
@@ -112,20 +121,36 @@ def _is_tied(key: str) -> bool:
 
 
 # ---------------------------------------------------------------- stage 2 <-> Blip2ForConditionalGeneration
-def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None) -> str:
-    """Write `out_dir` as `Blip2ForConditionalGeneration.save_pretrained` + `Blip2Processor` would."""
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+def stage2_processor(model: Blip2Stage2, tokenizer, qformer_tokenizer=None):
+    """Blip2Processor, or InstructBlipProcessor (+ the Q-Former tokenizer) for a question-aware model."""
+    from transformers import Blip2Processor, InstructBlipProcessor
 
+    images = image_processor(model.vision_model.config.image_size)
+    if not model.takes_question:
+        return Blip2Processor(images, tokenizer, num_query_tokens=model.num_query_tokens)
+    if qformer_tokenizer is None:
+        raise ValueError("a question-aware (VQA) model's export needs its Q-Former tokenizer")
+    return InstructBlipProcessor(images, tokenizer, qformer_tokenizer, num_query_tokens=model.num_query_tokens)
+
+
+def image_token_index_of(model: Blip2Stage2, tokenizer) -> int:
+    """The id of the <image> token HF's processor adds; UserError when the LLM vocabulary has no row for it."""
+    index = tokenizer.convert_tokens_to_ids("<image>")
+    if index >= model.llm_embeddings().num_embeddings:
+        raise UserError(f"the LLM vocabulary ({model.llm_embeddings().num_embeddings} rows) has no room for the "
+                        f"<image> token HF's processor adds (id {index}); the export needs a spare row")
+    return index
+
+
+def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None,
+                  qformer_tokenizer=None) -> str:
+    """Write `out_dir` as `Blip2ForConditionalGeneration.save_pretrained` + `Blip2Processor` would (a VQA
+    model with a question-aware Q-Former: InstructBlipForConditionalGeneration + InstructBlipProcessor)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image_size = model.vision_model.config.image_size
-    processor = Blip2Processor(image_processor(image_size), tokenizer, num_query_tokens=model.num_query_tokens)
-    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    if image_token_index >= model.llm_embeddings().num_embeddings:
-        raise UserError(f"the LLM vocabulary ({model.llm_embeddings().num_embeddings} rows) has no room for the "
-                        f"<image> token HF's processor adds (id {image_token_index}); the export needs a spare row")
+    processor = stage2_processor(model, tokenizer, qformer_tokenizer)
     state = dict(model.state_dict())
-    hf = _hf_from_state(Blip2ForConditionalGeneration, stage2_hf_config(model, image_token_index), state)
+    hf = _hf_from_state(stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer)), state)
     hf.save_pretrained(str(out), safe_serialization=True)
     processor.save_pretrained(str(out))
     if model_cfg is not None:

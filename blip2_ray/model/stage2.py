@@ -19,6 +19,7 @@ from torch import nn
 from blip2_ray.model.partitioned import full_shape
 from blip2_ray.model.precision import autocast_off
 from blip2_ray.model.qformer import run_qformer
+from blip2_ray.model.question_qformer import question_pass, takes_question
 from blip2_ray.model.vision import encode_image, freeze_vision
 
 VQA_PROMPTS = {"decoder": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
@@ -101,11 +102,27 @@ class Blip2Stage2(nn.Module):
     def llm_embeddings(self) -> nn.Embedding:
         return self.language_model.get_input_embeddings()
 
-    def visual_prompt(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, Q, D_llm) query outputs projected into the LLM's embedding space."""
+    @property
+    def takes_question(self) -> bool:
+        """The Q-Former reads the question next to the queries (a VQA model: model/question_qformer.py)."""
+        return takes_question(self.qformer)
+
+    def visual_prompt(self, pixel_values: torch.Tensor, question_ids: torch.Tensor | None = None,
+                      question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, Q, D_llm) query outputs projected into the LLM's embedding space.
+
+        `question_ids` / `question_mask` (B, L): Q-Former tokens of the question, read by a question-aware
+        Q-Former (`takes_question`) next to the queries; a queries-only Q-Former refuses them.
+        """
         image_embeds = encode_image(self.vision_model, pixel_values)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        out = run_qformer(self.qformer, queries, None, image_embeds, query_length=queries.shape[1])
+        if self.takes_question:
+            out = question_pass(self.qformer, queries, image_embeds, question_ids, question_mask)
+        elif question_ids is not None:
+            raise ValueError("this model's Q-Former reads no text (a BLIP-2 stage-2 Q-Former); only a VQA "
+                             "fine-tuned model (model/question_qformer.py) takes the question")
+        else:
+            out = run_qformer(self.qformer, queries, None, image_embeds, query_length=queries.shape[1])
         return self.language_projection(out.to(self.language_projection.weight.dtype))
 
     def forward(
@@ -115,19 +132,31 @@ class Blip2Stage2(nn.Module):
         llm_attention_mask: torch.Tensor,
         *,
         generator: torch.Generator | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+        question_ids: torch.Tensor | None = None,
+        question_mask: torch.Tensor | None = None,
     ) -> Stage2Output:
-        """Language-modelling loss of the captions given the images.
+        """Language-modelling loss of the captions (or answers) given the images.
 
         Decoder: llm_input_ids (B, T) = [BOS if the tokenizer has one, caption, end, pad...] (right
         padded; end = "\\n" for OPT, the EOS otherwise). T5: (B, T) = [caption, </s>, pad...]; the
         prefix-LM split is drawn per sample with `generator`.
+        VQA (`prompt_lengths` (B,) given): each row is [prompt, answer, end] and its first prompt_lengths[b]
+        tokens (BOS and the "Question: ... Answer:" prompt) get no loss; T5 reads the prompt in its
+        encoder and the answer is the decoder's target. `question_ids` / `question_mask` go to a
+        question-aware Q-Former (visual_prompt).
         """
-        prefix = self.visual_prompt(pixel_values)
+        prefix = self.visual_prompt(pixel_values, question_ids, question_mask)
+        if prompt_lengths is not None and self.prompt_ids.shape[1]:
+            raise ValueError("VQA rows carry their own prompt; the model's fixed llm.prompt must be empty")
         if self.llm_kind == "decoder":
-            return self._decoder_loss(prefix, llm_input_ids, llm_attention_mask)
+            return self._decoder_loss(prefix, llm_input_ids, llm_attention_mask, prompt_lengths)
+        if prompt_lengths is not None:
+            return self._t5_answer_loss(prefix, llm_input_ids, llm_attention_mask, prompt_lengths)
         return self._t5_loss(prefix, llm_input_ids, llm_attention_mask, generator)
 
-    def _decoder_loss(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Stage2Output:
+    def _decoder_loss(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                      prompt_lengths: torch.Tensor | None = None) -> Stage2Output:
         b, nq = prefix.shape[:2]
         lead = int(self.starts_with_bos)
         n_no_loss = lead + self.prompt_ids.shape[1]  # BOS + prompt tokens get no loss
@@ -146,6 +175,8 @@ class Blip2Stage2(nn.Module):
         logits = out.logits[:, :-1]  # (B, T, V)
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, :n_no_loss] = -100
+        if prompt_lengths is not None:  # VQA: the per-row prompt gets no loss
+            labels = labels.masked_fill(torch.arange(t, device=ids.device)[None] < prompt_lengths[:, None], -100)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         return Stage2Output(loss, logits)
 
@@ -172,6 +203,30 @@ class Blip2Stage2(nn.Module):
         )
         return Stage2Output(loss, out.logits)
 
+    def _t5_answer_loss(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                        prompt_lengths: torch.Tensor) -> Stage2Output:
+        """FlanT5 VQA: rows [prompt, </s>, answer, </s>, pad...]; the encoder reads queries + the first
+        prompt_lengths[b] tokens, the decoder is trained on the rest."""
+        b, nq = prefix.shape[:2]
+        t = ids.shape[1]
+        pad = self.language_model.config.pad_token_id
+        pos = torch.arange(t, device=ids.device)[None]
+        k = prompt_lengths[:, None]
+        enc_mask = (pos < k).long()
+        enc_ids = ids.masked_fill(enc_mask == 0, pad)
+        src = (pos + k).clamp(max=t - 1)
+        labels = torch.gather(ids, 1, src).masked_fill((pos + k) >= mask.sum(1, keepdim=True), -100)
+        full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=ids.device), enc_mask], 1)
+        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
+            text_embeds = self.llm_embeddings()(enc_ids)
+            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask,
+                                      decoder_input_ids=self.language_model._shift_right(labels))
+        loss = F.cross_entropy(
+            out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
+        return Stage2Output(loss, out.logits)
+
     # ---- generation ----
     @torch.no_grad()
     def generate(
@@ -186,17 +241,20 @@ class Blip2Stage2(nn.Module):
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         do_sample: bool = False,
+        question_ids: torch.Tensor | None = None,
+        question_mask: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """New token ids (B, L) conditioned on the images and an optional prompt.
 
         Decoder: `input_ids` are LEFT-padded prompts as the tokenizer writes them (with its BOS if it has
         one; None: just the BOS, or nothing). T5: prompts for the encoder (None: only the visual
-        prompt). Returns only the generated tokens.
+        prompt). `question_ids` / `question_mask`: the Q-Former's tokens of the question (question-aware
+        Q-Former only). Returns only the generated tokens.
         """
         emb = self.llm_embeddings()
         dev = emb.weight.device  # the LLM's input side (a device_map may put it apart from the ViT)
-        prefix = self.visual_prompt(pixel_values).to(dev)
+        prefix = self.visual_prompt(pixel_values, question_ids, question_mask).to(dev)
         b, nq = prefix.shape[:2]
         cfg = self.language_model.config
         if input_ids is None:
@@ -283,10 +341,23 @@ def generate_text(
     tokenizer,
     pixel_values: torch.Tensor,
     prompts: list[str] | None = None,
+    qformer_tokenizer=None,
+    question_max_len: int = 32,
     **generate_kwargs,
 ) -> list[str]:
-    """Captions or answers as strings (prompts optional, one per image or one for all)."""
+    """Captions or answers as strings (prompts optional, one per image or one for all).
+
+    A question-aware (VQA) model also reads each prompt in its Q-Former, tokenised by `qformer_tokenizer`
+    as in training (at most `question_max_len` tokens)."""
     ids, mask = tokenize_prompts(tokenizer, prompts, pixel_values.shape[0], model.llm_kind, pixel_values.device)
     generate_kwargs.setdefault("eos_token_id", caption_eos_ids(tokenizer, model.llm_family))
+    if model.takes_question and prompts:
+        if qformer_tokenizer is None:
+            raise ValueError("a question-aware model needs its Q-Former tokenizer to read the prompts")
+        texts = prompts * pixel_values.shape[0] if len(prompts) == 1 else prompts
+        enc = qformer_tokenizer(list(texts), padding="longest", truncation=True, max_length=question_max_len,
+                                return_tensors="pt")
+        generate_kwargs.update(question_ids=enc.input_ids.to(pixel_values.device),
+                               question_mask=enc.attention_mask.to(pixel_values.device))
     out = model.generate(pixel_values, ids, mask, **generate_kwargs)
     return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -27,6 +27,7 @@ from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, llm
 CONFIG_FILE = "blip2_ray_model.yaml"  # the ModelConfig an export was trained with
 EXTRAS_FILE = "stage1_extras.safetensors"  # stage-1 weights HF has no place for (Q-Former LM head, temp)
 BLIP2_MODEL_TYPES = ("blip-2", "blip_2")  # transformers writes "blip-2" into config.json
+INSTRUCTBLIP_MODEL_TYPE = "instructblip"  # a VQA fine-tune's export (its Q-Former reads the question)
 _VISION_EXPECTED = ("a BLIP-2 directory, a Blip2VisionModel directory, a CLIP directory (CLIPVisionModel / "
                     "CLIPModel) or LAVIS's eva_vit_g.pth")
 
