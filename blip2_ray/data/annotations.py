@@ -5,9 +5,15 @@ Formats read (the files users download):
     "image_id": ...}] (image_id optional: taken from the file name's number, else the path)
   - Karpathy's dataset_coco.json / dataset_flickr30k.json: {"images": [{"filepath", "filename", "split",
     "sentences": [{"raw"}], "cocoid" | "imgid"}]} (split "restval" joins "train")
+  - VQA: VQAv2's official pair (v2_OpenEnded_mscoco_train2014_questions.json {"data_subtype", "questions":
+    [{question_id, image_id, question}]} + v2_mscoco_train2014_annotations.json {"annotations": [{question_id,
+    image_id, answers: [{answer}, ...x10]}]}; images COCO_<data_subtype>_<image_id:012d>.jpg), or LAVIS's
+    vqav2 / OK-VQA lists [{"question_id", "question", "image": "train2014/...jpg", "answer": [str, ...]}]
 Every image path is resolved under the image root; a missing one is counted and skipped, none resolving
 is one UserError. Each (image, caption) pair becomes one training row (LAVIS trains one row per caption);
-its key "<image_id>/<n>" carries the image id, so objectives can tell captions of one image apart.
+its key "<image_id>/<n>" carries the image id, so objectives can tell captions of one image apart. Each
+question becomes one row whose "caption" column holds its human answers as a JSON list (the data pipeline
+draws one per visit, so an answer is trained as often as the annotators gave it) and "question" the question.
 """
 
 from __future__ import annotations
@@ -91,6 +97,76 @@ def read_caption_annotations(path: str, image_root: str, split: str = "train",
     return out
 
 
+@dataclass
+class VqaAnnotations:
+    """Questions with their image and human answers: entries {"path", "image_id", "question_id", "question",
+    "answers"}; `missing`: image paths not found (each counted once)."""
+
+    entries: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return len({e["path"] for e in self.entries})
+
+
+def vqa_entries(data, questions_path: str | None, what: str, image_pattern: str | None = None) -> list[dict]:
+    """{"question_id", "question", "image" (relative path), "answers", "answer_type"} of a VQA annotation
+    file's parsed JSON (formats in the module docstring; `questions_path`: the official questions file)."""
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):  # VQAv2 / OK-VQA official pair
+        if not questions_path:
+            raise UserError(f"{what} holds VQAv2 official annotations; name its questions file too "
+                            f"(v2_OpenEnded_mscoco_*_questions.json)")
+        qdata = read_json(questions_path, f"the questions of {what}")
+        if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+            raise UserError(f"{questions_path!r} is not a VQAv2 questions file ({{questions: [...]}})")
+        qs = {q["question_id"]: q for q in qdata["questions"]}
+        pattern = image_pattern or f"COCO_{qdata.get('data_subtype', 'train2014')}_{{image_id:012d}}.jpg"
+        out = []
+        for a in data["annotations"]:
+            q = qs.get(a["question_id"])
+            if q is None:
+                raise UserError(f"question {a['question_id']} of {what} is not in {questions_path!r}")
+            out.append({"question_id": a["question_id"], "question": q["question"],
+                        "image": pattern.format(image_id=a["image_id"]), "image_id": a["image_id"],
+                        "answers": [x["answer"] for x in a["answers"]], "answer_type": a.get("answer_type")})
+        return out
+    if isinstance(data, list) and all(isinstance(e, dict) and {"question", "image"} <= set(e) for e in data):
+        out = []
+        for e in data:  # LAVIS lists; GQA: "answer" is one string
+            ans = e.get("answer", e.get("answers", []))
+            out.append({"question_id": e.get("question_id", len(out)), "question": e["question"], "image": e["image"],
+                        "image_id": e.get("image_id", image_id_of(e["image"])),
+                        "answers": [ans] if isinstance(ans, str) else list(ans), "answer_type": e.get("answer_type")})
+        return out
+    raise UserError(f"{what} is in no known VQA format: expected VQAv2's official annotations {{annotations: "
+                    f"[...]}} (with its questions file) or a LAVIS list [{{question_id, question, image, answer}}]")
+
+
+def read_vqa_annotations(path: str, questions: str | None, image_root: str,
+                         what: str = "annotations.train") -> VqaAnnotations:
+    """The questions of a VQA training file with their resolved image paths (missing images counted and
+    skipped; questions without an answer dropped). UserError: unreadable or unknown file, no image found."""
+    entries = vqa_entries(read_json(path, what), questions, f"{what} {path!r}")
+    out, seen_missing = VqaAnnotations(), set()
+    for e in entries:
+        full = os.path.join(image_root, e["image"])
+        if not os.path.isfile(full):
+            if full not in seen_missing:
+                seen_missing.add(full)
+                out.missing.append(full)
+            continue
+        answers = [str(a).strip() for a in e["answers"] if str(a).strip()]
+        if answers:
+            out.entries.append({"path": full, "image_id": e["image_id"], "question_id": e["question_id"],
+                                "question": str(e["question"]), "answers": answers})
+    if not out.entries:
+        hint = f" (e.g. {out.missing[0]!r})" if out.missing else ""
+        raise UserError(f"none of the images of the {len(entries)} questions of {what} {path!r} exists under image "
+                        f"root {image_root!r}{hint}; set the image root to the folder the image names are relative to")
+    return out
+
+
 def fingerprint(path: str, image_root: str, split: str) -> str:
     """What identifies prepared shards: the annotation file (path, size, mtime), image root and split."""
     st = os.stat(path)
@@ -104,6 +180,39 @@ def write_caption_shards(ann: CaptionAnnotations, out_dir: str, records_per_shar
     Skips the work when `out_dir` already holds the shards of the same fingerprint (a resumed run).
     Returns the manifest {"fingerprint", "files", "rows", "images", "missing_images"}.
     """
+    def rows():
+        for e in ann.entries:
+            image = _read_bytes(e["path"])
+            for j, caption in enumerate(e["captions"]):
+                yield {"key": f"{e['image_id']}/{j}", "image": image, "caption": caption,
+                       "image_id": str(e["image_id"])}
+
+    return _write_shards(rows(), ("key", "image", "caption", "image_id"), out_dir, records_per_shard, fp,
+                         images=len(ann.entries), missing_images=len(ann.missing))
+
+
+def write_vqa_shards(ann: VqaAnnotations, out_dir: str, records_per_shard: int, fp: str) -> dict:
+    """One parquet row per question: key "<image_id>/q<question_id>", image (bytes), question, caption (the
+    human answers as a JSON list: one is drawn per visit), image_id. Manifest and reuse as write_caption_shards."""
+    def rows():
+        cache: dict[str, bytes] = {}  # the questions of one image are consecutive in VQAv2's files
+        for e in ann.entries:
+            if e["path"] not in cache:
+                cache.clear()
+                cache[e["path"]] = _read_bytes(e["path"])
+            yield {"key": f"{e['image_id']}/q{e['question_id']}", "image": cache[e["path"]],
+                   "question": e["question"], "caption": json.dumps(e["answers"]), "image_id": str(e["image_id"])}
+
+    return _write_shards(rows(), ("key", "image", "question", "caption", "image_id"), out_dir, records_per_shard,
+                         fp, images=ann.num_images, missing_images=len(ann.missing))
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_shards(rows, columns: tuple[str, ...], out_dir: str, records_per_shard: int, fp: str, **counts) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -117,31 +226,25 @@ def write_caption_shards(ann: CaptionAnnotations, out_dir: str, records_per_shar
     for name in os.listdir(out_dir):
         if name.endswith(".parquet"):
             os.remove(os.path.join(out_dir, name))
-    files, rows, n = [], {"key": [], "image": [], "caption": [], "image_id": []}, 0
+    files, pending, n = [], {c: [] for c in columns}, 0
 
     def flush():
-        if not rows["key"]:
+        if not pending["key"]:
             return
         path = os.path.join(out_dir, f"{len(files):05d}.parquet")
-        pq.write_table(pa.table(rows), path)
+        pq.write_table(pa.table(pending), path)
         files.append(path)
-        for v in rows.values():
+        for v in pending.values():
             v.clear()
 
-    for e in ann.entries:
-        with open(e["path"], "rb") as f:
-            image = f.read()
-        for j, caption in enumerate(e["captions"]):
-            rows["key"].append(f"{e['image_id']}/{j}")
-            rows["image"].append(image)
-            rows["caption"].append(caption)
-            rows["image_id"].append(str(e["image_id"]))
-            n += 1
-            if len(rows["key"]) >= records_per_shard:
-                flush()
+    for row in rows:
+        for c in columns:
+            pending[c].append(row[c])
+        n += 1
+        if len(pending["key"]) >= records_per_shard:
+            flush()
     flush()
-    manifest = {"fingerprint": fp, "files": files, "rows": n, "images": len(ann.entries),
-                "missing_images": len(ann.missing)}
+    manifest = {"fingerprint": fp, "files": files, "rows": n, **counts}
     with open(manifest_path + ".tmp", "w") as f:
         json.dump(manifest, f)
     os.replace(manifest_path + ".tmp", manifest_path)

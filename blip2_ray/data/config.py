@@ -25,6 +25,10 @@ class DataConfig:
     max_caption_words: int = doc("cleaned captions are cut to this many words", 50)
     qformer_max_len: int = doc("Q-Former (BERT) token length, padded", 32)
     llm_max_len: int = doc("LLM token length, right padded", 32)
+    vqa_prompt: str = doc("VQA rows (shards with a `question` column): the prompt the question is written into, "
+                          "read by the question-aware Q-Former and the LLM; BLIP-2's: decoders 'Question: {} "
+                          "Answer:', FlanT5 'Question: {} Short answer:' (jobs/finetune.py picks it by LLM)",
+                          "Question: {} Answer:")
     shuffle_buffer: int = doc("local shuffle buffer (rows) per Train worker", 1000)
     seed: int = doc("seed of shard order, crops, flips and caption draws", 0)
     decode_batch_size: int = doc("rows per decode/transform/tokenise batch", 32)
@@ -56,6 +60,8 @@ class DataConfig:
                      "qformer_max_len", "llm_max_len", "decode_batch_size", "prefetch_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vqa_prompt.count("{}") != 1:
+            raise ValueError(f"vqa_prompt must hold one {{}} for the question, got {self.vqa_prompt!r}")
         if not 0.0 < self.min_crop_scale <= 1.0:
             raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
         if self.min_image_side * self.min_image_side > self.max_image_pixels:

@@ -280,7 +280,7 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
 
 # ---------------------------------------------------------------------------------------- Ray Train
 TENSOR_COLUMNS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask", "llm_input_ids",
-                  "llm_attention_mask")
+                  "llm_attention_mask", "llm_prompt_length")
 POSITION_COLUMNS = ("visit", "record")
 
 

@@ -240,7 +240,7 @@ def check_parquet_columns(path: str, image_keys: list[str], caption_keys: list[s
 def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[str],
                          on_skip: Callable[[str], None], s3_opts: dict | None = None,
                          batch_rows: int = 64) -> Iterator[dict]:
-    """Stream the records of a parquet file (image bytes + caption columns, optional `key`)."""
+    """Stream the records of a parquet file (image bytes + caption columns, optional `key` and `question`)."""
     import pyarrow.parquet as pq
 
     stem = os.path.basename(path).rsplit(".", 1)[0]
@@ -252,7 +252,7 @@ def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[st
             return
         names = pf.schema_arrow.names
         image_col, caption_col = parquet_columns(names, path, image_keys, caption_keys)
-        cols = [image_col, caption_col] + (["key"] if "key" in names else [])
+        cols = [image_col, caption_col] + [c for c in ("key", "question") if c in names]
         n = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
@@ -261,8 +261,11 @@ def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[st
                 for i in range(batch.num_rows):
                     key = keys[i] if keys[i] is not None else f"{stem}:{n}"
                     n += 1
-                    yield {"key": str(key), "image": _to_bytes(d[image_col][i]),
-                           "caption": _to_bytes(d[caption_col][i])}
+                    record = {"key": str(key), "image": _to_bytes(d[image_col][i]),
+                              "caption": _to_bytes(d[caption_col][i])}
+                    if "question" in d:  # VQA shards (data/annotations.write_vqa_shards)
+                        record["question"] = d["question"][i]
+                    yield record
         except OSError:
             on_skip(TRUNCATED_SHARD)
             return

@@ -12,7 +12,15 @@ from typing import Callable, Iterable
 import numpy as np
 
 from blip2_ray.data.config import DataConfig
-from blip2_ray.data.transforms import SkipRecord, decode_image, eval_resize, pick_caption, train_crop
+from blip2_ray.data.transforms import (
+    EMPTY_CAPTION,
+    SkipRecord,
+    caption_choices,
+    decode_image,
+    eval_resize,
+    pick_caption,
+    train_crop,
+)
 
 _TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading takes ~100 ms
 
@@ -60,6 +68,31 @@ def tokenize_llm(tok, captions: list[str], max_len: int, llm_family: str | None 
     return {"llm_input_ids": ids, "llm_attention_mask": mask}
 
 
+def tokenize_vqa_llm(tok, prompts: list[str], answers: list[str], max_len: int,
+                     llm_family: str | None = None) -> dict[str, np.ndarray]:
+    """VQA rows [prompt, answer, end] right padded to `max_len`, and each row's prompt length (the tokens
+    that get no loss): decoders "<BOS>Question: ... Answer: red\\n" (OPT) / "... red</s>", FlanT5
+    "Question: ... Short answer:</s>" then "red</s>" (models/stage2 splits it for the encoder and decoder).
+    The answer is kept whole; a prompt that does not fit loses its last tokens."""
+    from blip2_ray.model.tokenizers import appends_eos, caption_end_ids
+
+    end = caption_end_ids(tok, llm_family) if not appends_eos(tok) else [tok.eos_token_id]
+    ids = np.full((len(prompts), max_len), tok.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), max_len), dtype=np.int64)
+    lengths = np.zeros(len(prompts), dtype=np.int64)
+    if prompts:
+        heads = tok(list(prompts))["input_ids"]
+        tails = tok([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+        for i, (head, tail) in enumerate(zip(heads, tails)):
+            tail = (list(tail) + end)[: max_len - 1]
+            head = list(head)[: max_len - len(tail)]
+            row = head + tail
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+            lengths[i] = len(head)
+    return {"llm_input_ids": ids, "llm_attention_mask": mask, "llm_prompt_length": lengths}
+
+
 def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Randomness of one record in one epoch: crops, flips and caption draws are reproducible."""
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode("utf-8"))])
@@ -69,7 +102,7 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
                     qformer_tokenizer_path: str | None = None, llm_tokenizer_path: str | None = None,
                     llm_family: str | None = None, on_skip: Callable[[str], None], with_pixels: bool = True,
                     record_numbers: Iterable[int] | None = None) -> dict[str, np.ndarray]:
-    """Raw records {"key", "image", "caption"} -> a batch of columns (rows of bad records dropped).
+    """Raw records {"key", "image", "caption"[, "question"]} -> a batch of columns (rows of bad records dropped).
 
     Columns: key (str), caption (str, cleaned), pixel_values uint8 (B, 3, S, S) RGB (train crop/flip or
     eval resize; CLIP normalisation happens on the consumer: `transforms.normalize_pixels` on the host or
@@ -77,8 +110,12 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
     and attention_mask int64 (B, max_len); `llm_family` (the LLM's model_type, e.g. "opt") decides how a
     caption ends (see tokenize_llm). With `record_numbers` (one per record: its position in the shard) a
     "record" int64 column keeps the numbers of the rows that survive.
+    VQA records (a "question"; "caption" holds the human answers, one drawn per visit): the question is
+    written into `cfg.vqa_prompt`, which both tokenizers read (the question-aware Q-Former and the LLM), the
+    LLM row is [prompt, answer, end] with an "llm_prompt_length" int64 column (tokenize_vqa_llm), and a
+    "question" column keeps the question. A batch is all VQA or all caption records.
     """
-    keys, captions, pixels, kept = [], [], [], []
+    keys, captions, questions, pixels, kept = [], [], [], [], []
     size = cfg.image_size
     numbers = iter(record_numbers) if record_numbers is not None else None
     for r in records:
@@ -88,7 +125,17 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
         try:
             if r.get("image") is None:
                 raise SkipRecord("missing_image")
-            caption = pick_caption(r.get("caption"), rng, cfg.max_caption_words)
+            if "question" in r:
+                question = r["question"].decode("utf-8") if isinstance(r["question"], bytes) else r["question"]
+                if not question or not str(question).strip():
+                    raise SkipRecord("empty_question")
+                choices = caption_choices(r.get("caption"))
+                caption = str(choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]).strip()
+                if not caption:
+                    raise SkipRecord(EMPTY_CAPTION)
+            else:
+                question = None
+                caption = pick_caption(r.get("caption"), rng, cfg.max_caption_words)
             im = decode_image(r["image"], cfg.min_image_side, cfg.max_image_pixels)
             if with_pixels:
                 pixels.append(train_crop(im, size, rng, cfg.min_crop_scale) if train else eval_resize(im, size))
@@ -97,8 +144,15 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
             continue
         keys.append(key)
         captions.append(caption)
+        if question is not None:
+            questions.append(str(question).strip())
         kept.append(number)
+    if questions and len(questions) != len(keys):
+        raise ValueError("a batch mixes VQA records (with a question) and caption records")
     out = {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object)}
+    if questions:
+        return _vqa_columns(out, questions, cfg, kept if numbers is not None else None, pixels, with_pixels,
+                            qformer_tokenizer_path, llm_tokenizer_path, llm_family)
     if numbers is not None:
         out["record"] = np.array(kept, dtype=np.int64)
     if with_pixels:
@@ -109,6 +163,23 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
     if llm_tokenizer_path:
         out.update(tokenize_llm(cached_llm_tokenizer(llm_tokenizer_path), captions, cfg.llm_max_len, llm_family)
                    if captions else _empty_ids("llm", cfg.llm_max_len))
+    return out
+
+
+def _vqa_columns(out: dict, questions: list[str], cfg: DataConfig, kept: list | None, pixels: list,
+                 with_pixels: bool, qformer_tokenizer_path: str | None, llm_tokenizer_path: str | None,
+                 llm_family: str | None) -> dict[str, np.ndarray]:
+    prompts = [cfg.vqa_prompt.format(q) for q in questions]
+    out["question"] = np.array(questions, dtype=object)
+    if kept is not None:
+        out["record"] = np.array(kept, dtype=np.int64)
+    if with_pixels:
+        out["pixel_values"] = np.stack(pixels)
+    if qformer_tokenizer_path:
+        out.update(tokenize_qformer(cached_qformer_tokenizer(qformer_tokenizer_path), prompts, cfg.qformer_max_len))
+    if llm_tokenizer_path:
+        out.update(tokenize_vqa_llm(cached_llm_tokenizer(llm_tokenizer_path), prompts, list(out["caption"]),
+                                    cfg.llm_max_len, llm_family))
     return out
 
 

@@ -6,6 +6,8 @@ that fails to decode or to pass the data checks is dropped from the output, neve
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from blip2_ray.config import from_dict
@@ -98,6 +100,11 @@ class Stage2Actor:
         self.model = load_stage2(model_dir, vision_dtype=getattr(torch, d),
                                  llm_dtype=getattr(torch, d)).to(self.device).eval()
         self.tok = load_llm_tokenizer(model_dir)
+        self.question_tok = None
+        if self.model.takes_question:  # a VQA fine-tune (InstructBLIP layout): its Q-Former reads the prompt
+            from blip2_ray.model.tokenizers import load_qformer_tokenizer
+
+            self.question_tok = load_qformer_tokenizer(os.path.join(model_dir, "qformer_tokenizer"))
         self.size = self.model.vision_model.config.image_size
         self.data, self.gen = from_dict(DataConfig, data_cfg), gen
 
@@ -113,6 +120,7 @@ class Stage2Actor:
         pixels = torch.from_numpy(px).to(self.device).to(self.model.query_tokens.dtype)
         with torch.no_grad():
             texts = generate_text(self.model, self.tok, pixels, prompts if any(prompts) else None,
+                                  qformer_tokenizer=self.question_tok, question_max_len=self.data.qformer_max_len,
                                   num_beams=self.gen["num_beams"], max_new_tokens=self.gen["max_new_tokens"],
                                   min_new_tokens=self.gen["min_new_tokens"], length_penalty=self.gen["length_penalty"])
         return {"idx": np.asarray(batch["idx"])[keep], "text": np.array(texts, dtype=object)}

@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from blip2_ray.data.annotations import image_id_of as _image_key
-from blip2_ray.data.annotations import read_json
+from blip2_ray.data.annotations import read_json, vqa_entries
 from blip2_ray.errors import UserError
 from blip2_ray.eval.config import EvalConfig
 
@@ -97,24 +97,7 @@ def load_test_set(cfg: EvalConfig) -> TestSet:
 def _load_vqa(cfg: EvalConfig) -> TestSet:
     t, ts = cfg.test_set, TestSet()
     data = read_json(t.annotations, "test_set.annotations")
-    entries = []
-    if isinstance(data, dict) and "annotations" in data:  # VQAv2 / OK-VQA official files
-        if not t.questions:
-            raise UserError("VQAv2 annotations need test_set.questions (the questions JSON)")
-        qs = {q["question_id"]: q for q in read_json(t.questions, "test_set.questions")["questions"]}
-        for a in data["annotations"]:
-            q = qs[a["question_id"]]
-            entries.append({"question_id": a["question_id"], "question": q["question"],
-                            "image": t.image_pattern.format(image_id=a["image_id"]),
-                            "answers": [x["answer"] for x in a["answers"]], "answer_type": a.get("answer_type")})
-    elif isinstance(data, list):  # LAVIS-style lists; GQA: "answer" is one string
-        for e in data:
-            ans = e.get("answer", e.get("answers", []))
-            entries.append({"question_id": e["question_id"], "question": e["question"], "image": e["image"],
-                            "answers": [ans] if isinstance(ans, str) else list(ans),
-                            "answer_type": e.get("answer_type")})
-    else:
-        raise UserError(f"test_set.annotations {t.annotations!r} is in no known VQA format")
+    entries = vqa_entries(data, t.questions, f"test_set.annotations {t.annotations!r}", t.image_pattern)
     entries = entries[: t.limit or None]
     by_image: dict[str, int] = {}
     for e in entries:

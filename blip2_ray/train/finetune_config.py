@@ -23,6 +23,9 @@ class AnnotationSection:
                      "list [{image, caption, image_id}] or Karpathy's dataset_*.json", "")
     eval: str | None = doc("held-out annotations (same formats; captions may be lists) evaluated at the end of "
                            "training; None: no evaluation", None)
+    questions: str | None = doc("vqa: VQAv2's official questions file beside `train` when `train` is VQAv2's "
+                                "official annotations (v2_OpenEnded_mscoco_train2014_questions.json)", None)
+    eval_questions: str | None = doc("vqa: the questions file beside `eval` (VQAv2 official annotations)", None)
     image_root: str = doc("folder the annotations' image paths are relative to", "")
     eval_image_root: str | None = doc("image folder of `eval` (None: image_root)", None)
     train_split: str = doc("split taken from Karpathy's dataset_*.json for training (restval joins train)", "train")
@@ -33,6 +36,19 @@ class AnnotationSection:
     def validate(self) -> None:
         if self.shard_records < 1:
             raise ValueError(f"shard_records must be >= 1, got {self.shard_records}")
+
+
+@dataclass
+class VqaSection:
+    question_encoder_from: str | None = doc(
+        "vqa: where the Q-Former's text path comes from (word/position embeddings and text FFNs; BLIP-2 stage 2 "
+        "dropped them): a stage-1 export, a Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g), a "
+        "LAVIS stage-1 .pth or bert-base-uncased; None: model.init_from when it is a stage-1 source. Not used "
+        "when the starting model already reads questions (a VQA export: InstructBlipForConditionalGeneration)",
+        None)
+    prompt: str = doc("vqa: the prompt the question is written into, for the Q-Former and the LLM, in training "
+                      "and evaluation ('': BLIP-2's: decoders 'Question: {} Answer:', FlanT5 'Question: {} Short "
+                      "answer:')", "")
 
 
 @dataclass
@@ -61,7 +77,10 @@ class VisionTrainingSection:
 class FinetuneEvalSection:
     zero_shot: bool = doc("also evaluate the starting model (model.hf_path / model.init_from) before training, "
                           "so the report shows the metric before and after", False)
-    limit: int | None = doc("evaluate only the first N images (smoke runs)", None)
+    limit: int | None = doc("evaluate only the first N images (smoke runs; vqa: questions)", None)
+    vqa_rules: Literal["lavis", "official"] = doc("vqa: answer scoring rules (the evaluation job's vqa_rules: lavis "
+                                                  "= LAVIS's copy of the VQA evaluator, official = GT-Vision-Lab's)",
+                                                  "lavis")
     generation: GenerationConfig = doc("caption / vqa generation (lengths count new tokens only)",
                                        factory=GenerationConfig)
     retrieval: RetrievalConfig = doc("retrieval re-ranking settings", factory=RetrievalConfig)
@@ -96,6 +115,7 @@ class FinetuneConfig(PretrainConfig):
     annotations: AnnotationSection = doc("annotation files and image folders", factory=AnnotationSection)
     vision_training: VisionTrainingSection = doc("how the ViT trains", factory=VisionTrainingSection)
     evaluation: FinetuneEvalSection = doc("evaluation of the held-out annotations", factory=FinetuneEvalSection)
+    vqa: VqaSection = doc("vqa: the question-aware Q-Former and the prompt", factory=VqaSection)
 
     STAGE1_INIT_FROM = True  # fine-tuned retrieval starts from a stage-1 export
 
@@ -107,7 +127,22 @@ class FinetuneConfig(PretrainConfig):
         super().validate()
         if not self.annotations.train:
             raise ValueError("annotations.train must name the training annotation JSON")
+        if self.task == "vqa":
+            self._derive_vqa_prompts()
         if self.deepspeed.zero_stage == 3 and not self.vision_training.freeze_vit:
             # the ZeRO-3 build (train/zero3.py) partitions the ViT as a frozen part in its storage dtype
             raise ValueError("fine-tuning with the ViT trained runs on deepspeed.zero_stage 2 (ZeRO-2 shards the "
                              "ViT's optimizer state and gradients); ZeRO-3 with a trained ViT is not supported yet")
+
+    def _derive_vqa_prompts(self) -> None:
+        """One prompt for training and evaluation: vqa.prompt, else BLIP-2's for the LLM kind."""
+        from blip2_ray.model.stage2 import VQA_PROMPTS, llm_kind_of
+
+        prompt = self.vqa.prompt or VQA_PROMPTS[llm_kind_of(self.model.llm.kind)]
+        if prompt.count("{}") != 1:
+            raise ValueError(f"vqa.prompt must hold one {{}} for the question, got {prompt!r}")
+        if self.model.llm.prompt:
+            raise ValueError("task vqa writes each question into vqa.prompt; remove model.llm.prompt")
+        self.vqa.prompt = prompt
+        self.data.vqa_prompt = prompt
+        self.evaluation.generation.prompt = prompt

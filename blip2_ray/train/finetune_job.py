@@ -1,8 +1,8 @@
 """Driver side of fine-tuning: check the annotations and the starting model, pack the annotated images into
 parquet shards once, evaluate the starting model (optional), train on the pre-training loop, evaluate the export.
 
-`run_finetune(cfg)` is what `jobs/finetune.py` (and the tests) call once Ray is up. Tasks implemented:
-caption, retrieval. `vqa` is refused with a UserError before any work starts.
+`run_finetune(cfg)` is what `jobs/finetune.py` (and the tests) call once Ray is up. Tasks: caption,
+retrieval, vqa (VQAv2 official files or LAVIS lists; the question-aware Q-Former of model/question_qformer.py).
 """
 
 from __future__ import annotations
@@ -14,15 +14,22 @@ import time
 import warnings
 
 from blip2_ray.config import from_dict, to_dict
-from blip2_ray.data.annotations import CaptionAnnotations, fingerprint, read_caption_annotations, write_caption_shards
+from blip2_ray.data.annotations import (
+    CaptionAnnotations,
+    VqaAnnotations,
+    fingerprint,
+    read_caption_annotations,
+    read_vqa_annotations,
+    write_caption_shards,
+    write_vqa_shards,
+)
 from blip2_ray.errors import UserError
-from blip2_ray.model.weight_sources import BLIP2_MODEL_TYPES
+from blip2_ray.model.builders import is_stage2_dir_config
 from blip2_ray.runtime.files import write_json_atomic
 from blip2_ray.train.finetune_config import FinetuneConfig
-from blip2_ray.train.finetune_model import vit_training_gib
+from blip2_ray.train.finetune_model import question_encoder_source, starts_question_aware, vit_training_gib
 
 REPORT_FILE = "finetune_report.json"
-IMPLEMENTED_TASKS = ("caption", "retrieval")
 # trunk parameters of the real ViTs (EVA ViT-g/14 with 39 blocks, CLIP ViT-L/14 with 23)
 VIT_PARAMS = {"eva_vit_g": 985_000_000, "clip_vit_l": 291_000_000}
 
@@ -32,9 +39,7 @@ def _is_blip2_generation_dir(path: str) -> bool:
     if not os.path.isfile(cfg_path):
         return False
     with open(cfg_path) as f:
-        data = json.load(f)
-    return data.get("model_type") in BLIP2_MODEL_TYPES and "Blip2ForImageTextRetrieval" not in data.get(
-        "architectures", [])
+        return is_stage2_dir_config(json.load(f))
 
 
 def resolve_start(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -55,25 +60,31 @@ def start_dir(cfg: FinetuneConfig) -> str | None:
     return init if init and os.path.isfile(os.path.join(init, "config.json")) else None
 
 
-def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations:
+def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations | VqaAnnotations:
     """One sentence before any worker starts: the task, the annotations and their images, the start model.
 
     Returns the training annotations (missing images counted, not fatal unless none resolves).
     """
-    if cfg.task not in IMPLEMENTED_TASKS:
-        raise UserError(f"task {cfg.task!r} is not implemented yet in jobs/finetune.py (implemented: "
-                        f"{', '.join(IMPLEMENTED_TASKS)}); docs/finetuning.md says what is missing")
     from blip2_ray.model.hf_format import check_exportable
     from blip2_ray.model.weight_sources import check_weight_sources
 
     check_weight_sources(cfg.model, cfg.stage)  # the starting model, before the images are packed
     check_exportable(cfg.model)
     a = cfg.annotations
-    ann = read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
-    if a.eval and not os.path.isfile(a.eval):
-        raise UserError(f"annotations.eval {a.eval!r} does not exist")
+    if cfg.task == "vqa":
+        if not starts_question_aware(cfg):
+            from blip2_ray.model.question_qformer import _text_path_source
+
+            _text_path_source(question_encoder_source(cfg), "vqa.question_encoder_from")
+        ann = read_vqa_annotations(a.train, a.questions, a.image_root, "annotations.train")
+    else:
+        ann = read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
+    for name in ("eval", "eval_questions"):
+        value = getattr(a, name)
+        if value and not os.path.isfile(value):
+            raise UserError(f"annotations.{name} {value!r} does not exist")
     if cfg.evaluation.zero_shot and not (start_dir(cfg) and a.eval):
-        raise UserError("evaluation.zero_shot needs annotations.eval and a whole starting model (caption: "
+        raise UserError("evaluation.zero_shot needs annotations.eval and a whole starting model (caption / vqa: "
                         "model.hf_path or model.init_from naming a Blip2ForConditionalGeneration directory; "
                         "retrieval: model.init_from naming a stage-1 export directory)")
     return ann
@@ -97,7 +108,7 @@ def start_warnings(cfg: FinetuneConfig) -> list[str]:
             f"({unsharded:.1f} GiB unsharded)"]
 
 
-def prepare_shards(cfg: FinetuneConfig, ann: CaptionAnnotations) -> tuple[FinetuneConfig, dict]:
+def prepare_shards(cfg: FinetuneConfig, ann: CaptionAnnotations | VqaAnnotations) -> tuple[FinetuneConfig, dict]:
     """Pack the training annotations into parquet shards under the run's storage (once per run); the config
     with data.train pointing at them, and the shards' manifest."""
     if cfg.is_s3:
@@ -106,8 +117,14 @@ def prepare_shards(cfg: FinetuneConfig, ann: CaptionAnnotations) -> tuple[Finetu
     a = cfg.annotations
     out_dir = os.path.join(cfg.local_storage_path, cfg.run_name, "finetune_shards")
     t0 = time.time()
-    manifest = write_caption_shards(ann, out_dir, a.shard_records, fingerprint(a.train, a.image_root, a.train_split))
-    print(f"[finetune] {manifest['rows']} training pairs of {manifest['images']} images in "
+    fp = fingerprint(a.train, a.image_root, a.train_split)
+    if isinstance(ann, VqaAnnotations):
+        fp += fingerprint(a.questions, a.image_root, "questions") if a.questions else ""
+        manifest = write_vqa_shards(ann, out_dir, a.shard_records, fp)
+    else:
+        manifest = write_caption_shards(ann, out_dir, a.shard_records, fp)
+    rows = "questions" if isinstance(ann, VqaAnnotations) else "pairs"
+    print(f"[finetune] {manifest['rows']} training {rows} of {manifest['images']} images in "
           f"{len(manifest['files'])} shards ({time.time() - t0:.1f} s); {manifest['missing_images']} images of "
           f"{a.train} missing under {a.image_root!r}, skipped", flush=True)
     cfg = copy.deepcopy(cfg)
@@ -124,9 +141,10 @@ def evaluate(cfg: FinetuneConfig, model_dir: str, output: str) -> dict:
     ecfg = from_dict(EvalConfig, {
         "task": cfg.task, "model": model_dir, "output": output,
         "test_set": {"annotations": a.eval, "image_root": a.eval_image_root or a.image_root, "split": a.eval_split,
-                     "limit": e.limit},
+                     "limit": e.limit, "questions": a.eval_questions},
         "generation": to_dict(e.generation), "retrieval": to_dict(e.retrieval), "compute": to_dict(e.compute),
-        "data": {"image_size": cfg.data.image_size},
+        "data": {"image_size": cfg.data.image_size, "qformer_max_len": cfg.data.qformer_max_len},
+        "vqa_rules": e.vqa_rules,
     })
     return run_evaluation(ecfg)["metrics"]
 

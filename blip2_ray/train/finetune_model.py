@@ -4,27 +4,72 @@ checkpointing, drop path) and its blocks get layer-wise decayed learning rates. 
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from blip2_ray.errors import UserError
+from blip2_ray.model.builders import is_stage2_dir_config
+from blip2_ray.model.checkpoint_files import read_json
+from blip2_ray.model.question_qformer import make_question_aware
 from blip2_ray.model.retrieval_finetune import Blip2RetrievalFinetune
 from blip2_ray.model.stage1 import Blip2Stage1
+from blip2_ray.model.tokenizer_paths import qformer_tokenizer_dir
 from blip2_ray.model.vision import resize_vision_input, unfreeze_vision, vit_blocks
+from blip2_ray.model.weight_sources import INSTRUCTBLIP_MODEL_TYPE
 from blip2_ray.train.finetune_config import FinetuneConfig
 
 _BLOCK = re.compile(r"^vision_model\.(?:clip\.)?encoder\.layers\.(\d+)\.")
 _EMBEDDINGS = re.compile(r"^vision_model\.(?:clip\.)?(embeddings|pre_layrnorm)\.")
 
 
+def question_encoder_source(cfg: FinetuneConfig) -> str:
+    """vqa: where the question-aware Q-Former's text path comes from (vqa.question_encoder_from, else a stage-1
+    model.init_from); UserError naming the key when there is none."""
+    if cfg.vqa.question_encoder_from:
+        return cfg.vqa.question_encoder_from
+    init = cfg.model.init_from
+    if init and not (os.path.isdir(init) and is_stage2_dir_config(_config_json(init))):
+        return init  # a stage-1 export or LAVIS stage-1 .pth the stage-2 parts start from
+    raise UserError("task vqa feeds the question to the Q-Former, whose text embeddings and text FFNs a BLIP-2 "
+                    "stage-2 model no longer has; set vqa.question_encoder_from to the stage-1 export it was trained "
+                    "from, a Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g), a LAVIS stage-1 "
+                    ".pth or bert-base-uncased")
+
+
+def starts_question_aware(cfg: FinetuneConfig) -> bool:
+    """The starting model already reads questions (model.hf_path is a VQA export, InstructBLIP layout)."""
+    return bool(cfg.model.hf_path) and _config_json(cfg.model.hf_path).get("model_type") == INSTRUCTBLIP_MODEL_TYPE
+
+
+def question_tokenizer_dir(cfg: FinetuneConfig) -> str:
+    """vqa: the tokenizer of the question-aware Q-Former's text (the one its word embeddings were trained with)."""
+    if starts_question_aware(cfg):
+        return os.path.join(cfg.model.hf_path, "qformer_tokenizer")
+    source = question_encoder_source(cfg)
+    if os.path.isdir(source) and any(os.path.isfile(os.path.join(source, f)) for f in ("vocab.txt", "tokenizer.json")):
+        return source
+    return qformer_tokenizer_dir(cfg.model)  # a LAVIS .pth: the configured Q-Former tokenizer (bert-base-uncased)
+
+
+def _config_json(path: str) -> dict:
+    f = os.path.join(path, "config.json")
+    return read_json(Path(f), "model config") if os.path.isfile(f) else {}
+
+
 def finetune_model(model: nn.Module, cfg: FinetuneConfig) -> None:
     """Apply `cfg.vision_training` to a freshly built stage model, in place (the LLM stays frozen); a stage-1
-    model becomes a Blip2RetrievalFinetune (same parameters, a step that takes image ids)."""
+    model becomes a Blip2RetrievalFinetune (same parameters, a step that takes image ids); for vqa the Q-Former
+    becomes question-aware (model/question_qformer.py)."""
     if isinstance(model, Blip2Stage1):
         model.__class__ = Blip2RetrievalFinetune  # a subclass with no state of its own: only forward/train differ
+    if cfg.task == "vqa" and not model.takes_question:
+        make_question_aware(model, question_encoder_source(cfg))
     vt = cfg.vision_training
     # a whole BLIP-2 directory (model.hf_path) arrives at its own image size: fine-tuning at a larger one
     # (LAVIS: 364 px) resamples its position embeddings here, once; builders already do it for init_from

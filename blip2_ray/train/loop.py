@@ -97,6 +97,10 @@ def forward(engine, cfg: PretrainConfig, batch: dict, rank: int):
             return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad,
                           gather_with_grad=all_gather_with_grad, image_ids=image_ids)
         return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad)  # nothing is gathered with gradient
+    if "llm_prompt_length" in batch:  # VQA rows: loss on the answer, the question also read by the Q-Former
+        dev = engine.device
+        return engine(pixels, ids, mask, prompt_lengths=batch["llm_prompt_length"].to(dev),
+                      question_ids=batch["qformer_input_ids"].to(dev), question_mask=batch["qformer_attention_mask"].to(dev))
     return engine(pixels, ids, mask)
 
 
@@ -202,11 +206,17 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
     from blip2_ray.train.zero3 import gathered_state
 
-    tokenizer = None
+    tokenizer = question_tokenizer = None
     if rank == 0:
         tokenizer = qformer_tokenizer(cfg.model) if cfg.stage == 1 else llm_tokenizer(cfg.model)
+        if cfg.stage == 2 and engine.module.takes_question:  # VQA: InstructBlipProcessor keeps both tokenizers
+            from blip2_ray.model.tokenizers import load_qformer_tokenizer
+            from blip2_ray.train.finetune_model import question_tokenizer_dir
+
+            question_tokenizer = load_qformer_tokenizer(question_tokenizer_dir(cfg))
     out = export_streamed(engine.module, cfg.stage, gathered_state(engine.module, rank),
-                          cfg.output_dir if rank == 0 else None, tokenizer, cfg.model)
+                          cfg.output_dir if rank == 0 else None, tokenizer, cfg.model,
+                          qformer_tokenizer=question_tokenizer)
     if out is not None:
         print(f"[stage{cfg.stage}] exported to {out}", flush=True)
     if dist.is_initialized():

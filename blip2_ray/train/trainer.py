@@ -14,11 +14,15 @@ from blip2_ray.train.finetune_config import FinetuneConfig
 
 
 def tokenizer_dirs(cfg: PretrainConfig) -> tuple[str | None, str | None]:
-    """(Q-Former tokenizer dir for stage 1, LLM tokenizer dir for stage 2): the columns the stage reads."""
+    """(Q-Former tokenizer dir for stage 1 and VQA, LLM tokenizer dir for stage 2): the columns the stage reads."""
     from blip2_ray.model.tokenizer_paths import llm_tokenizer_dir, qformer_tokenizer_dir
 
     if cfg.stage == 1:
         return qformer_tokenizer_dir(cfg.model), None
+    if isinstance(cfg, FinetuneConfig) and cfg.task == "vqa":  # the question goes to the Q-Former too
+        from blip2_ray.train.finetune_model import question_tokenizer_dir
+
+        return question_tokenizer_dir(cfg), llm_tokenizer_dir(cfg.model)
     return None, llm_tokenizer_dir(cfg.model)
 
 
