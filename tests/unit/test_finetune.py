@@ -104,12 +104,11 @@ def test_bad_annotation_files_are_one_user_error(tmp_path):
         str(tmp_path / "a.json"), str(tmp_path), "test")
 
 
-def test_unimplemented_tasks_are_refused_before_any_work(tmp_path):
+def test_vqa_without_a_source_for_the_question_encoder_is_refused_before_any_work(tmp_path):
     from blip2_ray.train.finetune_job import check_finetune_inputs
 
-    for task in ("vqa",):
-        with pytest.raises(UserError, match=f"task '{task}' is not implemented yet"):
-            check_finetune_inputs(_cfg(task=task))
+    with pytest.raises(UserError, match="set vqa.question_encoder_from"):
+        check_finetune_inputs(_cfg(task="vqa"))
 
 
 def _tiny_vision():
