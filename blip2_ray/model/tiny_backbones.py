@@ -45,13 +45,15 @@ def pretrain_tiny_vision(
     return out_dir
 
 
-def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Generator, ctx_len: int):
-    """ids, labels of "<ctx> </s> caption \n": the context holds the caption's attribute words among fillers.
+def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Generator, ctx_len: int,
+                     attrs: list[str] | None = None):
+    """ids, labels of "<ctx> </s> caption \n": the context holds the caption's attribute words (or `attrs`)
+    among fillers.
 
     A real LLM arrives able to pick up facts from its context (that is what BLIP-2's soft visual prompt
     relies on); a tiny LM trained on bare captions never learns it. Mixing in such examples teaches it.
     """
-    attrs = [w for w in caption.split() if w in words]
+    attrs = [w for w in caption.split() if w in words] if attrs is None else list(attrs)
     fillers = [w for w in ("the", "of", "and", "with", "this", "that", "one", "image", "scene") if w not in attrs]
     picks = torch.randint(0, len(fillers), (max(0, ctx_len - len(attrs)),), generator=rng)
     ctx = attrs + [fillers[int(i)] for i in picks]
@@ -64,13 +66,14 @@ def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Genera
 def pretrain_tiny_llm(
     cfg: ModelConfig, tokenizer, captions: list[str], out_dir: str, attribute_words: list[str] | None = None,
     steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, context_share: float = 0.7,
-    log_every: int = 0,
+    log_every: int = 0, context_words: list[list[str]] | None = None,
 ) -> str:
     """Train the OPT of `cfg.llm` as a language model of `captions` (each ending in "\n"); save HF format.
 
     With `attribute_words`, a `context_share` of the examples first show the caption's attribute words
     (e.g. its colour and shape) in a shuffled context before </s>, so the LM learns to copy from its
-    context, as pre-trained LLMs can. Loss is on the caption tokens only.
+    context, as pre-trained LLMs can. `context_words` (one list per caption): what the context shows instead
+    (e.g. every attribute of the image a question/answer text is about). Loss is on the caption tokens only.
     """
     if not llm_is_decoder(cfg.llm.kind):
         raise ValueError("the tiny LLM pre-training covers OPT (the demo's LLM)")
@@ -87,7 +90,8 @@ def pretrain_tiny_llm(
         seqs = []
         for i in idx.tolist():
             if words and float(torch.rand(1, generator=g)) < context_share:
-                seqs.append(_context_example(tokenizer, captions[i], words, g, ctx_len))
+                seqs.append(_context_example(tokenizer, captions[i], words, g, ctx_len,
+                                             context_words[i] if context_words else None))
             else:
                 ids = tokenizer(captions[i] + "\n").input_ids
                 seqs.append((ids, [-100] + ids[1:]))
