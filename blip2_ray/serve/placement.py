@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from blip2_ray.errors import UserError
 from blip2_ray.model.language_model import DeviceMap, place_language_model
 from blip2_ray.model.stage2 import Blip2Stage2
 
@@ -121,6 +122,10 @@ def load_caption_model(model_dir: str, device: str = "cpu", dtype: str = "float3
     from blip2_ray.model.vision import DTYPES
 
     model = load_stage2(model_dir, vision_dtype=DTYPES[dtype], llm_dtype=DTYPES[dtype])
+    if model.takes_question:
+        raise UserError(f"{model_dir!r} is a VQA fine-tune whose Q-Former reads the question "
+                        f"(InstructBlipForConditionalGeneration layout); serving it is not supported yet (the "
+                        f"endpoints pass no question to the Q-Former); evaluate it with jobs/evaluate.py task vqa")
     n = int(gpus_per_replica) if device == "cuda" else 1
     if n <= 1:
         return model.to(torch.device(device)).eval()

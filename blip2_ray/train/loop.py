@@ -100,7 +100,8 @@ def forward(engine, cfg: PretrainConfig, batch: dict, rank: int):
     if "llm_prompt_length" in batch:  # VQA rows: loss on the answer, the question also read by the Q-Former
         dev = engine.device
         return engine(pixels, ids, mask, prompt_lengths=batch["llm_prompt_length"].to(dev),
-                      question_ids=batch["qformer_input_ids"].to(dev), question_mask=batch["qformer_attention_mask"].to(dev))
+                      question_ids=batch["qformer_input_ids"].to(dev),
+                      question_mask=batch["qformer_attention_mask"].to(dev))
     return engine(pixels, ids, mask)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections import Counter, defaultdict
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest

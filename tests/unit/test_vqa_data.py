@@ -66,9 +66,9 @@ def test_shards_hold_one_row_per_question_and_every_visit_draws_an_answer_by_fre
     cfg = DataConfig(image_size=32)
     draws = Counter()
     for epoch in range(40):
-        out = process_records(records[:1], cfg, train=True, epoch=epoch, on_skip=print,
-                              llm_tokenizer_path=tiny_tokenizers["opt"], qformer_tokenizer_path=tiny_tokenizers["qformer"],
-                              llm_family="opt")
+        out = process_records(records[:1], cfg, train=True, epoch=epoch, on_skip=print, llm_family="opt",
+                              llm_tokenizer_path=tiny_tokenizers["opt"],
+                              qformer_tokenizer_path=tiny_tokenizers["qformer"])
         draws[str(out["caption"][0])] += 1
     right = Counter(ann.entries[0]["answers"]).most_common(1)[0][0]
     assert set(draws) <= set(ann.entries[0]["answers"]) and len(draws) == 2  # the noisy answer is drawn too
@@ -95,3 +95,24 @@ def test_vqa_rows_put_the_prompt_first_and_count_its_tokens(tiny_tokenizers):
 
     short = tokenize_vqa_llm(opt, [prompt], ["circle"], 6, "opt")  # too long: the answer is kept whole
     assert opt.decode(short["llm_input_ids"][0][int(short["llm_prompt_length"][0]):]) == " circle\n"
+
+
+def test_vqa_configs_derive_one_prompt_for_training_and_evaluation():
+    from pathlib import Path
+
+    from blip2_ray.config import ConfigError, from_dict, load_config
+    from blip2_ray.train.finetune_config import FinetuneConfig
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("finetune_vqa_tiny.yaml", "finetune_vqa_vqav2.yaml"):
+        cfg = load_config(FinetuneConfig, root / "jobs/configs" / name)
+        assert cfg.task == "vqa" and cfg.stage == 2 and not cfg.vision_training.freeze_vit
+        assert cfg.data.vqa_prompt == cfg.evaluation.generation.prompt == "Question: {} Answer:"
+    real = load_config(FinetuneConfig, root / "jobs/configs/finetune_vqa_vqav2.yaml")
+    assert (real.model.vision.image_size, real.data.image_size, real.vision_training.layer_decay) == (490, 490, 0.95)
+    assert real.train.max_steps == -(-443_757 * 5 // real.train.global_batch_size)
+    base = {"task": "vqa", "annotations": {"train": "a.json"}, "data": {"image_size": 32}}
+    t5 = from_dict(FinetuneConfig, {**base, "model": {"preset": "tiny_t5"}})
+    assert t5.data.vqa_prompt == "Question: {} Short answer:"
+    with pytest.raises(ConfigError, match="remove model.llm.prompt"):
+        from_dict(FinetuneConfig, {**base, "model": {"llm": {"prompt": "x"}}})

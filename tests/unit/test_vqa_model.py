@@ -125,3 +125,24 @@ def test_a_queries_only_model_refuses_a_question(vqa_model):
     ids, mask = _questions(qtok)
     with pytest.raises(ValueError, match="reads no text"):
         build_stage2(cfg, tok).visual_prompt(_pixels(cfg), ids, mask)
+
+
+def test_flan_t5_vqa_reads_the_prompt_in_the_encoder_and_learns_only_the_answer(tiny_tokenizers):
+    from blip2_ray.data.records import tokenize_vqa_llm
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny_t5")
+    tok = llm_tokenizer(cfg)
+    model = build_stage2(cfg, tok).eval()
+    prompt = "Question: what shape is it? Short answer:"
+    row = tokenize_vqa_llm(tok, [prompt], ["circle"], 24, "t5")
+    x = _pixels(cfg, n=1)
+    with torch.no_grad():
+        out = model(x, torch.from_numpy(row["llm_input_ids"]), torch.from_numpy(row["llm_attention_mask"]),
+                    prompt_lengths=torch.from_numpy(row["llm_prompt_length"]))
+        prefix = model.visual_prompt(x)
+        enc = tok([prompt], return_tensors="pt").input_ids
+        labels = tok(["circle"], return_tensors="pt").input_ids
+        embeds = torch.cat([prefix, model.llm_embeddings()(enc)], 1)
+        reference = model.language_model(inputs_embeds=embeds, labels=labels).loss
+    assert torch.allclose(out.loss, reference, atol=1e-5)
