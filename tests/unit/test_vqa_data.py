@@ -116,3 +116,18 @@ def test_vqa_configs_derive_one_prompt_for_training_and_evaluation():
     assert t5.data.vqa_prompt == "Question: {} Short answer:"
     with pytest.raises(ConfigError, match="remove model.llm.prompt"):
         from_dict(FinetuneConfig, {**base, "model": {"llm": {"prompt": "x"}}})
+
+
+def test_a_vqa_export_as_the_start_is_read_whole_and_keeps_its_own_question_tokenizer(tmp_path):
+    from blip2_ray.config import from_dict
+    from blip2_ray.train.finetune_config import FinetuneConfig
+    from blip2_ray.train.finetune_job import resolve_start
+    from blip2_ray.train.finetune_model import question_tokenizer_dir, starts_question_aware
+
+    (tmp_path / "vqa").mkdir()
+    (tmp_path / "vqa/config.json").write_text(json.dumps({"model_type": "instructblip"}))
+    cfg = resolve_start(from_dict(FinetuneConfig, {"task": "vqa", "annotations": {"train": "a.json"},
+                                                   "data": {"image_size": 32},
+                                                   "model": {"init_from": str(tmp_path / "vqa")}}))
+    assert cfg.model.hf_path == str(tmp_path / "vqa") and starts_question_aware(cfg)
+    assert question_tokenizer_dir(cfg) == str(tmp_path / "vqa/qformer_tokenizer")
