@@ -98,7 +98,7 @@ def test_finetune_bad_inputs_are_one_sentence_before_ray(start_model, tmp_path):
             "--set", f"model.init_from={d['start']}", "--set", f"annotations.image_root={tmp_path}"]
     cases = [(["--set", f"annotations.train={d['train']}"], "none of the 96 images"),
              (["--set", f"annotations.train={d['start']}/config.json"], "no known format"),
-             (["--set", f"annotations.train={d['train']}", "--set", "task=vqa"], "set vqa.question_encoder_from")]
+             (["--set", f"annotations.train={d['train']}", "--set", "task=vqa"], "remove model.llm.prompt")]
     for extra, message in cases:
         proc = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
