@@ -42,6 +42,27 @@ def test_shipped_tiny_config_loads():
     assert cfg.task == "caption" and cfg.model.llm.prompt == "a photo of "
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs/configs").glob("finetune_*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_finetune_config_passes_the_validating_constructor(path):
+    cfg = load_config(FinetuneConfig, path)  # unknown keys and invalid values are ConfigErrors
+    assert path.stem.split("_")[1] == cfg.task and cfg.stage in (1, 2)
+
+
+def test_real_retrieval_configs_carry_lavis_retrieval_coco_ft_values():
+    coco = load_config(FinetuneConfig, ROOT / "jobs/configs/finetune_retrieval_coco.yaml")
+    flickr = load_config(FinetuneConfig, ROOT / "jobs/configs/finetune_retrieval_flickr30k.yaml")
+    for cfg in (coco, flickr):
+        t, vt = cfg.train, cfg.vision_training
+        assert (cfg.task, cfg.stage, cfg.model.vision.image_size, cfg.data.image_size) == ("retrieval", 1, 364, 364)
+        assert (t.lr, t.min_lr, t.warmup_steps, t.warmup_start_lr, t.weight_decay) == (1e-5, 0.0, 1000, 1e-8, 0.05)
+        assert (t.micro_batch_size, t.global_batch_size, cfg.scaling.num_workers) == (14, 112, 8)
+        assert (vt.freeze_vit, vt.grad_checkpointing, vt.layer_decay, vt.drop_path) == (False, True, 0.95, 0.0)
+        assert cfg.evaluation.retrieval.k_test == 128 and cfg.deepspeed.zero_stage == 2
+    assert coco.train.max_steps == -(-566_747 * 5 // 112)  # 5 epochs of COCO Karpathy train captions
+    assert flickr.train.max_steps == -(-145_000 * 6 // 112)  # BLIP's 6 epochs of Flickr30K train captions
+    assert (flickr.annotations.train_split, flickr.annotations.eval_split) == ("train", "test")
+
+
 def _images(root: Path, names: list[str]) -> None:
     from blip2_ray.data.sample import _jpeg, draw_shape
 
