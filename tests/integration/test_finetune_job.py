@@ -120,8 +120,10 @@ def test_retrieval_finetune_trains_the_vit_and_exports_a_retrieval_model(ray_ses
                                  "train.max_steps=30", "train.checkpoint_every=30", "train.micro_batch_size=32",
                                  "train.lr=3e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # R@1 before and after are measured and reported; at this budget (30 steps from a random tiny model) ITC has
-    # not yet left ln(batch), so "after beats before" is not asserted for retrieval (docs/finetuning.md)
+    # R@1 before and after are measured and reported, but "after beats before" is not asserted yet: from a random
+    # tiny stage-1 model ITC stays at ln(batch) for hundreds of steps, and from one pre-trained past that plateau
+    # (Q-Former dropout 0) 60 steps raise the ITC-only R@1 but not yet the ITM re-ranked one (measured offline,
+    # docs/finetuning.md "Tiny run on generated data")
     m = json.loads((out / "finetune_report.json").read_text())["metrics"]
     assert {"txt_r1", "img_r1"} <= set(m["zero_shot"]) and {"txt_r1", "img_r1"} <= set(m["finetuned"])
 

@@ -42,6 +42,27 @@ def test_shipped_tiny_config_loads():
     assert cfg.task == "caption" and cfg.model.llm.prompt == "a photo of "
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs/configs").glob("finetune_*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_finetune_config_passes_the_validating_constructor(path):
+    cfg = load_config(FinetuneConfig, path)  # unknown keys and invalid values are ConfigErrors
+    assert path.stem.split("_")[1] == cfg.task and cfg.stage in (1, 2)
+
+
+def test_real_retrieval_configs_carry_lavis_retrieval_coco_ft_values():
+    coco = load_config(FinetuneConfig, ROOT / "jobs/configs/finetune_retrieval_coco.yaml")
+    flickr = load_config(FinetuneConfig, ROOT / "jobs/configs/finetune_retrieval_flickr30k.yaml")
+    for cfg in (coco, flickr):
+        t, vt = cfg.train, cfg.vision_training
+        assert (cfg.task, cfg.stage, cfg.model.vision.image_size, cfg.data.image_size) == ("retrieval", 1, 364, 364)
+        assert (t.lr, t.min_lr, t.warmup_steps, t.warmup_start_lr, t.weight_decay) == (1e-5, 0.0, 1000, 1e-8, 0.05)
+        assert (t.micro_batch_size, t.global_batch_size, cfg.scaling.num_workers) == (14, 112, 8)
+        assert (vt.freeze_vit, vt.grad_checkpointing, vt.layer_decay, vt.drop_path) == (False, True, 0.95, 0.0)
+        assert cfg.evaluation.retrieval.k_test == 128 and cfg.deepspeed.zero_stage == 2
+    assert coco.train.max_steps == -(-566_747 * 5 // 112)  # 5 epochs of COCO Karpathy train captions
+    assert flickr.train.max_steps == -(-145_000 * 6 // 112)  # BLIP's 6 epochs of Flickr30K train captions
+    assert (flickr.annotations.train_split, flickr.annotations.eval_split) == ("train", "test")
+
+
 def _images(root: Path, names: list[str]) -> None:
     from blip2_ray.data.sample import _jpeg, draw_shape
 
@@ -291,3 +312,56 @@ def test_retrieval_step_uses_image_ids_and_trains_the_vit():
                 image_ids=ids)
     out.loss.backward()
     assert model.vision_model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_flickr30k_files_as_downloaded_arrive_in_the_shards_with_their_image_ids(tmp_path):
+    """Karpathy's dataset_flickr30k.json (no "filepath": file names under flickr30k-images/, "imgid" the image
+    id) and LAVIS' flickr30k_train.json (paths under the folder above, string ids): the rows, and image ids
+    that keep the five captions of one image from being negatives of each other."""
+    from blip2_ray.train.finetune_model import image_ids_of_keys
+
+    _images(tmp_path / "flickr30k-images", ["1000092795.jpg", "10002456.jpg", "1000268201.jpg"])
+
+    def sentences(imgid, raws):
+        return [{"tokens": r.lower().rstrip(".").split(), "raw": r, "imgid": imgid, "sentid": 5 * imgid + j}
+                for j, r in enumerate(raws)]
+
+    karpathy = {"dataset": "flickr30k", "images": [
+        {"sentids": [0, 1], "imgid": 0, "split": "train", "filename": "1000092795.jpg",
+         "sentences": sentences(0, ["Two young guys with shaggy hair.", "Two men in green shirts."])},
+        {"sentids": [5, 6], "imgid": 1, "split": "val", "filename": "10002456.jpg",
+         "sentences": sentences(1, ["Workers look down from up above.", "Men on a ladder."])},
+        {"sentids": [10, 11], "imgid": 2, "split": "test", "filename": "1000268201.jpg",
+         "sentences": [{"tokens": ["a", "child", "in", "pink"], "imgid": 2, "sentid": 10},
+                       {"tokens": ["a", "girl"], "raw": "A girl going into a building.", "imgid": 2,
+                        "sentid": 11}]}]}
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(karpathy))
+    root = str(tmp_path / "flickr30k-images")
+    train = read_caption_annotations(str(tmp_path / "dataset_flickr30k.json"), root)
+    assert [(e["path"], e["image_id"], e["captions"]) for e in train.entries] == [
+        (f"{root}/1000092795.jpg", 0, ["Two young guys with shaggy hair.", "Two men in green shirts."])]
+    test = read_caption_annotations(str(tmp_path / "dataset_flickr30k.json"), root, split="test")
+    assert test.entries[0]["captions"] == ["a child in pink", "A girl going into a building."]  # no raw: tokens
+    assert test.entries[0]["image_id"] == 2 and not test.missing
+
+    lavis = [{"image": "flickr30k-images/1000092795.jpg", "caption": "Two young guys with shaggy hair.",
+              "image_id": "1000092795"},
+             {"image": "flickr30k-images/1000092795.jpg", "caption": "Two men in green shirts.",
+              "image_id": "1000092795"},
+             {"image": "flickr30k-images/10002456.jpg", "caption": "Men on a ladder.", "image_id": "10002456"},
+             {"image": "flickr30k-images/404.jpg", "caption": "gone", "image_id": "404"}]
+    (tmp_path / "flickr30k_train.json").write_text(json.dumps(lavis))
+    ann = read_caption_annotations(str(tmp_path / "flickr30k_train.json"), str(tmp_path))
+    assert [e["image_id"] for e in ann.entries] == ["1000092795", "10002456"] and len(ann.missing) == 1
+
+    for got, name, want_keys in ((train, "k", ["0/0", "0/1"]),
+                                 (ann, "l", ["1000092795/0", "1000092795/1", "10002456/0"])):
+        manifest = write_caption_shards(got, str(tmp_path / name), 100, name)
+        t = pq.read_table(manifest["files"][0]).to_pydict()
+        assert t["key"] == want_keys and manifest["rows"] == len(want_keys)
+        assert t["image"][0] == (tmp_path / "flickr30k-images/1000092795.jpg").read_bytes()
+        assert t["caption"][:2] == ["Two young guys with shaggy hair.", "Two men in green shirts."]
+        ids = image_ids_of_keys(t["key"]).tolist()
+        assert ids[0] == ids[1] and len(set(ids)) == len({k.rsplit("/", 1)[0] for k in want_keys})
+    assert t["image_id"] == ["1000092795", "1000092795", "10002456"]
+    assert t["image"][2] == (tmp_path / "flickr30k-images/10002456.jpg").read_bytes()
