@@ -113,7 +113,7 @@ def build_stage2(cfg: ModelConfig, tokenizer=None, construction: FrozenConstruct
         language_model = build_language_model(cfg, cfg.llm.vocab_size or padded_vocab(len(tok)), construction)
         # trainable parts, float32
         qformer = build_qformer(q, cfg.vision.hidden_size, vocab_size=q.vocab_size or 1, with_text=False)
-        query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size)
+        query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size, q.initializer_range)
         projection = nn.Linear(q.hidden_size, language_model.get_input_embeddings().embedding_dim)
         model = Blip2Stage2(vision, query_tokens, qformer, projection, language_model, cfg.llm.kind,
                             vision_dtype=vision_dtype, llm_dtype=llm_dtype, starts_with_bos=prepends_bos(tok))

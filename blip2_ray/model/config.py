@@ -59,12 +59,17 @@ class QFormerConfig:
     max_position_embeddings: int = doc("text positions", 512)
     max_text_len: int = doc("caption tokens", 32)
     dropout: float = doc("hidden and attention dropout", 0.1)
+    initializer_range: float = doc("std of the random init of the Q-Former's weights and queries (BERT's and "
+                                   "LAVIS's 0.02; at the tiny widths, e.g. 32, 0.02 leaves attention near uniform "
+                                   "and tests train from 0.1)", 0.02)
     temp_init: float = doc("initial ITC temperature", 0.07)
     label_smoothing: float = doc("label smoothing of ITC and ITG", 0.1)
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.initializer_range <= 0:
+            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError("label_smoothing must be in [0, 1)")
 

@@ -25,13 +25,14 @@ def build_qformer(cfg: QFormerConfig, vision_width: int, vocab_size: int, with_t
         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
         max_position_embeddings=cfg.max_position_embeddings, cross_attention_frequency=cfg.cross_attention_frequency,
         encoder_hidden_size=vision_width, use_qformer_text_input=with_text,
+        initializer_range=cfg.initializer_range,
     )
     return Blip2QFormerModel(hf_cfg)
 
 
-def init_query_tokens(num_queries: int, hidden: int) -> nn.Parameter:
-    """(1, Q, H) learned queries, normal(0, 0.02) as in the reference."""
-    return nn.Parameter(torch.randn(1, num_queries, hidden) * 0.02)
+def init_query_tokens(num_queries: int, hidden: int, std: float = 0.02) -> nn.Parameter:
+    """(1, Q, H) learned queries, normal(0, std) as in the reference (std: the Q-Former's initializer_range)."""
+    return nn.Parameter(torch.randn(1, num_queries, hidden) * std)
 
 
 def run_qformer(

@@ -60,7 +60,7 @@ class Blip2Stage1(nn.Module):
         self.pad_token_id = pad_token_id
         self.vision_model = vision_model if vision_model is not None else build_vision_model(cfg.vision)
         freeze_vision(self.vision_model, DTYPES[cfg.vision.dtype])
-        self.query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size)
+        self.query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size, q.initializer_range)
         self.qformer = build_qformer(q, cfg.vision.hidden_size, vocab_size, with_text=True)
         self.embeddings = Blip2TextEmbeddings(self.qformer.config)
         self.embeddings.apply(self.qformer._init_weights)

@@ -112,20 +112,24 @@ def test_retrieval_finetune_trains_the_vit_and_exports_a_retrieval_model(ray_ses
     from blip2_ray.model.hf_format import export_stage1
     from blip2_ray.model.tokenizer_paths import qformer_tokenizer
 
-    cfg = model_config("tiny")
+    # the tiny Q-Former from a random init of std 0.1 (BERT's 0.02 leaves attention uniform at width 32) and
+    # without dropout; measured offline (plain PyTorch, same data, 60 steps): mean R@1 5.2 -> 19.8 / 7.3 -> 38.6
+    # for seeds 1 / 2 (docs/finetuning.md)
+    cfg = model_config("tiny", qformer={"initializer_range": 0.1, "dropout": 0.0})
     torch.manual_seed(0)
     start = str(tmp_path / "start")
     export_stage1(build_stage1(cfg), start, qformer_tokenizer(cfg), cfg)
     proc, out = run_finetune_job(ROOT / "jobs/configs/finetune_retrieval_tiny.yaml", ray_session, coco, start, tmp_path,
-                                 "train.max_steps=30", "train.checkpoint_every=30", "train.micro_batch_size=32",
+                                 "train.max_steps=60", "train.checkpoint_every=60", "train.micro_batch_size=32",
                                  "train.lr=3e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # R@1 before and after are measured and reported, but "after beats before" is not asserted yet: from a random
-    # tiny stage-1 model ITC stays at ln(batch) for hundreds of steps, and from one pre-trained past that plateau
-    # (Q-Former dropout 0) 60 steps raise the ITC-only R@1 but not yet the ITM re-ranked one (measured offline,
-    # docs/finetuning.md "Tiny run on generated data")
     m = json.loads((out / "finetune_report.json").read_text())["metrics"]
-    assert {"txt_r1", "img_r1"} <= set(m["zero_shot"]) and {"txt_r1", "img_r1"} <= set(m["finetuned"])
+
+    def mean_r1(metrics: dict, prefix: str = "") -> float:
+        return (metrics[f"{prefix}txt_r1"] + metrics[f"{prefix}img_r1"]) / 2
+
+    assert mean_r1(m["finetuned"]) > mean_r1(m["zero_shot"]) + 10, m  # re-ranked R@1, held-out images
+    assert mean_r1(m["finetuned"], "itc_") > mean_r1(m["zero_shot"], "itc_"), m
 
     before, after = load_file(os.path.join(start, "model.safetensors")), load_file(str(out / "model.safetensors"))
     vit = [k for k in before if k.startswith("vision_model.encoder.") and k.endswith("fc1.weight")]
