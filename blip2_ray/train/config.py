@@ -77,22 +77,30 @@ class DeepSpeedSection:
         "ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default 1e5)", 100_000)
     stage3_max_live_parameters: int = doc(
         "ZeRO-3: most parameter elements held gathered at once, also the reuse distance within which a gathered "
-        "parameter is kept (DeepSpeed's default 1e9 keeps ~2 GB of a bf16 ViT/LLM whole on every worker)",
-        100_000_000)
+        "parameter is kept (DeepSpeed's default 1e9 keeps ~2 GB of a bf16 ViT/LLM whole on every worker; 1e7 is "
+        "about one ViT-g / OPT-2.7B block's largest weights)", 10_000_000)
     stage3_prefetch_bucket_size: int = doc("ZeRO-3: parameter elements gathered ahead of the module that needs them",
-                                           50_000_000)
+                                           10_000_000)
+    stage3_sub_group_size: int = doc(
+        "ZeRO-3: trainable parameter elements per optimizer sub-group; each sub-group's step holds float32 "
+        "temporaries of ~3x its partition (the flattened gradient, AdamW's), so DeepSpeed's default 1e9 (the whole "
+        "Q-Former in one group) adds ~0.6 GiB per worker at every step", 10_000_000)
     overlap_comm: bool = doc("overlap gradient reduction with backward", False)
     reduce_bucket_size: int = doc("elements per gradient-reduction bucket", 50_000_000)
     contiguous_gradients: bool | None = doc(
         "copy gradients into one contiguous buffer as they are reduced (less fragmentation on GPUs); "
         "null: on with 2+ workers, off with 1, where there is nothing to reduce and the copy costs ~2% of "
-        "a step (bench/bench_ds_step.py)", None)
+        "a step (bench/bench_ds_step.py), and off for ZeRO-3 on CPU, where the buffer (reduce_bucket_size "
+        "float32 elements, 190 MiB) stays allocated through every forward and ZeRO-3 flattens each bucket again "
+        "before reducing it", None)
 
     def validate(self) -> None:
         if self.zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
         if self.stage3_param_persistence_threshold < 0 or self.reduce_bucket_size < 1:
             raise ValueError("stage3_param_persistence_threshold must be >= 0 and reduce_bucket_size >= 1")
+        if self.stage3_sub_group_size < 1:
+            raise ValueError("stage3_sub_group_size must be >= 1")
         if self.stage3_max_live_parameters < 1 or self.stage3_prefetch_bucket_size < 0:
             raise ValueError("stage3_max_live_parameters must be >= 1 and stage3_prefetch_bucket_size >= 0")
 

@@ -32,7 +32,7 @@ from blip2_ray.train.data_position import DataPosition, TrainedRecords, merge_po
 from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
 from blip2_ray.train.finetune_config import FinetuneConfig
 from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys, vit_lr_scale
-from blip2_ray.train.metrics import LossWindow, log_step, tensorboard
+from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
 
 STATE_FILE = "train_state.json"
@@ -50,9 +50,11 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
 
     construction = None
     if cfg.deepspeed.zero_stage == 3:
-        from blip2_ray.train.zero3 import frozen_construction
+        from blip2_ray.train.zero3 import frozen_construction, gloo_collectives_in_place
 
+        gloo_collectives_in_place()
         construction = frozen_construction(deepspeed_config(cfg))
+    trace_memory("construction")
     torch.manual_seed(cfg.train.seed)
     build = build_stage1 if cfg.stage == 1 else build_stage2
     model = build(cfg.model, construction=construction)
@@ -71,6 +73,7 @@ def build_engine(cfg: PretrainConfig):
     import deepspeed
 
     model = build_model(cfg)
+    trace_memory("built")
     lr_scale = vit_lr_scale(model, cfg) if isinstance(cfg, FinetuneConfig) else None
     sched = warmup_cosine(cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.lr, cfg.min_lr,
                           cfg.train.warmup_start_lr)
@@ -83,6 +86,11 @@ def build_engine(cfg: PretrainConfig):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
         dist_init_required=False,
     )
+    if cfg.deepspeed.zero_stage == 3:
+        from blip2_ray.train.zero3 import share_fp32_partitions
+
+        share_fp32_partitions(engine.optimizer)
+    trace_memory("engine")
     return engine
 
 
@@ -234,6 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from blip2_ray.data.epoch_plan import epoch_plan, epoch_plan_name
 
+    trace_memory("worker start")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     engine = build_engine(cfg)
@@ -283,8 +292,11 @@ def train_loop_per_worker(config: dict) -> None:
                 epoch, batch = next(batches)
                 window.wait += time.perf_counter() - tw
                 out = forward(engine, cfg, batch, rank)
+                trace_memory(f"step {step + 1} forward")
                 engine.backward(out["loss"])
+                trace_memory(f"step {step + 1} backward")
                 engine.step()
+                trace_memory(f"step {step + 1} step")
                 window.add(out)
                 trained.add(epoch, batch["visit"], batch["record"])
                 if fi.trained_keys_dir:
@@ -310,7 +322,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     if state["start_steps"][-1] >= cfg.train.max_steps and rank == 0:
         print(f"[stage{cfg.stage}] run {cfg.run_name} had already reached step {step}; exporting only", flush=True)
+    trace_memory("before export")
     export_model(engine, cfg, rank)
+    trace_memory("exported")
     if writer is not None:
         writer.close()
     if dist.is_initialized():

@@ -78,6 +78,20 @@ def host_peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
+def trace_memory(phase: str) -> None:
+    """Opt-in (env BLIP2_MEMORY_TRACE=<file>): append "<pid> <phase> rss <GiB> peak <GiB>" to that file."""
+    path = os.environ.get("BLIP2_MEMORY_TRACE")
+    if not path:
+        return
+    rss = 0.0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / (1 << 20)
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()} {phase} rss {rss:.3f} peak {host_peak_rss_gib():.3f}\n")
+
+
 def device_peak_gib(device: torch.device) -> float:
     """torch.cuda.max_memory_allocated of the device so far (0 on CPU)."""
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0

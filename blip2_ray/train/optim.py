@@ -66,7 +66,7 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
-        "contiguous_gradients": (cfg.scaling.num_workers > 1 if ds.contiguous_gradients is None
+        "contiguous_gradients": (default_contiguous_gradients(cfg) if ds.contiguous_gradients is None
                                  else ds.contiguous_gradients),
         "reduce_bucket_size": ds.reduce_bucket_size,
     }
@@ -75,6 +75,7 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
         zero["stage3_max_live_parameters"] = ds.stage3_max_live_parameters
         zero["stage3_max_reuse_distance"] = ds.stage3_max_live_parameters
         zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
+        zero["sub_group_size"] = ds.stage3_sub_group_size
         # the export gathers the trainable weights itself; no 16-bit copy at every save
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     out = {
@@ -100,6 +101,13 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
         out["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[t.precision],
                                  "lower_precision_safe_modules": []}
     return out
+
+
+def default_contiguous_gradients(cfg: PretrainConfig) -> bool:
+    """deepspeed.contiguous_gradients: null -> on with 2+ workers, except ZeRO-3 on CPU (config.py says why)."""
+    if cfg.scaling.num_workers < 2:
+        return False
+    return not (cfg.deepspeed.zero_stage == 3 and not cfg.scaling.use_gpu)
 
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}

@@ -63,11 +63,18 @@ def _rank_main(rank: int, port: int, sets: dict, out_dir: str, result_dir: str) 
     del model, values
     engine = build_engine(cfg)
     engine.train()
+    opt = engine.optimizer
+    # the float32 master partitions are the parameter partitions themselves (zero3.share_fp32_partitions)
+    result["master_is_partition"] = all(m is p for m, p in zip(opt.fp32_partitioned_groups_flat,
+                                                               opt.fp16_partitioned_groups_flat))
+    before = [p.clone() for p in opt.fp16_partitioned_groups_flat]
     ids = torch.randint(5, 30, (2, 6))
     out = engine(torch.randn(2, 3, 32, 32), ids, torch.ones_like(ids))
     engine.backward(out["loss"])
     engine.step()
     result["loss"] = float(out["loss"].detach())
+    after = opt.fp16_partitioned_groups_flat
+    result["step_updated_partitions"] = all(not torch.equal(b, p) for b, p in zip(before, after))
     export_model(engine, cfg, rank)
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -107,6 +114,7 @@ def _check_partitioned(ranks: list[dict]) -> None:
         # each rank holds its slice (at most one element of padding per parameter beyond half)
         assert 0.5 <= r["held"] / r["total"] <= 0.52, r
     assert sum(r["held"] for r in ranks) >= ranks[0]["total"]
+    assert all(r["master_is_partition"] and r["step_updated_partitions"] for r in ranks), ranks
 
 
 def test_zero3_reads_each_rank_slice_of_the_written_files(tmp_path, written_sources):

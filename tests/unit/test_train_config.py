@@ -116,6 +116,12 @@ def test_deepspeed_config_follows_the_config():
     assert single["zero_optimization"]["contiguous_gradients"] is False
     forced = cfg(scaling=one, train={"global_batch_size": 4}, deepspeed={"contiguous_gradients": True})
     assert deepspeed_config(forced)["zero_optimization"]["contiguous_gradients"] is True
+    # ZeRO-3 on CPU: no persistent bucket (null); sub-groups bound the optimizer step's temporaries
+    z3 = deepspeed_config(cfg(deepspeed={"zero_stage": 3}))["zero_optimization"]
+    assert z3["contiguous_gradients"] is False and z3["sub_group_size"] == 10_000_000
+    z3_forced = cfg(deepspeed={"zero_stage": 3, "contiguous_gradients": True, "stage3_sub_group_size": 5})
+    assert deepspeed_config(z3_forced)["zero_optimization"]["contiguous_gradients"] is True
+    assert deepspeed_config(z3_forced)["zero_optimization"]["sub_group_size"] == 5
 
 
 def test_gathers_are_identity_without_a_process_group():
