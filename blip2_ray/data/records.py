@@ -15,8 +15,8 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.transforms import (
     EMPTY_CAPTION,
     SkipRecord,
-    caption_choices,
     decode_image,
+    draw_choice,
     eval_resize,
     pick_caption,
     train_crop,
@@ -129,8 +129,7 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
                 question = r["question"].decode("utf-8") if isinstance(r["question"], bytes) else r["question"]
                 if not question or not str(question).strip():
                     raise SkipRecord("empty_question")
-                choices = caption_choices(r.get("caption"))
-                caption = str(choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]).strip()
+                caption = str(draw_choice(r.get("caption"), rng)).strip()  # an answer: VQA rules normalise it
                 if not caption:
                     raise SkipRecord(EMPTY_CAPTION)
             else:
@@ -151,35 +150,22 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
         raise ValueError("a batch mixes VQA records (with a question) and caption records")
     out = {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object)}
     if questions:
-        return _vqa_columns(out, questions, cfg, kept if numbers is not None else None, pixels, with_pixels,
-                            qformer_tokenizer_path, llm_tokenizer_path, llm_family)
+        out["question"] = np.array(questions, dtype=object)
     if numbers is not None:
         out["record"] = np.array(kept, dtype=np.int64)
     if with_pixels:
         out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
+    texts = [cfg.vqa_prompt.format(q) for q in questions] if questions else captions  # what the Q-Former reads
     if qformer_tokenizer_path:
-        out.update(tokenize_qformer(cached_qformer_tokenizer(qformer_tokenizer_path), captions, cfg.qformer_max_len)
-                   if captions else _empty_ids("qformer", cfg.qformer_max_len))
+        out.update(tokenize_qformer(cached_qformer_tokenizer(qformer_tokenizer_path), texts, cfg.qformer_max_len)
+                   if texts else _empty_ids("qformer", cfg.qformer_max_len))
     if llm_tokenizer_path:
-        out.update(tokenize_llm(cached_llm_tokenizer(llm_tokenizer_path), captions, cfg.llm_max_len, llm_family)
-                   if captions else _empty_ids("llm", cfg.llm_max_len))
-    return out
-
-
-def _vqa_columns(out: dict, questions: list[str], cfg: DataConfig, kept: list | None, pixels: list,
-                 with_pixels: bool, qformer_tokenizer_path: str | None, llm_tokenizer_path: str | None,
-                 llm_family: str | None) -> dict[str, np.ndarray]:
-    prompts = [cfg.vqa_prompt.format(q) for q in questions]
-    out["question"] = np.array(questions, dtype=object)
-    if kept is not None:
-        out["record"] = np.array(kept, dtype=np.int64)
-    if with_pixels:
-        out["pixel_values"] = np.stack(pixels)
-    if qformer_tokenizer_path:
-        out.update(tokenize_qformer(cached_qformer_tokenizer(qformer_tokenizer_path), prompts, cfg.qformer_max_len))
-    if llm_tokenizer_path:
-        out.update(tokenize_vqa_llm(cached_llm_tokenizer(llm_tokenizer_path), prompts, list(out["caption"]),
-                                    cfg.llm_max_len, llm_family))
+        tok = cached_llm_tokenizer(llm_tokenizer_path)
+        if questions:
+            out.update(tokenize_vqa_llm(tok, texts, captions, cfg.llm_max_len, llm_family))
+        else:
+            out.update(tokenize_llm(tok, captions, cfg.llm_max_len, llm_family)
+                       if captions else _empty_ids("llm", cfg.llm_max_len))
     return out
 
 

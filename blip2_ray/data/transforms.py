@@ -71,10 +71,15 @@ def caption_choices(raw: bytes | str | None) -> list[str]:
     return [raw]
 
 
+def draw_choice(raw: bytes | str | None, rng: np.random.Generator) -> str:
+    """One of the texts a record holds (caption_choices), drawn with `rng` when it holds several."""
+    choices = caption_choices(raw)
+    return choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+
+
 def pick_caption(raw: bytes | str | None, rng: np.random.Generator, max_words: int = 50) -> str:
     """One cleaned caption of a record (drawn with `rng` when it holds several); SkipRecord if none."""
-    choices = caption_choices(raw)
-    text = clean_caption(choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0], max_words)
+    text = clean_caption(draw_choice(raw, rng), max_words)
     if not text:
         raise SkipRecord(EMPTY_CAPTION)
     return text

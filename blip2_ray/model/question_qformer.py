@@ -44,7 +44,8 @@ def question_qformer_config(qformer_config, vocab_size: int):
     return InstructBlipQFormerConfig(**data)
 
 
-def _text_path_source(path: str, key: str):
+def text_path_source(path: str, key: str):
+    """The WeightSource of a text path: a BERT directory, else a stage-1 source (UserError if neither)."""
     from blip2_ray.model.weight_sources import bert_source, init_from_source
 
     p = Path(path)
@@ -57,7 +58,7 @@ def _text_path_source(path: str, key: str):
 def text_path_tensors(path: str, key: str) -> tuple[dict[str, torch.Tensor], str]:
     """The Q-Former text path of a stage-1 source or a BERT directory under our stage-1 names (float32),
     and the source's label; UserError when the source holds none."""
-    source = _text_path_source(path, key)
+    source = text_path_source(path, key)
     files = source.files()
     keys = [k for k in files.keys() if not re.match(r"^(vision_model\.|visual_encoder\.)", k)]
     plan = convert.plan_conversion(source.layout, keys, source.label)

@@ -183,7 +183,7 @@ class Blip2Stage2(nn.Module):
     def _t5_loss(
         self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
     ) -> Stage2Output:
-        b, nq = prefix.shape[:2]
+        b = prefix.shape[0]
         eos = self.language_model.config.eos_token_id
         pad = self.language_model.config.pad_token_id
         enc_ids, enc_mask, labels = prefix_lm_split(ids, mask, eos, pad, generator)
@@ -191,32 +191,26 @@ class Blip2Stage2(nn.Module):
             p = self.prompt_ids.to(ids.device).expand(b, -1)
             enc_ids = torch.cat([p, enc_ids], 1)
             enc_mask = torch.cat([torch.ones_like(p, dtype=enc_mask.dtype), enc_mask], 1)
-        full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=enc_mask.device), enc_mask], 1)
-        decoder_input_ids = self.language_model._shift_right(labels)
-        with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
-            text_embeds = self.llm_embeddings()(enc_ids)
-            embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
-            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask,
-                                      decoder_input_ids=decoder_input_ids)
-        loss = F.cross_entropy(
-            out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-        )
-        return Stage2Output(loss, out.logits)
+        return self._t5_encoder_decoder_loss(prefix, enc_ids, enc_mask, labels)
 
     def _t5_answer_loss(self, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                         prompt_lengths: torch.Tensor) -> Stage2Output:
         """FlanT5 VQA: rows [prompt, </s>, answer, </s>, pad...]; the encoder reads queries + the first
         prompt_lengths[b] tokens, the decoder is trained on the rest."""
-        b, nq = prefix.shape[:2]
         t = ids.shape[1]
-        pad = self.language_model.config.pad_token_id
         pos = torch.arange(t, device=ids.device)[None]
         k = prompt_lengths[:, None]
         enc_mask = (pos < k).long()
-        enc_ids = ids.masked_fill(enc_mask == 0, pad)
-        src = (pos + k).clamp(max=t - 1)
-        labels = torch.gather(ids, 1, src).masked_fill((pos + k) >= mask.sum(1, keepdim=True), -100)
-        full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=ids.device), enc_mask], 1)
+        enc_ids = ids.masked_fill(enc_mask == 0, self.language_model.config.pad_token_id)
+        labels = torch.gather(ids, 1, (pos + k).clamp(max=t - 1)).masked_fill(
+            (pos + k) >= mask.sum(1, keepdim=True), -100)
+        return self._t5_encoder_decoder_loss(prefix, enc_ids, enc_mask, labels)
+
+    def _t5_encoder_decoder_loss(self, prefix: torch.Tensor, enc_ids: torch.Tensor, enc_mask: torch.Tensor,
+                                 labels: torch.Tensor) -> Stage2Output:
+        """The T5 loss of `labels` (B, T', -100 ignored) with [queries, enc_ids] in the encoder."""
+        b, nq = prefix.shape[:2]
+        full_mask = torch.cat([torch.ones(b, nq, dtype=enc_mask.dtype, device=enc_mask.device), enc_mask], 1)
         with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
             text_embeds = self.llm_embeddings()(enc_ids)
             embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
@@ -349,13 +343,14 @@ def generate_text(
 
     A question-aware (VQA) model also reads each prompt in its Q-Former, tokenised by `qformer_tokenizer`
     as in training (at most `question_max_len` tokens)."""
+    if prompts and len(prompts) == 1:
+        prompts = prompts * pixel_values.shape[0]
     ids, mask = tokenize_prompts(tokenizer, prompts, pixel_values.shape[0], model.llm_kind, pixel_values.device)
     generate_kwargs.setdefault("eos_token_id", caption_eos_ids(tokenizer, model.llm_family))
     if model.takes_question and prompts:
         if qformer_tokenizer is None:
             raise ValueError("a question-aware model needs its Q-Former tokenizer to read the prompts")
-        texts = prompts * pixel_values.shape[0] if len(prompts) == 1 else prompts
-        enc = qformer_tokenizer(list(texts), padding="longest", truncation=True, max_length=question_max_len,
+        enc = qformer_tokenizer(list(prompts), padding="longest", truncation=True, max_length=question_max_len,
                                 return_tensors="pt")
         generate_kwargs.update(question_ids=enc.input_ids.to(pixel_values.device),
                                question_mask=enc.attention_mask.to(pixel_values.device))

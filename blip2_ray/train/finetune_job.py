@@ -8,7 +8,6 @@ retrieval, vqa (VQAv2 official files or LAVIS lists; the question-aware Q-Former
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 import warnings
@@ -27,26 +26,26 @@ from blip2_ray.errors import UserError
 from blip2_ray.model.builders import is_stage2_dir_config
 from blip2_ray.runtime.files import write_json_atomic
 from blip2_ray.train.finetune_config import FinetuneConfig
-from blip2_ray.train.finetune_model import question_encoder_source, starts_question_aware, vit_training_gib
+from blip2_ray.train.finetune_model import (
+    config_json,
+    question_encoder_source,
+    starts_question_aware,
+    vit_training_gib,
+)
 
 REPORT_FILE = "finetune_report.json"
 # trunk parameters of the real ViTs (EVA ViT-g/14 with 39 blocks, CLIP ViT-L/14 with 23)
 VIT_PARAMS = {"eva_vit_g": 985_000_000, "clip_vit_l": 291_000_000}
 
 
-def _is_blip2_generation_dir(path: str) -> bool:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        return False
-    with open(cfg_path) as f:
-        return is_stage2_dir_config(json.load(f))
 
 
 def resolve_start(cfg: FinetuneConfig) -> FinetuneConfig:
     """`model.init_from` naming a Blip2ForConditionalGeneration directory (a stage-2 export or Salesforce's
     BLIP-2) becomes `model.hf_path` for caption / vqa: the whole model starts from it."""
     m = cfg.model
-    if cfg.stage == 2 and m.init_from and os.path.isdir(m.init_from) and _is_blip2_generation_dir(m.init_from):
+    if cfg.stage == 2 and m.init_from and os.path.isdir(m.init_from) and is_stage2_dir_config(
+            config_json(m.init_from)):
         cfg = copy.deepcopy(cfg)
         cfg.model.hf_path, cfg.model.init_from = cfg.model.init_from, None
     return cfg
@@ -73,9 +72,9 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations | VqaAnnota
     a = cfg.annotations
     if cfg.task == "vqa":
         if not starts_question_aware(cfg):
-            from blip2_ray.model.question_qformer import _text_path_source
+            from blip2_ray.model.question_qformer import text_path_source
 
-            _text_path_source(question_encoder_source(cfg), "vqa.question_encoder_from")
+            text_path_source(question_encoder_source(cfg), "vqa.question_encoder_from")
         ann = read_vqa_annotations(a.train, a.questions, a.image_root, "annotations.train")
     else:
         ann = read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")

@@ -34,7 +34,7 @@ def question_encoder_source(cfg: FinetuneConfig) -> str:
     if cfg.vqa.question_encoder_from:
         return cfg.vqa.question_encoder_from
     init = cfg.model.init_from
-    if init and not (os.path.isdir(init) and is_stage2_dir_config(_config_json(init))):
+    if init and not (os.path.isdir(init) and is_stage2_dir_config(config_json(init))):
         return init  # a stage-1 export or LAVIS stage-1 .pth the stage-2 parts start from
     raise UserError("task vqa feeds the question to the Q-Former, whose text embeddings and text FFNs a BLIP-2 "
                     "stage-2 model no longer has; set vqa.question_encoder_from to the stage-1 export it was trained "
@@ -44,7 +44,7 @@ def question_encoder_source(cfg: FinetuneConfig) -> str:
 
 def starts_question_aware(cfg: FinetuneConfig) -> bool:
     """The starting model already reads questions (model.hf_path is a VQA export, InstructBLIP layout)."""
-    return bool(cfg.model.hf_path) and _config_json(cfg.model.hf_path).get("model_type") == INSTRUCTBLIP_MODEL_TYPE
+    return bool(cfg.model.hf_path) and config_json(cfg.model.hf_path).get("model_type") == INSTRUCTBLIP_MODEL_TYPE
 
 
 def question_tokenizer_dir(cfg: FinetuneConfig) -> str:
@@ -57,7 +57,8 @@ def question_tokenizer_dir(cfg: FinetuneConfig) -> str:
     return qformer_tokenizer_dir(cfg.model)  # a LAVIS .pth: the configured Q-Former tokenizer (bert-base-uncased)
 
 
-def _config_json(path: str) -> dict:
+def config_json(path: str) -> dict:
+    """The config.json of a model directory ({} when there is none)."""
     f = os.path.join(path, "config.json")
     return read_json(Path(f), "model config") if os.path.isfile(f) else {}
 
