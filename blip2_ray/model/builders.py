@@ -51,6 +51,10 @@ from blip2_ray.model.weight_sources import (
     vision_source,
 )
 
+ZERO3_HF_PATH = ("model.hf_path is read whole on every worker, so deepspeed.zero_stage 3 could not build it "
+                 "partitioned; name its parts instead (model.vision.path and model.llm.path, with model.init_from "
+                 "for the Q-Former) or use deepspeed.zero_stage 2")
+
 
 def build_stage1(cfg: ModelConfig, tokenizer=None, construction: FrozenConstruction | None = None) -> Blip2Stage1:
     """A stage-1 model: frozen ViT from its source (or seeded random), Q-Former from BERT and/or init_from.
@@ -99,9 +103,7 @@ def build_stage2(cfg: ModelConfig, tokenizer=None, construction: FrozenConstruct
     check_weight_sources(cfg, stage=2)
     vision_dtype, llm_dtype = DTYPES[cfg.vision.dtype], DTYPES[cfg.llm.dtype]
     if cfg.hf_path and construction is not None:
-        raise UserError("model.hf_path is read whole on every worker, so deepspeed.zero_stage 3 could not build "
-                        "it partitioned; name its parts instead (model.vision.path and model.llm.path, with "
-                        "model.init_from for the Q-Former) or use deepspeed.zero_stage 2")
+        raise UserError(ZERO3_HF_PATH)
     if cfg.hf_path:
         model = stage2_from_blip2_dir(cfg.hf_path, vision_dtype, llm_dtype)
         tok = (tokenizer or llm_tokenizer(cfg)) if cfg.llm.prompt else None

@@ -182,6 +182,11 @@ class PretrainConfig:
 
     # ---- derived values: computed here only ----
     @property
+    def task_name(self) -> str:
+        """The task this config trains (train/tasks.TASKS): "stage1" or "stage2"."""
+        return f"stage{self.stage}"
+
+    @property
     def gradient_accumulation_steps(self) -> int:
         """global_batch_size / (micro_batch_size x num_workers); an error unless it is a whole number."""
         per_pass = self.train.micro_batch_size * self.scaling.num_workers

@@ -134,6 +134,11 @@ class FinetuneConfig(PretrainConfig):
             raise ValueError("fine-tuning with the ViT trained runs on deepspeed.zero_stage 2 (ZeRO-2 shards the "
                              "ViT's optimizer state and gradients); ZeRO-3 with a trained ViT is not supported yet")
 
+    @property
+    def task_name(self) -> str:
+        """The task this config trains (train/tasks.TASKS): the fine-tuning task."""
+        return self.task
+
     def _derive_vqa_prompts(self) -> None:
         """One prompt for training and evaluation: vqa.prompt, else BLIP-2's for the LLM kind."""
         from blip2_ray.model.stage2 import VQA_PROMPTS, llm_kind_of

@@ -1,8 +1,8 @@
 """Driver side of fine-tuning: check the annotations and the starting model, pack the annotated images into
 parquet shards once, evaluate the starting model (optional), train on the pre-training loop, evaluate the export.
 
-`run_finetune(cfg)` is what `jobs/finetune.py` (and the tests) call once Ray is up. Tasks: caption,
-retrieval, vqa (VQAv2 official files or LAVIS lists; the question-aware Q-Former of model/question_qformer.py).
+`run_finetune(cfg)` is what `jobs/finetune.py` (and the tests) call once Ray is up. What differs by task (caption,
+retrieval, vqa) is the task's TaskSpec (train/tasks/finetuning.py): its annotations, its shards, its start.
 """
 
 from __future__ import annotations
@@ -13,53 +13,29 @@ import time
 import warnings
 
 from blip2_ray.config import from_dict, to_dict
-from blip2_ray.data.annotations import (
-    CaptionAnnotations,
-    VqaAnnotations,
-    fingerprint,
-    read_caption_annotations,
-    read_vqa_annotations,
-    write_caption_shards,
-    write_vqa_shards,
-)
 from blip2_ray.errors import UserError
-from blip2_ray.model.builders import is_stage2_dir_config
 from blip2_ray.runtime.files import write_json_atomic
 from blip2_ray.train.finetune_config import FinetuneConfig
-from blip2_ray.train.finetune_model import (
-    config_json,
-    question_encoder_source,
-    starts_question_aware,
-    vit_training_gib,
-)
+from blip2_ray.train.finetune_model import vit_training_gib
+from blip2_ray.train.tasks import task_of
 
 REPORT_FILE = "finetune_report.json"
 # trunk parameters of the real ViTs (EVA ViT-g/14 with 39 blocks, CLIP ViT-L/14 with 23)
 VIT_PARAMS = {"eva_vit_g": 985_000_000, "clip_vit_l": 291_000_000}
 
 
-
-
 def resolve_start(cfg: FinetuneConfig) -> FinetuneConfig:
-    """`model.init_from` naming a Blip2ForConditionalGeneration directory (a stage-2 export or Salesforce's
-    BLIP-2) becomes `model.hf_path` for caption / vqa: the whole model starts from it."""
-    m = cfg.model
-    if cfg.stage == 2 and m.init_from and os.path.isdir(m.init_from) and is_stage2_dir_config(
-            config_json(m.init_from)):
-        cfg = copy.deepcopy(cfg)
-        cfg.model.hf_path, cfg.model.init_from = cfg.model.init_from, None
-    return cfg
+    """The config with the starting model where its task reads it (caption / vqa: `model.init_from` naming a
+    Blip2ForConditionalGeneration directory becomes `model.hf_path`: the whole model starts from it)."""
+    return task_of(cfg).resolve_start(cfg)
 
 
 def start_dir(cfg: FinetuneConfig) -> str | None:
     """The starting model as an export directory the evaluation can read (None: it is assembled from parts)."""
-    if cfg.stage == 2:
-        return cfg.model.hf_path
-    init = cfg.model.init_from
-    return init if init and os.path.isfile(os.path.join(init, "config.json")) else None
+    return task_of(cfg).start_dir(cfg)
 
 
-def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations | VqaAnnotations:
+def check_finetune_inputs(cfg: FinetuneConfig):
     """One sentence before any worker starts: the task, the annotations and their images, the start model.
 
     Returns the training annotations (missing images counted, not fatal unless none resolves).
@@ -70,14 +46,7 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations | VqaAnnota
     check_weight_sources(cfg.model, cfg.stage)  # the starting model, before the images are packed
     check_exportable(cfg.model)
     a = cfg.annotations
-    if cfg.task == "vqa":
-        if not starts_question_aware(cfg):
-            from blip2_ray.model.question_qformer import text_path_source
-
-            text_path_source(question_encoder_source(cfg), "vqa.question_encoder_from")
-        ann = read_vqa_annotations(a.train, a.questions, a.image_root, "annotations.train")
-    else:
-        ann = read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
+    ann = task_of(cfg).read_annotations(cfg)
     for name in ("eval", "eval_questions"):
         value = getattr(a, name)
         if value and not os.path.isfile(value):
@@ -107,23 +76,18 @@ def start_warnings(cfg: FinetuneConfig) -> list[str]:
             f"({unsharded:.1f} GiB unsharded)"]
 
 
-def prepare_shards(cfg: FinetuneConfig, ann: CaptionAnnotations | VqaAnnotations) -> tuple[FinetuneConfig, dict]:
+def prepare_shards(cfg: FinetuneConfig, ann) -> tuple[FinetuneConfig, dict]:
     """Pack the training annotations into parquet shards under the run's storage (once per run); the config
     with data.train pointing at them, and the shards' manifest."""
     if cfg.is_s3:
         raise UserError("fine-tuning packs its annotated images next to the checkpoints and needs a local "
                         "storage_path (or a shared file system); s3:// storage is not supported for it yet")
     a = cfg.annotations
+    task = task_of(cfg)
     out_dir = os.path.join(cfg.local_storage_path, cfg.run_name, "finetune_shards")
     t0 = time.time()
-    fp = fingerprint(a.train, a.image_root, a.train_split)
-    if isinstance(ann, VqaAnnotations):
-        fp += fingerprint(a.questions, a.image_root, "questions") if a.questions else ""
-        manifest = write_vqa_shards(ann, out_dir, a.shard_records, fp)
-    else:
-        manifest = write_caption_shards(ann, out_dir, a.shard_records, fp)
-    rows = "questions" if isinstance(ann, VqaAnnotations) else "pairs"
-    print(f"[finetune] {manifest['rows']} training {rows} of {manifest['images']} images in "
+    manifest = task.pack_shards(cfg, ann, out_dir)
+    print(f"[finetune] {manifest['rows']} training {task.rows} of {manifest['images']} images in "
           f"{len(manifest['files'])} shards ({time.time() - t0:.1f} s); {manifest['missing_images']} images of "
           f"{a.train} missing under {a.image_root!r}, skipped", flush=True)
     cfg = copy.deepcopy(cfg)
@@ -138,7 +102,7 @@ def evaluate(cfg: FinetuneConfig, model_dir: str, output: str) -> dict:
 
     a, e = cfg.annotations, cfg.evaluation
     ecfg = from_dict(EvalConfig, {
-        "task": cfg.task, "model": model_dir, "output": output,
+        "task": task_of(cfg).evaluation, "model": model_dir, "output": output,
         "test_set": {"annotations": a.eval, "image_root": a.eval_image_root or a.image_root, "split": a.eval_split,
                      "limit": e.limit, "questions": a.eval_questions},
         "generation": to_dict(e.generation), "retrieval": to_dict(e.retrieval), "compute": to_dict(e.compute),

@@ -16,7 +16,6 @@ from torch import nn
 from blip2_ray.errors import UserError
 from blip2_ray.model.builders import is_stage2_dir_config
 from blip2_ray.model.checkpoint_files import read_json
-from blip2_ray.model.question_qformer import make_question_aware
 from blip2_ray.model.retrieval_finetune import Blip2RetrievalFinetune
 from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.tokenizer_paths import qformer_tokenizer_dir
@@ -65,12 +64,10 @@ def config_json(path: str) -> dict:
 
 def finetune_model(model: nn.Module, cfg: FinetuneConfig) -> None:
     """Apply `cfg.vision_training` to a freshly built stage model, in place (the LLM stays frozen); a stage-1
-    model becomes a Blip2RetrievalFinetune (same parameters, a step that takes image ids); for vqa the Q-Former
-    becomes question-aware (model/question_qformer.py)."""
+    model becomes a Blip2RetrievalFinetune (same parameters, a step that takes image ids). What a task adds
+    (VQA's question-aware Q-Former) is its TaskSpec's (train/tasks/)."""
     if isinstance(model, Blip2Stage1):
         model.__class__ = Blip2RetrievalFinetune  # a subclass with no state of its own: only forward/train differ
-    if cfg.task == "vqa" and not model.takes_question:
-        make_question_aware(model, question_encoder_source(cfg))
     vt = cfg.vision_training
     # a whole BLIP-2 directory (model.hf_path) arrives at its own image size: fine-tuning at a larger one
     # (LAVIS: 364 px) resamples its position embeddings here, once; builders already do it for init_from

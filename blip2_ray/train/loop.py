@@ -1,9 +1,12 @@
 """The Ray Train worker: DeepSpeed ZeRO on the Q-Former, checkpoints through `ray.train.report`, export.
 
 One function, `train_loop_per_worker(config)`, runs on every worker. `config["cfg"]` is the job's
-`to_dict(PretrainConfig)`; the worker rebuilds and re-validates it. Per optimizer step: `grad_accum`
-micro batches from this worker's dataset shard (train/batches.py) -> forward under autocast ->
-engine.backward -> engine.step.
+`to_dict(PretrainConfig)` (or of a subclass, named by `config["config_class"]`); the worker rebuilds and
+re-validates it. The config's task (train/tasks: pre-training stage 1 / 2, caption, retrieval, VQA fine-tuning)
+builds the model, runs the forward of a micro batch and names what the export saves; the loop knows no task.
+Per optimizer step: `grad_accum` micro batches from this worker's dataset shard (train/batches.py) -> the task's
+forward under autocast -> engine.backward -> engine.step. Test hooks (train/fault_injection.py) come from the
+config's fault_injection section.
 
 Data position on resume (train/data_position.py): every row carries its shard visit and record number;
 each checkpoint records the epoch, the visits trained to their end and a bitmap of the trained records of
@@ -16,38 +19,29 @@ has not trained.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
-import zlib
 
 import torch
 
 from blip2_ray.config import from_dict
-from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, stall_message, to_device
+from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, stall_message
+from blip2_ray.train.checkpoints import checkpoint_position, restore, save_and_report
 from blip2_ray.train.config import PretrainConfig
-from blip2_ray.train.data_position import DataPosition, TrainedRecords, merge_position
-from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
-from blip2_ray.train.finetune_config import FinetuneConfig
-from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys, vit_lr_scale
+from blip2_ray.train.data_position import DataPosition, TrainedRecords
+from blip2_ray.train.fault_injection import step_hooks
 from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
-
-STATE_FILE = "train_state.json"
-DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray checkpoint directory
+from blip2_ray.train.tasks import task_of
 
 
 # ----------------------------------------------------------------------------------- model pieces
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
-    """The stage's model, seeded: random frozen parts are identical on every rank and every restart.
+    """The task's model (train/tasks), seeded: random frozen parts are identical on every rank and every restart.
 
     ZeRO-3 (the process group must exist): the frozen ViT / LLM are built partitioned over the ranks
     (train/zero3.py), never whole on one worker; weight files are read into each rank's slices.
     """
-    from blip2_ray.model.builders import build_stage1, build_stage2
-
     construction = None
     if cfg.deepspeed.zero_stage == 3:
         from blip2_ray.train.zero3 import frozen_construction, gloo_collectives_in_place
@@ -56,11 +50,7 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
         construction = frozen_construction(deepspeed_config(cfg))
     trace_memory("construction")
     torch.manual_seed(cfg.train.seed)
-    build = build_stage1 if cfg.stage == 1 else build_stage2
-    model = build(cfg.model, construction=construction)
-    if isinstance(cfg, FinetuneConfig):
-        finetune_model(model, cfg)
-    return model
+    return task_of(cfg).build_model(cfg, construction)
 
 
 def build_engine(cfg: PretrainConfig):
@@ -74,7 +64,7 @@ def build_engine(cfg: PretrainConfig):
 
     model = build_model(cfg)
     trace_memory("built")
-    lr_scale = vit_lr_scale(model, cfg) if isinstance(cfg, FinetuneConfig) else None
+    lr_scale = task_of(cfg).lr_scale(model, cfg)
     sched = warmup_cosine(cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.lr, cfg.min_lr,
                           cfg.train.warmup_start_lr)
     vectorise_scalar_parameters(model)
@@ -92,25 +82,6 @@ def build_engine(cfg: PretrainConfig):
         share_fp32_partitions(engine.optimizer)
     trace_memory("engine")
     return engine
-
-
-def forward(engine, cfg: PretrainConfig, batch: dict, rank: int):
-    """One micro batch through the engine (pixels normalised on its device) -> a StepOutput."""
-    pixels, ids, mask = to_device(batch, engine.device, cfg.stage)
-    if cfg.stage == 1:
-        if isinstance(cfg, FinetuneConfig):
-            # retrieval fine-tuning: captions of one image are never negatives of each other, and the ViT
-            # trains, so ITM's negative images are gathered with gradient (as LAVIS's retrieval fine-tune)
-            image_ids = image_ids_of_keys(batch["key"]).to(engine.device)
-            return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad,
-                          gather_with_grad=all_gather_with_grad, image_ids=image_ids)
-        return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad)  # nothing is gathered with gradient
-    if "llm_prompt_length" in batch:  # VQA rows: loss on the answer, the question also read by the Q-Former
-        dev = engine.device
-        return engine(pixels, ids, mask, prompt_lengths=batch["llm_prompt_length"].to(dev),
-                      question_ids=batch["qformer_input_ids"].to(dev),
-                      question_mask=batch["qformer_attention_mask"].to(dev))
-    return engine(pixels, ids, mask)
 
 
 class StepOutput(dict):
@@ -138,69 +109,6 @@ def outputs_as_dicts(model: torch.nn.Module) -> None:
     model.register_forward_hook(to_dict)
 
 
-def checkpoint_position(trained: TrainedRecords, position: DataPosition | None, plan, rank: int,
-                        world: int) -> DataPosition | None:
-    """Every rank's trained records since the last checkpoint folded into rank 0's position (all ranks call)."""
-    import ray
-    import torch.distributed as dist
-
-    mine = trained.take()
-    per_rank = [mine]
-    if world > 1:
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, mine)
-    if rank != 0:
-        return None
-    epoch = max(e for e, _ in per_rank)
-    position, warnings = merge_position(position, per_rank, ray.get(plan.good_records.remote(epoch)))
-    for w in warnings:
-        print(f"[data] warning: {w}", flush=True)
-    return position
-
-
-# -------------------------------------------------------------------------------------- checkpoints
-def save_and_report(engine, metrics: dict, state: dict, rank: int, with_checkpoint: bool) -> None:
-    """`ray.train.report` on every rank (it is a barrier); with a checkpoint, each rank adds its own files.
-
-    DeepSpeed names its per-rank files by rank (zero_pp_rank_R_...), so the merged Ray checkpoint
-    holds every shard; the frozen ViT/LLM are left out (rebuilt from the config on resume).
-    """
-    import ray.train
-
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    d = tempfile.mkdtemp(prefix=f"blip2_ckpt_r{rank}_")
-    try:
-        engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=True)
-        if rank == 0:
-            with open(os.path.join(d, STATE_FILE), "w") as f:
-                json.dump(state, f)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def restore(engine, cfg: PretrainConfig, world: int) -> dict | None:
-    """Load the latest Ray checkpoint into the engine (model, optimizer, scheduler); its train state."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    with ckpt.as_directory() as d:
-        with open(os.path.join(d, STATE_FILE)) as f:
-            state = json.load(f)
-        if state["world_size"] != world or state["zero_stage"] != cfg.deepspeed.zero_stage:
-            raise RuntimeError(
-                f"checkpoint of run {cfg.run_name!r} was written by {state['world_size']} workers with ZeRO-"
-                f"{state['zero_stage']}; resume with the same scaling.num_workers and deepspeed.zero_stage "
-                f"or choose a new run_name (start from the exported model instead)")
-        engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
-    return state
-
-
 # ------------------------------------------------------------------------------------------ export
 def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     """World-size-free HF export of the trained weights to cfg.output_dir (rank 0 writes; all ranks call).
@@ -212,18 +120,13 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     import torch.distributed as dist
 
     from blip2_ray.model.hf_export_stream import export_streamed
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
     from blip2_ray.train.zero3 import gathered_state
 
+    task = task_of(cfg)
     tokenizer = question_tokenizer = None
     if rank == 0:
-        tokenizer = qformer_tokenizer(cfg.model) if cfg.stage == 1 else llm_tokenizer(cfg.model)
-        if cfg.stage == 2 and engine.module.takes_question:  # VQA: InstructBlipProcessor keeps both tokenizers
-            from blip2_ray.model.tokenizers import load_qformer_tokenizer
-            from blip2_ray.train.finetune_model import question_tokenizer_dir
-
-            question_tokenizer = load_qformer_tokenizer(question_tokenizer_dir(cfg))
-    out = export_streamed(engine.module, cfg.stage, gathered_state(engine.module, rank),
+        tokenizer, question_tokenizer = task.export_tokenizers(cfg, engine.module)
+    out = export_streamed(engine.module, task.stage, gathered_state(engine.module, rank),
                           cfg.output_dir if rank == 0 else None, tokenizer, cfg.model,
                           qformer_tokenizer=question_tokenizer)
     if out is not None:
@@ -235,7 +138,10 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
 
 # -------------------------------------------------------------------------------------- the worker
 def train_loop_per_worker(config: dict) -> None:
-    cfg = from_dict(FinetuneConfig if config.get("finetune") else PretrainConfig, config["cfg"])
+    """`config`: {"cfg": to_dict(job config), "config_class": its class (default PretrainConfig)}; the config's
+    task (train/tasks) decides the model, the step's inputs and the export."""
+    cfg = from_dict(config.get("config_class", PretrainConfig), config["cfg"])
+    task = task_of(cfg)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import ray.train
     import torch.distributed as dist
@@ -280,18 +186,17 @@ def train_loop_per_worker(config: dict) -> None:
     batches = BatchFeed(epoch_batches(cfg, shard, plan, rank, position, pin_memory=pin),
                         cfg.data.stall_timeout_s, stalled)
     trained = TrainedRecords(position.epoch)
-    fi = cfg.fault_injection
+    hooks = step_hooks(cfg, rank, world, start_step)
     window = LossWindow()
     try:
         while step < cfg.train.max_steps:
-            if fi.pid_dir and rank == world - 1 and step + 1 == fi.at_step:
-                _write_pid_once(fi.pid_dir, fi.pause_s)
+            hooks.before_step(step)
             t0 = time.perf_counter()
             for _ in range(cfg.gradient_accumulation_steps):
                 tw = time.perf_counter()
                 epoch, batch = next(batches)
                 window.wait += time.perf_counter() - tw
-                out = forward(engine, cfg, batch, rank)
+                out = task.forward(engine, batch, rank)
                 trace_memory(f"step {step + 1} forward")
                 engine.backward(out["loss"])
                 trace_memory(f"step {step + 1} backward")
@@ -299,8 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
                 trace_memory(f"step {step + 1} step")
                 window.add(out)
                 trained.add(epoch, batch["visit"], batch["record"])
-                if fi.trained_keys_dir:
-                    _write_trained_keys(fi.trained_keys_dir, rank, start_step, step + 1, epoch, batch)
+                hooks.after_micro_batch(step + 1, epoch, batch)
             step += 1
             window.time += time.perf_counter() - t0
             window.steps += 1
@@ -347,22 +251,3 @@ def vectorise_scalar_parameters(model: torch.nn.Module) -> list[str]:
             names.append(name)
     return names
 
-
-def _write_trained_keys(directory: str, rank: int, start_step: int, step: int, epoch: int, batch: dict) -> None:
-    """Test hook: one line per trained row, "<run start step> <step> <epoch> <key> <crc32 of its uint8 pixels>"."""
-    os.makedirs(directory, exist_ok=True)
-    pixels = batch["pixel_values"].cpu().numpy()
-    with open(os.path.join(directory, f"rank{rank}.txt"), "a") as f:
-        for i, key in enumerate(batch["key"]):
-            f.write(f"{start_step} {step} {epoch} {key} {zlib.crc32(pixels[i].tobytes())}\n")
-
-
-def _write_pid_once(pid_dir: str, pause_s: float) -> None:
-    path = os.path.join(pid_dir, "worker.pid")
-    if os.path.exists(path):
-        return
-    os.makedirs(pid_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(path + ".tmp", path)
-    time.sleep(pause_s)

@@ -10,29 +10,12 @@ import os
 from blip2_ray.config import to_dict
 from blip2_ray.errors import UserError
 from blip2_ray.train.config import PretrainConfig
-from blip2_ray.train.finetune_config import FinetuneConfig
-
-
-def tokenizer_dirs(cfg: PretrainConfig) -> tuple[str | None, str | None]:
-    """(Q-Former tokenizer dir for stage 1 and VQA, LLM tokenizer dir for stage 2): the columns the stage reads."""
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer_dir, qformer_tokenizer_dir
-
-    if cfg.stage == 1:
-        return qformer_tokenizer_dir(cfg.model), None
-    if isinstance(cfg, FinetuneConfig) and cfg.task == "vqa":  # the question goes to the Q-Former too
-        from blip2_ray.train.finetune_model import question_tokenizer_dir
-
-        return question_tokenizer_dir(cfg), llm_tokenizer_dir(cfg.model)
-    return None, llm_tokenizer_dir(cfg.model)
-
-
-ZERO3_HF_PATH = ("model.hf_path is read whole on every worker, so deepspeed.zero_stage 3 could not build it "
-                 "partitioned; name its parts instead (model.vision.path and model.llm.path, with model.init_from "
-                 "for the Q-Former) or use deepspeed.zero_stage 2")
+from blip2_ray.train.tasks import task_of
 
 
 def check_inputs(cfg: PretrainConfig) -> list[str]:
-    """Fail with one sentence before any worker starts: data paths, stage-1 export, tokenizers.
+    """Fail with one sentence before any worker starts: data paths, weight sources, the task's own checks,
+    the tokenizers of the batch's columns.
 
     Returns the training shard files.
     """
@@ -47,9 +30,9 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
         raise UserError(f"data.train {cfg.data.train} holds no .tar or .parquet shard")
     check_weight_sources(cfg.model, cfg.stage)  # kinds, sizes, contradictions, no accidental random init
     check_exportable(cfg.model)
-    if cfg.deepspeed.zero_stage == 3 and cfg.model.hf_path and cfg.stage == 2:
-        raise UserError(ZERO3_HF_PATH)
-    tokenizer_dirs(cfg)
+    task = task_of(cfg)
+    task.check_inputs(cfg)
+    task.tokenizer_dirs(cfg)
     return files
 
 
@@ -59,7 +42,7 @@ def build_train_dataset(cfg: PretrainConfig):
     from blip2_ray.data.pipeline import build_dataset
     from blip2_ray.model.weight_sources import llm_family
 
-    qtok, ltok = tokenizer_dirs(cfg)
+    qtok, ltok = task_of(cfg).tokenizer_dirs(cfg)  # the token columns the task's batches hold
     return build_dataset(cfg.data, cfg.data.train, train=True, qformer_tokenizer=qtok, llm_tokenizer=ltok,
                          plan_name=epoch_plan_name(cfg.run_name), llm_family=llm_family(cfg.model) if ltok else None)
 
@@ -97,7 +80,7 @@ def build_trainer(cfg: PretrainConfig, dataset=None):
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "finetune": isinstance(cfg, FinetuneConfig)},
+        train_loop_config={"cfg": to_dict(cfg), "config_class": type(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -176,7 +159,7 @@ def read_train_state(checkpoint) -> dict:
     """The step/epoch/start-steps record inside a checkpoint of this trainer."""
     import json
 
-    from blip2_ray.train.loop import STATE_FILE
+    from blip2_ray.train.checkpoints import STATE_FILE
 
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, STATE_FILE)) as f:

@@ -1,0 +1,54 @@
+"""What fine-tuning adds to a pre-training task (paper sections 4.2-4.4): the ViT trains (train/finetune_model.py),
+training rows come from annotation files packed into parquet shards once, and the end of training evaluates
+the export on held-out annotations with the evaluation job's task of the same name.
+
+`train/finetune_job.py` asks a fine-tuning task for:
+    read_annotations  the training annotations (checked: files, images) -> what pack_shards writes
+    pack_shards       those annotations into parquet shards under `out_dir` -> the shards' manifest
+    resolve_start     the config with the starting model where the task reads it
+    start_dir         the starting model as an export directory the evaluation can read (None: assembled from parts)
+"""
+
+from __future__ import annotations
+
+from blip2_ray.train.tasks.base import TaskSpec
+
+
+class Finetuning(TaskSpec):
+    """Mixed in before a pre-training task: the same model and step, with the ViT trained and an evaluation."""
+
+    rows = "pairs"  # what a training row is, for the progress line
+
+    @property
+    def evaluation(self) -> str:
+        return self.name
+
+    def build_model(self, cfg, construction=None):
+        from blip2_ray.train.finetune_model import finetune_model
+
+        model = super().build_model(cfg, construction)
+        finetune_model(model, cfg)
+        return model
+
+    def lr_scale(self, model, cfg):
+        from blip2_ray.train.finetune_model import vit_lr_scale
+
+        return vit_lr_scale(model, cfg)
+
+    def read_annotations(self, cfg):
+        from blip2_ray.data.annotations import read_caption_annotations
+
+        a = cfg.annotations
+        return read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
+
+    def pack_shards(self, cfg, ann, out_dir: str) -> dict:
+        from blip2_ray.data.annotations import fingerprint, write_caption_shards
+
+        a = cfg.annotations
+        return write_caption_shards(ann, out_dir, a.shard_records, fingerprint(a.train, a.image_root, a.train_split))
+
+    def resolve_start(self, cfg):
+        return cfg
+
+    def start_dir(self, cfg) -> str | None:
+        raise NotImplementedError

@@ -1,0 +1,62 @@
+"""VQA fine-tuning (paper section 4.3): the question is written into the prompt, read by the LLM and by a
+question-aware Q-Former (model/question_qformer.py); the loss is on the answer only; evaluated by the VQA job
+(VQAv2 accuracy). Rows are VQAv2 official files or LAVIS lists (data/annotations.py)."""
+
+from __future__ import annotations
+
+from blip2_ray.train.tasks.base import batch_tensors
+from blip2_ray.train.tasks.caption import CaptionFinetuning
+
+
+class VqaFinetuning(CaptionFinetuning):
+    name = "vqa"
+    rows = "questions"
+
+    def build_model(self, cfg, construction=None):
+        from blip2_ray.model.question_qformer import make_question_aware
+        from blip2_ray.train.finetune_model import question_encoder_source
+
+        model = super().build_model(cfg, construction)
+        if not model.takes_question:
+            make_question_aware(model, question_encoder_source(cfg))
+        return model
+
+    def tokenizer_dirs(self, cfg):
+        from blip2_ray.model.tokenizer_paths import llm_tokenizer_dir
+        from blip2_ray.train.finetune_model import question_tokenizer_dir
+
+        return question_tokenizer_dir(cfg), llm_tokenizer_dir(cfg.model)  # the question goes to the Q-Former too
+
+    def forward(self, engine, batch, rank):
+        dev = engine.device
+        pixels, ids, mask = batch_tensors(batch, dev, self.stage)
+        # loss on the answer: the first llm_prompt_length tokens of a row are the prompt with the question
+        return engine(pixels, ids, mask, prompt_lengths=batch["llm_prompt_length"].to(dev),
+                      question_ids=batch["qformer_input_ids"].to(dev),
+                      question_mask=batch["qformer_attention_mask"].to(dev))
+
+    def export_tokenizers(self, cfg, module):
+        from blip2_ray.model.tokenizers import load_qformer_tokenizer
+        from blip2_ray.train.finetune_model import question_tokenizer_dir
+
+        tokenizer, _ = super().export_tokenizers(cfg, module)
+        return tokenizer, load_qformer_tokenizer(question_tokenizer_dir(cfg))  # InstructBlipProcessor keeps both
+
+    def read_annotations(self, cfg):
+        from blip2_ray.data.annotations import read_vqa_annotations
+        from blip2_ray.train.finetune_model import question_encoder_source, starts_question_aware
+
+        if not starts_question_aware(cfg):
+            from blip2_ray.model.question_qformer import text_path_source
+
+            text_path_source(question_encoder_source(cfg), "vqa.question_encoder_from")
+        a = cfg.annotations
+        return read_vqa_annotations(a.train, a.questions, a.image_root, "annotations.train")
+
+    def pack_shards(self, cfg, ann, out_dir):
+        from blip2_ray.data.annotations import fingerprint, write_vqa_shards
+
+        a = cfg.annotations
+        fp = fingerprint(a.train, a.image_root, a.train_split)
+        fp += fingerprint(a.questions, a.image_root, "questions") if a.questions else ""
+        return write_vqa_shards(ann, out_dir, a.shard_records, fp)
