@@ -41,15 +41,15 @@ def main() -> None:
 
     from blip2_ray.capfilt.config import CapFiltConfig
     from blip2_ray.capfilt.job import run_capfilt
-    from blip2_ray.capfilt.tiny_models import build_tiny_blip, build_tiny_clip
     from blip2_ray.capfilt.worker import CapFiltWorker
     from blip2_ray.config import from_dict, to_dict
     from blip2_ray.data.readers import list_shards
-    from blip2_ray.data.sample import make_sample_shards
-    from blip2_ray.model.builders import build_stage1, build_stage2
+    from blip2_ray.fixtures.capfilt_models import build_tiny_blip, build_tiny_clip
+    from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage1, export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.weights.builders import build_stage1, build_stage2
+    from blip2_ray.weights.hf_format import export_stage1, export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     work = tempfile.mkdtemp(prefix="bench_eval_")
     torch.manual_seed(0)

@@ -34,13 +34,13 @@ def main() -> int:
     import torch
 
     from blip2_ray.config import from_dict
-    from blip2_ray.data.sample_coco import make_coco_karpathy_sample
-    from blip2_ray.model.builders import build_stage2
+    from blip2_ray.fixtures.sample_coco import make_coco_karpathy_sample
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.train.finetune_config import FinetuneConfig
     from blip2_ray.train.finetune_job import run_finetune
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     work = tempfile.mkdtemp(prefix="bench_finetune_")
     data = make_coco_karpathy_sample(f"{work}/coco", num_train=256, num_test=4, image_size=32)

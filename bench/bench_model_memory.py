@@ -47,10 +47,10 @@ def model_cfg(layers: int):
 def child(step: str, layers: int, export_dir: str) -> dict:
     import torch
 
-    from blip2_ray.model.builders import build_stage1, build_stage2
-    from blip2_ray.model.checkpoint_files import stored_bytes
-    from blip2_ray.model.hf_format import export_stage1, export_stage2, load_stage1, load_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.weights.builders import build_stage1, build_stage2
+    from blip2_ray.weights.checkpoint_files import stored_bytes
+    from blip2_ray.weights.hf_format import export_stage1, export_stage2, load_stage1, load_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     cfg = model_cfg(layers)
     tok = qformer_tokenizer(cfg) if step.endswith("1") else llm_tokenizer(cfg)

@@ -79,7 +79,7 @@ def main() -> int:
 
     import ray
 
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.model.config import model_config
 
     work = tempfile.mkdtemp(prefix="bench_scale_")

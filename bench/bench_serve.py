@@ -33,10 +33,10 @@ CONCURRENCY = (1, 8, 32)
 def tiny_model(out_dir: str) -> str:
     import torch
 
-    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     torch.manual_seed(0)
     cfg = model_config("tiny")

@@ -41,9 +41,9 @@ GiB = 2**30
 def build_child(depth: int, out_dir: str) -> dict:
     import torch
 
-    from blip2_ray.model.builders import build_stage2
-    from blip2_ray.model.hf_format import export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     cfg = model_cfg(depth)
     tok = llm_tokenizer(cfg)
@@ -138,12 +138,12 @@ def serve_child(depth: int, model_dir: str, rounds: int, tokens: int, threads: i
     import numpy as np
     import torch
 
-    from blip2_ray.model.checkpoint_files import stored_bytes
     from blip2_ray.model.stage2 import caption_eos_ids
-    from blip2_ray.model.tokenizers import load_llm_tokenizer
     from blip2_ray.serve.engine import GenerationEngine
     from blip2_ray.serve.images import PixelNormalizer
     from blip2_ray.serve.placement import load_caption_model, tensor_bytes
+    from blip2_ray.weights.checkpoint_files import stored_bytes
+    from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
     if threads:
         torch.set_num_threads(threads)

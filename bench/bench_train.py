@@ -137,7 +137,7 @@ def main() -> int:
 
     import ray
 
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     work = tempfile.mkdtemp(prefix="bench_train_")
     image_size = 112 if args.model_size == "small" else 32

@@ -49,9 +49,9 @@ def optimizer(model):
 def stage1_check(args, device) -> dict:
     import torch
 
-    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
     from blip2_ray.model.vision import vision_trunk
+    from blip2_ray.weights.builders import build_stage1
 
     preset = "tiny" if args.tiny else "vitg_opt2.7b"
     cfg = model_config(preset, vision={"dtype": "bfloat16"}, allow_random_init=True)
@@ -84,10 +84,10 @@ def stage2_models(args, device):
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import _hf_from_state, stage2_hf_config
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import _hf_from_state, stage2_hf_config
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     preset = "tiny" if args.tiny else "vitg_opt2.7b"
     cfg = model_config(preset, vision={"dtype": "bfloat16"}, llm={"dtype": "bfloat16"}, allow_random_init=True)

@@ -29,7 +29,7 @@ from blip2_ray.runtime.cluster import init_ray  # noqa: E402
 
 
 def measure_main(argv: list[str]) -> int:
-    from blip2_ray.capfilt.measure import wrong_caption_rejection
+    from blip2_ray.fixtures.capfilt_measure import wrong_caption_rejection
 
     p = argparse.ArgumentParser(prog="capfilt.py measure")
     p.add_argument("--filter", required=True, help="the filter's model directory (trained)")

@@ -38,7 +38,7 @@ def rows_of(shards: str, image_size: int, qformer_tok: str | None, llm_tok: str 
 
 
 def colour_shape(caption: str) -> tuple[str, str]:
-    from blip2_ray.model.tokenizers import COLOURS, SHAPES
+    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
 
     words = caption.split()
     return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
@@ -65,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from blip2_ray.config import load_config
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.backbones import pretrain_tiny_llm, pretrain_tiny_vision
+    from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import load_stage1, load_stage2
     from blip2_ray.model.stage2 import generate_text
-    from blip2_ray.model.tiny_backbones import pretrain_tiny_llm, pretrain_tiny_vision
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer, resolve_tokenizer_dir
-    from blip2_ray.model.tokenizers import COLOURS, SHAPES
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.evaluate import caption_names_object, retrieval_recall_at_1
     from blip2_ray.train.trainer import run_pretrain
+    from blip2_ray.weights.hf_format import load_stage1, load_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer, resolve_tokenizer_dir
+    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
 
     t0 = time.time()
     stamp = lambda: f"[{time.time() - t0:.0f}s]"  # noqa: E731

@@ -22,7 +22,7 @@ from blip2_ray.runtime.cli import cli_main  # noqa: E402
 
 
 def parse_corrupt(items: list[str]) -> dict[str, int]:
-    from blip2_ray.data.sample import CORRUPT_KINDS
+    from blip2_ray.fixtures.sample import CORRUPT_KINDS
 
     out: dict[str, int] = {}
     for item in items:
@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     args = p.parse_args(argv)
 
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     if args.format == "vqav2":
-        from blip2_ray.data.sample_vqa import make_vqav2_sample
+        from blip2_ray.fixtures.sample_vqa import make_vqav2_sample
 
         paths = make_vqav2_sample(args.out, args.num, args.num_test, args.image_size, args.seed, args.num_colours,
                                   args.num_shapes)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
               f"with 2 questions each in VQAv2's official layout: {paths['train']} (+ questions), {paths['test']}")
         return 0
     if args.format == "coco-karpathy":
-        from blip2_ray.data.sample_coco import make_coco_karpathy_sample
+        from blip2_ray.fixtures.sample_coco import make_coco_karpathy_sample
 
         paths = make_coco_karpathy_sample(args.out, args.num, args.num_test, args.image_size,
                                           max(1, args.num_captions), args.seed, args.num_colours, args.num_shapes)

@@ -40,7 +40,7 @@ def tiny_tokenizers() -> dict[str, str]:
 
     The same directories the 'tiny' tokenizer setting of a model config resolves to.
     """
-    from blip2_ray.model.tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir
+    from blip2_ray.weights.tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir
 
     return build_tiny_tokenizers(default_tiny_tokenizer_dir())
 
@@ -49,7 +49,7 @@ def tiny_tokenizers() -> dict[str, str]:
 def tiny_blip_clip(tmp_path_factory) -> dict[str, str]:
     """Random tiny BLIP captioner and CLIP filter in the hub layouts of Salesforce/blip-image-captioning-large
     and openai/clip-vit-large-patch14, built offline: {"blip", "clip"} -> directory (read only)."""
-    from blip2_ray.capfilt.tiny_models import build_tiny_blip, build_tiny_clip
+    from blip2_ray.fixtures.capfilt_models import build_tiny_blip, build_tiny_clip
 
     root = tmp_path_factory.mktemp("tiny_blip_clip")
     return {"blip": build_tiny_blip(str(root / "blip-image-captioning-large")),

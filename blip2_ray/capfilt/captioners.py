@@ -57,8 +57,8 @@ class Blip2Captioner:
 
     def __init__(self, cfg: CaptionerConfig):
         # the only calls into the stage-2 loaders (blip2_ray.model): adapt here when their signatures move
-        from blip2_ray.model.hf_format import load_stage2
-        from blip2_ray.model.tokenizers import load_llm_tokenizer
+        from blip2_ray.weights.hf_format import load_stage2
+        from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
         self.cfg = cfg
         self.device, dtype = device_and_dtype(cfg.dtype)

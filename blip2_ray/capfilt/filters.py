@@ -56,7 +56,7 @@ class Blip2ItcFilter:
 
     def __init__(self, cfg: FilterConfig, text_max_len: int = 32):
         # the only call into the stage-1 loaders (blip2_ray.model): adapt here when its signature moves
-        from blip2_ray.model.hf_format import load_stage1
+        from blip2_ray.weights.hf_format import load_stage1
 
         self.device, dtype = device_and_dtype(cfg.dtype)
         dtype = getattr(torch, dtype)

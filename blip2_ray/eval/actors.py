@@ -39,7 +39,7 @@ class Stage1Actor:
                  text_ids: np.ndarray | None = None, text_mask: np.ndarray | None = None, itm_batch_size: int = 128):
         import torch
 
-        from blip2_ray.model.hf_format import load_stage1
+        from blip2_ray.weights.hf_format import load_stage1
 
         self.device, vdtype = device_and_dtype(dtype)
         self.model, self.tok = load_stage1(model_dir, vision_dtype=vdtype)
@@ -93,8 +93,8 @@ class Stage2Actor:
     def __init__(self, model_dir: str, dtype: str, data_cfg: dict, gen: dict):
         import torch
 
-        from blip2_ray.model.hf_format import load_stage2
-        from blip2_ray.model.tokenizers import load_llm_tokenizer
+        from blip2_ray.weights.hf_format import load_stage2
+        from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
         self.device, d = device_and_dtype(dtype)
         self.model = load_stage2(model_dir, vision_dtype=getattr(torch, d),
@@ -102,7 +102,7 @@ class Stage2Actor:
         self.tok = load_llm_tokenizer(model_dir)
         self.question_tok = None
         if self.model.takes_question:  # a VQA fine-tune (InstructBLIP layout): its Q-Former reads the prompt
-            from blip2_ray.model.tokenizers import load_qformer_tokenizer
+            from blip2_ray.weights.tokenizers import load_qformer_tokenizer
 
             self.question_tok = load_qformer_tokenizer(os.path.join(model_dir, "qformer_tokenizer"))
         self.size = self.model.vision_model.config.image_size

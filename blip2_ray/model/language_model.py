@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from blip2_ray.errors import UserError
-from blip2_ray.model.checkpoint_files import TensorFiles, assign_weights, default_dtype, require_local_dir
 from blip2_ray.model.config import ModelConfig, llm_is_decoder
-from blip2_ray.model.convert import LazyTensors
 from blip2_ray.model.partitioned import FrozenConstruction, construction_context
 from blip2_ray.model.vision import DTYPES
-from blip2_ray.model.weight_sources import llm_config_at
+from blip2_ray.weights.checkpoint_files import TensorFiles, assign_weights, default_dtype, require_local_dir
+from blip2_ray.weights.convert import LazyTensors
+from blip2_ray.weights.weight_sources import llm_config_at
 
 DeviceMap = dict[str, "str | int | torch.device"]
 

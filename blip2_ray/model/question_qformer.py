@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from blip2_ray.errors import UserError
-from blip2_ray.model import convert
-from blip2_ray.model.checkpoint_files import assign_weights, parameters_on_meta, read_json
+from blip2_ray.weights import convert
+from blip2_ray.weights.checkpoint_files import assign_weights, parameters_on_meta, read_json
 
 # our stage-1 names of the text path -> the question-aware Q-Former's (keys under `qformer.`)
 _TEXT_PATH = re.compile(r"^(embeddings\.(word_embeddings|position_embeddings)\.weight"
@@ -46,7 +46,7 @@ def question_qformer_config(qformer_config, vocab_size: int):
 
 def text_path_source(path: str, key: str):
     """The WeightSource of a text path: a BERT directory, else a stage-1 source (UserError if neither)."""
-    from blip2_ray.model.weight_sources import bert_source, init_from_source
+    from blip2_ray.weights.weight_sources import bert_source, init_from_source
 
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and read_json(p / "config.json", f"{key} config").get(

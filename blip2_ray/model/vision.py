@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from blip2_ray.model import convert
-from blip2_ray.model.checkpoint_files import (
+from blip2_ray.model.config import VisionConfig
+from blip2_ray.model.partitioned import FrozenConstruction, set_parameter_dtype
+from blip2_ray.model.precision import autocast_off
+from blip2_ray.weights import convert
+from blip2_ray.weights.checkpoint_files import (
     assign_weights,
     default_dtype,
     parameters_on_meta,
     require_materialized,
 )
-from blip2_ray.model.config import VisionConfig
-from blip2_ray.model.partitioned import FrozenConstruction, set_parameter_dtype
-from blip2_ray.model.precision import autocast_off
-from blip2_ray.model.weight_sources import WeightSource, ln_vision_eps
+from blip2_ray.weights.weight_sources import WeightSource, ln_vision_eps
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

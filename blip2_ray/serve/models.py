@@ -26,8 +26,8 @@ class CaptionDeployment:
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, gpus_per_replica: float = 1.0):
         from blip2_ray.model.stage2 import caption_eos_ids
-        from blip2_ray.model.tokenizers import load_llm_tokenizer
         from blip2_ray.serve.placement import load_caption_model
+        from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
         # in the serving dtype directly; with gpus_per_replica > 1 the LLM is split over the replica's GPUs
         self.model = load_caption_model(model_dir, device, dtype, gpus_per_replica)
@@ -112,7 +112,7 @@ class RetrievalDeployment:
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005):
-        from blip2_ray.model.hf_format import load_stage1
+        from blip2_ray.weights.hf_format import load_stage1
 
         self.device = torch.device(device)
         model, self.tokenizer = load_stage1(model_dir, vision_dtype=dtype)

@@ -118,8 +118,8 @@ def load_caption_model(model_dir: str, device: str = "cpu", dtype: str = "float3
     queries and projection stay float32, as the loader keeps them) and placed: on `device`, or with
     `device` "cuda" and `gpus_per_replica` > 1 the LLM split by layer over cuda:0..N-1 (the replica's
     GPUs), the rest on cuda:0. Eval mode."""
-    from blip2_ray.model.hf_format import load_stage2
     from blip2_ray.model.vision import DTYPES
+    from blip2_ray.weights.hf_format import load_stage2
 
     model = load_stage2(model_dir, vision_dtype=DTYPES[dtype], llm_dtype=DTYPES[dtype])
     if model.takes_question:

@@ -119,8 +119,8 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     """
     import torch.distributed as dist
 
-    from blip2_ray.model.hf_export_stream import export_streamed
     from blip2_ray.train.zero3 import gathered_state
+    from blip2_ray.weights.hf_export_stream import export_streamed
 
     task = task_of(cfg)
     tokenizer = question_tokenizer = None

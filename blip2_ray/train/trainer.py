@@ -20,8 +20,8 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     Returns the training shard files.
     """
     from blip2_ray.data.pipeline import resolve_sources
-    from blip2_ray.model.hf_format import check_exportable
-    from blip2_ray.model.weight_sources import check_weight_sources
+    from blip2_ray.weights.hf_format import check_exportable
+    from blip2_ray.weights.weight_sources import check_weight_sources
 
     if not cfg.data.train:
         raise UserError("data.train is empty; name the training shards, e.g. --set data.train='[shards/]'")
@@ -40,7 +40,7 @@ def build_train_dataset(cfg: PretrainConfig):
     """The run's training dataset, its epoch read from the run's EpochPlan (created here, held by the driver)."""
     from blip2_ray.data.epoch_plan import epoch_plan_name
     from blip2_ray.data.pipeline import build_dataset
-    from blip2_ray.model.weight_sources import llm_family
+    from blip2_ray.weights.weight_sources import llm_family
 
     qtok, ltok = task_of(cfg).tokenizer_dirs(cfg)  # the token columns the task's batches hold
     return build_dataset(cfg.data, cfg.data.train, train=True, qformer_tokenizer=qtok, llm_tokenizer=ltok,

@@ -27,10 +27,10 @@ def tiny_exports(tmp_path_factory, tiny_tokenizers) -> dict[str, str]:
     """Randomly initialised tiny models exported in HF format: {"stage1", "stage2"} -> directory (read only)."""
     import torch
 
-    from blip2_ray.model.builders import build_stage1, build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage1, export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.weights.builders import build_stage1, build_stage2
+    from blip2_ray.weights.hf_format import export_stage1, export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tiny_exports")

@@ -42,7 +42,7 @@ def test_capfilt_webdataset_counts_format_and_resume(ray_session, tiny_models, t
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.readers import list_shards, read_shard_records
     from blip2_ray.data.records import process_records
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     info = make_sample_shards(str(tmp_path / "in"), "webdataset", num=24, shards=3, image_size=32, seed=1,
                               corrupt={"undecodable_image": 1, "missing_caption": 1, "truncated_tar": 1})
@@ -98,7 +98,7 @@ def test_capfilt_parquet_and_filter_only(ray_session, tiny_models, tmp_path):
     import pyarrow.parquet as pq
 
     from blip2_ray.capfilt.job import run_capfilt
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "in"), "parquet", num=10, shards=2, image_size=32, seed=2, num_captions=2)
     cfg = _cfg(tmp_path / "in", tmp_path / "out", tiny_models, captioner={"num_captions": 0}, filter={"keep": 1},
@@ -121,8 +121,8 @@ def test_capfilt_paper_pair_blip_clip(ray_session, tiny_blip_clip, tiny_models, 
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.readers import list_shards, read_shard_records
     from blip2_ray.data.records import process_records
-    from blip2_ray.data.sample import make_sample_shards
     from blip2_ray.errors import UserError
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "in"), "webdataset", num=12, shards=3, image_size=32, seed=3)
     first = sorted(list_shards(str(tmp_path / "in")))[0]
@@ -161,7 +161,7 @@ def test_capfilt_paper_pair_blip_clip(ray_session, tiny_blip_clip, tiny_models, 
 
 
 def test_capfilt_cli_bad_model_is_one_sentence(tmp_path):
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "in"), "webdataset", num=2, shards=1, image_size=32)
     cfg = tmp_path / "c.yaml"
@@ -186,8 +186,8 @@ def test_capfilt_cli_bad_model_is_one_sentence(tmp_path):
 def test_wrong_caption_measures_run(ray_session, tiny_models, tmp_path):
     """The quality measures run end to end (random models: the rates are only checked to be rates)."""
     from blip2_ray.capfilt.job import run_capfilt
-    from blip2_ray.capfilt.measure import kept_correct_rate, swap_web_captions
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.capfilt_measure import kept_correct_rate, swap_web_captions
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "clean"), "webdataset", num=8, shards=1, image_size=32, seed=5)
     swap_web_captions(str(tmp_path / "clean"), str(tmp_path / "wrong"))
@@ -204,7 +204,7 @@ def test_wrong_caption_measures_run(ray_session, tiny_models, tmp_path):
 
 
 def test_capfilt_cli_on_the_shared_cluster(ray_session, tiny_models, tmp_path):
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "in"), "webdataset", num=6, shards=2, image_size=32, seed=6)
     cfg = tmp_path / "c.yaml"

@@ -128,7 +128,7 @@ def client(ray_head):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     d = tmp_path_factory.mktemp("shapes")
     make_sample_shards(str(d), num=32, shards=2, image_size=32, seed=0)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from blip2_ray.data.config import DataConfig
-from blip2_ray.data.sample import CORRUPT_KINDS, make_sample_shards
 from blip2_ray.errors import UserError
+from blip2_ray.fixtures.sample import CORRUPT_KINDS, make_sample_shards
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = {k: 1 for k in CORRUPT_KINDS}

@@ -24,7 +24,7 @@ def karpathy(tmp_path_factory):
     """A LAVIS-style Karpathy test file + image folder, from generated shapes (2 captions per image)."""
     from blip2_ray.capfilt.shards import read_tar_members
     from blip2_ray.data.readers import list_shards
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     root = tmp_path_factory.mktemp("karpathy")
     make_sample_shards(str(root / "shards"), "webdataset", num=10, shards=1, image_size=32, seed=3, num_captions=2)
@@ -59,7 +59,7 @@ def dense_reference(model_dir: str, ts) -> dict:
     from blip2_ray.data.records import tokenize_qformer
     from blip2_ray.data.transforms import decode_image, eval_transform
     from blip2_ray.eval.retrieval import dense_rankings, itc_similarity, recall_at_k
-    from blip2_ray.model.hf_format import load_stage1
+    from blip2_ray.weights.hf_format import load_stage1
 
     model, tok = load_stage1(model_dir)
     model.eval()
@@ -103,8 +103,8 @@ def test_retrieval_equals_dense_reference(ray_session, models, karpathy, tmp_pat
 
 
 def test_retrieval_from_shards_skips_corrupt(ray_session, models, tmp_path):
-    from blip2_ray.data.sample import make_sample_shards
     from blip2_ray.eval.job import run_evaluation
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "s"), "parquet", num=8, shards=2, image_size=32, seed=4,
                        corrupt={"undecodable_image": 1})

@@ -21,7 +21,7 @@ CONFIG = ROOT / "jobs/configs/finetune_caption_tiny.yaml"
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory, tiny_tokenizers):
-    from blip2_ray.data.sample_coco import make_coco_karpathy_sample
+    from blip2_ray.fixtures.sample_coco import make_coco_karpathy_sample
 
     root = tmp_path_factory.mktemp("finetune")
     return {"root": root, **make_coco_karpathy_sample(str(root / "coco"), num_train=96, num_test=24, image_size=32,
@@ -33,12 +33,12 @@ def start_model(coco):
     import torch
 
     from blip2_ray.data.annotations import read_caption_annotations
-    from blip2_ray.model.builders import build_stage2
+    from blip2_ray.fixtures.backbones import pretrain_tiny_llm
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage2
-    from blip2_ray.model.tiny_backbones import pretrain_tiny_llm
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
-    from blip2_ray.model.tokenizers import COLOURS, SHAPES
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
+    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
 
     root, data = coco["root"], coco
     cfg = model_config("tiny")
@@ -107,10 +107,10 @@ def test_finetune_bad_inputs_are_one_sentence_before_ray(start_model, tmp_path):
 def test_retrieval_finetune_trains_the_vit_and_exports_a_retrieval_model(ray_session, coco, tmp_path):
     import torch
 
-    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage1
-    from blip2_ray.model.tokenizer_paths import qformer_tokenizer
+    from blip2_ray.weights.builders import build_stage1
+    from blip2_ray.weights.hf_format import export_stage1
+    from blip2_ray.weights.tokenizer_paths import qformer_tokenizer
 
     # the tiny Q-Former from a random init of std 0.1 (BERT's 0.02 leaves attention uniform at width 32) and
     # without dropout; measured offline (plain PyTorch, same data, 60 steps): mean R@1 5.2 -> 19.8 / 7.3 -> 38.6

@@ -29,14 +29,14 @@ def vqa_start(tmp_path_factory, tiny_tokenizers):
     import torch
 
     from blip2_ray.data.annotations import read_vqa_annotations
-    from blip2_ray.data.sample_vqa import make_vqav2_sample
-    from blip2_ray.model.builders import build_stage1, build_stage2
+    from blip2_ray.fixtures.backbones import pretrain_tiny_llm
+    from blip2_ray.fixtures.sample_vqa import make_vqav2_sample
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage1, export_stage2
     from blip2_ray.model.stage2 import vqa_prompt
-    from blip2_ray.model.tiny_backbones import pretrain_tiny_llm
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
-    from blip2_ray.model.tokenizers import COLOURS, SHAPES
+    from blip2_ray.weights.builders import build_stage1, build_stage2
+    from blip2_ray.weights.hf_format import export_stage1, export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
 
     root = tmp_path_factory.mktemp("vqa")
     data = make_vqav2_sample(str(root / "vqa"), num_train=64, num_test=16, image_size=32, seed=3)

@@ -49,7 +49,7 @@ def run_scenario(tmp: str) -> dict:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from blip2_ray.config import load_config, to_dict
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.loop import train_loop_per_worker
     from blip2_ray.train.trainer import absolute_paths, build_train_dataset, check_inputs, read_train_state, run_config

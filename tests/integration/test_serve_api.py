@@ -39,10 +39,10 @@ def data_url(seed: int) -> str:
 def model_dirs(tmp_path_factory):
     import torch
 
-    from blip2_ray.model.builders import build_stage1, build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage1, export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+    from blip2_ray.weights.builders import build_stage1, build_stage2
+    from blip2_ray.weights.hf_format import export_stage1, export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
     root = tmp_path_factory.mktemp("serve_models")
     torch.manual_seed(0)

@@ -41,12 +41,12 @@ def slow(ray_session, tmp_path_factory):
     from ray import serve
 
     from blip2_ray.config import from_dict
-    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.serve.app import build_app
     from blip2_ray.serve.config import ServeConfig
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     torch.manual_seed(0)
     cfg = model_config("tiny", llm={"hidden_size": 768, "num_layers": 12, "num_heads": 12, "ffn_size": 3072,

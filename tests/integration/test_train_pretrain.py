@@ -28,7 +28,7 @@ from blip2_ray.train.config import PretrainConfig
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     d = tmp_path_factory.mktemp("shapes")
     make_sample_shards(str(d), num=64, shards=4, image_size=32, seed=0)
@@ -86,8 +86,8 @@ def stage1_run(ray_session, shards, tmp_path_factory):
 def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
     from transformers import Blip2ForImageTextRetrieval
 
-    from blip2_ray.model.hf_format import load_stage1
     from blip2_ray.train.trainer import read_train_state
+    from blip2_ray.weights.hf_format import load_stage1
 
     cfg, result, killed = stage1_run
     assert killed, "the worker never paused at the fault-injection step"

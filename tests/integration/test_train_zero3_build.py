@@ -95,8 +95,8 @@ def written_sources(tmp_path_factory):
     """A tiny Blip2VisionModel directory and an OPT directory, written by transformers, values seeded."""
     from blip2_ray.model.config import model_config
     from blip2_ray.model.language_model import build_language_model, padded_vocab
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.model.vision import vision_module
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     d = tmp_path_factory.mktemp("sources")
     cfg = model_config("tiny")
@@ -136,7 +136,7 @@ def test_zero3_reads_each_rank_slice_of_the_written_files(tmp_path, written_sour
     assert n_vit == len(vit_file) - 2 and n_llm >= len(opt_file) - 1  # ln_vision trains; the LM head is tied
     assert all(r["loss"] == r["loss"] for r in ranks)  # a finite step on the partitioned model
     # the export (gathered parameter by parameter) holds the files' frozen values and loads in HF
-    from blip2_ray.model.checkpoint_files import TensorFiles
+    from blip2_ray.weights.checkpoint_files import TensorFiles
 
     exported = TensorFiles(str(tmp_path / "export"))
     assert torch.equal(exported.get("vision_model.encoder.layers.0.mlp.fc1.weight"),
@@ -151,7 +151,7 @@ def test_zero3_reads_each_rank_slice_of_the_written_files(tmp_path, written_sour
 def test_zero3_random_frozen_parts_follow_the_plain_build(tmp_path):
     """The ViT's random init is the plain build's exactly; the OPT's is HF's own init (same std per tensor)
     drawn in another order (HF initialises OPTModel before its LM head exists)."""
-    from blip2_ray.model.builders import build_stage2
+    from blip2_ray.weights.builders import build_stage2
 
     ranks, frozen = run_world(tmp_path, {})
     _check_partitioned(ranks)

@@ -135,7 +135,7 @@ def test_clip_truncates_long_captions_to_77_tokens_and_counts(tiny_blip_clip):
 
 def test_itc_filter_counts_captions_past_the_qformer_length():
     from blip2_ray.capfilt.filters import count_truncated
-    from blip2_ray.model.tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir, load_qformer_tokenizer
+    from blip2_ray.weights.tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir, load_qformer_tokenizer
 
     tok = load_qformer_tokenizer(build_tiny_tokenizers(default_tiny_tokenizer_dir())["qformer"])
     assert count_truncated(tok, ["a red circle", " ".join(["red"] * 30), " ".join(["red"] * 31)], 32) == 1
@@ -243,7 +243,7 @@ def test_kinds_are_validated():
 
 def test_resume_refuses_an_output_dir_written_by_another_pair(tmp_path):
     from blip2_ray.capfilt.job import plan
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.runtime.files import write_json_atomic
 
     make_sample_shards(str(tmp_path / "in"), num=2, shards=2, image_size=32)

@@ -48,7 +48,7 @@ def test_shard_writes_are_atomic_and_invisible_until_done(tmp_path):
     assert got == [("k1", {"jpg": b"x", "txt": b'["a", "b"]'})]
     # the next run's plan removes temporaries left by an interrupted one
     from blip2_ray.capfilt.job import plan
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "in"), num=2, shards=2, image_size=32)
     cfg = from_dict(CapFiltConfig, {"input": [str(tmp_path / "in")], "output_dir": str(tmp_path / "out"),
@@ -62,8 +62,8 @@ def test_shard_writes_are_atomic_and_invisible_until_done(tmp_path):
 
 
 def test_swapped_captions_are_wrong(tmp_path):
-    from blip2_ray.capfilt.measure import swap_web_captions
-    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.fixtures.capfilt_measure import swap_web_captions
+    from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "in"), num=12, shards=2, image_size=32)
     assert swap_web_captions(str(tmp_path / "in"), str(tmp_path / "out")) == 12

@@ -12,8 +12,8 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.pipeline import epoch_file_order
 from blip2_ray.data.readers import list_shards, read_shard_records, read_tar_records, storage_options
 from blip2_ray.data.records import process_records
-from blip2_ray.data.sample import CORRUPT_KINDS, make_sample_shards
 from blip2_ray.errors import UserError
+from blip2_ray.fixtures.sample import CORRUPT_KINDS, make_sample_shards
 
 ALL_WDS = {k: 1 for k in CORRUPT_KINDS}
 ALL_PARQUET = {k: 1 for k in CORRUPT_KINDS if k != "truncated_tar"}
@@ -88,7 +88,7 @@ def test_sample_images_match_their_captions(tmp_path):
 
     from PIL import Image
 
-    from blip2_ray.data.sample import _RGB
+    from blip2_ray.fixtures.sample import _RGB
     for i in range(12):
         meta = json.loads(files[f"{i:07d}.json"])
         caps = json.loads(files[f"{i:07d}.txt"])

@@ -9,7 +9,7 @@ from PIL import Image
 from blip2_ray.config import ConfigError, from_dict
 from blip2_ray.data import transforms as T
 from blip2_ray.data.config import DataConfig
-from blip2_ray.data.sample import _bomb_png
+from blip2_ray.fixtures.sample import _bomb_png
 
 
 def _jpeg(w, h, colour=(200, 30, 30)) -> bytes:

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from blip2_ray.data.records import tokenize_llm
-from blip2_ray.model.builders import build_stage2
 from blip2_ray.model.config import model_config
-from blip2_ray.model.hf_format import export_stage2, load_stage2
 from blip2_ray.model.language_model import padded_vocab
 from blip2_ray.model.stage2 import caption_eos_ids, tokenize_prompts, vqa_prompt
-from blip2_ray.model.tokenizers import load_llm_tokenizer, prepends_bos
+from blip2_ray.weights.builders import build_stage2
+from blip2_ray.weights.hf_format import export_stage2, load_stage2
+from blip2_ray.weights.tokenizers import load_llm_tokenizer, prepends_bos
 
 FAMILIES = ["llama", "qwen2"]
 
@@ -227,7 +227,7 @@ def test_the_caption_deployment_serves_it_as_generate_does(decoder_model):
 @pytest.fixture(scope="module")
 def tiny_opt_export(tmp_path_factory, tiny_tokenizers) -> str:
     """A random tiny stage-2 model (OPT) exported in HF format."""
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     cfg = model_config("tiny")
     tok = llm_tokenizer(cfg)

@@ -64,7 +64,7 @@ def test_real_retrieval_configs_carry_lavis_retrieval_coco_ft_values():
 
 
 def _images(root: Path, names: list[str]) -> None:
-    from blip2_ray.data.sample import _jpeg, draw_shape
+    from blip2_ray.fixtures.sample import _jpeg, draw_shape
 
     for n in names:
         (root / n).parent.mkdir(parents=True, exist_ok=True)
@@ -182,10 +182,10 @@ def test_drop_path_drops_whole_blocks_per_sample_in_training_only():
 
 
 def test_layer_decay_scales_blocks_and_embeddings_and_groups_carry_their_lr():
-    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
     from blip2_ray.train.finetune_model import finetune_model, vit_lr_scale
     from blip2_ray.train.optim import param_groups
+    from blip2_ray.weights.builders import build_stage2
 
     cfg = _cfg(vision_training={"layer_decay": 0.5})
     torch.manual_seed(0)
@@ -218,8 +218,8 @@ def test_memory_sentence_for_an_unfrozen_real_vit_on_one_worker():
 
 
 def test_a_larger_image_size_resamples_the_position_embeddings_once():
-    from blip2_ray.model.convert import interpolate_position_embedding
     from blip2_ray.model.vision import encode_image, resize_vision_input
+    from blip2_ray.weights.convert import interpolate_position_embedding
 
     v = _tiny_vision()
     before = v.embeddings.position_embedding.detach().clone()  # (1, 1 + 4*4, 32): 32 px, patch 8
@@ -297,9 +297,9 @@ def test_hard_negatives_never_come_from_the_same_image():
 
 
 def test_retrieval_step_uses_image_ids_and_trains_the_vit():
-    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
     from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys
+    from blip2_ray.weights.builders import build_stage1
 
     torch.manual_seed(0)
     model = build_stage1(model_config("tiny"))

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from test_weight_layouts import eva_state, ln_pair, rand
 
 from blip2_ray.model import losses
-from blip2_ray.model.builders import build_stage1, build_stage2
 from blip2_ray.model.config import model_config
-from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+from blip2_ray.weights.builders import build_stage1, build_stage2
+from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
 H, HEADS, FFN, Q, E, L, FREQ, DV, P = 32, 4, 64, 8, 16, 2, 2, 32, 64  # tiny preset sizes
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2_ray.model.builders import build_stage1, build_stage2
 from blip2_ray.model.config import model_config
 from blip2_ray.model.stage2 import prefix_lm_split
-from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+from blip2_ray.weights.builders import build_stage1, build_stage2
+from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
 
 @pytest.fixture(scope="module")

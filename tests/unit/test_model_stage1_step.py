@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from blip2_ray.model import losses
-from blip2_ray.model.builders import build_stage1
 from blip2_ray.model.config import model_config
 from blip2_ray.model.qformer import run_qformer
-from blip2_ray.model.tokenizer_paths import qformer_tokenizer
+from blip2_ray.weights.builders import build_stage1
+from blip2_ray.weights.tokenizer_paths import qformer_tokenizer
 
 CAPTIONS = ["a red circle", "a blue square on a white background", "a green star", "two cyan rings on grey",
             "a black triangle", "a small yellow square next to a big one", "an orange star", "a ring"]

@@ -12,11 +12,11 @@ import pytest
 def deployment(request, tmp_path_factory):
     import torch
 
-    from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
     from blip2_ray.serve.models import CaptionDeployment
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     torch.manual_seed(0)
     cfg = model_config(request.param)

@@ -102,9 +102,9 @@ def test_flant5xxl_two_gpus(flant5xxl):
 # ---------------------------------------------------------------- loading a real directory (tiny)
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    from blip2_ray.model.builders import build_stage2
-    from blip2_ray.model.hf_format import export_stage2
-    from blip2_ray.model.tokenizer_paths import llm_tokenizer
+    from blip2_ray.weights.builders import build_stage2
+    from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     cfg = model_config("tiny")  # stored in float32
     tok = llm_tokenizer(cfg)
@@ -113,7 +113,7 @@ def tiny_export(tmp_path_factory):
 
 
 def test_loads_in_serving_dtype_without_a_cast(tiny_export, monkeypatch):
-    from blip2_ray.model import builders
+    from blip2_ray.weights import builders
 
     reads, casts = [], []
     real_read, real_to = builders.strict_from_pretrained, torch.nn.Module.to
@@ -156,8 +156,8 @@ def test_split_over_gpus_generates_as_on_one(tiny_export):
 
     from blip2_ray.model.generation import prefill
     from blip2_ray.model.stage2 import caption_eos_ids
-    from blip2_ray.model.tokenizers import load_llm_tokenizer
     from blip2_ray.serve.engine import GenerationEngine
+    from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
     px = torch.from_numpy(np.random.RandomState(0).rand(1, 3, 32, 32).astype(np.float32)).cuda()
     one = load_caption_model(tiny_export, "cuda", "float32")

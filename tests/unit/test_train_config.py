@@ -79,8 +79,8 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_param_groups_hold_only_trainable_and_no_decay_on_bias_norm():
-    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
+    from blip2_ray.weights.builders import build_stage1
 
     model = build_stage1(model_config("tiny"))
     groups = param_groups(model, 0.05)
@@ -130,9 +130,9 @@ def test_gathers_are_identity_without_a_process_group():
 
 
 def test_scalar_parameters_become_vectors_and_outputs_dicts():
-    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
     from blip2_ray.train.loop import outputs_as_dicts, vectorise_scalar_parameters
+    from blip2_ray.weights.builders import build_stage1
 
     torch.manual_seed(0)
     model = build_stage1(model_config("tiny"))

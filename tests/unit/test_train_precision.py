@@ -136,8 +136,8 @@ def test_itc_similarities_are_float32_under_autocast_and_match_the_float32_refer
 
 def test_frozen_parts_compute_in_their_storage_dtype_under_autocast():
     """An fp16 ViT under bf16 autocast computes in fp16 (its weights as stored); ln_vision returns float32."""
-    from blip2_ray.model.builders import build_stage1
     from blip2_ray.model.config import model_config
+    from blip2_ray.weights.builders import build_stage1
 
     torch.manual_seed(0)
     model = build_stage1(model_config("tiny", vision={"dtype": "float16"})).eval()

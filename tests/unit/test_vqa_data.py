@@ -14,8 +14,8 @@ from blip2_ray.data.annotations import read_vqa_annotations, write_vqa_shards
 from blip2_ray.data.config import DataConfig
 from blip2_ray.data.readers import read_parquet_records
 from blip2_ray.data.records import process_records, tokenize_vqa_llm
-from blip2_ray.data.sample_vqa import make_vqav2_sample
 from blip2_ray.errors import UserError
+from blip2_ray.fixtures.sample_vqa import make_vqav2_sample
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_shards_hold_one_row_per_question_and_every_visit_draws_an_answer_by_fre
 
 
 def test_vqa_rows_put_the_prompt_first_and_count_its_tokens(tiny_tokenizers):
-    from blip2_ray.model.tokenizers import load_llm_tokenizer
+    from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
     opt = load_llm_tokenizer(tiny_tokenizers["opt"])
     prompt = "Question: what shape is it? Answer:"

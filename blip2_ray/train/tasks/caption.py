@@ -16,8 +16,8 @@ class CaptionFinetuning(Finetuning, Stage2Pretraining):
     def resolve_start(self, cfg):
         """`model.init_from` naming a Blip2ForConditionalGeneration directory (a stage-2 export or Salesforce's
         BLIP-2) becomes `model.hf_path`: the whole model starts from it."""
-        from blip2_ray.model.builders import is_stage2_dir_config
         from blip2_ray.train.finetune_model import config_json
+        from blip2_ray.weights.builders import is_stage2_dir_config
 
         m = cfg.model
         if m.init_from and os.path.isdir(m.init_from) and is_stage2_dir_config(config_json(m.init_from)):

@@ -14,12 +14,12 @@ class Stage1Pretraining(TaskSpec):
     name, stage = "stage1", 1
 
     def build_model(self, cfg, construction=None):
-        from blip2_ray.model.builders import build_stage1
+        from blip2_ray.weights.builders import build_stage1
 
         return build_stage1(cfg.model, construction=construction)
 
     def tokenizer_dirs(self, cfg):
-        from blip2_ray.model.tokenizer_paths import qformer_tokenizer_dir
+        from blip2_ray.weights.tokenizer_paths import qformer_tokenizer_dir
 
         return qformer_tokenizer_dir(cfg.model), None
 
@@ -30,7 +30,7 @@ class Stage1Pretraining(TaskSpec):
         return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad)  # nothing is gathered with gradient
 
     def export_tokenizers(self, cfg, module):
-        from blip2_ray.model.tokenizer_paths import qformer_tokenizer
+        from blip2_ray.weights.tokenizer_paths import qformer_tokenizer
 
         return qformer_tokenizer(cfg.model), None
 
@@ -41,18 +41,18 @@ class Stage2Pretraining(TaskSpec):
     name, stage = "stage2", 2
 
     def build_model(self, cfg, construction=None):
-        from blip2_ray.model.builders import build_stage2
+        from blip2_ray.weights.builders import build_stage2
 
         return build_stage2(cfg.model, construction=construction)
 
     def tokenizer_dirs(self, cfg):
-        from blip2_ray.model.tokenizer_paths import llm_tokenizer_dir
+        from blip2_ray.weights.tokenizer_paths import llm_tokenizer_dir
 
         return None, llm_tokenizer_dir(cfg.model)
 
     def check_inputs(self, cfg):
         from blip2_ray.errors import UserError
-        from blip2_ray.model.builders import ZERO3_HF_PATH
+        from blip2_ray.weights.builders import ZERO3_HF_PATH
 
         if cfg.deepspeed.zero_stage == 3 and cfg.model.hf_path:
             raise UserError(ZERO3_HF_PATH)
@@ -61,6 +61,6 @@ class Stage2Pretraining(TaskSpec):
         return engine(*batch_tensors(batch, engine.device, self.stage))
 
     def export_tokenizers(self, cfg, module):
-        from blip2_ray.model.tokenizer_paths import llm_tokenizer
+        from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
         return llm_tokenizer(cfg.model), None

@@ -22,8 +22,8 @@ class VqaFinetuning(CaptionFinetuning):
         return model
 
     def tokenizer_dirs(self, cfg):
-        from blip2_ray.model.tokenizer_paths import llm_tokenizer_dir
         from blip2_ray.train.finetune_model import question_tokenizer_dir
+        from blip2_ray.weights.tokenizer_paths import llm_tokenizer_dir
 
         return question_tokenizer_dir(cfg), llm_tokenizer_dir(cfg.model)  # the question goes to the Q-Former too
 
@@ -36,8 +36,8 @@ class VqaFinetuning(CaptionFinetuning):
                       question_mask=batch["qformer_attention_mask"].to(dev))
 
     def export_tokenizers(self, cfg, module):
-        from blip2_ray.model.tokenizers import load_qformer_tokenizer
         from blip2_ray.train.finetune_model import question_tokenizer_dir
+        from blip2_ray.weights.tokenizers import load_qformer_tokenizer
 
         tokenizer, _ = super().export_tokenizers(cfg, module)
         return tokenizer, load_qformer_tokenizer(question_tokenizer_dir(cfg))  # InstructBlipProcessor keeps both

@@ -7,9 +7,9 @@ The data pipeline receives these directories and loads them with the same loader
 
 from __future__ import annotations
 
-from blip2_ray.model.checkpoint_files import require_local_dir
 from blip2_ray.model.config import ModelConfig, llm_is_decoder
-from blip2_ray.model.tokenizers import (
+from blip2_ray.weights.checkpoint_files import require_local_dir
+from blip2_ray.weights.tokenizers import (
     build_tiny_tokenizers,
     default_tiny_tokenizer_dir,
     load_llm_tokenizer,

@@ -18,7 +18,7 @@ import torch
 
 from blip2_ray.config import dump_yaml
 from blip2_ray.model.config import ModelConfig
-from blip2_ray.model.hf_format import (
+from blip2_ray.weights.hf_format import (
     _is_tied,
     image_processor,
     image_token_index_of,
@@ -27,7 +27,7 @@ from blip2_ray.model.hf_format import (
     stage2_hf_config,
     stage2_processor,
 )
-from blip2_ray.model.weight_sources import CONFIG_FILE, EXTRAS_FILE
+from blip2_ray.weights.weight_sources import CONFIG_FILE, EXTRAS_FILE
 
 SHARD_BYTES = 2 << 30
 INDEX_FILE = "model.safetensors.index.json"

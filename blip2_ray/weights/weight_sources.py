@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blip2_ray.errors import UserError
-from blip2_ray.model import convert
-from blip2_ray.model.checkpoint_files import TensorFiles, read_json, require_local_dir, require_local_path
 from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, llm_is_decoder
+from blip2_ray.weights import convert
+from blip2_ray.weights.checkpoint_files import TensorFiles, read_json, require_local_dir, require_local_path
 
 CONFIG_FILE = "blip2_ray_model.yaml"  # the ModelConfig an export was trained with
 EXTRAS_FILE = "stage1_extras.safetensors"  # stage-1 weights HF has no place for (Q-Former LM head, temp)

@@ -19,16 +19,16 @@ from torch import nn
 
 from blip2_ray.config import dump_yaml, from_dict, to_dict
 from blip2_ray.errors import UserError
-from blip2_ray.model.builders import build_stage1, stage2_from_blip2_dir
-from blip2_ray.model.checkpoint_files import require_local_dir
 from blip2_ray.model.config import ModelConfig
 from blip2_ray.model.language_model import DeviceMap
 from blip2_ray.model.partitioned import full_shape
 from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.stage2 import Blip2Stage2
-from blip2_ray.model.tokenizers import load_qformer_tokenizer
 from blip2_ray.model.vision import DTYPES, as_dtype
-from blip2_ray.model.weight_sources import CONFIG_FILE, EXTRAS_FILE, read_model_config
+from blip2_ray.weights.builders import build_stage1, stage2_from_blip2_dir
+from blip2_ray.weights.checkpoint_files import require_local_dir
+from blip2_ray.weights.tokenizers import load_qformer_tokenizer
+from blip2_ray.weights.weight_sources import CONFIG_FILE, EXTRAS_FILE, read_model_config
 
 log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -16,11 +16,11 @@ import os
 from pathlib import Path
 
 from blip2_ray.errors import UserError
-from blip2_ray.model.checkpoint_files import require_local_dir
+from blip2_ray.weights.checkpoint_files import require_local_dir
 
 DEC_TOKEN = "[DEC]"
 
-# Words of the generated shapes data (blip2_ray.data.sample) and of the prompts, so tiny models see
+# Words of the generated shapes data (blip2_ray.fixtures.sample) and of the prompts, so tiny models see
 # whole-word tokens; any other text still tokenises through characters / bytes.
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "pink", "cyan", "brown"]
 SHAPES = ["circle", "square", "triangle", "cross", "diamond", "star", "ring", "bar"]
