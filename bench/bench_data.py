@@ -128,7 +128,7 @@ def main() -> int:
     from blip2_ray.data.config import DataConfig
     from blip2_ray.data.readers import list_shards
     from blip2_ray.fixtures.sample import make_sample_shards
-    from blip2_ray.weights.tokenizers import build_tiny_tokenizers
+    from blip2_ray.weights.tiny_tokenizers import build_tiny_tokenizers
 
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     toks = build_tiny_tokenizers(os.path.join(tmp, "tok"))

@@ -38,7 +38,7 @@ def rows_of(shards: str, image_size: int, qformer_tok: str | None, llm_tok: str 
 
 
 def colour_shape(caption: str) -> tuple[str, str]:
-    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
+    from blip2_ray.weights.tiny_tokenizers import COLOURS, SHAPES
 
     words = caption.split()
     return next(w for w in words if w in COLOURS), next(w for w in words if w in SHAPES)
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_ray.train.evaluate import caption_names_object, retrieval_recall_at_1
     from blip2_ray.train.trainer import run_pretrain
     from blip2_ray.weights.hf_format import load_stage1, load_stage2
+    from blip2_ray.weights.tiny_tokenizers import COLOURS, SHAPES
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer, resolve_tokenizer_dir
-    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
 
     t0 = time.time()
     stamp = lambda: f"[{time.time() - t0:.0f}s]"  # noqa: E731

@@ -40,7 +40,7 @@ def tiny_tokenizers() -> dict[str, str]:
 
     The same directories the 'tiny' tokenizer setting of a model config resolves to.
     """
-    from blip2_ray.weights.tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir
+    from blip2_ray.weights.tiny_tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir
 
     return build_tiny_tokenizers(default_tiny_tokenizer_dir())
 

@@ -1,4 +1,5 @@
-"""Find import cycles inside a package, counting imports inside functions too (they run as well).
+"""Find import cycles inside a package, counting imports inside functions too (they run as well), and
+imports across the layers LAYER_RULES forbids.
 
     python tools/check_import_cycles.py [PACKAGE_DIR] [--no-allow]
 
@@ -7,7 +8,8 @@ Reads every module of the package with `ast` (nothing is imported or run), draws
 function, method, `try`; only `if TYPE_CHECKING:` blocks are left out, since they never run), and
 prints each group of modules that import one another (a strongly connected component) with one cycle
 through it and the line of every import on it. Exits 1 when a cycle remains with the imports named in
-ALLOWED_IMPORTS left out, or when an entry there no longer closes a cycle (then delete the entry).
+ALLOWED_IMPORTS left out, when an entry there no longer closes a cycle (then delete the entry), or when a
+module imports across a layer LAYER_RULES forbids (each such import printed with its line).
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from dataclasses import dataclass
 # Known cycles this branch tolerates: the one import (importer, imported) that closes each, with why.
 # A cycle is tolerated only when it disappears with these imports left out.
 ALLOWED_IMPORTS: list[tuple[tuple[str, str], str]] = []
+
+
+# Layers: (importers, exempt importers, imported, why): no module under `importers` (a dotted prefix), except
+# those under an exempt prefix, imports a module under `imported`.
+LAYER_RULES: list[tuple[str, tuple[str, ...], str, str]] = [
+    ("blip2_ray.model", (), "blip2_ray.weights", "the network reads no weights: weights/ depends on model/"),
+    ("blip2_ray", ("blip2_ray.fixtures", "blip2_ray.cli"), "blip2_ray.fixtures",
+     "fixtures serve the demo, tests and benchmarks (and the make-sample-data command), never the library"),
+]
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,21 @@ def cycle_groups(edges: list[Edge]) -> list[list[str]]:
     return sorted(groups)
 
 
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def layer_violations(edges: list[Edge], rules=None) -> list[tuple[Edge, str]]:
+    """The imports that cross a layer `rules` (default LAYER_RULES) forbids, each with the rule's reason."""
+    out = []
+    for e in sorted(edges, key=lambda e: (e.path, e.line)):
+        for importers, exempt, imported, why in LAYER_RULES if rules is None else rules:
+            if (_under(e.source, importers) and _under(e.target, imported)
+                    and not any(_under(e.source, x) for x in exempt)):
+                out.append((e, why))
+    return out
+
+
 def one_cycle(group: list[str], edges: list[Edge]) -> list[Edge]:
     """A shortest cycle through the group's first module, as the edges that make it."""
     members = set(group)
@@ -187,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 e.source == source and e.target == target for e in edges):
             failed = True
             print(f"ALLOWED_IMPORTS entry {source} -> {target} ({why}) closes no cycle any more: delete it")
+    for e, why in layer_violations(edges):
+        failed = True
+        print(f"layer [error] {os.path.relpath(e.path)}:{e.line}: {e.source} imports {e.target}: {why}")
     print(f"{len(groups)} import cycle(s) in {len(modules)} modules of {args.package}"
           + (f", {len(remaining)} with the allowed imports left out" if allowed else ""))
     return 1 if failed else 0

@@ -42,6 +42,14 @@ class VisionConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
 
 
+def ln_vision_eps(cfg: VisionConfig) -> float:
+    """ln_vision's epsilon: `vision.ln_vision_eps`, or the ViT's `layer_norm_eps` (HF's convention)."""
+    return cfg.layer_norm_eps if cfg.ln_vision_eps is None else cfg.ln_vision_eps
+
+
+# ----------------------------------------------------------------------------------------- the ViT
+
+
 @dataclass
 class QFormerConfig:
     tokenizer: str = doc("local bert-base-uncased tokenizer directory, or 'tiny' (built offline)", "tiny")

@@ -1,4 +1,4 @@
-"""Frozen parts constructed partitioned (ZeRO-3): the hooks the builders take, and tensors into partitions.
+"""How modules are constructed: in a dtype, with parameters on the meta device, or partitioned (ZeRO-3).
 
 Under ZeRO-3 the training worker builds the frozen ViT and LLM inside `deepspeed.zero.Init` (train/zero3.py):
 each parameter is cut into world-size slices as soon as its module is constructed, so no worker ever holds
@@ -6,15 +6,16 @@ a whole frozen model. Such a parameter's `.data` is empty; its slice lives in `p
 holding elements [r * n, (r + 1) * n) of the flattened tensor, the last slice zero-padded) and its full
 shape in `p.ds_shape`. Model code only duck-types these attributes: DeepSpeed is imported by train/.
 
-Loading a weight file into such a parameter writes this rank's slice only (`load_into_partition`): every
-rank reads the tensor from the (memory-mapped) file, none gathers the parameter, nothing is broadcast.
+Loading a weight file into such a parameter writes this rank's slice only (weights/checkpoint_files.py,
+`load_into_partition`): every rank reads the tensor from the (memory-mapped) file, none gathers it.
 """
 
 from __future__ import annotations
 
 import contextlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -35,6 +36,39 @@ class FrozenConstruction:
     finish: Callable[[nn.Module, bool], None]
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating-point parameters created inside are allocated in `dtype` (no float32 copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Parameters created inside live on the meta device (no memory, no init cost); buffers stay real.
+
+    Buffers (rotary frequencies, position ids) are computed at construction and are not in checkpoints,
+    so they must be real; parameters get their values from `assign_weights` afterwards.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param):
+        original(module, name, param)
+        p = module._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
 def construction_context(construction: FrozenConstruction | None) -> ContextManager:
     return construction.context() if construction is not None else contextlib.nullcontext()
 
@@ -47,24 +81,6 @@ def is_partitioned(t: torch.Tensor) -> bool:
 def full_shape(t: torch.Tensor) -> tuple[int, ...]:
     """The tensor's shape; for a partitioned parameter the whole parameter's, not its empty `.data`'s."""
     return tuple(t.ds_shape) if is_partitioned(t) else tuple(t.shape)
-
-
-@torch.no_grad()
-def load_into_partition(p: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy this rank's slice of `value` (the whole tensor, any dtype) into partitioned parameter `p`.
-
-    The slice is cast to the partition's dtype. When the parameter is also whole right now (gathered, or
-    persistent below DeepSpeed's threshold) that copy is written too.
-    """
-    part = p.ds_tensor
-    n = part.numel()
-    start = p.ds_zero_partition_rank * n
-    flat = value.reshape(-1)
-    chunk = flat[start:start + n]
-    if chunk.numel():
-        part.narrow(0, 0, chunk.numel()).copy_(chunk)
-    if p.data.numel() == value.numel():
-        p.data.copy_(value.reshape(p.data.shape))
 
 
 def set_parameter_dtype(module: nn.Module, dtype: torch.dtype) -> None:

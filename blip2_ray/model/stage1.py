@@ -27,7 +27,7 @@ from blip2_ray.model.qformer_passes import (
     run_layers,
     select_images,
 )
-from blip2_ray.model.vision import DTYPES, build_vision_model, encode_image, freeze_vision, ln_vision, vision_trunk
+from blip2_ray.model.vision import DTYPES, construct_vision_model, encode_image, freeze_vision, ln_vision, vision_trunk
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         self.dec_token_id = dec_token_id
         self.pad_token_id = pad_token_id
-        self.vision_model = vision_model if vision_model is not None else build_vision_model(cfg.vision)
+        self.vision_model = vision_model if vision_model is not None else construct_vision_model(cfg.vision)
         freeze_vision(self.vision_model, DTYPES[cfg.vision.dtype])
         self.query_tokens = init_query_tokens(q.num_query_tokens, q.hidden_size, q.initializer_range)
         self.qformer = build_qformer(q, cfg.vision.hidden_size, vocab_size, with_text=True)

@@ -3,7 +3,7 @@
 Attribute names follow transformers' `Blip2ForConditionalGeneration` (`vision_model`, `query_tokens`,
 `qformer`, `language_projection`, `language_model`), so weights load from and export to it as is.
 Decoder-only LLMs (OPT, Llama, Qwen2, Mistral, GPT-2...): loss on the caption only; a caption ends in
-"\\n" for OPT (BLIP-2's convention) and in the tokenizer's EOS otherwise (model/tokenizers.py). FlanT5
+"\\n" for OPT (BLIP-2's convention) and in the tokenizer's EOS otherwise (weights/tokenizers.py). FlanT5
 (encoder-decoder): the prefix-LM split, at a random point between 1 and the caption's midpoint, which
 HF does not have.
 """

@@ -3,29 +3,27 @@
 The trunk is frozen: half-precision weights, eval mode, no grad, computed in its storage dtype even under
 autocast. Its last LayerNorm, BLIP-2's `ln_vision`, is the exception: it trains and runs in float32. In
 HF's layout that LayerNorm is `vision_model.post_layernorm`, so freezing "the ViT" must leave it alone.
-`build_vision_model` allocates the trunk directly in its storage dtype: with a weight source on the meta
-device and then assigned the file's tensors, without one as a seeded random init in that dtype.
+`construct_vision_model` allocates the trunk directly in its storage dtype: as a seeded random init, or on the
+meta device for the tensors of a weight file (weights/vision.py, `build_vision_model`).
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from blip2_ray.model.config import VisionConfig
-from blip2_ray.model.partitioned import FrozenConstruction, set_parameter_dtype
-from blip2_ray.model.precision import autocast_off
-from blip2_ray.weights import convert
-from blip2_ray.weights.checkpoint_files import (
-    assign_weights,
+from blip2_ray.model.config import VisionConfig, ln_vision_eps
+from blip2_ray.model.partitioned import (
+    FrozenConstruction,
     default_dtype,
     parameters_on_meta,
-    require_materialized,
+    set_parameter_dtype,
 )
-from blip2_ray.weights.weight_sources import WeightSource, ln_vision_eps
+from blip2_ray.model.precision import autocast_off
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,51 +73,26 @@ def vision_module(cfg: VisionConfig) -> nn.Module:
     )
 
 
-def build_vision_model(cfg: VisionConfig, source: WeightSource | None = None,
-                       construction: FrozenConstruction | None = None) -> nn.Module:
+def construct_vision_model(cfg: VisionConfig, construction: FrozenConstruction | None = None, *,
+                           weights_follow: bool = False) -> nn.Module:
     """The image encoder, not yet frozen: trunk in `cfg.dtype`, ln_vision (post_layernorm) in float32.
 
-    `source`: the weights (see weight_sources.vision_source); None: random init (seeded by the caller).
-    Peak memory is the trunk in its dtype plus one tensor being converted. `construction` (ZeRO-3,
-    model/partitioned.py): built partitioned, each rank reading only its slices; peak about 1/world of it.
+    A seeded random init (seeded by the caller); `weights_follow`: its parameters are left for a weight file
+    (on the meta device, or, partitioned, without the random init; weights/vision.py reads them).
+    `construction` (ZeRO-3, model/partitioned.py): built partitioned over the ranks, about 1/world of it each.
     """
     dtype = DTYPES[cfg.dtype]
     if construction is not None:
         with default_dtype(dtype), construction.context():
             model = vision_module(cfg)
-        construction.finish(model, source is None)
-    elif source is None:
-        with default_dtype(dtype):
-            model = vision_module(cfg)
+        construction.finish(model, not weights_follow)
     else:
-        with default_dtype(dtype), parameters_on_meta():
+        with default_dtype(dtype), parameters_on_meta() if weights_follow else contextlib.nullcontext():
             model = vision_module(cfg)
     # ln_vision in float32 before any weight arrives (a file's float32 ln_vision is not rounded on the way)
     set_parameter_dtype(model.post_layernorm, torch.float32)
-    if source is not None:
-        load_vision_weights(model, cfg, source)
     model.post_layernorm.eps = ln_vision_eps(cfg)
     return model
-
-
-def load_vision_weights(model: nn.Module, cfg: VisionConfig, source: WeightSource) -> None:
-    """Assign the trunk (and ln_vision when the source has it) from `source` into a meta-built (or
-    partitioned) `model`."""
-    files = source.files()
-    layout = source.layout
-    prefix = "vision_model." if layout is convert.LAVIS_BLIP2 else ""
-    keys = [k for k in files.keys() if not prefix or k.startswith(("visual_encoder.", "ln_vision."))]
-    plan = convert.plan_conversion(layout, keys, source.label, depth=cfg.num_layers)
-    own = {prefix + k: v for k, v in model.state_dict(keep_vars=True).items()}
-    state = convert.convert_tensors(plan, files, own).renamed(lambda k: k.removeprefix(prefix))
-    provides = layout.provides if not prefix else convert.VIT_PROVIDES
-    required = [k for k in model.state_dict(keep_vars=True) if re.search(provides, k)]
-    assign_weights(model, state, source.label, required=required)
-    ln = model.post_layernorm
-    if ln.weight.device.type == "meta":  # the source has no ln_vision: LayerNorm's own init (LAVIS's too)
-        ln.to_empty(device="cpu")
-        ln.reset_parameters()
-    require_materialized(model, source.label)
 
 
 def freeze_vision(vision_model: nn.Module, dtype: torch.dtype) -> None:
@@ -222,6 +195,24 @@ def _trainable_trunk(vision_model: nn.Module, pixel_values: torch.Tensor, traini
     return h
 
 
+def interpolate_position_embedding(pos: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(1, 1 + g*g, D) or (1 + g*g, D) -> `shape` with grid G: bicubic over the patch grid, CLS kept.
+
+    The same resampling LAVIS's `interpolate_pos_embed` applies when the image size differs from the
+    checkpoint's (align_corners=False, in float32).
+    """
+    squeeze = pos.dim() == 2
+    p = pos[None] if squeeze else pos
+    n_src, n_dst, dim = p.shape[1] - 1, shape[-2] - 1, p.shape[-1]
+    g_src, g_dst = int(round(n_src ** 0.5)), int(round(n_dst ** 0.5))
+    if g_src * g_src != n_src or g_dst * g_dst != n_dst or shape[-1] != dim:
+        return pos  # not a square patch grid of the same width: reported as a shape mismatch
+    grid = p[:, 1:].float().reshape(1, g_src, g_src, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(g_dst, g_dst), mode="bicubic", align_corners=False)
+    out = torch.cat([p[:, :1].float(), grid.permute(0, 2, 3, 1).reshape(1, n_dst, dim)], dim=1)
+    return out[0] if squeeze else out
+
+
 def resize_vision_input(vision_model: nn.Module, image_size: int) -> bool:
     """Make an EVA/BLIP-2 ViT take `image_size` pixels: its position embeddings resampled once (bicubic over
     the patch grid, CLS kept: LAVIS's interpolate_pos_embed), its config updated. Whether anything changed."""
@@ -239,7 +230,7 @@ def resize_vision_input(vision_model: nn.Module, image_size: int) -> bool:
     if image_size % emb.patch_size:
         raise UserError(f"image size {image_size} is not a multiple of the ViT's patch size {emb.patch_size}")
     n = (image_size // emb.patch_size) ** 2
-    pos = convert.interpolate_position_embedding(emb.position_embedding.detach(), (1, n + 1, emb.embed_dim))
+    pos = interpolate_position_embedding(emb.position_embedding.detach(), (1, n + 1, emb.embed_dim))
     emb.position_embedding = nn.Parameter(pos.to(emb.position_embedding.dtype),
                                           requires_grad=emb.position_embedding.requires_grad)
     emb.image_size, emb.num_patches, emb.num_positions = image_size, n, n + 1

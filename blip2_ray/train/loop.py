@@ -115,7 +115,7 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
 
     No rank builds another model: every tensor of the engine's module (ZeRO-3: each parameter gathered
     alone, the frozen ViT / LLM too) is streamed into safetensors shards by rank 0
-    (model/hf_export_stream.py), so the export adds at most one shard to a worker's memory.
+    (weights/hf_export_stream.py), so the export adds at most one shard to a worker's memory.
     """
     import torch.distributed as dist
 

@@ -18,28 +18,18 @@ from torch import nn
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import ModelConfig
-from blip2_ray.model.language_model import (
-    DeviceMap,
-    build_language_model,
-    padded_vocab,
-    place_language_model,
-    strict_from_pretrained,
-)
-from blip2_ray.model.partitioned import FrozenConstruction
+from blip2_ray.model.language_model import DeviceMap, padded_vocab, place_language_model
+from blip2_ray.model.partitioned import FrozenConstruction, parameters_on_meta
 from blip2_ray.model.qformer import build_qformer, init_query_tokens
 from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.stage2 import Blip2Stage2
-from blip2_ray.model.vision import DTYPES, as_dtype, build_vision_model
+from blip2_ray.model.vision import DTYPES, as_dtype
 from blip2_ray.weights import convert
-from blip2_ray.weights.checkpoint_files import (
-    assign_weights,
-    parameters_on_meta,
-    read_json,
-    require_local_dir,
-    require_materialized,
-)
+from blip2_ray.weights.checkpoint_files import assign_weights, read_json, require_local_dir, require_materialized
+from blip2_ray.weights.language_model import build_language_model, strict_from_pretrained
 from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 from blip2_ray.weights.tokenizers import load_llm_tokenizer, prepends_bos
+from blip2_ray.weights.vision import build_vision_model
 from blip2_ray.weights.weight_sources import (
     BLIP2_MODEL_TYPES,
     INSTRUCTBLIP_MODEL_TYPE,

@@ -10,15 +10,14 @@ mismatches are one `UserError` naming the first few keys and the file, never a w
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from blip2_ray.errors import UserError
-from blip2_ray.model.partitioned import full_shape, is_partitioned, load_into_partition
+from blip2_ray.model.partitioned import full_shape, is_partitioned
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -154,37 +153,22 @@ class TensorFiles:
         return t.clone() if f in self._torch else t
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Floating-point parameters created inside are allocated in `dtype` (no float32 copy first)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+@torch.no_grad()
+def load_into_partition(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy this rank's slice of `value` (the whole tensor, any dtype) into partitioned parameter `p`.
 
-
-@contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Parameters created inside live on the meta device (no memory, no init cost); buffers stay real.
-
-    Buffers (rotary frequencies, position ids) are computed at construction and are not in checkpoints,
-    so they must be real; parameters get their values from `assign_weights` afterwards.
+    The slice is cast to the partition's dtype. When the parameter is also whole right now (gathered, or
+    persistent below DeepSpeed's threshold) that copy is written too.
     """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param):
-        original(module, name, param)
-        p = module._parameters.get(name)
-        if p is not None and p.device.type != "meta":
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
+    part = p.ds_tensor
+    n = part.numel()
+    start = p.ds_zero_partition_rank * n
+    flat = value.reshape(-1)
+    chunk = flat[start:start + n]
+    if chunk.numel():
+        part.narrow(0, 0, chunk.numel()).copy_(chunk)
+    if p.data.numel() == value.numel():
+        p.data.copy_(value.reshape(p.data.shape))
 
 
 def _listing(keys: Iterable[str], n: int = 4) -> str:

@@ -17,10 +17,10 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.partitioned import full_shape, is_partitioned
+from blip2_ray.model.vision import interpolate_position_embedding
 
 
 @dataclass(frozen=True)
@@ -292,24 +292,6 @@ def _read_target(plan: Plan, files, model_state: dict[str, torch.Tensor], target
         like = own if own.device.type != "meta" and not is_partitioned(own) else None
         value = _fit(fit, value, like, full_shape(own))
     return value if dtype is None or value.dtype == dtype else value.to(dtype)
-
-
-def interpolate_position_embedding(pos: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """(1, 1 + g*g, D) or (1 + g*g, D) -> `shape` with grid G: bicubic over the patch grid, CLS kept.
-
-    The same resampling LAVIS's `interpolate_pos_embed` applies when the image size differs from the
-    checkpoint's (align_corners=False, in float32).
-    """
-    squeeze = pos.dim() == 2
-    p = pos[None] if squeeze else pos
-    n_src, n_dst, dim = p.shape[1] - 1, shape[-2] - 1, p.shape[-1]
-    g_src, g_dst = int(round(n_src ** 0.5)), int(round(n_dst ** 0.5))
-    if g_src * g_src != n_src or g_dst * g_dst != n_dst or shape[-1] != dim:
-        return pos  # not a square patch grid of the same width: reported as a shape mismatch
-    grid = p[:, 1:].float().reshape(1, g_src, g_src, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(g_dst, g_dst), mode="bicubic", align_corners=False)
-    out = torch.cat([p[:, :1].float(), grid.permute(0, 2, 3, 1).reshape(1, n_dst, dim)], dim=1)
-    return out[0] if squeeze else out
 
 
 class InMemoryTensors:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blip2_ray.errors import UserError
-from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, llm_is_decoder
+from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, llm_is_decoder, ln_vision_eps
 from blip2_ray.weights import convert
 from blip2_ray.weights.checkpoint_files import TensorFiles, read_json, require_local_dir, require_local_path
 
@@ -69,12 +69,6 @@ def _config_json(path: str, key: str) -> dict:
     return read_json(f, f"{key} config")
 
 
-def ln_vision_eps(cfg: VisionConfig) -> float:
-    """ln_vision's epsilon: `vision.ln_vision_eps`, or the ViT's `layer_norm_eps` (HF's convention)."""
-    return cfg.layer_norm_eps if cfg.ln_vision_eps is None else cfg.ln_vision_eps
-
-
-# ----------------------------------------------------------------------------------------- the ViT
 def vision_source_at(path: str, cfg: VisionConfig, key: str = "model.vision.path") -> WeightSource:
     """Detect the layout of a ViT source and check it against `cfg` (kind and sizes)."""
     require_local_path(path, key)

@@ -37,8 +37,8 @@ def start_model(coco):
     from blip2_ray.model.config import model_config
     from blip2_ray.weights.builders import build_stage2
     from blip2_ray.weights.hf_format import export_stage2
+    from blip2_ray.weights.tiny_tokenizers import COLOURS, SHAPES
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer
-    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
 
     root, data = coco["root"], coco
     cfg = model_config("tiny")

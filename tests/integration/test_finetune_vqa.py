@@ -35,8 +35,8 @@ def vqa_start(tmp_path_factory, tiny_tokenizers):
     from blip2_ray.model.stage2 import vqa_prompt
     from blip2_ray.weights.builders import build_stage1, build_stage2
     from blip2_ray.weights.hf_format import export_stage1, export_stage2
+    from blip2_ray.weights.tiny_tokenizers import COLOURS, SHAPES
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
-    from blip2_ray.weights.tokenizers import COLOURS, SHAPES
 
     root = tmp_path_factory.mktemp("vqa")
     data = make_vqav2_sample(str(root / "vqa"), num_train=64, num_test=16, image_size=32, seed=3)

@@ -94,8 +94,9 @@ def run_world(tmp_path, sets: dict) -> tuple[list[dict], dict]:
 def written_sources(tmp_path_factory):
     """A tiny Blip2VisionModel directory and an OPT directory, written by transformers, values seeded."""
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.language_model import build_language_model, padded_vocab
+    from blip2_ray.model.language_model import padded_vocab
     from blip2_ray.model.vision import vision_module
+    from blip2_ray.weights.language_model import build_language_model
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     d = tmp_path_factory.mktemp("sources")

@@ -135,7 +135,8 @@ def test_clip_truncates_long_captions_to_77_tokens_and_counts(tiny_blip_clip):
 
 def test_itc_filter_counts_captions_past_the_qformer_length():
     from blip2_ray.capfilt.filters import count_truncated
-    from blip2_ray.weights.tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir, load_qformer_tokenizer
+    from blip2_ray.weights.tiny_tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir
+    from blip2_ray.weights.tokenizers import load_qformer_tokenizer
 
     tok = load_qformer_tokenizer(build_tiny_tokenizers(default_tiny_tokenizer_dir())["qformer"])
     assert count_truncated(tok, ["a red circle", " ".join(["red"] * 30), " ".join(["red"] * 31)], 32) == 1

@@ -134,7 +134,8 @@ def test_vqa_without_a_source_for_the_question_encoder_is_refused_before_any_wor
 
 def _tiny_vision():
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.vision import build_vision_model, freeze_vision
+    from blip2_ray.model.vision import freeze_vision
+    from blip2_ray.weights.vision import build_vision_model
 
     torch.manual_seed(0)
     v = build_vision_model(model_config("tiny").vision)
@@ -218,8 +219,7 @@ def test_memory_sentence_for_an_unfrozen_real_vit_on_one_worker():
 
 
 def test_a_larger_image_size_resamples_the_position_embeddings_once():
-    from blip2_ray.model.vision import encode_image, resize_vision_input
-    from blip2_ray.weights.convert import interpolate_position_embedding
+    from blip2_ray.model.vision import encode_image, interpolate_position_embedding, resize_vision_input
 
     v = _tiny_vision()
     before = v.embeddings.position_embedding.detach().clone()  # (1, 1 + 4*4, 32): 32 px, patch 8

@@ -277,7 +277,7 @@ def test_a_whole_blip2_directory_builds_stage2_through_hf_path(stage2_export):
 def test_an_llm_directory_missing_a_weight_is_one_error_not_a_random_init(tmp_path, tiny_tokenizers):
     from safetensors.torch import load_file, save_file
 
-    from blip2_ray.model.language_model import build_language_model
+    from blip2_ray.weights.language_model import build_language_model
 
     cfg = model_config("tiny")
     tok = llm_tokenizer(cfg)

@@ -11,11 +11,11 @@ import torch
 from blip2_ray.config import from_dict
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import model_config
-from blip2_ray.model.language_model import build_language_model
 from blip2_ray.serve import capacity
 from blip2_ray.serve.capacity import NodeView, check_caption_fit
 from blip2_ray.serve.config import ServeConfig
 from blip2_ray.serve.placement import bytes_per_device, layer_device_map, load_caption_model, split_model
+from blip2_ray.weights.language_model import build_language_model
 
 GiB = 2**30
 

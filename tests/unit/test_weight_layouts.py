@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import model_config
-from blip2_ray.model.vision import build_vision_model, vision_module
+from blip2_ray.model.vision import vision_module
 from blip2_ray.weights.builders import build_stage1, build_stage2
 from blip2_ray.weights.hf_format import export_stage1, export_stage2
 from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+from blip2_ray.weights.vision import build_vision_model
 from blip2_ray.weights.weight_sources import check_weight_sources, vision_source_at
 
 G = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ class VqaFinetuning(CaptionFinetuning):
     rows = "questions"
 
     def build_model(self, cfg, construction=None):
-        from blip2_ray.model.question_qformer import make_question_aware
         from blip2_ray.train.finetune_model import question_encoder_source
+        from blip2_ray.weights.question_encoder import make_question_aware
 
         model = super().build_model(cfg, construction)
         if not model.takes_question:
@@ -47,7 +47,7 @@ class VqaFinetuning(CaptionFinetuning):
         from blip2_ray.train.finetune_model import question_encoder_source, starts_question_aware
 
         if not starts_question_aware(cfg):
-            from blip2_ray.model.question_qformer import text_path_source
+            from blip2_ray.weights.question_encoder import text_path_source
 
             text_path_source(question_encoder_source(cfg), "vqa.question_encoder_from")
         a = cfg.annotations
