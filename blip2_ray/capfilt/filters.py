@@ -68,7 +68,7 @@ class Blip2ItcFilter:
 
     @torch.no_grad()
     def score(self, images: list, candidates: list[list[str]]) -> tuple[list[np.ndarray], int]:
-        from blip2_ray.data.records import tokenize_qformer
+        from blip2_ray.data.processor import tokenize_qformer
         from blip2_ray.data.transforms import eval_transform
 
         px = torch.from_numpy(np.stack([eval_transform(im, self.image_size) for im in images])).to(self.device)

@@ -236,7 +236,7 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
     the CLIP mean/std: `transforms.normalize_pixels` / `normalize_pixels_tensor`), qformer_input_ids /
     qformer_attention_mask int64 (qformer_max_len) if `qformer_tokenizer`, llm_input_ids / llm_attention_mask
     int64 (llm_max_len) if `llm_tokenizer` (local tokenizer directories; `llm_family`, the LLM's model_type,
-    decides how a caption ends: records.tokenize_llm); for `train` also visit / record int64 (which shard
+    decides how a caption ends: processor.tokenize_llm); for `train` also visit / record int64 (which shard
     visit of the epoch, which record of the shard). For `train` the file order is a permutation seeded by
     cfg.seed + the epoch, and several sources mix by cfg.weights (when `sources` is cfg.train). The epoch is
     `epoch`, or, with `plan_name` (an EpochPlan actor, data/epoch_plan.py), the plan's epoch at each

@@ -1,6 +1,7 @@
 """Raw records -> model-ready columns, Ray-free (the same code runs in Ray tasks and in plain loops).
 
-`process_records` decodes, validates, transforms and tokenises a list of raw records; every bad record
+`process_records` decodes, validates, transforms and tokenises a list of raw records (data/processor.py, the
+one owner of preprocessing, does each step at the config's sizes and lengths); every bad record
 is dropped and reported through `on_skip(reason)`, never raised.
 """
 
@@ -12,15 +13,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from blip2_ray.data.config import DataConfig
-from blip2_ray.data.transforms import (
-    EMPTY_CAPTION,
-    SkipRecord,
-    decode_image,
-    draw_choice,
-    eval_resize,
-    pick_caption,
-    train_crop,
-)
+from blip2_ray.data.processor import ImageTextProcessor
+from blip2_ray.data.transforms import EMPTY_CAPTION, SkipRecord, draw_choice, pick_caption
 
 _TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading takes ~100 ms
 
@@ -43,56 +37,6 @@ def cached_llm_tokenizer(path: str):
     return _TOKENIZERS[("llm", path)]
 
 
-def tokenize_qformer(tok, captions: list[str], max_len: int) -> dict[str, np.ndarray]:
-    """BERT ids [CLS] ... [SEP], padded to `max_len`: int64 (B, max_len) ids and attention mask."""
-    enc = tok(captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
-    return {"qformer_input_ids": enc["input_ids"].astype(np.int64),
-            "qformer_attention_mask": enc["attention_mask"].astype(np.int64)}
-
-
-def tokenize_llm(tok, captions: list[str], max_len: int, llm_family: str | None = None) -> dict[str, np.ndarray]:
-    """LLM ids right padded to `max_len`, as the family is trained: the tokenizer's own BOS handling,
-    then the caption, then its end (model.tokenizers.caption_end_ids): OPT "</s>caption\\n", Llama
-    "<s>caption</s>", Qwen2 "caption<|endoftext|>", T5 "caption</s>". The end survives truncation."""
-    from blip2_ray.weights.tokenizers import caption_end_ids
-
-    end = caption_end_ids(tok, llm_family)
-    ids = np.full((len(captions), max_len), tok.pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(captions), max_len), dtype=np.int64)
-    if captions:
-        body = tok(list(captions), truncation=True, max_length=max_len - len(end))["input_ids"]
-        for i, row in enumerate(body):
-            row = list(row) + end
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-    return {"llm_input_ids": ids, "llm_attention_mask": mask}
-
-
-def tokenize_vqa_llm(tok, prompts: list[str], answers: list[str], max_len: int,
-                     llm_family: str | None = None) -> dict[str, np.ndarray]:
-    """VQA rows [prompt, answer, end] right padded to `max_len`, and each row's prompt length (the tokens
-    that get no loss): decoders "<BOS>Question: ... Answer: red\\n" (OPT) / "... red</s>", FlanT5
-    "Question: ... Short answer:</s>" then "red</s>" (models/stage2 splits it for the encoder and decoder).
-    The answer is kept whole; a prompt that does not fit loses its last tokens."""
-    from blip2_ray.weights.tokenizers import appends_eos, caption_end_ids
-
-    end = caption_end_ids(tok, llm_family) if not appends_eos(tok) else [tok.eos_token_id]
-    ids = np.full((len(prompts), max_len), tok.pad_token_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), max_len), dtype=np.int64)
-    lengths = np.zeros(len(prompts), dtype=np.int64)
-    if prompts:
-        heads = tok(list(prompts))["input_ids"]
-        tails = tok([" " + a for a in answers], add_special_tokens=False)["input_ids"]
-        for i, (head, tail) in enumerate(zip(heads, tails)):
-            tail = (list(tail) + end)[: max_len - 1]
-            head = list(head)[: max_len - len(tail)]
-            row = head + tail
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-            lengths[i] = len(head)
-    return {"llm_input_ids": ids, "llm_attention_mask": mask, "llm_prompt_length": lengths}
-
-
 def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Randomness of one record in one epoch: crops, flips and caption draws are reproducible."""
     return np.random.default_rng([seed, epoch, zlib.crc32(key.encode("utf-8"))])
@@ -108,15 +52,18 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
     eval resize; CLIP normalisation happens on the consumer: `transforms.normalize_pixels` on the host or
     `transforms.normalize_pixels_tensor` on the device), and, per tokenizer given, qformer_/llm_ input_ids
     and attention_mask int64 (B, max_len); `llm_family` (the LLM's model_type, e.g. "opt") decides how a
-    caption ends (see tokenize_llm). With `record_numbers` (one per record: its position in the shard) a
+    caption ends (processor.tokenize_llm). With `record_numbers` (one per record: its position in the shard) a
     "record" int64 column keeps the numbers of the rows that survive.
     VQA records (a "question"; "caption" holds the human answers, one drawn per visit): the question is
     written into `cfg.vqa_prompt`, which both tokenizers read (the question-aware Q-Former and the LLM), the
-    LLM row is [prompt, answer, end] with an "llm_prompt_length" int64 column (tokenize_vqa_llm), and a
+    LLM row is [prompt, answer, end] with an "llm_prompt_length" int64 column (processor.tokenize_vqa_llm), and a
     "question" column keeps the question. A batch is all VQA or all caption records.
     """
     keys, captions, questions, pixels, kept = [], [], [], [], []
     size = cfg.image_size
+    proc = ImageTextProcessor(cfg, qformer_tokenizer=qformer_tokenizer_path and cached_qformer_tokenizer(
+        qformer_tokenizer_path), llm_tokenizer=llm_tokenizer_path and cached_llm_tokenizer(llm_tokenizer_path),
+        llm_family=llm_family)
     numbers = iter(record_numbers) if record_numbers is not None else None
     for r in records:
         number = next(numbers) if numbers is not None else None
@@ -135,9 +82,9 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
             else:
                 question = None
                 caption = pick_caption(r.get("caption"), rng, cfg.max_caption_words)
-            im = decode_image(r["image"], cfg.min_image_side, cfg.max_image_pixels)
+            im = proc.decode(r["image"])
             if with_pixels:
-                pixels.append(train_crop(im, size, rng, cfg.min_crop_scale) if train else eval_resize(im, size))
+                pixels.append(proc.train_pixels(im, rng) if train else proc.eval_pixels(im))
         except SkipRecord as e:
             on_skip(e.reason)
             continue
@@ -155,20 +102,9 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
         out["record"] = np.array(kept, dtype=np.int64)
     if with_pixels:
         out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
-    texts = [cfg.vqa_prompt.format(q) for q in questions] if questions else captions  # what the Q-Former reads
+    texts = [proc.question_prompt(q) for q in questions] if questions else captions  # what the Q-Former reads
     if qformer_tokenizer_path:
-        out.update(tokenize_qformer(cached_qformer_tokenizer(qformer_tokenizer_path), texts, cfg.qformer_max_len)
-                   if texts else _empty_ids("qformer", cfg.qformer_max_len))
+        out.update(proc.qformer_ids(texts))
     if llm_tokenizer_path:
-        tok = cached_llm_tokenizer(llm_tokenizer_path)
-        if questions:
-            out.update(tokenize_vqa_llm(tok, texts, captions, cfg.llm_max_len, llm_family))
-        else:
-            out.update(tokenize_llm(tok, captions, cfg.llm_max_len, llm_family)
-                       if captions else _empty_ids("llm", cfg.llm_max_len))
+        out.update(proc.vqa_llm_ids(texts, captions) if questions else proc.llm_ids(captions))
     return out
-
-
-def _empty_ids(prefix: str, max_len: int) -> dict[str, np.ndarray]:
-    z = np.zeros((0, max_len), np.int64)
-    return {f"{prefix}_input_ids": z, f"{prefix}_attention_mask": z.copy()}

@@ -1,6 +1,8 @@
-"""Per-record work, Ray-free: caption cleaning, image decode with validation, augmentations.
+"""Per-record work, Ray-free: caption cleaning, image decode with validation, resize / crop, normalisation.
 
-Every check returns a skip reason instead of raising, so one bad record never stops a stream.
+Every check returns a skip reason instead of raising, so one bad record never stops a stream. The image half of
+the project's preprocessing (data/processor.py composes it with the text half from a config): the one decoder
+(`decode_image`), the one resize and crop, the one pixel normaliser (`PixelNormalizer`, CLIP's constants).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import warnings
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# CLIP's normalisation, BLIP-2's for EVA ViT-g and CLIP ViT-L alike (its image processor, the exports' too)
+CLIP_NORMALIZATION = {"image_mean": (0.48145466, 0.4578275, 0.40821073),
+                      "image_std": (0.26862954, 0.26130258, 0.27577711)}
+CLIP_MEAN = np.array(CLIP_NORMALIZATION["image_mean"], dtype=np.float32)
+CLIP_STD = np.array(CLIP_NORMALIZATION["image_std"], dtype=np.float32)
 
 # Skip reasons (the keys of the skip counts).
 UNDECODABLE_IMAGE = "undecodable_image"
@@ -27,10 +32,6 @@ EMPTY_CAPTION = "empty_caption"
 BAD_CAPTION_ENCODING = "bad_caption_encoding"
 TRUNCATED_SHARD = "truncated_shard"
 EMPTY_SHARD = "empty_shard"
-
-# _NORM_LUT[c, v] = (v / 255 - mean[c]) / std[c]
-_NORM_LUT = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - CLIP_MEAN[:, None])
-             / CLIP_STD[:, None]).astype(np.float32)
 
 _PUNCT = re.compile(r'[.!"()*#:;~]')
 _SPACES = re.compile(r"\s+")
@@ -143,27 +144,66 @@ def to_chw_uint8(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
 
 
+class PixelNormalizer:
+    """uint8 RGB (..., 3, H, W) -> float32 (..., 3, H, W): (v * rescale - mean[c]) / std[c], the one normaliser.
+
+    The rescale in float64 then float32, the rest in float32, as transformers' image processors compute it (for
+    1/255 that is float32 v / 255 exactly); tabulated once for the 256 byte values, so the host (numpy) and any
+    torch device give identical values. CLIP's mean and std by default; Serve builds one from a model
+    directory's saved image processor (`of_image_processor`).
+    """
+
+    def __init__(self, mean=CLIP_MEAN, std=CLIP_STD, rescale: float | None = 1 / 255):
+        values = np.arange(256, dtype=np.float64)
+        values = (values * rescale if rescale is not None else values).astype(np.float32)[None, :]
+        mean, std = np.asarray(mean, np.float32)[:, None], np.asarray(std, np.float32)[:, None]
+        self.table = np.ascontiguousarray((values - mean) / std, dtype=np.float32)  # (3, 256)
+        self._on_device: dict = {}
+
+    @classmethod
+    def of_image_processor(cls, p) -> PixelNormalizer:
+        """The normalisation a transformers image processor (BlipImageProcessor, ...) applies after resizing."""
+        mean, std = (p.image_mean, p.image_std) if p.do_normalize else ((0.0,) * 3, (1.0,) * 3)
+        return cls(mean, std, p.rescale_factor if p.do_rescale else None)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """On the host: uint8 numpy -> float32 numpy (a lookup per channel)."""
+        pixels = np.asarray(pixels)
+        out = np.empty(pixels.shape, np.float32)
+        for c in range(3):
+            np.take(self.table[c], pixels[..., c, :, :], out=out[..., c, :, :])
+        return out
+
+    def on_device(self, pixels):
+        """On the tensor's device: uint8 torch (..., 3, H, W) -> float32 there, after the 4x smaller copy."""
+        import torch
+
+        table = self._on_device.get(pixels.device)
+        if table is None:
+            table = self._on_device[pixels.device] = torch.from_numpy(self.table).reshape(-1).to(pixels.device)
+        offsets = torch.arange(0, 3 * 256, 256, device=pixels.device).view(3, 1, 1)
+        return table[pixels.long() + offsets]
+
+
+CLIP = PixelNormalizer()
+
+
 def normalize_pixels(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3, H, W) RGB -> float32 (..., 3, H, W) with CLIP mean/std (a 256-entry lookup per channel)."""
-    pixels = np.asarray(pixels)
-    out = np.empty(pixels.shape, np.float32)
-    for c in range(3):
-        np.take(_NORM_LUT[c], pixels[..., c, :, :], out=out[..., c, :, :])
-    return out
+    """uint8 (..., 3, H, W) RGB -> float32 (..., 3, H, W) with CLIP mean/std, on the host."""
+    return CLIP(pixels)
 
 
 def normalize_pixels_tensor(pixels):
     """uint8 torch tensor (..., 3, H, W) RGB on any device -> float32 on that device with CLIP mean/std.
 
-    The same float32 operations in the same order as the host lookup table of `normalize_pixels`
-    ((v / 255 - mean) / std), so both give identical values; it runs where the model does, after the
-    4x smaller uint8 copy to the device.
+    The values of `normalize_pixels`; it runs where the model does, after the 4x smaller uint8 copy to the device.
     """
-    import torch
+    return CLIP.on_device(pixels)
 
-    mean = torch.from_numpy(CLIP_MEAN).to(pixels.device).view(3, 1, 1)
-    std = torch.from_numpy(CLIP_STD).to(pixels.device).view(3, 1, 1)
-    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+def resize(im: Image.Image, size: tuple[int, int], resample=Image.Resampling.BICUBIC) -> np.ndarray:
+    """Resize to (width, height) -> uint8 (3, H, W): the eval resize, and Serve's of a saved image processor."""
+    return to_chw_uint8(im if im.size == tuple(size) else im.resize(tuple(size), resample))
 
 
 def train_crop(im: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.5) -> np.ndarray:
@@ -177,7 +217,7 @@ def train_crop(im: Image.Image, size: int, rng: np.random.Generator, min_scale: 
 
 def eval_resize(im: Image.Image, size: int) -> np.ndarray:
     """Resize((size, size), bicubic) -> uint8 (3, S, S), as the reference eval processor does."""
-    return to_chw_uint8(im.resize((size, size), Image.Resampling.BICUBIC))
+    return resize(im, (size, size))
 
 
 def train_transform(im: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.5) -> np.ndarray:

@@ -17,17 +17,19 @@ from blip2_ray.runtime.compute import device_and_dtype
 
 def decode_rows(batch: dict, size: int, data: DataConfig) -> tuple[list[int], np.ndarray]:
     """Row images (bytes or a path) -> (kept row positions, float32 (B, 3, S, S)); bad images dropped."""
-    from blip2_ray.data.transforms import SkipRecord, decode_image, eval_transform
+    from blip2_ray.data.processor import ImageTextProcessor
+    from blip2_ray.data.transforms import SkipRecord
 
-    keep, px = [], []
+    proc = ImageTextProcessor(data)
+    keep, images = [], []
     for i in range(len(batch["idx"])):
         try:
             raw = bytes(batch["image"][i]) if len(batch["image"][i]) else open(str(batch["path"][i]), "rb").read()
-            px.append(eval_transform(decode_image(raw, data.min_image_side, data.max_image_pixels), size))
+            images.append(proc.decode(raw))
             keep.append(i)
         except (SkipRecord, OSError):
             continue
-    return keep, (np.stack(px) if px else np.zeros((0, 3, size, size), np.float32))
+    return keep, proc.eval_batch(images, size)
 
 
 class Stage1Actor:
@@ -55,9 +57,10 @@ class Stage1Actor:
 
         with torch.no_grad():
             if self.mode == "text":
-                from blip2_ray.data.records import tokenize_qformer
+                from blip2_ray.data.processor import ImageTextProcessor
 
-                enc = tokenize_qformer(self.tok, [str(t) for t in batch["text"]], self.data.qformer_max_len)
+                proc = ImageTextProcessor(self.data, qformer_tokenizer=self.tok)
+                enc = proc.qformer_ids([str(t) for t in batch["text"]])
                 feat = self.model.text_feat(torch.from_numpy(enc["qformer_input_ids"]).to(self.device),
                                             torch.from_numpy(enc["qformer_attention_mask"]).to(self.device))
                 return {"tidx": np.asarray(batch["tidx"]), "text_feat": feat.float().cpu().numpy()}

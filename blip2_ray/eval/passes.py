@@ -52,7 +52,8 @@ def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
     """(Recall@1/5/10 both ways after ITM re-ranking, plus ITC-only R@1; counts) of a stage-1 model."""
     import torch
 
-    from blip2_ray.data.records import cached_qformer_tokenizer, tokenize_qformer
+    from blip2_ray.data.processor import ImageTextProcessor
+    from blip2_ray.data.records import cached_qformer_tokenizer
     from blip2_ray.eval.retrieval import TopKAccumulator, itm_pairs, recall_at_k, rerank
 
     bs = cfg.compute.batch_size
@@ -77,7 +78,8 @@ def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
 
     # 2. ITM logits of every candidate pair, grouped by image
     pairs = itm_pairs(i2t, t2i_idx)
-    enc = tokenize_qformer(cached_qformer_tokenizer(os.path.abspath(cfg.model)), ts.texts, cfg.data.qformer_max_len)
+    tok = cached_qformer_tokenizer(os.path.abspath(cfg.model))
+    enc = ImageTextProcessor(cfg.data, qformer_tokenizer=tok).qformer_ids(ts.texts)
     itm_ds = _on_actors(_image_rows(ts, bs), Stage1Actor, cfg, len(ts.images), **common, mode="itm", pairs=pairs,
                         text_ids=enc["qformer_input_ids"], text_mask=enc["qformer_attention_mask"],
                         itm_batch_size=cfg.retrieval.itm_batch_size)
@@ -101,15 +103,15 @@ def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
 
 def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
     """(caption metrics or VQA accuracy; counts) of a stage-2 model; the predictions go beside cfg.output."""
+    from blip2_ray.data.processor import vqa_template
     from blip2_ray.eval.caption_metrics import caption_scores, load_references
     from blip2_ray.eval.vqa_metrics import vqa_scores
-    from blip2_ray.model.stage2 import VQA_PROMPTS
 
     g = cfg.generation
     if cfg.task == "caption":
         rows = [{"idx": im["idx"], "path": im["path"], "image": im["image"], "prompt": g.prompt} for im in ts.images]
     else:
-        template = g.prompt if "{}" in g.prompt else VQA_PROMPTS[_llm_kind(cfg.model)]
+        template = g.prompt if "{}" in g.prompt else vqa_template(_llm_kind(cfg.model))
         rows = [{"idx": q["qidx"], "path": ts.images[q["idx"]]["path"], "image": ts.images[q["idx"]]["image"],
                  "prompt": template.format(q["question"])} for q in ts.questions]
     ds = _on_actors(_rows(rows, cfg.compute.batch_size), Stage2Actor, cfg, len(rows), model_dir=cfg.model,

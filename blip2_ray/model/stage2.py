@@ -22,8 +22,6 @@ from blip2_ray.model.qformer import run_qformer
 from blip2_ray.model.question_qformer import question_pass, takes_question
 from blip2_ray.model.vision import encode_image, freeze_vision
 
-VQA_PROMPTS = {"decoder": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
-
 
 def llm_kind_of(kind: str) -> str:
     """"decoder" for any decoder-only kind ("opt" is an alias), "t5" for encoder-decoder."""
@@ -297,11 +295,6 @@ def prefix_lm_split(
     valid = (pos + k[:, None]) < mask.sum(1, keepdim=True)
     labels = labels.masked_fill(~valid, -100)
     return enc_ids, enc_mask, labels
-
-
-def vqa_prompt(question: str, llm_kind: str) -> str:
-    """The recipe's VQA prompt: decoders (OPT...) "Question: {} Answer:", FlanT5 "Question: {} Short answer:"."""
-    return VQA_PROMPTS[llm_kind_of(llm_kind)].format(question)
 
 
 def tokenize_prompts(tokenizer, prompts: list[str] | None, batch: int, llm_kind: str, device=None):

@@ -4,8 +4,8 @@ Ingress (CPU): base64 / `data:` URL / allowed URL -> bounded decode (`blip2_ray.
 decode_image`, the project's one decoder) -> resize -> uint8 (3, H, W), 4x fewer bytes to ship than
 float32. Model replica: uint8 -> normalised float32 on the replica's device.
 Together they give exactly the pixels of the model directory's saved `BlipImageProcessor` (PIL backend):
-the same PIL resize, then a lookup table holding the processor's own float64-rescale + float32-normalise
-result for each of the 256 values.
+the same PIL resize (data/transforms.resize), then the project's one normaliser (data/transforms.PixelNormalizer)
+with the processor's rescale, mean and std: its own float64-rescale + float32-normalise for each of the 256 values.
 
 Every failure is an `APIError` with the status the API promises (400 undecodable, 413 too many pixels,
 403 a URL outside the allow-list); nothing here raises anything else for bad input.
@@ -18,7 +18,7 @@ import binascii
 
 import numpy as np
 
-from blip2_ray.data.transforms import IMAGE_TOO_LARGE, SkipRecord, decode_image, to_chw_uint8
+from blip2_ray.data.transforms import IMAGE_TOO_LARGE, PixelNormalizer, SkipRecord, decode_image, resize, to_chw_uint8
 from blip2_ray.serve.parsing import APIError
 
 
@@ -101,37 +101,23 @@ class ImageResizer:
         self.do_resize = bool(p.do_resize)
 
     def __call__(self, image) -> np.ndarray:
-        if self.do_resize and image.size != self.size:
-            image = image.resize(self.size, self.resample)
-        return to_chw_uint8(image)
+        return resize(image, self.size, self.resample) if self.do_resize else to_chw_uint8(image)
 
 
-class PixelNormalizer:
-    """The replica half: uint8 (B, 3, H, W) numpy -> float32 (B, 3, H, W) torch on `device`."""
+def pixel_normalizer(model_dir: str, device="cpu"):
+    """The replica half: uint8 (B, 3, H, W) numpy -> float32 (B, 3, H, W) torch on `device`, normalised as the
+    model directory's saved image processor says (data/transforms.PixelNormalizer)."""
+    import torch
 
-    def __init__(self, model_dir: str, device="cpu"):
-        import torch
+    normalizer = PixelNormalizer.of_image_processor(_processor(model_dir))
+    device = torch.device(device)
 
-        p = _processor(model_dir)
-        values = np.arange(256, dtype=np.float64)
-        if p.do_rescale:
-            values = values * p.rescale_factor  # the processor rescales in float64, then casts to float32
-        values = values.astype(np.float32)[None, :].repeat(3, 0)  # (3, 256)
-        if p.do_normalize:
-            mean = np.array(p.image_mean, dtype=np.float32)[:, None]
-            std = np.array(p.image_std, dtype=np.float32)[:, None]
-            values = (values - mean) / std
-        self.device = torch.device(device)
-        self.table = torch.from_numpy(np.ascontiguousarray(values)).reshape(-1).to(self.device)  # (3 * 256,)
-        self.offsets = (torch.arange(3, device=self.device) * 256).view(1, 3, 1, 1)
-
-    def __call__(self, pixels: np.ndarray):
-        import torch
-
+    def normalize(pixels: np.ndarray):
         if pixels.dtype != np.uint8:
             raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)  # uint8 crosses to the device
-        return self.table[x.long() + self.offsets]
+        return normalizer.on_device(torch.from_numpy(np.ascontiguousarray(pixels)).to(device))  # uint8 crosses
+
+    return normalize
 
 
 def load_pixels(values: list[str], resize: ImageResizer, *, max_pixels: int, allowed_prefixes: list[str],

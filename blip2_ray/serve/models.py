@@ -14,7 +14,7 @@ import torch
 from ray import serve
 
 from blip2_ray.serve.engine import GenerationEngine
-from blip2_ray.serve.images import PixelNormalizer
+from blip2_ray.serve.images import pixel_normalizer
 
 
 class CaptionDeployment:
@@ -39,7 +39,7 @@ class CaptionDeployment:
         self.max_positions = None if lm_cfg.is_encoder_decoder else limit
         self.engine = GenerationEngine(
             self.model, self.tokenizer, caption_eos_ids(self.tokenizer, self.model.llm_family),
-            PixelNormalizer(model_dir, self.device), max_batch_size=max_batch_size,
+            pixel_normalizer(model_dir, self.device), max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_timeout_s,
         )
         self.requests = 0  # calls that reached this replica
@@ -56,7 +56,7 @@ class CaptionDeployment:
         return {"requests": self.requests, **self.engine.stats()}
 
     def _prompted(self, item: dict) -> dict:
-        from blip2_ray.model.stage2 import vqa_prompt
+        from blip2_ray.data.processor import vqa_prompt
 
         if not item.get("question"):
             return item
@@ -117,7 +117,7 @@ class RetrievalDeployment:
         self.device = torch.device(device)
         model, self.tokenizer = load_stage1(model_dir, vision_dtype=dtype)
         self.model = model.to(self.device).eval()
-        self.normalise = PixelNormalizer(model_dir, self.device)
+        self.normalise = pixel_normalizer(model_dir, self.device)
         for method in (self._images_batch, self._texts_batch, self._match_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)

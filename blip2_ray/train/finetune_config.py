@@ -141,9 +141,9 @@ class FinetuneConfig(PretrainConfig):
 
     def _derive_vqa_prompts(self) -> None:
         """One prompt for training and evaluation: vqa.prompt, else BLIP-2's for the LLM kind."""
-        from blip2_ray.model.stage2 import VQA_PROMPTS, llm_kind_of
+        from blip2_ray.data.processor import vqa_template
 
-        prompt = self.vqa.prompt or VQA_PROMPTS[llm_kind_of(self.model.llm.kind)]
+        prompt = self.vqa.prompt or vqa_template(self.model.llm.kind)
         if prompt.count("{}") != 1:
             raise ValueError(f"vqa.prompt must hold one {{}} for the question, got {prompt!r}")
         if self.model.llm.prompt:

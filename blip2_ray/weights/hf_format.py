@@ -31,16 +31,18 @@ from blip2_ray.weights.tokenizers import load_qformer_tokenizer
 from blip2_ray.weights.weight_sources import CONFIG_FILE, EXTRAS_FILE, read_model_config
 
 log = logging.getLogger(__name__)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def image_processor(image_size: int):
+    """The BlipImageProcessor an export saves: resize to `image_size` (bicubic), CLIP's normalisation (the data
+    pipeline's: data/transforms.py)."""
     from transformers import BlipImageProcessor
 
+    from blip2_ray.data.transforms import CLIP_NORMALIZATION
+
     return BlipImageProcessor(
-        size={"height": image_size, "width": image_size}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-        do_convert_rgb=True, resample=3,
+        size={"height": image_size, "width": image_size}, image_mean=list(CLIP_NORMALIZATION["image_mean"]),
+        image_std=list(CLIP_NORMALIZATION["image_std"]), do_convert_rgb=True, resample=3,
     )
 
 

@@ -56,7 +56,7 @@ def dense_reference(model_dir: str, ts) -> dict:
     """Single process, full matrices: ITC for all pairs, ITM + ITC for all pairs, then recall."""
     import torch
 
-    from blip2_ray.data.records import tokenize_qformer
+    from blip2_ray.data.processor import tokenize_qformer
     from blip2_ray.data.transforms import decode_image, eval_transform
     from blip2_ray.eval.retrieval import dense_rankings, itc_similarity, recall_at_k
     from blip2_ray.weights.hf_format import load_stage1

@@ -29,10 +29,10 @@ def vqa_start(tmp_path_factory, tiny_tokenizers):
     import torch
 
     from blip2_ray.data.annotations import read_vqa_annotations
+    from blip2_ray.data.processor import vqa_prompt
     from blip2_ray.fixtures.backbones import pretrain_tiny_llm
     from blip2_ray.fixtures.sample_vqa import make_vqav2_sample
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.stage2 import vqa_prompt
     from blip2_ray.weights.builders import build_stage1, build_stage2
     from blip2_ray.weights.hf_format import export_stage1, export_stage2
     from blip2_ray.weights.tiny_tokenizers import COLOURS, SHAPES

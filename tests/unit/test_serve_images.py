@@ -55,7 +55,8 @@ def test_resize_then_normalise_is_exactly_the_saved_processor(tmp_path):
     """uint8 from the ingress + the replica's lookup table == BlipImageProcessor's float32 output, bit for bit."""
     from PIL import Image
 
-    from blip2_ray.serve.images import ImageResizer, PixelNormalizer
+    from blip2_ray.serve.images import ImageResizer
+    from blip2_ray.serve.images import pixel_normalizer as PixelNormalizer
     from blip2_ray.weights.hf_format import image_processor
 
     image_processor(32).save_pretrained(str(tmp_path))

@@ -12,8 +12,9 @@ import pytest
 
 from blip2_ray.data.annotations import read_vqa_annotations, write_vqa_shards
 from blip2_ray.data.config import DataConfig
+from blip2_ray.data.processor import tokenize_vqa_llm
 from blip2_ray.data.readers import read_parquet_records
-from blip2_ray.data.records import process_records, tokenize_vqa_llm
+from blip2_ray.data.records import process_records
 from blip2_ray.errors import UserError
 from blip2_ray.fixtures.sample_vqa import make_vqav2_sample
 

@@ -128,7 +128,7 @@ def test_a_queries_only_model_refuses_a_question(vqa_model):
 
 
 def test_flan_t5_vqa_reads_the_prompt_in_the_encoder_and_learns_only_the_answer(tiny_tokenizers):
-    from blip2_ray.data.records import tokenize_vqa_llm
+    from blip2_ray.data.processor import tokenize_vqa_llm
 
     torch.manual_seed(0)
     cfg = model_config("tiny_t5")
