@@ -27,8 +27,6 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def processes_run(pool, procs: int, files, cfg, toks) -> tuple[int, float, None]:
     """single_loop in the pool's processes, file i in process i % procs: the hardware ceiling.

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -27,16 +26,15 @@ def main() -> int:
     p.add_argument("--micro-batch", type=int, default=16)
     args = p.parse_args()
 
+    import deepspeed
     import numpy as np
     import torch
     import torch.distributed as dist
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import deepspeed
     from bench_train import make_cfg
 
-    from blip2_ray.train.loop import build_model, forward, outputs_as_dicts, vectorise_scalar_parameters
+    from blip2_ray.train.loop import build_model, outputs_as_dicts, vectorise_scalar_parameters
     from blip2_ray.train.optim import deepspeed_config, param_groups
+    from blip2_ray.train.tasks import task_of
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
@@ -79,7 +77,7 @@ def main() -> int:
     def engine_step(engine):
         engine.train()
         t0 = time.perf_counter()
-        out = forward(engine, cfg, batch, 0)
+        out = task_of(cfg).forward(engine, batch, 0)
         t1 = time.perf_counter()
         engine.backward(out["loss"])
         t2 = time.perf_counter()

@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from blip2_ray.model.config import model_config  # noqa: E402
-from blip2_ray.weights import builders, hf_format, tokenizer_paths  # noqa: E402
+from blip2_ray.model.config import model_config
+from blip2_ray.weights import builders, hf_format, tokenizer_paths
 
 SMALL = dict(
     vision=dict(hidden_size=256, intermediate_size=1024, num_layers=6, num_heads=4, image_size=112, patch_size=14,

@@ -21,11 +21,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from blip2_ray.runtime.cluster import free_port  # noqa: E402
+from blip2_ray.runtime.cluster import free_port
 
 CONCURRENCY = (1, 8, 32)
 

@@ -28,12 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# the memory probes and the real-width model of bench-model-memory (this folder is on sys.path)
-from bench_model_memory import model_cfg, peak_rss_bytes, rss_bytes  # noqa: E402
+# the memory probes and the real-width model of bench-model-memory (the script's folder is on sys.path)
+from bench_model_memory import model_cfg, peak_rss_bytes, rss_bytes
 
 GiB = 2**30
 

@@ -19,12 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from blip2_ray.runtime.cli import cli_main  # noqa: E402
-from blip2_ray.runtime.cluster import init_ray  # noqa: E402
+from blip2_ray.runtime.cli import cli_main
+from blip2_ray.runtime.cluster import init_ray
 
 
 def rows_of(shards: str, image_size: int, qformer_tok: str | None, llm_tok: str | None) -> list[dict]:

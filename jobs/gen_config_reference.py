@@ -13,9 +13,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from blip2_ray.config import describe  # noqa: E402
+from blip2_ray.config import describe
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "config_reference.md")
 
@@ -29,11 +27,11 @@ def sections() -> list[tuple[str, str, type]]:
     from blip2_ray.train.finetune_config import FinetuneConfig
 
     return [
-        ("Pre-training (stage 1 and stage 2)", "jobs/pretrain.py", PretrainConfig),
-        ("Fine-tuning (caption, retrieval; vqa not yet)", "jobs/finetune.py", FinetuneConfig),
-        ("CapFilt (caption and filter a corpus)", "jobs/capfilt.py", CapFiltConfig),
-        ("Evaluation (retrieval, caption, VQA)", "jobs/evaluate.py", EvalConfig),
-        ("Serving", "jobs/serve.py", ServeConfig),
+        ("Pre-training (stage 1 and stage 2)", "blip2-ray pretrain", PretrainConfig),
+        ("Fine-tuning (caption, retrieval, vqa)", "blip2-ray finetune", FinetuneConfig),
+        ("CapFilt (caption and filter a corpus)", "blip2-ray capfilt", CapFiltConfig),
+        ("Evaluation (retrieval, caption, VQA)", "blip2-ray evaluate", EvalConfig),
+        ("Serving", "blip2-ray serve", ServeConfig),
     ]
 
 

@@ -1,80 +1,13 @@
-"""Serve BLIP-2 over HTTP until SIGINT/SIGTERM.
+"""`blip2-ray serve` as a file, for
+`ray job submit --working-dir . -- python jobs/serve.py ...`
+(Ray puts the uploaded checkout first on the job's PYTHONPATH; elsewhere the installed package is used).
+The command itself: blip2_ray/cli/serve.py (`blip2-ray serve --help`)."""
 
-    python jobs/serve.py --model DIR [--retrieval-model DIR] [--host 127.0.0.1] [--port 8000]
-                         [--config jobs/configs/serve.yaml-args.yaml] [--set max_batch_size=16 ...]
-                         [--address ADDR]
-
-DIR is an HF-format `Blip2ForConditionalGeneration` directory (a stage-2 export or a local copy of
-Salesforce/blip2-opt-2.7b); the retrieval model a stage-1 export or `Blip2ForImageTextRetrieval`
-directory. Precedence: ServeConfig defaults <- --config YAML (a ServeConfig mapping) <- flags <- --set.
-Joins the cluster at --address (or RAY_ADDRESS), else starts a local Ray instance. The same app runs
-with `serve run jobs/configs/serve.yaml` (import_path blip2_ray.serve.app:app_builder).
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-import signal
 import sys
-import threading
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from blip2_ray.cli.serve import load_serve_config, main, parse_args
 
-from blip2_ray.runtime.cli import cli_main, job_parser  # noqa: E402
-from blip2_ray.runtime.cluster import init_ray  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = job_parser(__doc__.split("\n\n")[0], config_help="YAML mapping of ServeConfig keys", config_required=False)
-    p.add_argument("--model", help="stage-2 / Blip2ForConditionalGeneration directory (caption, vqa, chat)")
-    p.add_argument("--retrieval-model", help="stage-1 / Blip2ForImageTextRetrieval directory (embeddings, match)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    return p.parse_args(argv)
-
-
-def load_serve_config(args: argparse.Namespace):
-    """ServeConfig from --config, the flags and --set (validated strictly)."""
-    from blip2_ray.config import from_dict, merge, parse_set, read_yaml
-    from blip2_ray.serve.config import ServeConfig
-
-    data = read_yaml(args.config) if args.config else {}
-    flags = {"model": args.model, "retrieval_model": args.retrieval_model, "host": args.host, "port": args.port}
-    data = merge(data, {k: v for k, v in flags.items() if v is not None})
-    for item in args.set:
-        data = merge(data, parse_set(item))
-    return from_dict(ServeConfig, data)
-
-
-@cli_main
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_serve_config(args)  # config errors surface before Ray starts
-
-    import ray
-    from ray import serve
-
-    from blip2_ray.serve.app import build_app
-
-    own_cluster = init_ray(args.address, include_dashboard=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-    print(f"serving {cfg.served_model_name} on http://{cfg.host}:{cfg.port} (docs at /docs); Ctrl-C stops", flush=True)
-
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    print("stopping", flush=True)
-    if own_cluster:
-        serve.shutdown()
-        ray.shutdown()
-    else:
-        serve.delete(cfg.app_name)  # leave the cluster's other applications alone
-    return 0
-
+__all__ = ["load_serve_config", "main", "parse_args"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from blip2_ray.capfilt.config import CaptionerConfig
-from blip2_ray.capfilt.model_dirs import model_name, require_model, require_model_and_processor
+from blip2_ray.capfilt.model_dirs import HubLayout, model_name, require_model
 from blip2_ray.runtime.compute import device_and_dtype
 
 
@@ -86,14 +86,8 @@ class BlipCaptioner:
     """transformers' BlipForConditionalGeneration + BlipProcessor (e.g. BLIP-large) sampling K captions per image."""
 
     kind = "blip"
-
-    @staticmethod
-    def check(path: str, what: str = "captioner.model") -> None:
-        """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
-        from transformers import BlipProcessor
-
-        require_model_and_processor(path, what, "captioner.kind", "blip", "blip", ("BlipForConditionalGeneration",),
-                                    ("tokenizer.json", "vocab.txt"), BlipProcessor, 30524, "BLIP text decoder")
+    check = HubLayout("captioner.kind", "blip", "blip", ("BlipForConditionalGeneration",),
+                      ("tokenizer.json", "vocab.txt"), "BlipProcessor", 30524, "BLIP text decoder").check
 
     def __init__(self, cfg: CaptionerConfig):
         from transformers import BlipForConditionalGeneration, BlipProcessor

@@ -1,4 +1,4 @@
-"""The config of `jobs/capfilt.py`: inputs, models, sampling, filtering, Ray resources."""
+"""The config of `blip2-ray capfilt`: inputs, models, sampling, filtering, Ray resources."""
 
 from __future__ import annotations
 

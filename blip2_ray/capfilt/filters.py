@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from blip2_ray.capfilt.config import FilterConfig
-from blip2_ray.capfilt.model_dirs import model_name, require_model, require_model_and_processor
+from blip2_ray.capfilt.model_dirs import HubLayout, model_name, require_model
 from blip2_ray.runtime.compute import device_and_dtype
 
 
@@ -88,14 +88,8 @@ class ClipFilter:
     """transformers' CLIPModel + CLIPProcessor (e.g. CLIP ViT-L/14): CLIP's image-text similarity."""
 
     kind = "clip"
-
-    @staticmethod
-    def check(path: str, what: str = "filter.model") -> None:
-        """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
-        from transformers import CLIPProcessor
-
-        require_model_and_processor(path, what, "filter.kind", "clip", "clip", ("CLIPModel",),
-                                    ("tokenizer.json", "vocab.json"), CLIPProcessor, 49408, "CLIP text encoder")
+    check = HubLayout("filter.kind", "clip", "clip", ("CLIPModel",), ("tokenizer.json", "vocab.json"), "CLIPProcessor",
+                      49408, "CLIP text encoder").check
 
     def __init__(self, cfg: FilterConfig):
         from transformers import CLIPModel, CLIPProcessor

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from blip2_ray.errors import UserError
 
@@ -79,3 +80,26 @@ def require_model_and_processor(path: str, what: str, kind_key: str, kind: str, 
     if len(processor.tokenizer) > vocab:
         raise UserError(f"{what} {path!r}: its tokenizer has {len(processor.tokenizer)} tokens but the {text_tower} "
                         f"only {vocab}; the tokenizer files belong to another model")
+
+
+@dataclass(frozen=True)
+class HubLayout:
+    """What a hub model directory with an image processor and a tokenizer holds (BLIP-large, CLIP ViT-L/14): its
+    `check(path)` is `require_model_and_processor` with these values (`processor`: the transformers class)."""
+
+    kind_key: str
+    kind: str
+    model_type: str
+    architectures: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+    processor: str
+    default_vocab: int
+    text_tower: str
+
+    def check(self, path: str, what: str | None = None) -> None:
+        """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
+        import transformers
+
+        require_model_and_processor(path, what or self.kind_key.replace(".kind", ".model"), self.kind_key, self.kind,
+                                    self.model_type, self.architectures, self.tokenizer_files,
+                                    getattr(transformers, self.processor), self.default_vocab, self.text_tower)

@@ -27,7 +27,7 @@ class DataConfig:
     llm_max_len: int = doc("LLM token length, right padded", 32)
     vqa_prompt: str = doc("VQA rows (shards with a `question` column): the prompt the question is written into, "
                           "read by the question-aware Q-Former and the LLM; BLIP-2's: decoders 'Question: {} "
-                          "Answer:', FlanT5 'Question: {} Short answer:' (jobs/finetune.py picks it by LLM)",
+                          "Answer:', FlanT5 'Question: {} Short answer:' (blip2-ray finetune picks it by LLM)",
                           "Question: {} Answer:")
     shuffle_buffer: int = doc("local shuffle buffer (rows) per Train worker", 1000)
     seed: int = doc("seed of shard order, crops, flips and caption draws", 0)

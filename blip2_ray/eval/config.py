@@ -1,4 +1,4 @@
-"""The config of `jobs/evaluate.py`: task, model, test set, generation settings, Ray resources."""
+"""The config of `blip2-ray evaluate`: task, model, test set, generation settings, Ray resources."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `jobs/pretrain.py` config: one typed tree, each component reading only its own section.
+"""The `blip2-ray pretrain` config: one typed tree, each component reading only its own section.
 
 Derived values (gradient accumulation, the stage's default minimum lr, the Ray run directory) are
 properties of `PretrainConfig`, computed here and nowhere else. The worker rebuilds the whole tree

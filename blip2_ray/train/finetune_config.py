@@ -1,4 +1,4 @@
-"""The `jobs/finetune.py` config: the pre-training tree (model, data, train, scaling, deepspeed...) plus
+"""The `blip2-ray finetune` config: the pre-training tree (model, data, train, scaling, deepspeed...) plus
 the task, its annotation files, how the ViT trains and the evaluation at the end.
 
 `FinetuneConfig` is a `PretrainConfig`, so the Ray Train + DeepSpeed loop runs it unchanged; the task

@@ -1,7 +1,7 @@
 """Driver side of fine-tuning: check the annotations and the starting model, pack the annotated images into
 parquet shards once, evaluate the starting model (optional), train on the pre-training loop, evaluate the export.
 
-`run_finetune(cfg)` is what `jobs/finetune.py` (and the tests) call once Ray is up. What differs by task (caption,
+`run_finetune(cfg)` is what `blip2-ray finetune` (and the tests) call once Ray is up. What differs by task (caption,
 retrieval, vqa) is the task's TaskSpec (train/tasks/finetuning.py): its annotations, its shards, its start.
 """
 

@@ -1,6 +1,6 @@
 """Driver side of pre-training: check inputs, build the Ray dataset, run the TorchTrainer.
 
-`run_pretrain(cfg)` is what `jobs/pretrain.py` (and the tests, and the benchmark) call once Ray is up.
+`run_pretrain(cfg)` is what `blip2-ray pretrain` (and the tests, and the benchmark) call once Ray is up.
 """
 
 from __future__ import annotations
