@@ -21,7 +21,8 @@ from blip2_ray.runtime.cluster import init_ray
 
 def check_sources(sources: list[str], cfg) -> dict:
     """Stream `sources` through the pipeline's decode/validate path; {"ok", "skipped", "files"}."""
-    from blip2_ray.data.pipeline import build_dataset, get_skip_counts, reset_skip_counts, resolve_sources
+    from blip2_ray.data.pipeline import build_dataset, resolve_sources
+    from blip2_ray.data.skips import get_skip_counts, reset_skip_counts
     from blip2_ray.runtime.user_errors import reraise_user_errors
 
     files = resolve_sources(sources, cfg)  # a missing path fails here, before any work

@@ -9,8 +9,8 @@ Stages (streaming):
                     dropped and counted; rows leave in blocks of ~output_block_mib while the file decodes
   3. Ray Train      each worker iterates its `get_dataset_shard` with `iter_train_batches`: fixed-size
                     batches (drop_last), a local shuffle buffer, TrainCollate -> torch tensors (pixels uint8)
-Skip counts go to one named actor per Ray job (`SkipCounter`), readable from the driver and from Train
-workers with `get_skip_counts(tag)`.
+Skip counts go to one named actor per Ray job (data/skips.py `SkipCounter`), readable from the driver and
+from Train workers with `get_skip_counts(tag)`.
 """
 
 from __future__ import annotations
@@ -29,79 +29,10 @@ from blip2_ray.data.config import DataConfig
 from blip2_ray.data.epoch_plan import EpochFiles, epoch_plan, unpack_records
 from blip2_ray.data.readers import check_parquet_columns, list_shards, read_shard_records, shard_format, storage_options
 from blip2_ray.data.records import process_records
-from blip2_ray.runtime.actors import job_actor
+from blip2_ray.data.skips import report_skips, skip_counter
 from blip2_ray.runtime.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)
-
-SKIP_COUNTER_NAMESPACE = "blip2_ray"
-
-
-# ---------------------------------------------------------------------------------------------- skips
-@ray.remote(num_cpus=0)
-class SkipCounter:
-    """Per-reason counts of dropped records, per dataset tag ("train", "eval", "check", ...)."""
-
-    def __init__(self):
-        self._counts: dict[str, Counter] = {}
-
-    def add(self, tag: str, counts: dict[str, int]) -> None:
-        self._counts.setdefault(tag, Counter()).update(counts)
-
-    def get_skip_counts(self, tag: str | None = None) -> dict[str, int]:
-        """Counts of one tag, or summed over all tags when `tag` is None."""
-        if tag is not None:
-            return dict(self._counts.get(tag, {}))
-        total: Counter = Counter()
-        for c in self._counts.values():
-            total.update(c)
-        return dict(total)
-
-    def reset(self, tag: str | None = None) -> None:
-        if tag is None:
-            self._counts.clear()
-        else:
-            self._counts.pop(tag, None)
-
-
-def _counter_name() -> str:
-    # One counter per Ray job: Train workers and data tasks of a job share its job id.
-    return f"SkipCounter-{ray.get_runtime_context().get_job_id()}"
-
-
-def skip_counter(create: bool = False):
-    """The job's SkipCounter actor handle (created by the driver in `build_dataset`)."""
-    return job_actor(SkipCounter, _counter_name(), SKIP_COUNTER_NAMESPACE, create)
-
-
-def get_skip_counts(tag: str | None = None) -> dict[str, int]:
-    """Per-reason skip counts of the datasets this job built (`tag` as given to build_dataset).
-
-    Counts accumulate over every execution of a dataset (each epoch counts again).
-    """
-    try:
-        counter = skip_counter()
-    except ValueError:  # no dataset built yet in this job
-        return {}
-    return ray.get(counter.get_skip_counts.remote(tag))
-
-
-def reset_skip_counts(tag: str | None = None) -> None:
-    try:
-        ray.get(skip_counter().reset.remote(tag))
-    except ValueError:
-        pass
-
-
-def _report_skips(tag: str, counts: Counter) -> None:
-    if not counts:
-        return
-    try:
-        # waited on: the counts are complete once the stream has been consumed
-        ray.get(skip_counter().add.remote(tag, dict(counts)))
-    except Exception as e:  # counting must never stop the data
-        log.warning("could not report skip counts %s: %s", dict(counts), e)
-
 
 # ------------------------------------------------------------------------------------------- sources
 def resolve_sources(paths: list[str] | str, cfg: DataConfig) -> list[str]:
@@ -199,7 +130,7 @@ class _ShardToRows:
                 out["visit"] = np.full(len(out["key"]), visit, dtype=np.int64)
             if len(out["key"]):
                 yield out
-        _report_skips(self.tag, skips)
+        report_skips(self.tag, skips)
         if self.plan_name is not None:  # waited on, like the skip counts: complete once the stream is consumed
             ray.get(epoch_plan(self.plan_name).visit_done.remote(epoch, visit, good + int(trained.sum()), decoded,
                                                                  generation))
@@ -241,7 +172,7 @@ def build_dataset(cfg: DataConfig, sources: list[str], *, train: bool, qformer_t
     cfg.seed + the epoch, and several sources mix by cfg.weights (when `sources` is cfg.train). The epoch is
     `epoch`, or, with `plan_name` (an EpochPlan actor, data/epoch_plan.py), the plan's epoch at each
     execution, which also names the visits and records a resumed epoch skips.
-    Bad records are dropped and counted under `skip_tag` (default "train"/"eval"): see get_skip_counts.
+    Bad records are dropped and counted under `skip_tag` (default "train"/"eval"): see data/skips.get_skip_counts.
     A missing path raises UserError now; a parquet file without the needed column raises UserError
     (naming file and column) when the dataset runs. `with_pixels=False` validates images but omits
     pixel_values (the data check).

@@ -115,7 +115,7 @@ def skipped_records() -> int | None:
     count cannot be read (a number would hide that the counter is broken); None without Ray."""
     import ray
 
-    from blip2_ray.data.pipeline import get_skip_counts
+    from blip2_ray.data.skips import get_skip_counts
 
     if not ray.is_initialized():
         return None

@@ -10,8 +10,9 @@ mismatches are one `UserError` naming the first few keys and the file, never a w
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -171,6 +172,29 @@ def load_into_partition(p: torch.Tensor, value: torch.Tensor) -> None:
         p.data.copy_(value.reshape(p.data.shape))
 
 
+class LazyTensors(Mapping):
+    """A read-only mapping whose values are read when looked up (each lookup reads again, nothing is kept).
+
+    Loading into partitioned parameters (model/partitioned.py) then holds one whole tensor at a time; the
+    tensors of a rename plan (convert.convert_tensors) and of an LLM directory come this way.
+    """
+
+    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
+        self._readers = readers
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._readers[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+    def renamed(self, rename: Callable[[str], str]) -> LazyTensors:
+        return LazyTensors({rename(k): r for k, r in self._readers.items()})
+
+
 def _listing(keys: Iterable[str], n: int = 4) -> str:
     keys = list(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
@@ -195,7 +219,7 @@ def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], source: st
     if missing:
         raise UserError(f"{source} lacks weights the model needs: {_listing(missing)}")
     cast, wrong = {}, []
-    for k in state:  # one lookup per key: a lazy state (convert.LazyTensors) reads each tensor once
+    for k in state:  # one lookup per key: a lazy state (LazyTensors) reads each tensor once
         v = state[k]
         if tuple(v.shape) != full_shape(own[k]):
             wrong.append(f"{k} {tuple(v.shape)} (model: {full_shape(own[k])})")

@@ -11,16 +11,15 @@ tiny size exactly as the real file has it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
 
 import torch
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.partitioned import full_shape, is_partitioned
 from blip2_ray.model.vision import interpolate_position_embedding
+from blip2_ray.weights.checkpoint_files import LazyTensors
 
 
 @dataclass(frozen=True)
@@ -241,28 +240,6 @@ def _fit(kind: str, value: torch.Tensor, like: torch.Tensor | None, shape: tuple
         out[: value.shape[0]] = value
         return out
     return value  # left as is: assign_weights reports the shape mismatch
-
-
-class LazyTensors(Mapping):
-    """A read-only mapping whose values are read when looked up (each lookup reads again, nothing is kept).
-
-    Loading into partitioned parameters (model/partitioned.py) then holds one whole tensor at a time.
-    """
-
-    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
-        self._readers = readers
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._readers[key]()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._readers)
-
-    def __len__(self) -> int:
-        return len(self._readers)
-
-    def renamed(self, rename: Callable[[str], str]) -> LazyTensors:
-        return LazyTensors({rename(k): r for k, r in self._readers.items()})
 
 
 def convert_tensors(plan: Plan, files, model_state: dict[str, torch.Tensor]) -> LazyTensors:

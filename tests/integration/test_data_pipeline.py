@@ -41,7 +41,8 @@ def _collect(ds):
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_local_shards_exact_rows_and_skip_counts(ray_session, shards, tiny_tokenizers, fmt):
-    from blip2_ray.data.pipeline import build_dataset, get_skip_counts
+    from blip2_ray.data.pipeline import build_dataset
+    from blip2_ray.data.skips import get_skip_counts
 
     d, summary = shards[fmt]
     cfg = DataConfig(image_size=32, qformer_max_len=16, llm_max_len=16)
@@ -89,7 +90,8 @@ def test_rows_leave_a_decode_task_in_blocks_of_output_block_mib(ray_session, sha
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_s3_shards_through_a_real_s3_server(ray_session, shards, s3_server, fmt):
-    from blip2_ray.data.pipeline import build_dataset, get_skip_counts, resolve_sources
+    from blip2_ray.data.pipeline import build_dataset, resolve_sources
+    from blip2_ray.data.skips import get_skip_counts
 
     d, summary = shards[fmt]
     client, bucket = s3_server["client"], s3_server["bucket"]
@@ -126,7 +128,8 @@ def _train_loop(config):
 
     from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
-    from blip2_ray.data.pipeline import get_skip_counts, iter_train_batches
+    from blip2_ray.data.pipeline import iter_train_batches
+    from blip2_ray.data.skips import get_skip_counts
 
     cfg = from_dict(DataConfig, config["data"])
     shard = ray.train.get_dataset_shard("train")
