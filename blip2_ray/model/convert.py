@@ -113,6 +113,16 @@ CLIP_VIT = Layout(
     r"^clip\.(embeddings|pre_layrnorm|encoder)\.", layer=r"^(?:vision_model\.)?encoder\.layers\.(\d+)\.", fits=_GRID,
 )
 
+# the ViT of our own CLIP ViT-L export format (model/native_format.py): ClipVisionTower's names under vision_model.
+NATIVE_CLIP_VIT = Layout(
+    "blip2_ray_clip_dir", "a blip2_ray export with a CLIP ViT-L (vision_model.clip.* + vision_model.post_layernorm)",
+    (Rule(r"^vision_model\.(clip\..+|post_layernorm\..+)$", r"\1"),
+     _drop(r"^(qformer|language_model|language_projection|vision_projection|text_projection|itm_head|embeddings)\.",
+           _NOT_THE_VIT),
+     _drop(r"^query_tokens$", _NOT_THE_VIT)),
+    CLIP_VIT.provides, layer=r"^vision_model\.clip\.encoder\.layers\.(\d+)\.", fits=_GRID,
+)
+
 _L = r"(?:bert\.)?encoder\.layer\.(\d+)"
 _Q = r"qformer.encoder.layer.\1"
 BERT = Layout(
@@ -185,7 +195,8 @@ STAGE1_EXPORT = Layout(
     LAVIS_BLIP2.provides, layer=r"^vision_model\.encoder\.layers\.(\d+)\.",
 )
 
-VISION_LAYOUTS = (EVA_VIT, BLIP2_DIR_VIT, HF_VIT, CLIP_VIT)
+VISION_LAYOUTS = (EVA_VIT, BLIP2_DIR_VIT, HF_VIT, CLIP_VIT, NATIVE_CLIP_VIT)
+CLIP_LAYOUTS = (CLIP_VIT, NATIVE_CLIP_VIT)
 
 # what a stage-1 source holds that the stage-2 model does not use (dropped by name when stage 2 starts
 # from a stage-1 checkpoint): the text side of the Q-Former and the stage-1 heads

@@ -27,6 +27,7 @@ from blip2_ray.model.hf_format import (
     stage2_hf_config,
     stage2_processor,
 )
+from blip2_ray.model.native_format import is_clip_vision, native_key_shapes, write_native_config
 from blip2_ray.model.weight_sources import CONFIG_FILE, EXTRAS_FILE
 
 SHARD_BYTES = 2 << 30
@@ -109,7 +110,8 @@ def export_streamed(model, stage: int, tensors: Iterable[tuple[str, torch.Tensor
         cls, config = stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer))
     else:
         cls, config = Blip2ForImageTextRetrieval, stage1_hf_config(model)
-    shapes = hf_key_shapes(cls, config)
+    native = is_clip_vision(model.vision_model)  # no HF class holds it: our own format (native_format.py)
+    shapes = native_key_shapes(hf_key_shapes(cls, config), model) if native else hf_key_shapes(cls, config)
     extras: dict[str, torch.Tensor] = {}
     writer = ShardWriter(out, max_shard_bytes)
     seen = set()
@@ -130,7 +132,10 @@ def export_streamed(model, stage: int, tensors: Iterable[tuple[str, torch.Tensor
         raise RuntimeError(f"state does not match {cls.__name__}: missing {missing[:5]}")
     writer.close()
     config.architectures = [cls.__name__]
-    config.save_pretrained(str(out))
+    if native:
+        write_native_config(out, config, cls.__name__, model.vision_model)
+    else:
+        config.save_pretrained(str(out))
     if stage == 2:
         GenerationConfig.from_model_config(config).save_pretrained(str(out))
         processor.save_pretrained(str(out))

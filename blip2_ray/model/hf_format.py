@@ -4,9 +4,11 @@
   Salesforce/blip2-opt-2.7b, with any decoder-only LLM as `text_config` (the LLM's own config).
 - Stage 1 <-> `Blip2ForImageTextRetrieval` directories; the stage-1 extras HF has no place for (the
   Q-Former LM head and the temperature) go to `stage1_extras.safetensors` beside them.
-Exports also record the ModelConfig (`blip2_ray_model.yaml`). ln_vision: HF's post_layernorm uses the
-ViT's `layer_norm_eps`; an export whose `ln_vision_eps` differs (LAVIS imports: 1e-5) records it as
-`vision_config.ln_vision_eps`, which our loaders honour and transformers ignores (docs/checkpoints.md).
+Exports also record the ModelConfig (`blip2_ray_model.yaml`). A model with a CLIP ViT-L, which no HF BLIP-2
+class holds, exports in our own format (native_format.py), read by the same loaders. ln_vision: HF's
+post_layernorm uses the ViT's `layer_norm_eps`; an export whose `ln_vision_eps` differs (LAVIS imports: 1e-5)
+records it as `vision_config.ln_vision_eps`, which our loaders honour and transformers ignores
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -23,12 +25,21 @@ from blip2_ray.model.builders import build_stage1, stage2_from_blip2_dir
 from blip2_ray.model.checkpoint_files import require_local_dir
 from blip2_ray.model.config import ModelConfig
 from blip2_ray.model.language_model import DeviceMap
+from blip2_ray.model.native_format import (
+    is_clip_vision,
+    is_tied,
+    meta_copy,
+    mirrored_hf_config,
+    stand_in_vision_config,
+    vision_fields,
+    write_native_config,
+)
 from blip2_ray.model.partitioned import full_shape
 from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.stage2 import Blip2Stage2
 from blip2_ray.model.tokenizers import load_qformer_tokenizer
 from blip2_ray.model.vision import DTYPES, as_dtype
-from blip2_ray.model.weight_sources import CONFIG_FILE, EXTRAS_FILE, read_model_config
+from blip2_ray.model.weight_sources import CONFIG_FILE, EXTRAS_FILE, is_native_config, read_model_config
 
 log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,20 +56,17 @@ def image_processor(image_size: int):
 
 
 # ---------------------------------------------------------------- HF configs
-def check_exportable(cfg: ModelConfig) -> None:
-    """A model of `cfg` can be exported to the HF BLIP-2 format (checked before a training run starts)."""
-    if cfg.vision.kind != "eva_vit_g":
-        raise UserError(f"model.vision.kind {cfg.vision.kind!r} does not export to the HF BLIP-2 format (its classes "
-                        f"hold only the EVA ViT-g), so this run's export could not be written; use an eva_vit_g preset")
-
-
 def _vision_hf_config(model: nn.Module) -> dict:
-    """The ViT's HF config as a dict, with `ln_vision_eps` recorded when it is not the ViT's own eps."""
+    """The ViT's HF config as a dict, with `ln_vision_eps` recorded when it is not the ViT's own eps (a CLIP
+    ViT-L: a Blip2VisionConfig of its sizes, which native_format replaces by the CLIP config in config.json)."""
     from transformers import Blip2VisionModel
 
     vision = model.vision_model
+    if is_clip_vision(vision):
+        data = {**vision.config.to_dict(), "ln_vision_eps": vision.post_layernorm.eps}
+        return stand_in_vision_config(data)
     if not isinstance(vision, Blip2VisionModel):
-        raise UserError("only the EVA ViT-g (Blip2VisionModel) image encoder exports to the HF BLIP-2 format")
+        raise UserError(f"the image encoder {type(vision).__name__} has no export format")
     data = vision.config.to_dict()
     data.pop("ln_vision_eps", None)
     eps = vision.post_layernorm.eps
@@ -104,10 +112,13 @@ def stage1_hf_config(model: Blip2Stage1):
     )
 
 
-def _hf_from_state(cls, config, state: dict[str, torch.Tensor]):
-    """An HF model holding `state` without allocating a second copy (meta init + assign)."""
+def _hf_from_state(cls, config, state: dict[str, torch.Tensor], vision_model: nn.Module | None = None):
+    """An HF model holding `state` without allocating a second copy (meta init + assign). A CLIP ViT-L
+    `vision_model` (our own format) takes the place of the HF ViT."""
     with torch.device("meta"):
         hf = cls(config)
+        if vision_model is not None and is_clip_vision(vision_model):
+            hf.vision_model = meta_copy(vision_model)
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _is_tied(k)]
     if missing or unexpected:
@@ -116,8 +127,7 @@ def _hf_from_state(cls, config, state: dict[str, torch.Tensor]):
     return hf
 
 
-def _is_tied(key: str) -> bool:
-    return key.endswith("lm_head.weight") or key.endswith("embed_tokens.weight") or key.endswith("wte.weight")
+_is_tied = is_tied
 
 
 # ---------------------------------------------------------------- stage 2 <-> Blip2ForConditionalGeneration
@@ -145,13 +155,17 @@ def image_token_index_of(model: Blip2Stage2, tokenizer) -> int:
 def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None,
                   qformer_tokenizer=None) -> str:
     """Write `out_dir` as `Blip2ForConditionalGeneration.save_pretrained` + `Blip2Processor` would (a VQA
-    model with a question-aware Q-Former: InstructBlipForConditionalGeneration + InstructBlipProcessor)."""
+    model with a question-aware Q-Former: InstructBlipForConditionalGeneration + InstructBlipProcessor; a CLIP
+    ViT-L model: our own format, native_format.py)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor = stage2_processor(model, tokenizer, qformer_tokenizer)
     state = dict(model.state_dict())
-    hf = _hf_from_state(stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer)), state)
+    cls, config = stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer))
+    hf = _hf_from_state(cls, config, state, model.vision_model)
     hf.save_pretrained(str(out), safe_serialization=True)
+    if is_clip_vision(model.vision_model):
+        write_native_config(out, config, cls.__name__, model.vision_model)
     processor.save_pretrained(str(out))
     if model_cfg is not None:
         (out / CONFIG_FILE).write_text(dump_yaml(model_cfg))
@@ -172,7 +186,8 @@ def stage1_extras(model: Blip2Stage1) -> dict[str, torch.Tensor]:
 
 
 def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None) -> str:
-    """Write a directory `Blip2ForImageTextRetrieval.from_pretrained` loads (+ our stage-1 extras)."""
+    """Write a directory `Blip2ForImageTextRetrieval.from_pretrained` loads (+ our stage-1 extras; a CLIP
+    ViT-L model: our own format, native_format.py)."""
     from safetensors.torch import save_file
     from transformers import Blip2ForImageTextRetrieval
 
@@ -180,8 +195,11 @@ def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelC
     out.mkdir(parents=True, exist_ok=True)
     extras = stage1_extras(model)
     state = {k: v for k, v in model.state_dict().items() if k not in extras}
-    hf = _hf_from_state(Blip2ForImageTextRetrieval, stage1_hf_config(model), state)
+    config = stage1_hf_config(model)
+    hf = _hf_from_state(Blip2ForImageTextRetrieval, config, state, model.vision_model)
     hf.save_pretrained(str(out), safe_serialization=True)
+    if is_clip_vision(model.vision_model):
+        write_native_config(out, config, "Blip2ForImageTextRetrieval", model.vision_model)
     save_file({k: v.detach().contiguous().cpu() for k, v in extras.items()}, str(out / EXTRAS_FILE))
     tokenizer.save_pretrained(str(out))
     image_processor(model.vision_model.config.image_size).save_pretrained(str(out))
@@ -190,12 +208,13 @@ def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelC
     return str(out)
 
 
-def stage1_config_from_hf(path: str, hf_config, base: ModelConfig | None) -> ModelConfig:
+def stage1_config_from_hf(path: str, hf_config, base: ModelConfig | None,
+                          vision_kind: str = "eva_vit_g") -> ModelConfig:
     """The ModelConfig of a stage-1 directory: sizes from its HF config, the rest from `base` (recorded)."""
     v, q = hf_config.vision_config, hf_config.qformer_config
     data = to_dict(base) if base is not None else {"preset": "tiny"}
     recorded_eps = (data.get("vision") or {}).get("ln_vision_eps")
-    data["vision"] = {**data.get("vision", {}), "kind": "eva_vit_g", "hidden_size": v.hidden_size,
+    data["vision"] = {**data.get("vision", {}), "kind": vision_kind, "hidden_size": v.hidden_size,
                       "intermediate_size": v.intermediate_size, "num_layers": v.num_hidden_layers,
                       "num_heads": v.num_attention_heads, "image_size": v.image_size, "patch_size": v.patch_size,
                       "layer_norm_eps": v.layer_norm_eps, "path": None,
@@ -219,12 +238,19 @@ def load_stage1(path: str, vision_dtype: torch.dtype | str | None = None) -> tup
     """
     from transformers import Blip2Config
 
+    from blip2_ray.model.checkpoint_files import read_json
+
     d = require_local_dir(path, "retrieval model")
-    try:
-        hf_config = Blip2Config.from_pretrained(d, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path!r} holds no BLIP-2 config.json ({e.__class__.__name__})") from None
-    cfg = stage1_config_from_hf(d, hf_config, read_model_config(d))
+    data = read_json(Path(d) / "config.json", "model config") if (Path(d) / "config.json").is_file() else {}
+    if is_native_config(data):  # a CLIP ViT-L model in our own format
+        _, hf_config = mirrored_hf_config(d, data)
+        cfg = stage1_config_from_hf(d, hf_config, read_model_config(d), vision_kind=vision_fields(data)["kind"])
+    else:
+        try:
+            hf_config = Blip2Config.from_pretrained(d, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path!r} holds no BLIP-2 config.json ({e.__class__.__name__})") from None
+        cfg = stage1_config_from_hf(d, hf_config, read_model_config(d))
     if vision_dtype is not None:
         cfg.vision.dtype = next(k for k, v in DTYPES.items() if v == as_dtype(vision_dtype))
     tok = load_qformer_tokenizer(d)

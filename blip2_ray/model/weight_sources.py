@@ -28,6 +28,10 @@ CONFIG_FILE = "blip2_ray_model.yaml"  # the ModelConfig an export was trained wi
 EXTRAS_FILE = "stage1_extras.safetensors"  # stage-1 weights HF has no place for (Q-Former LM head, temp)
 BLIP2_MODEL_TYPES = ("blip-2", "blip_2")  # transformers writes "blip-2" into config.json
 INSTRUCTBLIP_MODEL_TYPE = "instructblip"  # a VQA fine-tune's export (its Q-Former reads the question)
+NATIVE_MODEL_TYPE = "blip2_ray"  # our own export format where no HF class holds the model (native_format.py)
+# what each HF class an export mirrors holds (export_kind)
+_KINDS_BY_CLASS = {"Blip2ForImageTextRetrieval": "stage1", "Blip2ForConditionalGeneration": "stage2",
+                   "InstructBlipForConditionalGeneration": "vqa"}
 _VISION_EXPECTED = ("a BLIP-2 directory, a Blip2VisionModel directory, a CLIP directory (CLIPVisionModel / "
                     "CLIPModel) or LAVIS's eva_vit_g.pth")
 
@@ -62,6 +66,25 @@ def read_model_config(path: str) -> ModelConfig | None:
     return from_dict(ModelConfig, yaml.safe_load(f.read_text()))
 
 
+def is_native_config(data: dict) -> bool:
+    """Whether a config.json is of our own export format (a CLIP ViT-L model; model/native_format.py)."""
+    return data.get("model_type") == NATIVE_MODEL_TYPE
+
+
+def export_kind(data: dict) -> str | None:
+    """What a model directory's config.json describes, in HF's format or ours: "stage1" (the retrieval model:
+    Blip2ForImageTextRetrieval layout), "stage2" (Blip2ForConditionalGeneration), "vqa" (a VQA fine-tune whose
+    Q-Former reads the question: InstructBlipForConditionalGeneration), None for anything else."""
+    model_type, arch = data.get("model_type"), list(data.get("architectures") or [])
+    if model_type == INSTRUCTBLIP_MODEL_TYPE:
+        return "vqa"
+    if model_type == NATIVE_MODEL_TYPE:
+        return next((_KINDS_BY_CLASS[a] for a in arch if a in _KINDS_BY_CLASS), None)
+    if model_type in BLIP2_MODEL_TYPES:
+        return "stage1" if "Blip2ForImageTextRetrieval" in arch else "stage2"
+    return None
+
+
 def _config_json(path: str, key: str) -> dict:
     f = Path(path) / "config.json"
     if not f.is_file():
@@ -83,7 +106,8 @@ def vision_source_at(path: str, cfg: VisionConfig, key: str = "model.vision.path
         model_type = data.get("model_type")
         layouts = {**dict.fromkeys(BLIP2_MODEL_TYPES, (convert.BLIP2_DIR_VIT, "vision_config")),
                    "blip_2_vision_model": (convert.HF_VIT, None),
-                   "clip_vision_model": (convert.CLIP_VIT, None), "clip": (convert.CLIP_VIT, "vision_config")}
+                   "clip_vision_model": (convert.CLIP_VIT, None), "clip": (convert.CLIP_VIT, "vision_config"),
+                   NATIVE_MODEL_TYPE: (convert.NATIVE_CLIP_VIT, "vision_config")}
         if model_type not in layouts:
             raise UserError(f"{key} {path!r} holds a {model_type!r} model; expected {_VISION_EXPECTED}")
         layout, section = layouts[model_type]
@@ -107,7 +131,7 @@ def _mismatch(source: WeightSource, what: str, found, expected, field: str) -> U
 
 
 def _check_vision_config(source: WeightSource, cfg: VisionConfig) -> None:
-    is_clip = source.layout is convert.CLIP_VIT
+    is_clip = source.layout in convert.CLIP_LAYOUTS
     if is_clip != (cfg.kind == "clip_vit_l"):
         raise UserError(f"{source.label} holds a {'CLIP' if is_clip else 'EVA'} ViT but model.vision.kind is "
                         f"{cfg.kind!r}; set model.vision.kind to {'clip_vit_l' if is_clip else 'eva_vit_g'}")
@@ -144,10 +168,11 @@ def init_from_source(path: str, key: str = "model.init_from") -> WeightSource:
     require_local_path(path, key)
     if Path(path).is_dir():
         data = read_json(Path(path) / "config.json", f"{key} config") if (Path(path) / "config.json").is_file() else {}
-        if data.get("model_type") not in BLIP2_MODEL_TYPES:
+        if data.get("model_type") not in (*BLIP2_MODEL_TYPES, NATIVE_MODEL_TYPE):
             raise UserError(f"{key} {path!r} is not a stage-1 export (its config.json has no BLIP-2 model); "
                             f"point it at the output_dir of a stage-1 run or a LAVIS .pth")
-        if "Blip2ForConditionalGeneration" in data.get("architectures", []):
+        if "Blip2ForConditionalGeneration" in data.get("architectures", []) or export_kind(data) != "stage1" and \
+                is_native_config(data):
             raise UserError(f"{key} {path!r} is a stage-2 (Blip2ForConditionalGeneration) directory; "
                             f"load a whole stage-2 model with model.hf_path instead")
         extras = os.path.join(path, EXTRAS_FILE)
@@ -188,8 +213,8 @@ def vision_source(cfg: ModelConfig) -> WeightSource | None:
                                 f"{ln_vision_eps(recorded.vision)}, this config uses {ln_vision_eps(cfg.vision)}; "
                                 f"set model.vision.ln_vision_eps={ln_vision_eps(recorded.vision)}")
             if init.layout is convert.STAGE1_EXPORT:
-                vit = WeightSource(init.path, convert.BLIP2_DIR_VIT, "model.init_from",
-                                   init.config.get("vision_config"))
+                layout = convert.NATIVE_CLIP_VIT if is_native_config(init.config) else convert.BLIP2_DIR_VIT
+                vit = WeightSource(init.path, layout, "model.init_from", init.config.get("vision_config"))
                 _check_vision_config(vit, cfg.vision)
                 return vit
             return init  # a LAVIS .pth holding visual_encoder.*: read through LAVIS_BLIP2

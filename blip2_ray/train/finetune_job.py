@@ -64,11 +64,9 @@ def check_finetune_inputs(cfg: FinetuneConfig) -> CaptionAnnotations | VqaAnnota
 
     Returns the training annotations (missing images counted, not fatal unless none resolves).
     """
-    from blip2_ray.model.hf_format import check_exportable
     from blip2_ray.model.weight_sources import check_weight_sources
 
     check_weight_sources(cfg.model, cfg.stage)  # the starting model, before the images are packed
-    check_exportable(cfg.model)
     a = cfg.annotations
     if cfg.task == "vqa":
         if not starts_question_aware(cfg):

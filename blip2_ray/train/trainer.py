@@ -37,7 +37,6 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     Returns the training shard files.
     """
     from blip2_ray.data.pipeline import resolve_sources
-    from blip2_ray.model.hf_format import check_exportable
     from blip2_ray.model.weight_sources import check_weight_sources
 
     if not cfg.data.train:
@@ -46,7 +45,6 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     if not files:
         raise UserError(f"data.train {cfg.data.train} holds no .tar or .parquet shard")
     check_weight_sources(cfg.model, cfg.stage)  # kinds, sizes, contradictions, no accidental random init
-    check_exportable(cfg.model)
     if cfg.deepspeed.zero_stage == 3 and cfg.model.hf_path and cfg.stage == 2:
         raise UserError(ZERO3_HF_PATH)
     tokenizer_dirs(cfg)
