@@ -35,6 +35,7 @@ FLAGS = {"model": "--model", "retrieval_model": "--retrieval-model"}
 NOT_YET = {"vqa": "serving it is not supported yet; evaluate it with jobs/evaluate.py (task: vqa)"}
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
 
 
 def _name(key: str) -> str:
@@ -55,8 +56,7 @@ def model_kind(path: str, key: str) -> str:
     kind = export_kind(data)
     if kind is None:
         raise UserError(f"{_name(key)} {path!r} holds a {data.get('model_type')!r} model; it needs {want}")
-    for what, names in (("weights", _WEIGHTS), ("tokenizer", _TOKENIZER), ("image processor config",
-                                                                           ("preprocessor_config.json", "processor_config.json"))):
+    for what, names in (("weights", _WEIGHTS), ("tokenizer", _TOKENIZER), ("image processor config", _PROCESSOR)):
         if not any(os.path.isfile(os.path.join(path, n)) for n in names):
             raise UserError(f"{_name(key)} {path!r} has no {what} ({' or '.join(names)}); export the model again "
                             f"or copy the whole directory")
