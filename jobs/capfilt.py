@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_job_config(CapFiltConfig, args)
     check_models(cfg)  # before Ray starts
-    init_ray(args.address)
+    init_ray(args.address, progress=args.progress)
     s = run_capfilt(cfg)
     m = s["models"]
     writer = f"{m['captioner']['kind']}:{m['captioner']['model']}" if m["captioner"] else "none"

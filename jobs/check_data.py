@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    init_ray(args.address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(args.address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             progress=args.progress)
     try:
         result = check_sources(args.sources, cfg)
     finally:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_job_config(EvalConfig, args)
     check_inputs(cfg)  # before Ray starts
-    init_ray(args.address)
+    init_ray(args.address, progress=args.progress)
     report = run_evaluation(cfg)
     print(format_table(report["metrics"], f"{cfg.task} evaluation of {cfg.model}"), flush=True)
     if args.json:

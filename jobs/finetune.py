@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_job_config(FinetuneConfig, args)
     check_finetune_inputs(resolve_start(cfg))  # before Ray: bad paths are one sentence, not a Ray traceback
-    init_ray(args.address)
+    init_ray(args.address, progress=args.progress)
     report = run_finetune(cfg)
     metrics = report["metrics"]
     print(f"done: run {cfg.run_name} step {report['train']['step']}; metrics {metrics}; model exported to "

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_job_config(PretrainConfig, args)
     check_inputs(cfg)  # before any worker: bad paths are one sentence, not a Ray traceback
-    init_ray(args.address)
+    init_ray(args.address, progress=args.progress)
     result = run_pretrain(cfg)
     m = result.metrics or {}
     print(f"done: run {cfg.run_name} step {m.get('step', '?')} loss {m.get('loss', float('nan')):.4f}; "

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from blip2_ray.serve.app import build_app
     from blip2_ray.serve.config import served_model_names
 
-    own_cluster = init_ray(args.address, include_dashboard=False)
+    own_cluster = init_ray(args.address, include_dashboard=False, progress=args.progress)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
     names = " and ".join(served_model_names(cfg))

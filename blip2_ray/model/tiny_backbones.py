@@ -8,6 +8,7 @@ captions) on the generated data, saves them in HF format, and BLIP-2 then uses t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -19,13 +20,29 @@ from blip2_ray.model.language_model import build_language_model, padded_vocab
 from blip2_ray.model.vision import build_vision_model
 
 
+class _Progress:
+    """A progress line at most every `every_s` seconds of a training loop (0: silent)."""
+
+    def __init__(self, what: str, steps: int, every_s: float):
+        self.what, self.steps, self.every_s = what, steps, every_s
+        self.start = self.last = time.monotonic()
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        now = time.monotonic()
+        if self.every_s and now - self.last >= self.every_s:
+            self.last = now
+            print(f"{self.what}: step {step + 1}/{self.steps} loss {loss.item():.3f} ({now - self.start:.0f} s)",
+                  flush=True)
+
+
 def pretrain_tiny_vision(
     cfg: ModelConfig, pixels: torch.Tensor, labels: list[torch.Tensor], out_dir: str,
-    steps: int = 300, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+    steps: int = 300, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, report_every_s: float = 20.0,
 ) -> str:
     """Train the ViT of `cfg.vision` (EVA layout) as a classifier of each label set; save HF format.
 
     pixels (N, 3, S, S) normalised; labels: one (N,) class-id tensor per attribute (e.g. colour, shape).
+    A progress line at most every `report_every_s` seconds (0: none).
     """
     torch.manual_seed(seed)
     vision = build_vision_model(cfg.vision)
@@ -33,13 +50,15 @@ def pretrain_tiny_vision(
     opt = torch.optim.AdamW(list(vision.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     vision.train()
-    for _ in range(steps):
+    progress = _Progress("tiny ViT pre-training", steps, report_every_s)
+    for step in range(steps):
         idx = torch.randint(0, pixels.shape[0], (batch_size,), generator=g)
         h = vision(pixel_values=pixels[idx]).last_hidden_state.mean(1)  # (B, D)
         loss = sum(F.cross_entropy(head(h), y[idx]) for head, y in zip(heads, labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        progress.step(step, loss)
     vision.eval()
     vision.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
@@ -66,7 +85,7 @@ def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Genera
 def pretrain_tiny_llm(
     cfg: ModelConfig, tokenizer, captions: list[str], out_dir: str, attribute_words: list[str] | None = None,
     steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, context_share: float = 0.7,
-    log_every: int = 0, context_words: list[list[str]] | None = None,
+    log_every: int = 0, context_words: list[list[str]] | None = None, report_every_s: float = 20.0,
 ) -> str:
     """Train the OPT of `cfg.llm` as a language model of `captions` (each ending in "\n"); save HF format.
 
@@ -74,6 +93,7 @@ def pretrain_tiny_llm(
     (e.g. its colour and shape) in a shuffled context before </s>, so the LM learns to copy from its
     context, as pre-trained LLMs can. `context_words` (one list per caption): what the context shows instead
     (e.g. every attribute of the image a question/answer text is about). Loss is on the caption tokens only.
+    A progress line at most every `report_every_s` seconds (0: none; `log_every`: also every N steps).
     """
     if not llm_is_decoder(cfg.llm.kind):
         raise ValueError("the tiny LLM pre-training covers OPT (the demo's LLM)")
@@ -85,6 +105,7 @@ def pretrain_tiny_llm(
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.01)
     llm.train()
     pad = tokenizer.pad_token_id
+    progress = _Progress("tiny LLM pre-training", steps, report_every_s)
     for step in range(steps):
         idx = torch.randint(0, len(captions), (batch_size,), generator=g)
         seqs = []
@@ -105,6 +126,7 @@ def pretrain_tiny_llm(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        progress.step(step, loss)
     llm.eval()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     llm.save_pretrained(out_dir, safe_serialization=True)

@@ -2,7 +2,8 @@
 
 `job_parser` gives the common flags: `--config FILE.yaml` (overrides of the config's defaults), any
 number of `--set key=value` (the value parsed as YAML), `--address` (see `cluster.init_ray`) and, where
-the job prints a result, `--json`. `cli_main` wraps a job's `main`.
+the job prints a result, `--json`; `--progress` (Ray Data's progress bars: auto = only on a terminal). `cli_main`
+wraps a job's `main`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, TypeVar
 
 from blip2_ray.config import load_config
 from blip2_ray.errors import UserError
+from blip2_ray.runtime.cluster import PROGRESS_CHOICES
 
 T = TypeVar("T")
 
@@ -30,6 +32,8 @@ def job_parser(description: str, *, config_help: str | None = None, config_requi
         p.add_argument("--config", required=config_required, help=config_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.add_argument("--progress", choices=PROGRESS_CHOICES, default="auto",
+                   help="Ray Data progress bars: auto (only when the output is a terminal), on, off")
     if json_help is not None:
         p.add_argument("--json", action="store_true", help=json_help)
     return p

@@ -238,6 +238,16 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(FinetuneConfig if config.get("finetune") else PretrainConfig, config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     import ray.train
+
+    from blip2_ray.runtime.heartbeat import Heartbeat
+
+    # rank 0 says what it is doing when it has said nothing for 25 s (model build, first batch, export)
+    with Heartbeat(f"[stage{cfg.stage}] ", enabled=ray.train.get_context().get_world_rank() == 0) as beat:
+        _train(cfg, beat)
+
+
+def _train(cfg: PretrainConfig, beat) -> None:
+    import ray.train
     import torch.distributed as dist
 
     from blip2_ray.data.epoch_plan import epoch_plan, epoch_plan_name
@@ -245,6 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
     trace_memory("worker start")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    beat.phase("building the model")
     engine = build_engine(cfg)
     try:
         plan = epoch_plan(epoch_plan_name(cfg.run_name))
@@ -267,6 +278,7 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[stage{cfg.stage}] run {cfg.run_name}: {resume or 'starting'} of {cfg.train.max_steps} steps, "
               f"{world} workers, ZeRO-{cfg.deepspeed.zero_stage}, precision {cfg.train.precision}, "
               f"grad accumulation {cfg.gradient_accumulation_steps}", flush=True)
+        beat.said()
     writer = tensorboard(cfg) if rank == 0 else None
 
     engine.train()
@@ -281,6 +293,7 @@ def train_loop_per_worker(config: dict) -> None:
                         cfg.data.stall_timeout_s, stalled)
     trained = TrainedRecords(position.epoch)
     fi = cfg.fault_injection
+    beat.phase(f"waiting for the first batch of step {step + 1}")
     window = LossWindow()
     try:
         while step < cfg.train.max_steps:
@@ -312,6 +325,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["start_steps"] = list(state["start_steps"])
             if rank == 0:
                 log_step(cfg, writer, metrics)
+                beat.said()
+                beat.phase(f"training step {step + 1}")
             if checkpoint:
                 position = checkpoint_position(trained, position, plan, rank, world)
                 state.update(step=step, epoch=epoch, data=position.to_state() if position else None)
@@ -323,6 +338,7 @@ def train_loop_per_worker(config: dict) -> None:
     if state["start_steps"][-1] >= cfg.train.max_steps and rank == 0:
         print(f"[stage{cfg.stage}] run {cfg.run_name} had already reached step {step}; exporting only", flush=True)
     trace_memory("before export")
+    beat.phase(f"exporting the model to {cfg.output_dir}")
     export_model(engine, cfg, rank)
     trace_memory("exported")
     if writer is not None:

@@ -63,7 +63,7 @@ def build_train_dataset(cfg: PretrainConfig):
 
 
 def run_config(cfg: PretrainConfig):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     storage_path, fs = cfg.local_storage_path, None
     if cfg.is_s3:
@@ -73,7 +73,7 @@ def run_config(cfg: PretrainConfig):
 
             fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.storage_endpoint_url)
             storage_path = cfg.storage_path.removeprefix("s3://")
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return RunConfig(
@@ -83,6 +83,9 @@ def run_config(cfg: PretrainConfig):
         failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env},
+        # Train's own INFO lines (every report's metrics dict, each checkpoint's path) are not for the console:
+        # the workers print one progress line per logging window; warnings still show
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
 
 
