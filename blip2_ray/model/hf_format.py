@@ -86,14 +86,18 @@ def stage2_hf_class(model: Blip2Stage2):
     return InstructBlipForConditionalGeneration if model.takes_question else Blip2ForConditionalGeneration
 
 
-def stage2_hf_config(model: Blip2Stage2, image_token_index: int):
+def stage2_hf_config(model: Blip2Stage2, image_token_index: int, vocab_rows: int | None = None):
+    """The HF config of a stage-2 export; `vocab_rows`: the LLM's vocabulary grown for the <image> token."""
     from transformers import Blip2Config, InstructBlipConfig
 
     cls = InstructBlipConfig if model.takes_question else Blip2Config
+    text = model.language_model.config.to_dict()  # the LLM's own config (any decoder family, T5)
+    if vocab_rows is not None:
+        text["vocab_size"] = vocab_rows
     return cls(
         vision_config=_vision_hf_config(model),
         qformer_config=model.qformer.config.to_dict(),
-        text_config=model.language_model.config.to_dict(),  # the LLM's own config (any decoder family, T5)
+        text_config=text,
         num_query_tokens=model.num_query_tokens,
         image_token_index=image_token_index,
     )
@@ -143,13 +147,39 @@ def stage2_processor(model: Blip2Stage2, tokenizer, qformer_tokenizer=None):
     return InstructBlipProcessor(images, tokenizer, qformer_tokenizer, num_query_tokens=model.num_query_tokens)
 
 
+IMAGE_ROWS_MULTIPLE = 64  # transformers' BLIP-2 conversions: resize_token_embeddings(..., pad_to_multiple_of=64)
+
+
 def image_token_index_of(model: Blip2Stage2, tokenizer) -> int:
-    """The id of the <image> token HF's processor adds; UserError when the LLM vocabulary has no row for it."""
-    index = tokenizer.convert_tokens_to_ids("<image>")
-    if index >= model.llm_embeddings().num_embeddings:
-        raise UserError(f"the LLM vocabulary ({model.llm_embeddings().num_embeddings} rows) has no room for the "
-                        f"<image> token HF's processor adds (id {index}); the export needs a spare row")
-    return index
+    """The id of the <image> token HF's processor adds (the processor adds it to `tokenizer` first)."""
+    return tokenizer.convert_tokens_to_ids("<image>")
+
+
+def export_vocab_rows(model: Blip2Stage2, image_token_index: int) -> int | None:
+    """The LLM vocabulary size of the export when the <image> token has no row in the model's (a Llama-2
+    checkpoint, whose vocabulary is exactly its tokenizer's): the token's id + 1 rounded up to 64, as
+    transformers' conversion resizes; None when the vocabulary already has the row (OPT, Qwen2, T5)."""
+    rows = full_shape(model.llm_embeddings().weight)[0]
+    if image_token_index < rows:
+        return None
+    return -(-(image_token_index + 1) // IMAGE_ROWS_MULTIPLE) * IMAGE_ROWS_MULTIPLE
+
+
+def vocab_row_keys(model: Blip2Stage2) -> set[str]:
+    """The state-dict keys of the LLM's input embedding and output head (each has a row per token)."""
+    lm = model.language_model
+    heads = [lm.get_input_embeddings().weight]
+    if lm.get_output_embeddings() is not None:
+        heads.append(lm.get_output_embeddings().weight)
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if any(p is h for h in heads)}
+
+
+def grow_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """(V, D) -> (rows, D): the new rows (the <image> token's and the padding) start as the mean of the old ones
+    (transformers' mean resizing, without its random spread); the <image> row's input is never read (the
+    queries take its places) and its output row only has to be a row."""
+    extra = tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(rows - tensor.shape[0], -1)
+    return torch.cat([tensor, extra])
 
 
 def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None,
@@ -161,7 +191,11 @@ def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelC
     out.mkdir(parents=True, exist_ok=True)
     processor = stage2_processor(model, tokenizer, qformer_tokenizer)
     state = dict(model.state_dict())
-    cls, config = stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer))
+    index = image_token_index_of(model, tokenizer)
+    rows = export_vocab_rows(model, index)
+    if rows is not None:
+        state.update({k: grow_vocab_rows(state[k], rows) for k in vocab_row_keys(model)})
+    cls, config = stage2_hf_class(model), stage2_hf_config(model, index, rows)
     hf = _hf_from_state(cls, config, state, model.vision_model)
     hf.save_pretrained(str(out), safe_serialization=True)
     if is_clip_vision(model.vision_model):

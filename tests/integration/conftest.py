@@ -4,6 +4,8 @@ instance, a real S3 server, tiny model exports."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from blip2_ray.runtime.cluster import free_port
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 @pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
@@ -92,3 +95,20 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def finetune_job(ray_session):
+    """jobs/finetune.py run in this process on the session's Ray (its `main`: flags, checks, job, exit code):
+    (config file, ["key=value", ...]) -> the finetune_report.json it wrote to output_dir."""
+    spec = importlib.util.spec_from_file_location("finetune_job_cli", ROOT / "jobs" / "finetune.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    def run(config, sets: list[str]) -> dict:
+        rc = cli.main(["--config", str(config), *[a for s in sets for a in ("--set", s)]])
+        assert rc == 0, f"jobs/finetune.py exited with {rc}"
+        out = next(s.split("=", 1)[1] for s in reversed(sets) if s.startswith("output_dir="))
+        return json.loads((Path(out) / "finetune_report.json").read_text())
+
+    return run
