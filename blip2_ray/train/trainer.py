@@ -71,7 +71,14 @@ def run_config(cfg: PretrainConfig):
         if cfg.storage_endpoint_url:
             import pyarrow.fs
 
-            fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.storage_endpoint_url)
+            # credentials in the driver's environment go along (the workers write with the driver's identity,
+            # as the data pipeline reads); without them each worker uses its own AWS chain
+            keys = {}
+            if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+                keys = {"access_key": os.environ["AWS_ACCESS_KEY_ID"],
+                        "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+                        "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+            fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.storage_endpoint_url, **keys)
             storage_path = cfg.storage_path.removeprefix("s3://")
     env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.scaling.use_gpu:

@@ -113,9 +113,17 @@ def test_caption_finetune_beats_zero_shot_trains_the_vit_and_keeps_the_llm(finet
     assert (hf.state_dict()[key].float() == tuned[key].float()).all()
 
 
-def test_retrieval_finetune_trains_the_vit_and_exports_a_retrieval_model(finetune_job, coco, tmp_path):
+def test_retrieval_finetune_on_s3_storage_trains_the_vit_and_exports_a_retrieval_model(finetune_job, coco, s3_server,
+                                                                                     tmp_path):
+    """Also: storage_path on S3 (a real S3 server): the packed shards and the checkpoints go to the bucket."""
     start = make_retrieval_start(tmp_path)
-    report = finetune_job(RETRIEVAL_CONFIG, job_sets(coco, start, tmp_path, 0, *RETRIEVAL_SETS))
+    bucket, client = s3_server["bucket"], s3_server["client"]
+    s3 = [f"storage_path=s3://{bucket}/finetune", f"storage_endpoint_url={s3_server['endpoint_url']}"]
+    report = finetune_job(RETRIEVAL_CONFIG, job_sets(coco, start, tmp_path, 0, *RETRIEVAL_SETS) + s3)
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="finetune/")["Contents"]}
+    run = "finetune/finetune_retrieval_tiny"
+    assert f"{run}/finetune_shards/manifest.json" in keys, sorted(keys)[:20]
+    assert any(k.startswith(f"{run}/checkpoint_{RETRIEVAL_STEPS:08d}/") for k in keys), sorted(keys)[:20]
     m = report["metrics"]
     assert mean_r1(m["finetuned"]) > mean_r1(m["zero_shot"]) + MIN_RETRIEVAL_GAIN / 2, m  # re-ranked, held out
     assert mean_r1(m["finetuned"], "itc_") > mean_r1(m["zero_shot"], "itc_"), m

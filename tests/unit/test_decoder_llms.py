@@ -26,8 +26,8 @@ def save_tiny_llm(family: str, tok_dir: str, out, vocab_size: int | None = None)
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tok_dir)  # as shipped: Llama has no pad token
-    sizes = dict(vocab_size=vocab_size or padded_vocab(len(tok)), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    sizes = dict(vocab_size=vocab_size or padded_vocab(len(tok)), hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(7)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**sizes, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
