@@ -13,6 +13,7 @@ records it as `vision_config.ln_vision_eps`, which our loaders honour and transf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -116,6 +117,20 @@ def stage1_hf_config(model: Blip2Stage1):
     )
 
 
+@contextlib.contextmanager
+def quiet_save():
+    """transformers' "Writing model shards" progress bar off (a job's log gets one line per export, its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _hf_from_state(cls, config, state: dict[str, torch.Tensor], vision_model: nn.Module | None = None):
     """An HF model holding `state` without allocating a second copy (meta init + assign). A CLIP ViT-L
     `vision_model` (our own format) takes the place of the HF ViT."""
@@ -197,7 +212,8 @@ def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelC
         state.update({k: grow_vocab_rows(state[k], rows) for k in vocab_row_keys(model)})
     cls, config = stage2_hf_class(model), stage2_hf_config(model, index, rows)
     hf = _hf_from_state(cls, config, state, model.vision_model)
-    hf.save_pretrained(str(out), safe_serialization=True)
+    with quiet_save():
+        hf.save_pretrained(str(out), safe_serialization=True)
     if is_clip_vision(model.vision_model):
         write_native_config(out, config, cls.__name__, model.vision_model)
     processor.save_pretrained(str(out))
@@ -231,7 +247,8 @@ def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelC
     state = {k: v for k, v in model.state_dict().items() if k not in extras}
     config = stage1_hf_config(model)
     hf = _hf_from_state(Blip2ForImageTextRetrieval, config, state, model.vision_model)
-    hf.save_pretrained(str(out), safe_serialization=True)
+    with quiet_save():
+        hf.save_pretrained(str(out), safe_serialization=True)
     if is_clip_vision(model.vision_model):
         write_native_config(out, config, "Blip2ForImageTextRetrieval", model.vision_model)
     save_file({k: v.detach().contiguous().cpu() for k, v in extras.items()}, str(out / EXTRAS_FILE))

@@ -98,15 +98,26 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
-def finetune_job(ray_session):
+def job_main():
+    """jobs/<name>.py's `main`, loaded into this process: job_main("capfilt")(argv) -> its exit code. On the
+    session's Ray (a job joins the Ray this process is connected to), without a Python start per call."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def finetune_job(ray_session, job_main):
     """jobs/finetune.py run in this process on the session's Ray (its `main`: flags, checks, job, exit code):
     (config file, ["key=value", ...]) -> the finetune_report.json it wrote to output_dir."""
-    spec = importlib.util.spec_from_file_location("finetune_job_cli", ROOT / "jobs" / "finetune.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    main = job_main("finetune")
 
     def run(config, sets: list[str]) -> dict:
-        rc = cli.main(["--config", str(config), *[a for s in sets for a in ("--set", s)]])
+        rc = main(["--config", str(config), *[a for s in sets for a in ("--set", s)]])
         assert rc == 0, f"jobs/finetune.py exited with {rc}"
         out = next(s.split("=", 1)[1] for s in reversed(sets) if s.startswith("output_dir="))
         return json.loads((Path(out) / "finetune_report.json").read_text())
