@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,30 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def wait_until_served(client, path: str = "/healthz", timeout_s: float = 120, headers: dict | None = None) -> None:
+    """Poll GET `path` through `client` (an httpx.Client) until it answers 200: Serve's proxy can refuse or 503 for a
+    moment after `serve.run` returns on a busy machine. Bounded: AssertionError after `timeout_s`."""
+    import httpx
+
+    deadline, last = time.time() + timeout_s, None
+    while time.time() < deadline:
+        try:
+            r = client.get(path, headers=headers)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.TransportError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise AssertionError(f"{path} not ready after {timeout_s} s (last answer: {last})")
+
+
+@pytest.fixture(scope="session")
+def until_served():
+    """`wait_until_served` (for module fixtures that start a Serve app)."""
+    return wait_until_served
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, model_dirs, monkeypatch_module):
+def server(ray_session, model_dirs, monkeypatch_module, until_served):
     """Two apps: 'main' (both models, token, batching) and 'limited' (caption only, tiny queue, no token)."""
     import httpx
     from ray import serve
@@ -86,6 +86,8 @@ def server(ray_session, model_dirs, monkeypatch_module):
     serve.run(build_app(limited, name_prefix="Limited"), name="limited", route_prefix="/limited")
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as c:
+        until_served(c)
+        until_served(c, "/limited/healthz")
         yield {"base": base, "client": c, "stage2": stage2, "stage1": stage1}
     serve.shutdown()
 
