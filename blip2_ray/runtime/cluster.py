@@ -22,10 +22,20 @@ def progress_bars(choice: str = "auto") -> bool:
 
 
 def set_progress_bars(on: bool) -> None:
-    """Ray Data's progress bars on or off in this process (the datasets it builds carry the setting)."""
+    """Ray Data's progress bars on or off in this process (the datasets it builds carry the setting); off, its
+    INFO lines (each dataset execution's start and plan, once per epoch) stay in its log files."""
+    import logging
+
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = on
+    logging.getLogger("ray.data").setLevel(logging.NOTSET if on else logging.WARNING)
+
+
+def progress_env(on: bool) -> dict[str, str]:
+    """The workers' environment for Ray Data's progress display (see `set_progress_bars`)."""
+    return {"RAY_DATA_DISABLE_PROGRESS_BARS": "0"} if on else {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                                                                "RAY_DATA_LOG_LEVEL": "WARNING"}
 
 
 def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = None, progress: str = "auto",
@@ -44,7 +54,7 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
         return False
     bars = progress_bars(progress)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    env = {**WORKER_ENV_VARS, "RAY_DATA_DISABLE_PROGRESS_BARS": "0" if bars else "1", **(env_vars or {})}
+    env = {**WORKER_ENV_VARS, **progress_env(bars), **(env_vars or {})}
     ray.init(address=address, runtime_env={"env_vars": env}, **init_kwargs)
     set_progress_bars(bars)
     return address == "local"

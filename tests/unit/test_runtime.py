@@ -30,7 +30,7 @@ def test_init_ray_address_then_ray_address_then_a_new_local_instance(ray_init_ca
     assert cluster.init_ray(None, env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4) is True
     assert [c["address"] for c in ray_init_calls] == ["ray://head:10001", "10.0.0.1:6379", "local"]
     quiet = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-             "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}  # pytest's stdout is no terminal: no progress bars
+             "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING"}  # pytest's stdout: no terminal
     assert ray_init_calls[0]["runtime_env"] == {"env_vars": quiet}
     assert ray_init_calls[2]["runtime_env"] == {"env_vars": {**quiet, "DS_ACCELERATOR": "cpu"}}
     assert ray_init_calls[2]["num_cpus"] == 4
@@ -48,7 +48,9 @@ def test_progress_bars_only_on_a_terminal_unless_asked(ray_init_calls, monkeypat
     assert not cluster.progress_bars("auto") and cluster.progress_bars("on")
     with pytest.raises(ValueError, match="progress must be one of auto, on, off"):
         cluster.progress_bars("sometimes")
-    saved = DataContext.get_current().enable_progress_bars
+    import logging
+
+    saved, level = DataContext.get_current().enable_progress_bars, logging.getLogger("ray.data").level
     try:
         for choice, bars in (("on", True), ("off", False)):
             cluster.init_ray("local", progress=choice)
@@ -56,6 +58,7 @@ def test_progress_bars_only_on_a_terminal_unless_asked(ray_init_calls, monkeypat
             assert DataContext.get_current().enable_progress_bars is bars
     finally:
         DataContext.get_current().enable_progress_bars = saved
+        logging.getLogger("ray.data").setLevel(level)
     assert cli.job_parser("x").parse_args(["--progress", "off"]).progress == "off"
 
 
