@@ -8,8 +8,10 @@ and Q-Former. Retrieval starts from a random tiny stage-1 model (Q-Former init s
 attention uniform at width 32; no dropout).
 
 Gains measured through this file's own code (the helpers below + the job) for seeds 0, 1, 2 (model init, LLM
-pre-training, train.seed and data.seed; the data fixed), on the 2-core CPU machine: CAPTION_GAINS and
-RETRIEVAL_GAINS below. Each test asserts at most half of the smallest gain.
+pre-training, train.seed and data.seed; the data fixed), on the 2-core CPU machine (heavily loaded):
+- caption, held-out CIDEr: 1.156 -> 2.239 (+1.08), 1.174 -> 1.980 (+0.81), 1.093 -> 2.343 (+1.25);
+- retrieval: see RETRIEVAL_GAINS.
+Each test asserts half the smallest gain (CAPTION_GAINS, RETRIEVAL_GAINS below).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CAPTION_CONFIG = ROOT / "jobs/configs/finetune_caption_tiny.yaml"
 RETRIEVAL_CONFIG = ROOT / "jobs/configs/finetune_retrieval_tiny.yaml"
 CAPTION_STEPS, RETRIEVAL_STEPS = 80, 60
-CAPTION_GAINS = {}  # CIDEr before -> after, per seed
+CAPTION_GAINS = {0: (1.1555, 2.2391), 1: (1.1741, 1.9804), 2: (1.0933, 2.3429)}  # CIDEr before -> after, per seed
 RETRIEVAL_GAINS = {}  # mean re-ranked R@1 (txt, img) before -> after, per seed
-MIN_CAPTION_GAIN, MIN_RETRIEVAL_GAIN = 0.0, 10.0
+MIN_CAPTION_GAIN = min(after - before for before, after in CAPTION_GAINS.values())
+MIN_RETRIEVAL_GAIN = 10.0
 
 
 def make_coco(root: Path) -> dict:
