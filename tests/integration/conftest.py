@@ -55,16 +55,24 @@ def ray_session():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
-    ctx = ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=True,
-        object_store_memory=1_000_000_000,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
-    )
+    for attempt in range(3):  # a raylet has 30 s to register, which a loaded machine can exceed: start again
+        temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+        try:
+            ctx = ray.init(
+                address="local",
+                num_cpus=4,
+                include_dashboard=False,
+                _temp_dir=temp_dir,
+                log_to_driver=True,
+                object_store_memory=1_000_000_000,
+                runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                                          "HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            )
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     yield ctx.address_info["address"]
     ray.shutdown()
 

@@ -16,6 +16,7 @@ again later", seen on a busy machine) is retried, for a bounded time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -45,18 +46,24 @@ def _ray_cli() -> str:
     return cli if os.path.exists(cli) else "ray"
 
 
-def _wait_for_job_server(url: str, headers: dict, proc: subprocess.Popen, log: str, timeout: float = 120) -> None:
+class HeadDidNotStart(RuntimeError):
+    """`ray start` gave up (its raylet has 30 s to register, which a loaded machine can exceed): start again."""
+
+
+def _wait_for_job_server(url: str, headers: dict, proc: subprocess.Popen, log: str, timeout: float = 180) -> None:
+    """Ready: `ray start --block` said "Ray runtime started." (its raylet registered) and the job server answers."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{open(log).read()[-3000:]}")
-        try:
-            req = urllib.request.Request(f"{url}/api/version", headers=headers)
-            with urllib.request.urlopen(req, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+            raise HeadDidNotStart(f"ray start exited with {proc.returncode}:\n{open(log).read()[-3000:]}")
+        if "Ray runtime started" in open(log).read():
+            try:
+                req = urllib.request.Request(f"{url}/api/version", headers=headers)
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
         time.sleep(1)
     raise RuntimeError(f"the job server at {url} did not come up in {timeout} s:\n{open(log).read()[-3000:]}")
 
@@ -86,8 +93,24 @@ def ray_head(tmp_path_factory):
     gets a fresh token of its own instead, so the test neither reads nor depends on the user's.
     """
     tmp = tmp_path_factory.mktemp("head")
+    for attempt in range(3):  # bounded: a head whose `ray start` gave up is started again, twice at most
+        head = _head(tmp, attempt)
+        try:
+            url_headers = head.__enter__()
+            break
+        except HeadDidNotStart:
+            if attempt == 2:
+                raise
+    try:
+        yield url_headers
+    finally:
+        head.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _head(tmp, attempt: int):
     # short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit
-    temp_dir = os.path.join("/tmp", f"rayjobs_{os.getpid()}")
+    temp_dir = os.path.join("/tmp", f"rayjobs_{os.getpid()}_{attempt}")
     dashboard_port = free_port()
     ports = {
         "--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
@@ -108,7 +131,7 @@ def ray_head(tmp_path_factory):
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                BLIP2_RAY_CACHE=os.environ["BLIP2_RAY_CACHE"],
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
-    log = str(tmp / "head.log")
+    log = str(tmp / f"head{attempt}.log")
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard_port}"
