@@ -241,9 +241,22 @@ def train_loop_per_worker(config: dict) -> None:
 
     from blip2_ray.runtime.heartbeat import Heartbeat
 
+    quiet_report_lines()
+
     # rank 0 says what it is doing when it has said nothing for 25 s (model build, first batch, export)
     with Heartbeat(f"[stage{cfg.stage}] ", enabled=ray.train.get_context().get_world_rank() == 0) as beat:
         _train(cfg, beat)
+
+
+def quiet_report_lines() -> None:
+    """Ray Train logs every report's whole metrics dict ("Reporting training result N: TrainingReport(...)") at
+    INFO on a logger named by its file path, so RunConfig's log level (trainer.run_config) misses it: WARNING here.
+    The progress line of each logging window says what matters."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _train(cfg: PretrainConfig, beat) -> None:
