@@ -140,6 +140,11 @@ def test_caption_and_vqa(ray_session, models, karpathy, tmp_path):
     assert rep["images"] == 10 and {"BLEU-4", "CIDEr"} <= set(rep["metrics"])
     preds = json.loads(Path(rep["predictions"]).read_text())
     assert len(preds) == 10 and {"image_id", "caption"} <= set(preds[0])
+    # the references it scored against are written too: `evaluate.py caption-metrics` on the pair agrees
+    from blip2_ray.eval.caption_metrics import caption_scores, load_predictions, load_references
+
+    again = caption_scores(load_references(rep["references"]), load_predictions(rep["predictions"]))
+    assert again == pytest.approx(rep["metrics"])
 
     rep = run_evaluation(_cfg(task="vqa", model=models["stage2"], output=str(tmp_path / "v.json"),
                               test_set={**ts, "annotations": str(karpathy / "vqa.json")},

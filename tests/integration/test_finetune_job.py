@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[2]
 CAPTION_CONFIG = ROOT / "jobs/configs/finetune_caption_tiny.yaml"
 RETRIEVAL_CONFIG = ROOT / "jobs/configs/finetune_retrieval_tiny.yaml"
-CAPTION_STEPS, RETRIEVAL_STEPS = 80, 60
+CAPTION_STEPS, RETRIEVAL_STEPS = 80, 60  # fine-tuning steps
+LLM_STEPS = 300  # the caption test's tiny OPT pre-training steps
 CAPTION_GAINS = {0: (1.1555, 2.2391), 1: (1.1741, 1.9804), 2: (1.0933, 2.3429)}  # CIDEr before -> after, per seed
 RETRIEVAL_GAINS = {}  # mean re-ranked R@1 (txt, img) before -> after, per seed
 MIN_CAPTION_GAIN = min(after - before for before, after in CAPTION_GAINS.values())
@@ -53,7 +54,7 @@ def make_caption_start(root: Path, data: dict, seed: int = 0) -> str:
     cfg = model_config("tiny")
     tok = llm_tokenizer(cfg)
     caps = [c for e in read_caption_annotations(data["train"], data["image_root"]).entries for c in e["captions"]]
-    llm = pretrain_tiny_llm(cfg, tok, caps, str(root / "opt"), attribute_words=COLOURS + SHAPES, steps=300,
+    llm = pretrain_tiny_llm(cfg, tok, caps, str(root / "opt"), attribute_words=COLOURS + SHAPES, steps=LLM_STEPS,
                             batch_size=32, lr=5e-3, context_share=0.9, seed=seed)
     torch.manual_seed(seed)
     return export_stage2(build_stage2(model_config("tiny", llm={"path": llm}), tok), str(root / "start"), tok, cfg)

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "jobs/configs/finetune_vqa_tiny.yaml"
-STEPS = 100
+STEPS = 100  # fine-tuning steps
+LLM_STEPS = 600  # the tiny OPT's pre-training steps
 # accuracy before -> after (held-out, VQAv2 rules), per seed; half the smallest gain is what the test asserts
 GAINS = {0: (24.38, 51.88), 1: (24.38, 63.12), 2: (24.38, 33.44)}
 MIN_GAIN = min(after - before for before, after in GAINS.values())
@@ -52,7 +53,7 @@ def make_vqa_start(root: Path, seed: int = 0) -> dict:
     attributes = defaultdict(list)  # every right answer about an image: its colour and its shape
     for e in ann.entries:
         attributes[e["path"]].append(Counter(e["answers"]).most_common(1)[0][0])
-    llm = pretrain_tiny_llm(cfg, tok, texts, str(root / "opt"), attribute_words=COLOURS + SHAPES, steps=600,
+    llm = pretrain_tiny_llm(cfg, tok, texts, str(root / "opt"), attribute_words=COLOURS + SHAPES, steps=LLM_STEPS,
                             batch_size=32, lr=1e-2, context_share=1.0, seed=seed,
                             context_words=[attributes[e["path"]] for e in ann.entries])
     torch.manual_seed(seed)
