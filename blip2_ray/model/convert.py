@@ -88,12 +88,14 @@ EVA_VIT = Layout(
 )
 
 _NOT_THE_VIT = "the rest of the BLIP-2 model (only its ViT is read from here)"
+# what a whole BLIP-2 directory holds besides its ViT
+_BESIDES_THE_VIT = (
+    _drop(r"^(qformer|language_model|language_projection|vision_projection|text_projection|itm_head|embeddings)\.",
+          _NOT_THE_VIT),
+    _drop(r"^query_tokens$", _NOT_THE_VIT))
 BLIP2_DIR_VIT = Layout(
     "blip2_dir", "a whole BLIP-2 directory (Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval)",
-    (Rule(r"^vision_model\.(embeddings|encoder|post_layernorm)\.(.+)$", r"\1.\2"),
-     _drop(r"^(qformer|language_model|language_projection|vision_projection|text_projection|itm_head|embeddings)\.",
-           _NOT_THE_VIT),
-     _drop(r"^query_tokens$", _NOT_THE_VIT)),
+    (Rule(r"^vision_model\.(embeddings|encoder|post_layernorm)\.(.+)$", r"\1.\2"), *_BESIDES_THE_VIT),
     VIT_PROVIDES, layer=r"^vision_model\.encoder\.layers\.(\d+)\.", fits=_GRID,
 )
 
@@ -116,10 +118,7 @@ CLIP_VIT = Layout(
 # the ViT of our own CLIP ViT-L export format (model/native_format.py): ClipVisionTower's names under vision_model.
 NATIVE_CLIP_VIT = Layout(
     "blip2_ray_clip_dir", "a blip2_ray export with a CLIP ViT-L (vision_model.clip.* + vision_model.post_layernorm)",
-    (Rule(r"^vision_model\.(clip\..+|post_layernorm\..+)$", r"\1"),
-     _drop(r"^(qformer|language_model|language_projection|vision_projection|text_projection|itm_head|embeddings)\.",
-           _NOT_THE_VIT),
-     _drop(r"^query_tokens$", _NOT_THE_VIT)),
+    (Rule(r"^vision_model\.(clip\..+|post_layernorm\..+)$", r"\1"), *_BESIDES_THE_VIT),
     CLIP_VIT.provides, layer=r"^vision_model\.clip\.encoder\.layers\.(\d+)\.", fits=_GRID,
 )
 
