@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip2_ray.model.config import ModelConfig, llm_is_decoder
+from blip2_ray.model.hf_format import quiet_save
 from blip2_ray.model.language_model import build_language_model, padded_vocab
 from blip2_ray.model.vision import build_vision_model
 
@@ -60,7 +61,8 @@ def pretrain_tiny_vision(
         opt.step()
         progress.step(step, loss)
     vision.eval()
-    vision.save_pretrained(out_dir, safe_serialization=True)
+    with quiet_save():
+        vision.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
@@ -129,6 +131,7 @@ def pretrain_tiny_llm(
         progress.step(step, loss)
     llm.eval()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    llm.save_pretrained(out_dir, safe_serialization=True)
+    with quiet_save():
+        llm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
