@@ -292,7 +292,7 @@ def load_stage1(path: str, vision_dtype: torch.dtype | str | None = None) -> tup
     from blip2_ray.model.checkpoint_files import read_json
 
     d = require_local_dir(path, "retrieval model")
-    data = read_json(Path(d) / "config.json", "model config") if (Path(d) / "config.json").is_file() else {}
+    data = read_json(Path(d) / "config.json", "retrieval model config") if (Path(d) / "config.json").is_file() else {}
     if is_native_config(data):  # a CLIP ViT-L model in our own format
         _, hf_config = mirrored_hf_config(d, data)
         cfg = stage1_config_from_hf(d, hf_config, read_model_config(d), vision_kind=vision_fields(data)["kind"])

@@ -127,7 +127,8 @@ def test_a_user_error_inside_an_actor_reaches_the_driver_as_itself(ray_session, 
     with pytest.raises(UserError) as info:
         run_evaluation(cfg)
     assert type(info.value) is UserError
-    assert str(info.value) == f"{str(broken)!r} holds no BLIP-2 config.json (OSError)"
+    config = str(broken / "config.json")
+    assert str(info.value) == f"retrieval model config {config!r} is not readable JSON (JSONDecodeError)"
 
 
 def test_caption_and_vqa(ray_session, models, karpathy, tmp_path):
