@@ -38,7 +38,7 @@ class _Progress:
 
 def pretrain_tiny_vision(
     cfg: ModelConfig, pixels: torch.Tensor, labels: list[torch.Tensor], out_dir: str,
-    steps: int = 300, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, report_every_s: float = 20.0,
+    steps: int = 300, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, report_every_s: float = 25.0,
 ) -> str:
     """Train the ViT of `cfg.vision` (EVA layout) as a classifier of each label set; save HF format.
 
@@ -87,7 +87,7 @@ def _context_example(tokenizer, caption: str, words: set[str], rng: torch.Genera
 def pretrain_tiny_llm(
     cfg: ModelConfig, tokenizer, captions: list[str], out_dir: str, attribute_words: list[str] | None = None,
     steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, context_share: float = 0.7,
-    log_every: int = 0, context_words: list[list[str]] | None = None, report_every_s: float = 20.0,
+    log_every: int = 0, context_words: list[list[str]] | None = None, report_every_s: float = 25.0,
 ) -> str:
     """Train the OPT of `cfg.llm` as a language model of `captions` (each ending in "\n"); save HF format.
 
