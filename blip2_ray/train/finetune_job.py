@@ -201,12 +201,16 @@ def evaluate(cfg: FinetuneConfig, model_dir: str, output: str) -> dict:
 
 
 def absolute_annotation_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The annotation paths and the VQA question encoder's made absolute on the driver: the workers (which read
+    the question encoder) run in other directories."""
     cfg = copy.deepcopy(cfg)
     a = cfg.annotations
-    for name in ("train", "eval", "image_root", "eval_image_root"):
+    for name in ("train", "questions", "eval", "eval_questions", "image_root", "eval_image_root"):
         value = getattr(a, name)
         if value:
             setattr(a, name, os.path.abspath(os.path.expanduser(value)))
+    if cfg.vqa.question_encoder_from:
+        cfg.vqa.question_encoder_from = os.path.abspath(os.path.expanduser(cfg.vqa.question_encoder_from))
     return cfg
 
 

@@ -417,3 +417,17 @@ def test_s3_storage_packs_the_shards_once_into_the_bucket(tmp_path, monkeypatch)
                                                   "ft/r/finetune_shards/manifest.json"]
     finally:
         server.stop()
+
+
+def test_relative_paths_the_workers_read_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    """The README's tiny configs name demo_out/... relative to the checkout; the Train workers run elsewhere."""
+    from blip2_ray.train.finetune_job import absolute_annotation_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_annotation_paths(_cfg(task="vqa", vqa={"question_encoder_from": "demo_out/stage1"},
+                                         annotations={"train": "a.json", "questions": "q.json", "eval": "e.json",
+                                                      "eval_questions": "eq.json", "image_root": "img"}))
+    a = cfg.annotations
+    assert cfg.vqa.question_encoder_from == str(tmp_path / "demo_out/stage1")
+    assert [a.train, a.questions, a.eval, a.eval_questions, a.image_root] == [
+        str(tmp_path / n) for n in ("a.json", "q.json", "e.json", "eq.json", "img")]
