@@ -26,7 +26,7 @@ from torch import nn
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.checkpoint_files import TensorFiles, assign_weights, parameters_on_meta, require_materialized
-from blip2_ray.model.weight_sources import NATIVE_MODEL_TYPE
+from blip2_ray.model.export_kinds import NATIVE_MODEL_TYPE
 
 FORMAT_VERSION = 1
 # the fields a Blip2VisionConfig and a CLIPVisionConfig share: a stand-in vision config carries them

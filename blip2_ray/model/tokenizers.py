@@ -192,7 +192,7 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
 
 
 def _is_native_export(d: Path) -> bool:
-    from blip2_ray.model.weight_sources import NATIVE_MODEL_TYPE
+    from blip2_ray.model.export_kinds import NATIVE_MODEL_TYPE
 
     try:
         return json.loads((d / "config.json").read_text()).get("model_type") == NATIVE_MODEL_TYPE

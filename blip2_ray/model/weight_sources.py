@@ -23,15 +23,16 @@ from blip2_ray.errors import UserError
 from blip2_ray.model import convert
 from blip2_ray.model.checkpoint_files import TensorFiles, read_json, require_local_dir, require_local_path
 from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, llm_is_decoder
+from blip2_ray.model.export_kinds import (  # noqa: F401 - re-exported: the loaders' names for the kinds
+    BLIP2_MODEL_TYPES,
+    INSTRUCTBLIP_MODEL_TYPE,
+    NATIVE_MODEL_TYPE,
+    export_kind,
+    is_native_config,
+)
 
 CONFIG_FILE = "blip2_ray_model.yaml"  # the ModelConfig an export was trained with
 EXTRAS_FILE = "stage1_extras.safetensors"  # stage-1 weights HF has no place for (Q-Former LM head, temp)
-BLIP2_MODEL_TYPES = ("blip-2", "blip_2")  # transformers writes "blip-2" into config.json
-INSTRUCTBLIP_MODEL_TYPE = "instructblip"  # a VQA fine-tune's export (its Q-Former reads the question)
-NATIVE_MODEL_TYPE = "blip2_ray"  # our own export format where no HF class holds the model (native_format.py)
-# what each HF class an export mirrors holds (export_kind)
-_KINDS_BY_CLASS = {"Blip2ForImageTextRetrieval": "stage1", "Blip2ForConditionalGeneration": "stage2",
-                   "InstructBlipForConditionalGeneration": "vqa"}
 _VISION_EXPECTED = ("a BLIP-2 directory, a Blip2VisionModel directory, a CLIP directory (CLIPVisionModel / "
                     "CLIPModel) or LAVIS's eva_vit_g.pth")
 
@@ -64,25 +65,6 @@ def read_model_config(path: str) -> ModelConfig | None:
     import yaml
 
     return from_dict(ModelConfig, yaml.safe_load(f.read_text()))
-
-
-def is_native_config(data: dict) -> bool:
-    """Whether a config.json is of our own export format (a CLIP ViT-L model; model/native_format.py)."""
-    return data.get("model_type") == NATIVE_MODEL_TYPE
-
-
-def export_kind(data: dict) -> str | None:
-    """What a model directory's config.json describes, in HF's format or ours: "stage1" (the retrieval model:
-    Blip2ForImageTextRetrieval layout), "stage2" (Blip2ForConditionalGeneration), "vqa" (a VQA fine-tune whose
-    Q-Former reads the question: InstructBlipForConditionalGeneration), None for anything else."""
-    model_type, arch = data.get("model_type"), list(data.get("architectures") or [])
-    if model_type == INSTRUCTBLIP_MODEL_TYPE:
-        return "vqa"
-    if model_type == NATIVE_MODEL_TYPE:
-        return next((_KINDS_BY_CLASS[a] for a in arch if a in _KINDS_BY_CLASS), None)
-    if model_type in BLIP2_MODEL_TYPES:
-        return "stage1" if "Blip2ForImageTextRetrieval" in arch else "stage2"
-    return None
 
 
 def _config_json(path: str, key: str) -> dict:

@@ -14,12 +14,11 @@ deployment.
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
 
 from blip2_ray.errors import UserError
-from blip2_ray.model.checkpoint_files import read_json
-from blip2_ray.model.weight_sources import export_kind
+from blip2_ray.model.export_kinds import export_kind  # torch-free: this check answers in well under a second
 
 SERVABLE: dict[str, dict[str, str]] = {
     "model": {"stage2": "caption, vqa and chat"},
@@ -52,7 +51,13 @@ def model_kind(path: str, key: str) -> str:
     if not os.path.isfile(config):
         raise UserError(f"{_name(key)} {path!r} holds no model (no config.json); it needs {want}, e.g. the "
                         f"output_dir of a training run")
-    data = read_json(Path(config), f"{_name(key)} config")
+    try:
+        with open(config) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{_name(key)} {path!r}: config.json is not readable JSON ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{_name(key)} {path!r}: config.json holds no JSON object; it needs {want}")
     kind = export_kind(data)
     if kind is None:
         raise UserError(f"{_name(key)} {path!r} holds a {data.get('model_type')!r} model; it needs {want}")
