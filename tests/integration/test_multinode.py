@@ -41,18 +41,6 @@ def _resources_per_node() -> dict[str, dict]:
     return available_resources_per_node()
 
 
-def surviving_keys(trained_dir: str) -> list[str]:
-    """The record keys the final model learned from, sorted (repeats kept): each run's rows up to the step the
-    next run resumed from (what a run trained after its last checkpoint was rolled back)."""
-    rows = []
-    for path in sorted(os.listdir(trained_dir)):
-        with open(os.path.join(trained_dir, path)) as f:
-            rows += [line.split() for line in f]
-    starts = sorted({int(r[0]) for r in rows})
-    ends = dict(zip(starts, starts[1:] + [10 ** 9]))
-    return sorted(k for s, step, e, k, c in rows if int(step) <= ends[int(s)])
-
-
 def run_scenario(tmp: str) -> dict:
     """The whole multi-node run; returns what the test asserts on (runs in its own process)."""
     import ray
@@ -61,6 +49,7 @@ def run_scenario(tmp: str) -> dict:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from trained_rows import surviving_rows
 
     from blip2_ray.config import load_config, to_dict
     from blip2_ray.data.readers import list_shards, read_shard_records
@@ -150,7 +139,7 @@ def run_scenario(tmp: str) -> dict:
             "node_removed": "removed" in seen,
             "export_has_config": os.path.exists(os.path.join(cfg.output_dir, "config.json")),
             "seconds": round(time.time() - start, 1),
-            "trained_keys": surviving_keys(cfg.fault_injection.trained_keys_dir),
+            "trained_keys": sorted(key for _, key, _ in surviving_rows(cfg.fault_injection.trained_keys_dir)),
             "record_keys": sorted(r["key"] for path in list_shards(shards)
                                   for r in read_shard_records(path, cfg.data.image_keys, cfg.data.caption_keys,
                                                               lambda reason: None)),

@@ -19,6 +19,7 @@ import time
 import zlib
 
 import pytest
+from trained_rows import surviving_rows
 
 from blip2_ray.config import load_config
 from blip2_ray.train.config import PretrainConfig
@@ -101,18 +102,6 @@ def expected_pixel_crcs(shards: str, epoch: int, cfg: PretrainConfig) -> dict[st
             im = decode_image(r["image"], cfg.data.min_image_side, cfg.data.max_image_pixels)
             out[r["key"]] = zlib.crc32(train_crop(im, cfg.data.image_size, rng, cfg.data.min_crop_scale).tobytes())
     return out
-
-
-def surviving_rows(trained_dir) -> list[tuple[int, str, int]]:
-    """(epoch, key, pixel CRC) of every row the final model learned from: each run's rows up to the step
-    the next run resumed from (what a run trained after its last checkpoint was rolled back)."""
-    rows = []
-    for path in sorted(os.listdir(trained_dir)):
-        with open(os.path.join(trained_dir, path)) as f:
-            rows += [line.split() for line in f]
-    starts = sorted({int(r[0]) for r in rows})
-    ends = dict(zip(starts, starts[1:] + [10 ** 9]))
-    return [(int(e), k, int(c)) for s, step, e, k, c in rows if int(step) <= ends[int(s)]]
 
 
 def test_resubmitted_run_continues_from_its_checkpoint_without_training_a_record_twice(stage1_run, shards):
