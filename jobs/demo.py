@@ -8,6 +8,8 @@
    DeepSpeed ZeRO-2, exported in the `Blip2ForImageTextRetrieval` layout.
 4. Stage 2 from that export with the frozen OPT, exported as `Blip2ForConditionalGeneration`.
 5. Held-out image->text R@1 (vs chance) and captions that should name the right colour and shape.
+6. Leaves what the README's next commands read: the exports (demo_out/stage1, demo_out/stage2), the held-out
+   shards, and a copy of them whose captions are deliberately wrong (demo_out/data/web_wrong, CapFilt's input).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from blip2_ray.runtime.cli import cli_main
-from blip2_ray.runtime.cluster import init_ray
+from blip2_ray.runtime.cluster import PROGRESS_CHOICES, init_ray
 
 
 def rows_of(shards: str, image_size: int, qformer_tok: str | None, llm_tok: str | None) -> list[dict]:
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-steps", type=int, default=800)
     ap.add_argument("--num-train", type=int, default=2048)
     ap.add_argument("--address", default=None, help="Ray address (default: start a local instance)")
+    ap.add_argument("--progress", choices=PROGRESS_CHOICES, default="auto",
+                    help="Ray Data progress bars: auto (only when the output is a terminal), on, off")
     args = ap.parse_args(argv)
 
     from blip2_ray.config import load_config
@@ -83,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"1. data: {train['good']} training and 96 held-out images of coloured shapes {stamp()}", flush=True)
 
     if args.address:
-        init_ray(args.address)
+        init_ray(args.address, progress=args.progress)
     else:  # the demo's own instance, even inside a shell that names another cluster in RAY_ADDRESS
         os.environ.pop("RAY_ADDRESS", None)
         # 4 logical CPUs on any machine: the 2 train workers and a decode task must fit at once, or Ray waits
         # for resources forever
-        init_ray("local", env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4, include_dashboard=False, log_to_driver=True)
+        init_ray("local", env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4, include_dashboard=False, log_to_driver=True,
+                 progress=args.progress)
 
     # 2. the frozen backbones, pre-trained on the same kind of data and then frozen for BLIP-2
     cfg = model_config("tiny")
@@ -143,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"     shows a {c} {s:9s} -> {g!r}")
     print(f"   {right}/{len(held)} held-out captions name the right colour and shape "
           f"(chance {1 / (6 * 4):.2f})", flush=True)
+    from blip2_ray.fixtures.capfilt_measure import swap_web_captions
+
+    swap_web_captions(f"{work}/data/heldout", f"{work}/data/web_wrong")  # CapFilt's input (capfilt_tiny.yaml)
     summary = {"r1_image_to_text": round(r1, 4), "r1_chance": round(chance, 4),
                "r1_identical_caption": round(r1_text, 4), "r1_identical_caption_chance": round(chance_text, 4),
                "caption_accuracy": round(right / len(held), 4), "seconds": round(time.time() - t0, 1),

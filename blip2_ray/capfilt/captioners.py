@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from blip2_ray.capfilt.config import CaptionerConfig
-from blip2_ray.capfilt.model_dirs import HubLayout, model_name, require_model
+from blip2_ray.capfilt.model_dirs import BLIP2_DIR_TYPES, HubLayout, model_name, require_model
 from blip2_ray.runtime.compute import device_and_dtype
 
 
@@ -52,7 +52,7 @@ class Blip2Captioner:
     @staticmethod
     def check(path: str, what: str = "captioner.model") -> None:
         """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
-        require_model(path, what, "captioner.kind", "blip2", "blip-2", ("Blip2ForConditionalGeneration",),
+        require_model(path, what, "captioner.kind", "blip2", BLIP2_DIR_TYPES, ("Blip2ForConditionalGeneration",),
                       {"tokenizer": ("tokenizer.json", "tokenizer_config.json")})
 
     def __init__(self, cfg: CaptionerConfig):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from blip2_ray.capfilt.config import FilterConfig
-from blip2_ray.capfilt.model_dirs import HubLayout, model_name, require_model
+from blip2_ray.capfilt.model_dirs import BLIP2_DIR_TYPES, HubLayout, model_name, require_model
 from blip2_ray.runtime.compute import device_and_dtype
 
 
@@ -51,7 +51,7 @@ class Blip2ItcFilter:
     @staticmethod
     def check(path: str, what: str = "filter.model") -> None:
         """UserError unless `path` is a complete local directory of this kind (config, weights, processor)."""
-        require_model(path, what, "filter.kind", "blip2_itc", "blip-2", ("Blip2ForImageTextRetrieval",),
+        require_model(path, what, "filter.kind", "blip2_itc", BLIP2_DIR_TYPES, ("Blip2ForImageTextRetrieval",),
                       {"tokenizer": ("tokenizer.json", "vocab.txt", "tokenizer_config.json")})
 
     def __init__(self, cfg: FilterConfig, text_max_len: int = 32):

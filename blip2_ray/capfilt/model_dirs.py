@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from blip2_ray.errors import UserError
 
+# the config.json model_type of a BLIP-2 export: HF's, or ours for a CLIP ViT-L model (weights/native_format.py)
+BLIP2_DIR_TYPES = ("blip-2", "blip2_ray")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -40,13 +42,14 @@ def read_config(path: str, what: str) -> dict:
         raise UserError(f"{what} {path!r}: config.json is not readable JSON ({e.__class__.__name__})") from None
 
 
-def require_model(path: str, what: str, kind_key: str, kind: str, model_type: str, architectures: tuple[str, ...],
-                  files: dict[str, tuple[str, ...]]) -> dict:
-    """Check that `path` holds a `model_type` model of one of `architectures` and one file of each group
-    in `files` ({description: any of these names}); its config.json. UserError otherwise, naming the fix."""
+def require_model(path: str, what: str, kind_key: str, kind: str, model_type: str | tuple[str, ...],
+                  architectures: tuple[str, ...], files: dict[str, tuple[str, ...]]) -> dict:
+    """Check that `path` holds a `model_type` model (or one of several) of one of `architectures` and one file of
+    each group in `files` ({description: any of these names}); its config.json. UserError otherwise, naming the fix."""
     cfg = read_config(path, what)
     found_type, found_arch = cfg.get("model_type"), list(cfg.get("architectures") or [])
-    if found_type != model_type or (found_arch and not set(found_arch) & set(architectures)):
+    types = (model_type,) if isinstance(model_type, str) else model_type
+    if found_type not in types or (found_arch and not set(found_arch) & set(architectures)):
         raise UserError(
             f"{what} {path!r} holds a {'/'.join(found_arch) or found_type or 'unknown'} model (config.json "
             f"model_type {found_type!r}), but {kind_key}={kind} needs a {' or '.join(architectures)} directory; "

@@ -60,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    init_ray(args.address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    own = init_ray(args.address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                   progress=args.progress)
     try:
         result = check_sources(args.sources, cfg)
     finally:
-        ray.shutdown()
+        if own:  # a cluster it joined keeps running
+            ray.shutdown()
     print(f"{result['ok']} good records in {result['files']} files")
     for reason, count in result["skipped"].items():
         print(f"skipped {count} ({reason})")

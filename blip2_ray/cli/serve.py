@@ -48,16 +48,21 @@ def load_serve_config(args: argparse.Namespace):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_serve_config(args)  # config errors surface before Ray starts
+    from blip2_ray.serve.model_kinds import check_servable
+
+    check_servable(cfg)  # a directory the app cannot serve: one sentence, before Ray or Serve start
 
     import ray
     from ray import serve
 
     from blip2_ray.serve.app import build_app
+    from blip2_ray.serve.config import served_model_names
 
-    own_cluster = init_ray(args.address, include_dashboard=False)
+    own_cluster = init_ray(args.address, include_dashboard=False, progress=args.progress)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-    print(f"serving {cfg.served_model_name} on http://{cfg.host}:{cfg.port} (docs at /docs); Ctrl-C stops", flush=True)
+    names = " and ".join(served_model_names(cfg))
+    print(f"serving {names} on http://{cfg.host}:{cfg.port} (docs at /docs); Ctrl-C stops", flush=True)
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -102,7 +102,8 @@ def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
 
 
 def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
-    """(caption metrics or VQA accuracy; counts) of a stage-2 model; the predictions go beside cfg.output."""
+    """(caption metrics or VQA accuracy; counts) of a stage-2 model; the predictions go beside cfg.output (and, for
+    captions scored against the test set's own, those references: `blip2-ray evaluate caption-metrics` re-scores)."""
     from blip2_ray.data.processor import vqa_template
     from blip2_ray.eval.caption_metrics import caption_scores, load_references
     from blip2_ray.eval.vqa_metrics import vqa_scores
@@ -125,9 +126,13 @@ def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
         refs = (load_references(cfg.test_set.references) if cfg.test_set.references else
                 {im["key"]: [ts.texts[t] for t in ts.img2txt[im["idx"]]] for im in ts.images})
         write_json_atomic(predictions, [{"image_id": k, "caption": v} for k, v in preds.items()])
+        extra = {"predictions": predictions}
+        if not cfg.test_set.references:
+            extra["references"] = os.path.splitext(cfg.output)[0] + "_references.json"
+            write_json_atomic(extra["references"], {"annotations": [{"image_id": k, "caption": c}
+                                                                    for k, caps in refs.items() for c in caps]})
         metrics = caption_scores(refs, preds)
-        return metrics, {"images": len(preds), "skipped_images": len(ts.images) - len(preds),
-                         "predictions": predictions}
+        return metrics, {"images": len(preds), "skipped_images": len(ts.images) - len(preds), **extra}
     preds = {ts.questions[i]["question_id"]: t for i, t in out.items()}
     qs = {q["question_id"]: q for q in ts.questions}
     write_json_atomic(predictions, [{"question_id": k, "answer": v} for k, v in preds.items()])

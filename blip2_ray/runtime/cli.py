@@ -2,8 +2,9 @@
 
 `job_parser` gives the common flags: `--config FILE.yaml` (overrides of the config's defaults), any
 number of `--set key=value` (the value parsed as YAML), `--address` (see `cluster.init_ray`) and, where
-the job prints a result, `--json`. `run_config_job` is the shape of every config job (parse, validate,
-check before Ray, start Ray, run); `cli_main` wraps a job's `main`.
+the job prints a result, `--json`; `--progress` (Ray Data's progress bars: auto = only on a terminal).
+`run_config_job` is the shape of every config job (parse, validate, check before Ray, start Ray, run);
+`cli_main` wraps a job's `main`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, TypeVar
 
 from blip2_ray.config import load_config
 from blip2_ray.errors import UserError
+from blip2_ray.runtime.cluster import PROGRESS_CHOICES
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -32,6 +34,8 @@ def job_parser(description: str, *, config_help: str | None = None, config_requi
         p.add_argument("--config", required=config_required, help=config_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.add_argument("--progress", choices=PROGRESS_CHOICES, default="auto",
+                   help="Ray Data progress bars: auto (only when the output is a terminal), on, off")
     if json_help is not None:
         p.add_argument("--json", action="store_true", help=json_help)
     return p
@@ -54,7 +58,7 @@ def run_config_job(argv: list[str] | None, config_cls: type[T], *, prog: str, de
     args = p.parse_args(argv)
     cfg = load_job_config(config_cls, args)
     check(cfg)
-    init_ray(args.address)
+    init_ray(args.address, progress=args.progress)
     return cfg, args, run(cfg)
 
 

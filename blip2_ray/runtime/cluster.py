@@ -4,25 +4,59 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
-# Every worker of every job: HF tokenizers' thread pool warns, and can deadlock, once a process forks.
-WORKER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false"}
+# Every worker of every job: HF tokenizers' thread pool warns, and can deadlock, once a process forks. Ray
+# Train's print patch sends a worker's print both to its logger and to stdout (every line twice on the console):
+# off, so a print is one line.
+WORKER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+PROGRESS_CHOICES = ("auto", "on", "off")
 
 
-def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = None, **init_kwargs) -> bool:
+def progress_bars(choice: str = "auto") -> bool:
+    """Whether Ray Data draws its progress bars: "on", "off", or "auto" (only when stdout is a terminal: in a log
+    file or `ray job logs` each redraw is one more line)."""
+    if choice not in PROGRESS_CHOICES:
+        raise ValueError(f"progress must be one of {', '.join(PROGRESS_CHOICES)}, not {choice!r}")
+    return sys.stdout.isatty() if choice == "auto" else choice == "on"
+
+
+def set_progress_bars(on: bool) -> None:
+    """Ray Data's progress bars on or off in this process (the datasets it builds carry the setting); off, its
+    INFO lines (each dataset execution's start and plan, once per epoch) stay in its log files."""
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = on
+    logging.getLogger("ray.data").setLevel(logging.NOTSET if on else logging.WARNING)
+
+
+def progress_env(on: bool) -> dict[str, str]:
+    """The workers' environment for Ray Data's progress display (see `set_progress_bars`)."""
+    return {"RAY_DATA_DISABLE_PROGRESS_BARS": "0"} if on else {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                                                                "RAY_DATA_LOG_LEVEL": "WARNING"}
+
+
+def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = None, progress: str = "auto",
+             **init_kwargs) -> bool:
     """Connect this process to Ray; True when it started a new local instance (which it then owns).
 
     `address` (a job's --address) wins, then RAY_ADDRESS (set by `ray job submit`); with neither a new
     local instance starts. Never a bare `ray.init()`: that joins the latest cluster started on the
     machine, which may be a stranger's. Workers get WORKER_ENV_VARS plus `env_vars`; `init_kwargs` go to
-    `ray.init` (num_cpus, include_dashboard, ...). Already connected: does nothing and returns False.
+    `ray.init` (num_cpus, include_dashboard, ...). `progress` (a job's --progress): Ray Data's progress bars,
+    here and in the job's workers (see `progress_bars`). Already connected: does nothing and returns False.
     """
     import ray
 
     if ray.is_initialized():
         return False
+    bars = progress_bars(progress)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, runtime_env={"env_vars": {**WORKER_ENV_VARS, **(env_vars or {})}}, **init_kwargs)
+    env = {**WORKER_ENV_VARS, **progress_env(bars), **(env_vars or {})}
+    ray.init(address=address, runtime_env={"env_vars": env}, **init_kwargs)
+    set_progress_bars(bars)
     return address == "local"
 
 

@@ -18,6 +18,7 @@ from blip2_ray.config import from_dict, to_dict
 from blip2_ray.serve.capacity import check_deployment_fits
 from blip2_ray.serve.config import AutoscalingSection, ServeConfig
 from blip2_ray.serve.ingress import BLIP2Ingress, api
+from blip2_ray.serve.model_kinds import check_servable
 from blip2_ray.serve.models import CaptionDeployment, RetrievalDeployment
 
 
@@ -36,8 +37,10 @@ def _actor(cfg: ServeConfig, cpus: float, gpus: float) -> dict:
 def build_app(cfg: ServeConfig, name_prefix: str = ""):
     """The Serve application for `cfg`: ingress + the model deployments whose directories are given.
 
-    Checks first that the caption model fits the connected cluster's GPUs (or nodes' memory on CPU).
+    Checks first that each directory holds a model the app can serve (model_kinds.py) and that the caption
+    model fits the connected cluster's GPUs (or nodes' memory on CPU).
     """
+    check_servable(cfg)
     check_deployment_fits(cfg)
     captioner = retrieval = None
     if cfg.model:

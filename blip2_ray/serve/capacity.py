@@ -46,12 +46,24 @@ def caption_bytes_per_device(model_dir: str, dtype: str, n_devices: int) -> list
     (ViT + LLM in `dtype`, the Q-Former, queries and projection in float32; the rest on device 0)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    try:
-        config = Blip2Config.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {model_dir!r} holds no BLIP-2 config.json ({e.__class__.__name__})") from None
-    with torch.device("meta"):
-        hf = Blip2ForConditionalGeneration(config)
+    from blip2_ray.weights.checkpoint_files import read_json
+    from blip2_ray.weights.native_format import meta_copy_of_fields, mirrored_hf_config, vision_fields
+    from blip2_ray.weights.weight_sources import is_native_config
+
+    config_file = Path(model_dir) / "config.json"
+    data = read_json(config_file, "model config") if config_file.is_file() else {}
+    if is_native_config(data):  # a CLIP ViT-L model in our own format: its CLIP tower in the HF ViT's place
+        cls, config = mirrored_hf_config(model_dir, data)
+        with torch.device("meta"):
+            hf = cls(config)
+        hf.vision_model = meta_copy_of_fields(vision_fields(data))
+    else:
+        try:
+            config = Blip2Config.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model {model_dir!r} holds no BLIP-2 config.json ({e.__class__.__name__})") from None
+        with torch.device("meta"):
+            hf = Blip2ForConditionalGeneration(config)
     target = DTYPES[dtype]
     first = sum(tensor_bytes(getattr(hf, name), torch.float32) if name in _FLOAT32_PARTS else
                 tensor_bytes(getattr(hf, name), target)

@@ -96,8 +96,10 @@ class ServeConfig:
     model: str | None = doc("stage-2 / Blip2ForConditionalGeneration directory (caption, vqa, chat)", None)
     retrieval_model: str | None = doc("stage-1 export or Blip2ForImageTextRetrieval directory (embeddings, match)",
                                       None)
-    model_name: str | None = doc("name reported in responses and /v1/models (default: the model directory's name)",
-                                 None)
+    model_name: str | None = doc("name of the caption model (model) in responses and /v1/models (default: its "
+                                 "directory's name)", None)
+    retrieval_model_name: str | None = doc("name of the retrieval model (retrieval_model) in responses and "
+                                           "/v1/models (default: its directory's name)", None)
     app_name: str = doc("Serve application name", "blip2")
     host: str = doc("HTTP host", "127.0.0.1")
     port: int = doc("HTTP port", 8000)
@@ -157,6 +159,10 @@ class ServeConfig:
                              f"got {self.gpus_per_replica}")
         if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
             raise ValueError("gpu_memory_gib must be positive")
+        if self.model and self.retrieval_model and self.caption_model_name == self.retrieval_name:
+            raise ValueError(f"the caption and retrieval models are both named {self.caption_model_name!r} (their "
+                             f"directories' names); set model_name or retrieval_model_name so requests can tell "
+                             f"them apart")
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
         for p in self.allowed_image_url_prefixes:
@@ -164,7 +170,16 @@ class ServeConfig:
                 raise ValueError(f"allowed_image_url_prefixes entry {p!r} must start with http:// or https://")
 
     @property
-    def served_model_name(self) -> str:
-        if self.model_name:
-            return self.model_name
-        return Path(self.model or self.retrieval_model).name  # type: ignore[arg-type]
+    def caption_model_name(self) -> str | None:
+        """The name the caption model (`model`) answers to (None: not served)."""
+        return (self.model_name or Path(self.model).name) if self.model else None
+
+    @property
+    def retrieval_name(self) -> str | None:
+        """The name the retrieval model (`retrieval_model`) answers to (None: not served)."""
+        return (self.retrieval_model_name or Path(self.retrieval_model).name) if self.retrieval_model else None
+
+
+def served_model_names(cfg: ServeConfig) -> list[str]:
+    """The names of the served models: caption first, then retrieval."""
+    return [n for n in (cfg.caption_model_name, cfg.retrieval_name) if n]

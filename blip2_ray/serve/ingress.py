@@ -91,9 +91,19 @@ class Endpoint:
 
 
 def _embedding_images(req: EmbeddingsRequest) -> list[str] | None:
-    if (req.images is None) == (req.texts is None):
-        raise APIError(422, "invalid_request_error", "give exactly one of 'images' or 'texts'")
+    if sum(x is not None for x in (req.images, req.texts, req.input)) != 1:
+        raise APIError(422, "invalid_request_error", "give exactly one of 'images', 'texts' or 'input'")
     return req.images
+
+
+def _embedding_texts(req: EmbeddingsRequest) -> list[str] | None:
+    """'texts', or OpenAI's 'input' (one text or a list of texts)."""
+    if req.input is not None:
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts:
+            raise APIError(422, "invalid_request_error", "input: give at least one text")
+        return texts
+    return req.texts
 
 
 CAPTION = Endpoint("/v1/caption", CaptionRequest, "caption", lambda r: [r.image],
@@ -102,13 +112,35 @@ CAPTION = Endpoint("/v1/caption", CaptionRequest, "caption", lambda r: [r.image]
 VQA = Endpoint("/v1/vqa", VQARequest, "caption", lambda r: [r.image],
                lambda r: (r.max_new_tokens, r.min_new_tokens, r.num_beams, "vqa_max_new_tokens", 0.0),
                text=lambda r: (r.question, "question"))
-EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingsRequest, "retrieval", _embedding_images, texts=lambda r: r.texts)
+EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingsRequest, "retrieval", _embedding_images, texts=_embedding_texts)
 MATCH = Endpoint("/v1/match", MatchRequest, "retrieval", lambda r: [r.image], texts=lambda r: r.texts)
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "caption",
                 lambda r: [chat.chat_image_and_text(r)[0]],
                 lambda r: (r.max_completion_tokens or r.max_tokens, None, None, "max_new_tokens", r.temperature or 0.0),
                 text=lambda r: (chat.chat_image_and_text(r)[1], "message text"), multipart=False)
 _FLAGS = {"caption": "--model DIR", "retrieval": "--retrieval-model DIR"}
+_SERVES = {"caption": "caption, vqa, chat", "retrieval": "embeddings, match"}
+
+
+def _embedding_size(model_dir: str) -> int | None:
+    """The ITC feature size of a retrieval model directory (its config.json's image_text_hidden_size)."""
+    import json
+
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return json.load(f).get("image_text_hidden_size")
+    except (OSError, ValueError):
+        return None
+
+
+def _base64_floats(vector: np.ndarray) -> str:
+    """OpenAI's base64 embedding: the little-endian float32 bytes, base64."""
+    import base64
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+_ENCODINGS = {"float": lambda v: v.tolist(), "base64": _base64_floats}
 
 
 @dataclass
@@ -127,7 +159,9 @@ class BLIP2Ingress:
     def __init__(self, cfg: dict, captioner=None, retrieval=None, api_token: str | None = None):
         self.cfg = from_dict(ServeConfig, cfg)
         self.handles = {"caption": captioner, "retrieval": retrieval}
-        self.name = self.cfg.served_model_name
+        # the name each model answers to: responses name the model that computed them
+        self.names = {"caption": self.cfg.caption_model_name, "retrieval": self.cfg.retrieval_name}
+        self.embed_dim = _embedding_size(self.cfg.retrieval_model) if self.cfg.retrieval_model else None
         self.token = api_token or os.environ.get(self.cfg.api_token_env) or None
         self.resizers = {"caption": ImageResizer(self.cfg.model) if self.cfg.model else None,
                          "retrieval": ImageResizer(self.cfg.retrieval_model) if self.cfg.retrieval_model else None}
@@ -145,6 +179,7 @@ class BLIP2Ingress:
             raise APIError(404, "model_not_loaded",
                            f"{ep.path} needs a model this server was started without: start it with {_FLAGS[ep.model]}")
         req = validate(ep.schema, await read_payload(request, self.cfg.max_body_bytes, ep.multipart))
+        self._check_model_name(ep, getattr(req, "model", None))
         p = Prepared(req, None, self._settings(*ep.generation(req)) if ep.generation else None)
         if ep.text:
             p.text = self._text(*ep.text(req))
@@ -164,6 +199,18 @@ class BLIP2Ingress:
                 max_bytes=c.max_body_bytes,
             )
         return p
+
+    def _served(self) -> str:
+        return ", ".join(f"{name} ({_SERVES[kind]})" for kind, name in self.names.items() if name)
+
+    def _check_model_name(self, ep: Endpoint, name: str | None) -> None:
+        """A request naming a model must name the one that answers its route (404 listing the served ones)."""
+        if name is None or name == self.names[ep.model]:
+            return
+        if name in self.names.values():
+            raise APIError(404, "model_not_found", f"model {name!r} does not answer {ep.path}; served here: "
+                                                   f"{self._served()}")
+        raise APIError(404, "model_not_found", f"model {name!r} is not served here; served: {self._served()}")
 
     def _settings(self, max_new: int | None, min_new: int | None, beams: int | None, default_key: str,
                   temperature: float) -> dict:
@@ -225,32 +272,41 @@ class BLIP2Ingress:
     @api.get("/v1/models")
     async def models(self, request: Request):
         check_headers(request, self.token, self.cfg.max_body_bytes)
-        data = [{"id": self.name, "object": "model", "created": 0, "owned_by": "blip2_ray"}]
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "blip2_ray",
+                 "endpoints": [f"/v1/{e}" for e in _SERVES[kind].replace("chat", "chat/completions").split(", ")]}
+                for kind, name in self.names.items() if name]
         return {"object": "list", "data": data}
 
     @api.post(CAPTION.path, openapi_extra=body_doc(CaptionRequest))
     async def caption(self, request: Request):
         p = await self._prologue(request, CAPTION)
         out = await self._generate(p)
-        return JSONResponse({"caption": out["text"], "model": self.name}, headers=self._batch_headers(out))
+        return JSONResponse({"caption": out["text"], "model": self.names["caption"]}, headers=self._batch_headers(out))
 
     @api.post(VQA.path, openapi_extra=body_doc(VQARequest))
     async def vqa(self, request: Request):
         p = await self._prologue(request, VQA)
         out = await self._generate(p, question=True)
-        return JSONResponse({"answer": out["text"], "model": self.name}, headers=self._batch_headers(out))
+        return JSONResponse({"answer": out["text"], "model": self.names["caption"]}, headers=self._batch_headers(out))
 
     @api.post(EMBEDDINGS.path, openapi_extra=body_doc(EmbeddingsRequest))
     async def embeddings(self, request: Request):
         p = await self._prologue(request, EMBEDDINGS)
+        dims, encode = p.req.dimensions, _ENCODINGS[p.req.encoding_format]
+        if dims is not None and self.embed_dim is not None and dims != self.embed_dim:
+            raise APIError(422, "invalid_request_error",
+                           f"dimensions: this model's embeddings have {self.embed_dim} (they cannot be shortened)")
         if p.pixels is not None:
             out = await self._call(self.handles["retrieval"].embed_images.remote(p.pixels))
-            data = [{"object": "embedding", "index": i, "embedding": out["pooled"][i].tolist(),
+            data = [{"object": "embedding", "index": i, "embedding": encode(out["pooled"][i]),
                      "query_embeddings": out["queries"][i].tolist()} for i in range(len(p.pixels))]
+            tokens = 0
         else:
             out = await self._call(self.handles["retrieval"].embed_texts.remote(p.texts))
-            data = [{"object": "embedding", "index": i, "embedding": f.tolist()} for i, f in enumerate(out["features"])]
-        return JSONResponse({"object": "list", "data": data, "model": self.name},
+            data = [{"object": "embedding", "index": i, "embedding": encode(f)} for i, f in enumerate(out["features"])]
+            tokens = out["tokens"]
+        return JSONResponse({"object": "list", "data": data, "model": self.names["retrieval"],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                             headers={"x-batch-size": str(out["batch_size"])})
 
     @api.post(MATCH.path, openapi_extra=body_doc(MatchRequest))
@@ -258,7 +314,8 @@ class BLIP2Ingress:
         p = await self._prologue(request, MATCH)
         out = await self._call(self.handles["retrieval"].match.remote(p.pixels, p.texts))
         data = [{"text": t, "itm": float(out["itm"][i]), "itc": float(out["itc"][i])} for i, t in enumerate(p.texts)]
-        return JSONResponse({"data": data, "model": self.name}, headers={"x-batch-size": str(out["batch_size"])})
+        return JSONResponse({"data": data, "model": self.names["retrieval"]},
+                            headers={"x-batch-size": str(out["batch_size"])})
 
     @api.post(CHAT.path, openapi_extra=body_doc(ChatCompletionRequest, multipart=False))
     async def chat_completions(self, request: Request):
@@ -267,9 +324,10 @@ class BLIP2Ingress:
         question = chat.is_question(p.text)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if p.req.stream:
-            return await self._stream(p, question, chat.ChunkWriter(cid, created, self.name))
+            return await self._stream(p, question, chat.ChunkWriter(cid, created, self.names["caption"]))
         out = await self._generate(p, question)
-        return JSONResponse(chat.completion_body(cid, created, self.name, out), headers=self._batch_headers(out))
+        return JSONResponse(chat.completion_body(cid, created, self.names["caption"], out),
+                            headers=self._batch_headers(out))
 
     async def _stream(self, p: Prepared, question: bool, writer: chat.ChunkWriter) -> StreamingResponse:
         parts = self.handles["caption"].options(stream=True).generate_stream.remote(self._item(p, question))

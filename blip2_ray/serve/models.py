@@ -131,7 +131,7 @@ class RetrievalDeployment:
         return await self._images_batch(pixel_values)
 
     async def embed_texts(self, texts: list[str]) -> dict:
-        """{"features": (N, E) normalised ITC text features, "batch_size"}."""
+        """{"features": (N, E) normalised ITC text features, "tokens": their token count, "batch_size"}."""
         return await self._texts_batch(texts)
 
     async def match(self, pixel_values: np.ndarray, texts: list[str]) -> dict:
@@ -154,12 +154,16 @@ class RetrievalDeployment:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _texts_batch(self, requests: list[list[str]]) -> list[dict]:
+        ids, mask = self._tokens([t for texts in requests for t in texts])
         with torch.no_grad():
-            feats = self.model.text_feat(*self._tokens([t for texts in requests for t in texts])).float().cpu().numpy()
+            feats = self.model.text_feat(ids, mask).float().cpu().numpy()
+        counts = mask.sum(1).tolist()
         out, start = [], 0
         for texts in requests:
-            out.append({"features": feats[start:start + len(texts)], "batch_size": len(requests)})
-            start += len(texts)
+            end = start + len(texts)
+            out.append({"features": feats[start:end], "tokens": int(sum(counts[start:end])),
+                        "batch_size": len(requests)})
+            start = end
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)

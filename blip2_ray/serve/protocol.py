@@ -17,6 +17,7 @@ class _Strict(BaseModel):
 
 class CaptionRequest(_Strict):
     image: str = Field(description="base64 image bytes or a data: URL (or a multipart file field 'image')")
+    model: str | None = Field(None, description="the served model to use (GET /v1/models); another name is a 404")
     prompt: str | None = Field(None, description="text the caption continues, e.g. 'a photo of'")
     max_new_tokens: int | None = Field(None, ge=1)
     min_new_tokens: int | None = Field(None, ge=0)
@@ -25,6 +26,7 @@ class CaptionRequest(_Strict):
 
 class VQARequest(_Strict):
     image: str
+    model: str | None = Field(None, description="the served model to use (GET /v1/models); another name is a 404")
     question: str = Field(min_length=1)
     max_new_tokens: int | None = Field(None, ge=1)
     min_new_tokens: int | None = Field(None, ge=0)
@@ -32,14 +34,22 @@ class VQARequest(_Strict):
 
 
 class EmbeddingsRequest(_Strict):
+    """Images or texts (or OpenAI's `input`: one text or a list of texts) -> normalised ITC features."""
+
     images: list[str] | None = Field(None, min_length=1, description="base64 images or data: URLs")
     texts: list[str] | None = Field(None, min_length=1)
-    model: str | None = None
+    input: str | list[str] | None = Field(None, description="OpenAI's field: a text or a list of texts (as 'texts')")
+    model: str | None = Field(None, description="the served model to use (GET /v1/models); another name is a 404")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="OpenAI's: 'base64' sends each embedding as base64 of little-endian float32")
+    dimensions: int | None = Field(None, ge=1, description="OpenAI's: must be the model's embedding size if given")
+    user: str | None = Field(None, description="OpenAI's end-user id (ignored)")
 
 
 class MatchRequest(_Strict):
     image: str
     texts: list[str] = Field(min_length=1)
+    model: str | None = Field(None, description="the served model to use (GET /v1/models); another name is a 404")
 
 
 class ImageURL(BaseModel):

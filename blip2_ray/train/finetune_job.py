@@ -40,11 +40,9 @@ def check_finetune_inputs(cfg: FinetuneConfig):
 
     Returns the training annotations (missing images counted, not fatal unless none resolves).
     """
-    from blip2_ray.weights.hf_format import check_exportable
     from blip2_ray.weights.weight_sources import check_weight_sources
 
     check_weight_sources(cfg.model, cfg.stage)  # the starting model, before the images are packed
-    check_exportable(cfg.model)
     a = cfg.annotations
     ann = task_of(cfg).read_annotations(cfg)
     for name in ("eval", "eval_questions"):
@@ -77,22 +75,73 @@ def start_warnings(cfg: FinetuneConfig) -> list[str]:
 
 
 def prepare_shards(cfg: FinetuneConfig, ann) -> tuple[FinetuneConfig, dict]:
-    """Pack the training annotations into parquet shards under the run's storage (once per run); the config
-    with data.train pointing at them, and the shards' manifest."""
-    if cfg.is_s3:
-        raise UserError("fine-tuning packs its annotated images next to the checkpoints and needs a local "
-                        "storage_path (or a shared file system); s3:// storage is not supported for it yet")
+    """Pack the training annotations into parquet shards under the run's storage, <storage_path>/<run_name>/
+    finetune_shards (once per run: a resumed run finds them by fingerprint); with s3:// storage they are packed
+    in a local temporary directory and uploaded there. The config with data.train pointing at them (and the data
+    reading from the storage's endpoint), and the shards' manifest."""
     a = cfg.annotations
     task = task_of(cfg)
-    out_dir = os.path.join(cfg.local_storage_path, cfg.run_name, "finetune_shards")
     t0 = time.time()
-    manifest = task.pack_shards(cfg, ann, out_dir)
+    if cfg.is_s3:
+        out_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.run_name}/finetune_shards"
+        manifest = s3_shards(out_dir, task.shards_fingerprint(cfg), lambda d: task.pack_shards(cfg, ann, d),
+                             s3_options(cfg))
+    else:
+        out_dir = os.path.join(cfg.local_storage_path, cfg.run_name, "finetune_shards")
+        manifest = task.pack_shards(cfg, ann, out_dir)
     print(f"[finetune] {manifest['rows']} training {task.rows} of {manifest['images']} images in "
           f"{len(manifest['files'])} shards ({time.time() - t0:.1f} s); {manifest['missing_images']} images of "
           f"{a.train} missing under {a.image_root!r}, skipped", flush=True)
     cfg = copy.deepcopy(cfg)
     cfg.data.train = [out_dir]
+    if cfg.is_s3 and not cfg.data.s3_endpoint_url:
+        cfg.data.s3_endpoint_url = cfg.storage_endpoint_url  # the shards are read where they were written
     return cfg, manifest
+
+
+def s3_options(cfg: FinetuneConfig) -> dict:
+    """s3fs options of the run's storage (its endpoint, else the data's)."""
+    from blip2_ray.data.readers import storage_options
+
+    d = cfg.data
+    return storage_options(cfg.storage_endpoint_url or d.s3_endpoint_url, d.s3_anonymous, d.s3_region)
+
+
+def s3_shards(remote: str, fp: str, write, opts: dict) -> dict:
+    """The manifest of the shards under the s3:// prefix `remote`: those already there when their manifest has
+    fingerprint `fp` and every file exists, else `write(local_dir)` packed locally and uploaded (files first,
+    the manifest last, so a half-finished upload is packed again)."""
+    import json
+    import tempfile
+
+    from blip2_ray.data.annotations import MANIFEST
+    from blip2_ray.data.readers import s3_filesystem
+
+    fs = s3_filesystem(opts)
+    bare = remote.removeprefix("s3://")
+    try:
+        with fs.open(f"{bare}/{MANIFEST}", "rb") as f:
+            manifest = json.load(f)
+        if manifest.get("fingerprint") == fp and all(fs.exists(p.removeprefix("s3://")) for p in manifest["files"]):
+            return manifest
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise UserError(f"storage_path {remote!r} is not readable ({e.__class__.__name__}: {str(e)[:120]}); check "
+                        f"the AWS credentials and storage_endpoint_url") from None
+    for stale in fs.glob(f"{bare}/*.parquet"):  # data.train is the prefix: only this packing's shards there
+        fs.rm(stale)
+    with tempfile.TemporaryDirectory(prefix="blip2_finetune_shards_") as local:
+        manifest = write(local)
+        files = []
+        for path in manifest["files"]:
+            target = f"{bare}/{os.path.basename(path)}"
+            fs.put_file(path, target)
+            files.append(f"s3://{target}")
+    manifest = {**manifest, "files": files}
+    with fs.open(f"{bare}/{MANIFEST}", "wb") as f:
+        f.write(json.dumps(manifest).encode())
+    return manifest
 
 
 def evaluate(cfg: FinetuneConfig, model_dir: str, output: str) -> dict:
@@ -113,12 +162,16 @@ def evaluate(cfg: FinetuneConfig, model_dir: str, output: str) -> dict:
 
 
 def absolute_annotation_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The annotation paths and the VQA question encoder's made absolute on the driver: the workers (which read
+    the question encoder) run in other directories."""
     cfg = copy.deepcopy(cfg)
     a = cfg.annotations
-    for name in ("train", "eval", "image_root", "eval_image_root"):
+    for name in ("train", "questions", "eval", "eval_questions", "image_root", "eval_image_root"):
         value = getattr(a, name)
         if value:
             setattr(a, name, os.path.abspath(os.path.expanduser(value)))
+    if cfg.vqa.question_encoder_from:
+        cfg.vqa.question_encoder_from = os.path.abspath(os.path.expanduser(cfg.vqa.question_encoder_from))
     return cfg
 
 

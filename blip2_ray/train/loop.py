@@ -141,16 +141,40 @@ def train_loop_per_worker(config: dict) -> None:
     """`config`: {"cfg": to_dict(job config), "config_class": its class (default PretrainConfig)}; the config's
     task (train/tasks) decides the model, the step's inputs and the export."""
     cfg = from_dict(config.get("config_class", PretrainConfig), config["cfg"])
-    task = task_of(cfg)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    import ray.train
+
+    from blip2_ray.runtime.heartbeat import Heartbeat
+
+    quiet_report_lines()
+
+    # rank 0 says what it is doing when it has said nothing for 25 s (model build, first batch, export)
+    with Heartbeat(f"[stage{cfg.stage}] ", enabled=ray.train.get_context().get_world_rank() == 0) as beat:
+        _train(cfg, beat)
+
+
+def quiet_report_lines() -> None:
+    """Ray Train logs every report's whole metrics dict ("Reporting training result N: TrainingReport(...)") at
+    INFO on a logger named by its file path, so RunConfig's log level (trainer.run_config) misses it: WARNING here.
+    The progress line of each logging window says what matters."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _train(cfg: PretrainConfig, beat) -> None:
     import ray.train
     import torch.distributed as dist
 
     from blip2_ray.data.epoch_plan import epoch_plan, epoch_plan_name
 
+    task = task_of(cfg)
     trace_memory("worker start")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    beat.phase("building the model")
     engine = build_engine(cfg)
     try:
         plan = epoch_plan(epoch_plan_name(cfg.run_name))
@@ -173,6 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[stage{cfg.stage}] run {cfg.run_name}: {resume or 'starting'} of {cfg.train.max_steps} steps, "
               f"{world} workers, ZeRO-{cfg.deepspeed.zero_stage}, precision {cfg.train.precision}, "
               f"grad accumulation {cfg.gradient_accumulation_steps}", flush=True)
+        beat.said()
     writer = tensorboard(cfg) if rank == 0 else None
 
     engine.train()
@@ -187,6 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
                         cfg.data.stall_timeout_s, stalled)
     trained = TrainedRecords(position.epoch)
     hooks = step_hooks(cfg, rank, world, start_step)
+    beat.phase(f"waiting for the first batch of step {step + 1}")
     window = LossWindow()
     try:
         while step < cfg.train.max_steps:
@@ -216,6 +242,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["start_steps"] = list(state["start_steps"])
             if rank == 0:
                 log_step(cfg, writer, metrics)
+                beat.said()
+                beat.phase(f"training step {step + 1}")
             if checkpoint:
                 position = checkpoint_position(trained, position, plan, rank, world)
                 state.update(step=step, epoch=epoch, data=position.to_state() if position else None)
@@ -227,6 +255,7 @@ def train_loop_per_worker(config: dict) -> None:
     if state["start_steps"][-1] >= cfg.train.max_steps and rank == 0:
         print(f"[stage{cfg.stage}] run {cfg.run_name} had already reached step {step}; exporting only", flush=True)
     trace_memory("before export")
+    beat.phase(f"exporting the model to {cfg.output_dir}")
     export_model(engine, cfg, rank)
     trace_memory("exported")
     if writer is not None:

@@ -20,7 +20,6 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     Returns the training shard files.
     """
     from blip2_ray.data.pipeline import resolve_sources
-    from blip2_ray.weights.hf_format import check_exportable
     from blip2_ray.weights.weight_sources import check_weight_sources
 
     if not cfg.data.train:
@@ -29,7 +28,6 @@ def check_inputs(cfg: PretrainConfig) -> list[str]:
     if not files:
         raise UserError(f"data.train {cfg.data.train} holds no .tar or .parquet shard")
     check_weight_sources(cfg.model, cfg.stage)  # kinds, sizes, contradictions, no accidental random init
-    check_exportable(cfg.model)
     task = task_of(cfg)
     task.check_inputs(cfg)
     task.tokenizer_dirs(cfg)
@@ -48,7 +46,7 @@ def build_train_dataset(cfg: PretrainConfig):
 
 
 def run_config(cfg: PretrainConfig):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     storage_path, fs = cfg.local_storage_path, None
     if cfg.is_s3:
@@ -56,9 +54,16 @@ def run_config(cfg: PretrainConfig):
         if cfg.storage_endpoint_url:
             import pyarrow.fs
 
-            fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.storage_endpoint_url)
+            # credentials in the driver's environment go along (the workers write with the driver's identity,
+            # as the data pipeline reads); without them each worker uses its own AWS chain
+            keys = {}
+            if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+                keys = {"access_key": os.environ["AWS_ACCESS_KEY_ID"],
+                        "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+                        "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+            fs = pyarrow.fs.S3FileSystem(endpoint_override=cfg.storage_endpoint_url, **keys)
             storage_path = cfg.storage_path.removeprefix("s3://")
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     return RunConfig(
@@ -68,6 +73,9 @@ def run_config(cfg: PretrainConfig):
         failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": env},
+        # Train's own INFO lines (every report's metrics dict, each checkpoint's path) are not for the console:
+        # the workers print one progress line per logging window; warnings still show
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
 
 

@@ -31,12 +31,13 @@ from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 from blip2_ray.weights.tokenizers import load_llm_tokenizer, prepends_bos
 from blip2_ray.weights.vision import build_vision_model
 from blip2_ray.weights.weight_sources import (
-    BLIP2_MODEL_TYPES,
     INSTRUCTBLIP_MODEL_TYPE,
     WeightSource,
     bert_source,
     check_weight_sources,
+    export_kind,
     init_from_source,
+    is_native_config,
     read_model_config,
     vision_source,
 )
@@ -126,7 +127,7 @@ def init_qformer_from_bert(model: Blip2Stage1, source: WeightSource) -> None:
     assign_weights(model, convert.convert_tensors(plan, files, own), source.label, required=required)
 
 
-_VIT_TRUNK_SOURCE_KEYS = r"^(vision_model\.(embeddings|encoder)\.|visual_encoder\.)"
+_VIT_TRUNK_SOURCE_KEYS = r"^(vision_model\.(embeddings|encoder|clip)\.|visual_encoder\.)"
 
 
 def load_init_from(model: nn.Module, source: WeightSource, stage: int) -> None:
@@ -170,7 +171,12 @@ def stage2_from_blip2_dir(path: str, vision_dtype: torch.dtype | str = torch.flo
         # in float32 for float16 only, and a bfloat16 round trip would lose the trained weights' low bits
         _keep_in_fp32_modules_strict = ["query_tokens", "qformer", "language_projection", "vision_model.post_layernorm"]
 
-    hf = strict_from_pretrained(WithFloat32Trainables, d, "model", dtype=llm_dtype)
+    if is_native_config(data):
+        from blip2_ray.weights.native_format import load_native_hf
+
+        hf = load_native_hf(d, data, vision_dtype, llm_dtype)
+    else:
+        hf = strict_from_pretrained(WithFloat32Trainables, d, "model", dtype=llm_dtype)
     recorded = read_model_config(d)
     eps = getattr(hf.config.vision_config, "ln_vision_eps", None)
     if recorded is not None and recorded.vision.ln_vision_eps is not None:
@@ -190,11 +196,9 @@ def stage2_from_blip2_dir(path: str, vision_dtype: torch.dtype | str = torch.flo
 
 def is_stage2_dir_config(data: dict) -> bool:
     """Whether a config.json describes a whole stage-2 model: Blip2ForConditionalGeneration, or the
-    InstructBlipForConditionalGeneration layout of a VQA fine-tune (question-aware Q-Former)."""
-    if data.get("model_type") == INSTRUCTBLIP_MODEL_TYPE:
-        return True
-    return data.get("model_type") in BLIP2_MODEL_TYPES and "Blip2ForImageTextRetrieval" not in data.get(
-        "architectures", [])
+    InstructBlipForConditionalGeneration layout of a VQA fine-tune (question-aware Q-Former), in HF's
+    format or ours (a CLIP ViT-L model, weights/native_format.py)."""
+    return export_kind(data) in ("stage2", "vqa")
 
 
 def _starts_with_bos(model_dir: str, family: str) -> bool:

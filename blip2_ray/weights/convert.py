@@ -87,12 +87,14 @@ EVA_VIT = Layout(
 )
 
 _NOT_THE_VIT = "the rest of the BLIP-2 model (only its ViT is read from here)"
+# what a whole BLIP-2 directory holds besides its ViT
+_BESIDES_THE_VIT = (
+    _drop(r"^(qformer|language_model|language_projection|vision_projection|text_projection|itm_head|embeddings)\.",
+          _NOT_THE_VIT),
+    _drop(r"^query_tokens$", _NOT_THE_VIT))
 BLIP2_DIR_VIT = Layout(
     "blip2_dir", "a whole BLIP-2 directory (Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval)",
-    (Rule(r"^vision_model\.(embeddings|encoder|post_layernorm)\.(.+)$", r"\1.\2"),
-     _drop(r"^(qformer|language_model|language_projection|vision_projection|text_projection|itm_head|embeddings)\.",
-           _NOT_THE_VIT),
-     _drop(r"^query_tokens$", _NOT_THE_VIT)),
+    (Rule(r"^vision_model\.(embeddings|encoder|post_layernorm)\.(.+)$", r"\1.\2"), *_BESIDES_THE_VIT),
     VIT_PROVIDES, layer=r"^vision_model\.encoder\.layers\.(\d+)\.", fits=_GRID,
 )
 
@@ -110,6 +112,13 @@ CLIP_VIT = Layout(
      _drop(r"^text_model\.", _CLIP_TEXT), _drop(r"^(visual_projection|text_projection)\.", _CLIP_TEXT),
      _drop(r"^logit_scale$", _CLIP_TEXT)),
     r"^clip\.(embeddings|pre_layrnorm|encoder)\.", layer=r"^(?:vision_model\.)?encoder\.layers\.(\d+)\.", fits=_GRID,
+)
+
+# the ViT of our own CLIP ViT-L export format (weights/native_format.py): ClipVisionTower's names under vision_model.
+NATIVE_CLIP_VIT = Layout(
+    "blip2_ray_clip_dir", "a blip2_ray export with a CLIP ViT-L (vision_model.clip.* + vision_model.post_layernorm)",
+    (Rule(r"^vision_model\.(clip\..+|post_layernorm\..+)$", r"\1"), *_BESIDES_THE_VIT),
+    CLIP_VIT.provides, layer=r"^vision_model\.clip\.encoder\.layers\.(\d+)\.", fits=_GRID,
 )
 
 _L = r"(?:bert\.)?encoder\.layer\.(\d+)"
@@ -184,7 +193,8 @@ STAGE1_EXPORT = Layout(
     LAVIS_BLIP2.provides, layer=r"^vision_model\.encoder\.layers\.(\d+)\.",
 )
 
-VISION_LAYOUTS = (EVA_VIT, BLIP2_DIR_VIT, HF_VIT, CLIP_VIT)
+VISION_LAYOUTS = (EVA_VIT, BLIP2_DIR_VIT, HF_VIT, CLIP_VIT, NATIVE_CLIP_VIT)
+CLIP_LAYOUTS = (CLIP_VIT, NATIVE_CLIP_VIT)
 
 # what a stage-1 source holds that the stage-2 model does not use (dropped by name when stage 2 starts
 # from a stage-1 checkpoint): the text side of the Q-Former and the stage-1 heads

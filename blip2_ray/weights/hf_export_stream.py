@@ -20,13 +20,17 @@ from blip2_ray.config import dump_yaml
 from blip2_ray.model.config import ModelConfig
 from blip2_ray.weights.hf_format import (
     _is_tied,
+    export_vocab_rows,
+    grow_vocab_rows,
     image_processor,
     image_token_index_of,
     stage1_hf_config,
     stage2_hf_class,
     stage2_hf_config,
     stage2_processor,
+    vocab_row_keys,
 )
+from blip2_ray.weights.native_format import is_clip_vision, native_key_shapes, write_native_config
 from blip2_ray.weights.weight_sources import CONFIG_FILE, EXTRAS_FILE
 
 SHARD_BYTES = 2 << 30
@@ -106,10 +110,16 @@ def export_streamed(model, stage: int, tensors: Iterable[tuple[str, torch.Tensor
     out.mkdir(parents=True, exist_ok=True)
     if stage == 2:
         processor = stage2_processor(model, tokenizer, qformer_tokenizer)
-        cls, config = stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer))
+        index = image_token_index_of(model, tokenizer)
+        rows = export_vocab_rows(model, index)  # a Llama-2 vocabulary grows a row for <image> (and padding)
+        cls, config = stage2_hf_class(model), stage2_hf_config(model, index, rows)
+        if rows is not None:
+            grow = vocab_row_keys(model)
+            tensors = ((k, grow_vocab_rows(t, rows) if k in grow and t is not None else t) for k, t in tensors)
     else:
         cls, config = Blip2ForImageTextRetrieval, stage1_hf_config(model)
-    shapes = hf_key_shapes(cls, config)
+    native = is_clip_vision(model.vision_model)  # no HF class holds it: our own format (native_format.py)
+    shapes = native_key_shapes(hf_key_shapes(cls, config), model) if native else hf_key_shapes(cls, config)
     extras: dict[str, torch.Tensor] = {}
     writer = ShardWriter(out, max_shard_bytes)
     seen = set()
@@ -130,7 +140,10 @@ def export_streamed(model, stage: int, tensors: Iterable[tuple[str, torch.Tensor
         raise RuntimeError(f"state does not match {cls.__name__}: missing {missing[:5]}")
     writer.close()
     config.architectures = [cls.__name__]
-    config.save_pretrained(str(out))
+    if native:
+        write_native_config(out, config, cls.__name__, model.vision_model)
+    else:
+        config.save_pretrained(str(out))
     if stage == 2:
         GenerationConfig.from_model_config(config).save_pretrained(str(out))
         processor.save_pretrained(str(out))

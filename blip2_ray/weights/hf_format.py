@@ -4,13 +4,16 @@
   Salesforce/blip2-opt-2.7b, with any decoder-only LLM as `text_config` (the LLM's own config).
 - Stage 1 <-> `Blip2ForImageTextRetrieval` directories; the stage-1 extras HF has no place for (the
   Q-Former LM head and the temperature) go to `stage1_extras.safetensors` beside them.
-Exports also record the ModelConfig (`blip2_ray_model.yaml`). ln_vision: HF's post_layernorm uses the
-ViT's `layer_norm_eps`; an export whose `ln_vision_eps` differs (LAVIS imports: 1e-5) records it as
-`vision_config.ln_vision_eps`, which our loaders honour and transformers ignores (docs/checkpoints.md).
+Exports also record the ModelConfig (`blip2_ray_model.yaml`). A model with a CLIP ViT-L, which no HF BLIP-2
+class holds, exports in our own format (native_format.py), read by the same loaders. ln_vision: HF's
+post_layernorm uses the ViT's `layer_norm_eps`; an export whose `ln_vision_eps` differs (LAVIS imports: 1e-5)
+records it as `vision_config.ln_vision_eps`, which our loaders honour and transformers ignores
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -27,8 +30,17 @@ from blip2_ray.model.stage2 import Blip2Stage2
 from blip2_ray.model.vision import DTYPES, as_dtype
 from blip2_ray.weights.builders import build_stage1, stage2_from_blip2_dir
 from blip2_ray.weights.checkpoint_files import require_local_dir
+from blip2_ray.weights.native_format import (
+    is_clip_vision,
+    is_tied,
+    meta_copy,
+    mirrored_hf_config,
+    stand_in_vision_config,
+    vision_fields,
+    write_native_config,
+)
 from blip2_ray.weights.tokenizers import load_qformer_tokenizer
-from blip2_ray.weights.weight_sources import CONFIG_FILE, EXTRAS_FILE, read_model_config
+from blip2_ray.weights.weight_sources import CONFIG_FILE, EXTRAS_FILE, is_native_config, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +59,17 @@ def image_processor(image_size: int):
 
 
 # ---------------------------------------------------------------- HF configs
-def check_exportable(cfg: ModelConfig) -> None:
-    """A model of `cfg` can be exported to the HF BLIP-2 format (checked before a training run starts)."""
-    if cfg.vision.kind != "eva_vit_g":
-        raise UserError(f"model.vision.kind {cfg.vision.kind!r} does not export to the HF BLIP-2 format (its classes "
-                        f"hold only the EVA ViT-g), so this run's export could not be written; use an eva_vit_g preset")
-
-
 def _vision_hf_config(model: nn.Module) -> dict:
-    """The ViT's HF config as a dict, with `ln_vision_eps` recorded when it is not the ViT's own eps."""
+    """The ViT's HF config as a dict, with `ln_vision_eps` recorded when it is not the ViT's own eps (a CLIP
+    ViT-L: a Blip2VisionConfig of its sizes, which native_format replaces by the CLIP config in config.json)."""
     from transformers import Blip2VisionModel
 
     vision = model.vision_model
+    if is_clip_vision(vision):
+        data = {**vision.config.to_dict(), "ln_vision_eps": vision.post_layernorm.eps}
+        return stand_in_vision_config(data)
     if not isinstance(vision, Blip2VisionModel):
-        raise UserError("only the EVA ViT-g (Blip2VisionModel) image encoder exports to the HF BLIP-2 format")
+        raise UserError(f"the image encoder {type(vision).__name__} has no export format")
     data = vision.config.to_dict()
     data.pop("ln_vision_eps", None)
     eps = vision.post_layernorm.eps
@@ -80,14 +89,18 @@ def stage2_hf_class(model: Blip2Stage2):
     return InstructBlipForConditionalGeneration if model.takes_question else Blip2ForConditionalGeneration
 
 
-def stage2_hf_config(model: Blip2Stage2, image_token_index: int):
+def stage2_hf_config(model: Blip2Stage2, image_token_index: int, vocab_rows: int | None = None):
+    """The HF config of a stage-2 export; `vocab_rows`: the LLM's vocabulary grown for the <image> token."""
     from transformers import Blip2Config, InstructBlipConfig
 
     cls = InstructBlipConfig if model.takes_question else Blip2Config
+    text = model.language_model.config.to_dict()  # the LLM's own config (any decoder family, T5)
+    if vocab_rows is not None:
+        text["vocab_size"] = vocab_rows
     return cls(
         vision_config=_vision_hf_config(model),
         qformer_config=model.qformer.config.to_dict(),
-        text_config=model.language_model.config.to_dict(),  # the LLM's own config (any decoder family, T5)
+        text_config=text,
         num_query_tokens=model.num_query_tokens,
         image_token_index=image_token_index,
     )
@@ -106,10 +119,27 @@ def stage1_hf_config(model: Blip2Stage1):
     )
 
 
-def _hf_from_state(cls, config, state: dict[str, torch.Tensor]):
-    """An HF model holding `state` without allocating a second copy (meta init + assign)."""
+@contextlib.contextmanager
+def quiet_save():
+    """transformers' "Writing model shards" progress bar off (a job's log gets one line per export, its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_from_state(cls, config, state: dict[str, torch.Tensor], vision_model: nn.Module | None = None):
+    """An HF model holding `state` without allocating a second copy (meta init + assign). A CLIP ViT-L
+    `vision_model` (our own format) takes the place of the HF ViT."""
     with torch.device("meta"):
         hf = cls(config)
+        if vision_model is not None and is_clip_vision(vision_model):
+            hf.vision_model = meta_copy(vision_model)
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _is_tied(k)]
     if missing or unexpected:
@@ -118,8 +148,7 @@ def _hf_from_state(cls, config, state: dict[str, torch.Tensor]):
     return hf
 
 
-def _is_tied(key: str) -> bool:
-    return key.endswith("lm_head.weight") or key.endswith("embed_tokens.weight") or key.endswith("wte.weight")
+_is_tied = is_tied
 
 
 # ---------------------------------------------------------------- stage 2 <-> Blip2ForConditionalGeneration
@@ -135,25 +164,60 @@ def stage2_processor(model: Blip2Stage2, tokenizer, qformer_tokenizer=None):
     return InstructBlipProcessor(images, tokenizer, qformer_tokenizer, num_query_tokens=model.num_query_tokens)
 
 
+IMAGE_ROWS_MULTIPLE = 64  # transformers' BLIP-2 conversions: resize_token_embeddings(..., pad_to_multiple_of=64)
+
+
 def image_token_index_of(model: Blip2Stage2, tokenizer) -> int:
-    """The id of the <image> token HF's processor adds; UserError when the LLM vocabulary has no row for it."""
-    index = tokenizer.convert_tokens_to_ids("<image>")
-    if index >= model.llm_embeddings().num_embeddings:
-        raise UserError(f"the LLM vocabulary ({model.llm_embeddings().num_embeddings} rows) has no room for the "
-                        f"<image> token HF's processor adds (id {index}); the export needs a spare row")
-    return index
+    """The id of the <image> token HF's processor adds (the processor adds it to `tokenizer` first)."""
+    return tokenizer.convert_tokens_to_ids("<image>")
+
+
+def export_vocab_rows(model: Blip2Stage2, image_token_index: int) -> int | None:
+    """The LLM vocabulary size of the export when the <image> token has no row in the model's (a Llama-2
+    checkpoint, whose vocabulary is exactly its tokenizer's): the token's id + 1 rounded up to 64, as
+    transformers' conversion resizes; None when the vocabulary already has the row (OPT, Qwen2, T5)."""
+    rows = full_shape(model.llm_embeddings().weight)[0]
+    if image_token_index < rows:
+        return None
+    return -(-(image_token_index + 1) // IMAGE_ROWS_MULTIPLE) * IMAGE_ROWS_MULTIPLE
+
+
+def vocab_row_keys(model: Blip2Stage2) -> set[str]:
+    """The state-dict keys of the LLM's input embedding and output head (each has a row per token)."""
+    lm = model.language_model
+    heads = [lm.get_input_embeddings().weight]
+    if lm.get_output_embeddings() is not None:
+        heads.append(lm.get_output_embeddings().weight)
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if any(p is h for h in heads)}
+
+
+def grow_vocab_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """(V, D) -> (rows, D): the new rows (the <image> token's and the padding) start as the mean of the old ones
+    (transformers' mean resizing, without its random spread); the <image> row's input is never read (the
+    queries take its places) and its output row only has to be a row."""
+    extra = tensor.float().mean(0, keepdim=True).to(tensor.dtype).expand(rows - tensor.shape[0], -1)
+    return torch.cat([tensor, extra])
 
 
 def export_stage2(model: Blip2Stage2, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None,
                   qformer_tokenizer=None) -> str:
     """Write `out_dir` as `Blip2ForConditionalGeneration.save_pretrained` + `Blip2Processor` would (a VQA
-    model with a question-aware Q-Former: InstructBlipForConditionalGeneration + InstructBlipProcessor)."""
+    model with a question-aware Q-Former: InstructBlipForConditionalGeneration + InstructBlipProcessor; a CLIP
+    ViT-L model: our own format, native_format.py)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor = stage2_processor(model, tokenizer, qformer_tokenizer)
     state = dict(model.state_dict())
-    hf = _hf_from_state(stage2_hf_class(model), stage2_hf_config(model, image_token_index_of(model, tokenizer)), state)
-    hf.save_pretrained(str(out), safe_serialization=True)
+    index = image_token_index_of(model, tokenizer)
+    rows = export_vocab_rows(model, index)
+    if rows is not None:
+        state.update({k: grow_vocab_rows(state[k], rows) for k in vocab_row_keys(model)})
+    cls, config = stage2_hf_class(model), stage2_hf_config(model, index, rows)
+    hf = _hf_from_state(cls, config, state, model.vision_model)
+    with quiet_save():
+        hf.save_pretrained(str(out), safe_serialization=True)
+    if is_clip_vision(model.vision_model):
+        write_native_config(out, config, cls.__name__, model.vision_model)
     processor.save_pretrained(str(out))
     if model_cfg is not None:
         (out / CONFIG_FILE).write_text(dump_yaml(model_cfg))
@@ -174,7 +238,8 @@ def stage1_extras(model: Blip2Stage1) -> dict[str, torch.Tensor]:
 
 
 def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelConfig | None = None) -> str:
-    """Write a directory `Blip2ForImageTextRetrieval.from_pretrained` loads (+ our stage-1 extras)."""
+    """Write a directory `Blip2ForImageTextRetrieval.from_pretrained` loads (+ our stage-1 extras; a CLIP
+    ViT-L model: our own format, native_format.py)."""
     from safetensors.torch import save_file
     from transformers import Blip2ForImageTextRetrieval
 
@@ -182,8 +247,12 @@ def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelC
     out.mkdir(parents=True, exist_ok=True)
     extras = stage1_extras(model)
     state = {k: v for k, v in model.state_dict().items() if k not in extras}
-    hf = _hf_from_state(Blip2ForImageTextRetrieval, stage1_hf_config(model), state)
-    hf.save_pretrained(str(out), safe_serialization=True)
+    config = stage1_hf_config(model)
+    hf = _hf_from_state(Blip2ForImageTextRetrieval, config, state, model.vision_model)
+    with quiet_save():
+        hf.save_pretrained(str(out), safe_serialization=True)
+    if is_clip_vision(model.vision_model):
+        write_native_config(out, config, "Blip2ForImageTextRetrieval", model.vision_model)
     save_file({k: v.detach().contiguous().cpu() for k, v in extras.items()}, str(out / EXTRAS_FILE))
     tokenizer.save_pretrained(str(out))
     image_processor(model.vision_model.config.image_size).save_pretrained(str(out))
@@ -192,12 +261,13 @@ def export_stage1(model: Blip2Stage1, out_dir: str, tokenizer, model_cfg: ModelC
     return str(out)
 
 
-def stage1_config_from_hf(path: str, hf_config, base: ModelConfig | None) -> ModelConfig:
+def stage1_config_from_hf(path: str, hf_config, base: ModelConfig | None,
+                          vision_kind: str = "eva_vit_g") -> ModelConfig:
     """The ModelConfig of a stage-1 directory: sizes from its HF config, the rest from `base` (recorded)."""
     v, q = hf_config.vision_config, hf_config.qformer_config
     data = to_dict(base) if base is not None else {"preset": "tiny"}
     recorded_eps = (data.get("vision") or {}).get("ln_vision_eps")
-    data["vision"] = {**data.get("vision", {}), "kind": "eva_vit_g", "hidden_size": v.hidden_size,
+    data["vision"] = {**data.get("vision", {}), "kind": vision_kind, "hidden_size": v.hidden_size,
                       "intermediate_size": v.intermediate_size, "num_layers": v.num_hidden_layers,
                       "num_heads": v.num_attention_heads, "image_size": v.image_size, "patch_size": v.patch_size,
                       "layer_norm_eps": v.layer_norm_eps, "path": None,
@@ -221,12 +291,19 @@ def load_stage1(path: str, vision_dtype: torch.dtype | str | None = None) -> tup
     """
     from transformers import Blip2Config
 
+    from blip2_ray.weights.checkpoint_files import read_json
+
     d = require_local_dir(path, "retrieval model")
-    try:
-        hf_config = Blip2Config.from_pretrained(d, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path!r} holds no BLIP-2 config.json ({e.__class__.__name__})") from None
-    cfg = stage1_config_from_hf(d, hf_config, read_model_config(d))
+    data = read_json(Path(d) / "config.json", "retrieval model config") if (Path(d) / "config.json").is_file() else {}
+    if is_native_config(data):  # a CLIP ViT-L model in our own format
+        _, hf_config = mirrored_hf_config(d, data)
+        cfg = stage1_config_from_hf(d, hf_config, read_model_config(d), vision_kind=vision_fields(data)["kind"])
+    else:
+        try:
+            hf_config = Blip2Config.from_pretrained(d, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path!r} holds no BLIP-2 config.json ({e.__class__.__name__})") from None
+        cfg = stage1_config_from_hf(d, hf_config, read_model_config(d))
     if vision_dtype is not None:
         cfg.vision.dtype = next(k for k, v in DTYPES.items() if v == as_dtype(vision_dtype))
     tok = load_qformer_tokenizer(d)

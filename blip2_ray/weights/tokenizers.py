@@ -21,10 +21,24 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
     from transformers import AutoTokenizer
 
     p = Path(require_local_dir(path, what))
+    kwargs = {}
+    if _is_native_export(p):
+        from transformers import PretrainedConfig
+
+        kwargs["config"] = PretrainedConfig()  # our own export format: transformers knows no config class for it
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kwargs)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise UserError(f"{what} directory {path!r} holds no readable tokenizer ({e.__class__.__name__})") from None
+
+
+def _is_native_export(d: Path) -> bool:
+    from blip2_ray.weights.export_kinds import NATIVE_MODEL_TYPE
+
+    try:
+        return json.loads((d / "config.json").read_text()).get("model_type") == NATIVE_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_qformer_tokenizer(path: str):

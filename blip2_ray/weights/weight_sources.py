@@ -23,11 +23,16 @@ from blip2_ray.errors import UserError
 from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, llm_is_decoder, ln_vision_eps
 from blip2_ray.weights import convert
 from blip2_ray.weights.checkpoint_files import TensorFiles, read_json, require_local_dir, require_local_path
+from blip2_ray.weights.export_kinds import (  # noqa: F401 - re-exported: the loaders' names for the kinds
+    BLIP2_MODEL_TYPES,
+    INSTRUCTBLIP_MODEL_TYPE,
+    NATIVE_MODEL_TYPE,
+    export_kind,
+    is_native_config,
+)
 
 CONFIG_FILE = "blip2_ray_model.yaml"  # the ModelConfig an export was trained with
 EXTRAS_FILE = "stage1_extras.safetensors"  # stage-1 weights HF has no place for (Q-Former LM head, temp)
-BLIP2_MODEL_TYPES = ("blip-2", "blip_2")  # transformers writes "blip-2" into config.json
-INSTRUCTBLIP_MODEL_TYPE = "instructblip"  # a VQA fine-tune's export (its Q-Former reads the question)
 _VISION_EXPECTED = ("a BLIP-2 directory, a Blip2VisionModel directory, a CLIP directory (CLIPVisionModel / "
                     "CLIPModel) or LAVIS's eva_vit_g.pth")
 
@@ -77,7 +82,8 @@ def vision_source_at(path: str, cfg: VisionConfig, key: str = "model.vision.path
         model_type = data.get("model_type")
         layouts = {**dict.fromkeys(BLIP2_MODEL_TYPES, (convert.BLIP2_DIR_VIT, "vision_config")),
                    "blip_2_vision_model": (convert.HF_VIT, None),
-                   "clip_vision_model": (convert.CLIP_VIT, None), "clip": (convert.CLIP_VIT, "vision_config")}
+                   "clip_vision_model": (convert.CLIP_VIT, None), "clip": (convert.CLIP_VIT, "vision_config"),
+                   NATIVE_MODEL_TYPE: (convert.NATIVE_CLIP_VIT, "vision_config")}
         if model_type not in layouts:
             raise UserError(f"{key} {path!r} holds a {model_type!r} model; expected {_VISION_EXPECTED}")
         layout, section = layouts[model_type]
@@ -101,7 +107,7 @@ def _mismatch(source: WeightSource, what: str, found, expected, field: str) -> U
 
 
 def _check_vision_config(source: WeightSource, cfg: VisionConfig) -> None:
-    is_clip = source.layout is convert.CLIP_VIT
+    is_clip = source.layout in convert.CLIP_LAYOUTS
     if is_clip != (cfg.kind == "clip_vit_l"):
         raise UserError(f"{source.label} holds a {'CLIP' if is_clip else 'EVA'} ViT but model.vision.kind is "
                         f"{cfg.kind!r}; set model.vision.kind to {'clip_vit_l' if is_clip else 'eva_vit_g'}")
@@ -138,10 +144,11 @@ def init_from_source(path: str, key: str = "model.init_from") -> WeightSource:
     require_local_path(path, key)
     if Path(path).is_dir():
         data = read_json(Path(path) / "config.json", f"{key} config") if (Path(path) / "config.json").is_file() else {}
-        if data.get("model_type") not in BLIP2_MODEL_TYPES:
+        if data.get("model_type") not in (*BLIP2_MODEL_TYPES, NATIVE_MODEL_TYPE):
             raise UserError(f"{key} {path!r} is not a stage-1 export (its config.json has no BLIP-2 model); "
                             f"point it at the output_dir of a stage-1 run or a LAVIS .pth")
-        if "Blip2ForConditionalGeneration" in data.get("architectures", []):
+        if "Blip2ForConditionalGeneration" in data.get("architectures", []) or export_kind(data) != "stage1" and \
+                is_native_config(data):
             raise UserError(f"{key} {path!r} is a stage-2 (Blip2ForConditionalGeneration) directory; "
                             f"load a whole stage-2 model with model.hf_path instead")
         extras = os.path.join(path, EXTRAS_FILE)
@@ -182,8 +189,8 @@ def vision_source(cfg: ModelConfig) -> WeightSource | None:
                                 f"{ln_vision_eps(recorded.vision)}, this config uses {ln_vision_eps(cfg.vision)}; "
                                 f"set model.vision.ln_vision_eps={ln_vision_eps(recorded.vision)}")
             if init.layout is convert.STAGE1_EXPORT:
-                vit = WeightSource(init.path, convert.BLIP2_DIR_VIT, "model.init_from",
-                                   init.config.get("vision_config"))
+                layout = convert.NATIVE_CLIP_VIT if is_native_config(init.config) else convert.BLIP2_DIR_VIT
+                vit = WeightSource(init.path, layout, "model.init_from", init.config.get("vision_config"))
                 _check_vision_config(vit, cfg.vision)
                 return vit
             return init  # a LAVIS .pth holding visual_encoder.*: read through LAVIS_BLIP2

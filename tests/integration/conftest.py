@@ -4,8 +4,11 @@ instance, a real S3 server, tiny model exports."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from blip2_ray.runtime.cluster import free_port
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 @pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
@@ -51,16 +55,24 @@ def ray_session():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
-    ctx = ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=True,
-        object_store_memory=1_000_000_000,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
-    )
+    for attempt in range(3):  # a raylet has 30 s to register, which a loaded machine can exceed: start again
+        temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+        try:
+            ctx = ray.init(
+                address="local",
+                num_cpus=4,
+                include_dashboard=False,
+                _temp_dir=temp_dir,
+                log_to_driver=True,
+                object_store_memory=1_000_000_000,
+                runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                                          "HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            )
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     yield ctx.address_info["address"]
     ray.shutdown()
 
@@ -92,3 +104,55 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def wait_until_served(client, path: str = "/healthz", timeout_s: float = 120, headers: dict | None = None) -> None:
+    """Poll GET `path` through `client` (an httpx.Client) until it answers 200: Serve's proxy can refuse or 503 for a
+    moment after `serve.run` returns on a busy machine. Bounded: AssertionError after `timeout_s`."""
+    import httpx
+
+    deadline, last = time.time() + timeout_s, None
+    while time.time() < deadline:
+        try:
+            r = client.get(path, headers=headers)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.TransportError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise AssertionError(f"{path} not ready after {timeout_s} s (last answer: {last})")
+
+
+@pytest.fixture(scope="session")
+def until_served():
+    """`wait_until_served` (for module fixtures that start a Serve app)."""
+    return wait_until_served
+
+
+@pytest.fixture(scope="session")
+def job_main():
+    """jobs/<name>.py's `main`, loaded into this process: job_main("capfilt")(argv) -> its exit code. On the
+    session's Ray (a job joins the Ray this process is connected to), without a Python start per call."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def finetune_job(ray_session, job_main):
+    """jobs/finetune.py run in this process on the session's Ray (its `main`: flags, checks, job, exit code):
+    (config file, ["key=value", ...]) -> the finetune_report.json it wrote to output_dir."""
+    main = job_main("finetune")
+
+    def run(config, sets: list[str]) -> dict:
+        rc = main(["--config", str(config), *[a for s in sets for a in ("--set", s)]])
+        assert rc == 0, f"jobs/finetune.py exited with {rc}"
+        out = next(s.split("=", 1)[1] for s in reversed(sets) if s.startswith("output_dir="))
+        return json.loads((Path(out) / "finetune_report.json").read_text())
+
+    return run

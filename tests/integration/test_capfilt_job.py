@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -160,30 +158,7 @@ def test_capfilt_paper_pair_blip_clip(ray_session, tiny_blip_clip, tiny_models, 
         run_capfilt(_cfg(tmp_path / "in", out, tiny_models))  # the BLIP-2 pair into the paper pair's output
 
 
-def test_capfilt_cli_bad_model_is_one_sentence(tmp_path):
-    from blip2_ray.fixtures.sample import make_sample_shards
-
-    make_sample_shards(str(tmp_path / "in"), "webdataset", num=2, shards=1, image_size=32)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"input: [{tmp_path / 'in'}]\noutput_dir: {tmp_path / 'out'}\n"
-                   f"captioner: {{model: {tmp_path / 'nope'}}}\nfilter: {{model: {tmp_path / 'nope'}}}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: filter.model") and "nope" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg),
-                        "--set", "filter.keep=0"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "keep must be >= 1" in r.stderr
-    bert = tmp_path / "bert-base-uncased"  # a model directory, but not a CLIP one: refused before Ray starts
-    bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg), "--set",
-                        "filter.kind=clip", "--set", f"filter.model={bert}"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("error: filter.model") and "filter.kind=clip needs a CLIPModel" in r.stderr
-
-
-def test_wrong_caption_measures_run(ray_session, tiny_models, tmp_path):
+def test_wrong_caption_measures_run(ray_session, tiny_models, tmp_path, job_main, capsys):
     """The quality measures run end to end (random models: the rates are only checked to be rates)."""
     from blip2_ray.capfilt.job import run_capfilt
     from blip2_ray.fixtures.capfilt_measure import kept_correct_rate, swap_web_captions
@@ -195,15 +170,14 @@ def test_wrong_caption_measures_run(ray_session, tiny_models, tmp_path):
     rate = kept_correct_rate(str(tmp_path / "out"))
     assert rate["images"] == 8 and 0 <= rate["top_kept_correct_rate"] <= 1
 
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "measure", "--filter", tiny_models["filter"],
-                        "--data", str(tmp_path / "clean"), "--limit", "8", "--json"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert job_main("capfilt")(["measure", "--filter", tiny_models["filter"], "--data", str(tmp_path / "clean"),
+                                "--limit", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["images"] == 8 and 0 <= out["correct_kept_rate"] <= 1
 
 
-def test_capfilt_cli_on_the_shared_cluster(ray_session, tiny_models, tmp_path):
+def test_capfilt_cli_on_the_shared_cluster(ray_session, tiny_models, tmp_path, job_main, capsys):
     from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path / "in"), "webdataset", num=6, shards=2, image_size=32, seed=6)
@@ -213,9 +187,8 @@ def test_capfilt_cli_on_the_shared_cluster(ray_session, tiny_models, tmp_path):
                    f"min_new_tokens: 1}}\n"
                    f"filter: {{model: {tiny_models['filter']}}}\ncompute: {{num_actors: 1, num_cpus_per_actor: 0.5}}\n"
                    f"data: {{image_size: 32}}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "capfilt.py"), "--config", str(cfg),
-                        "--address", ray_session, "--json"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    s = json.loads(r.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert job_main("capfilt")(["--config", str(cfg), "--address", ray_session, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["images"] == 6 and s["captions_kept"] == 12 and s["shards"] == 2
     assert (tmp_path / "out" / "capfilt_summary.json").exists()

@@ -4,8 +4,6 @@ equal to a dense single-process computation with the same model (k_test >= numbe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +127,8 @@ def test_a_user_error_inside_an_actor_reaches_the_driver_as_itself(ray_session, 
     with pytest.raises(UserError) as info:
         run_evaluation(cfg)
     assert type(info.value) is UserError
-    assert str(info.value) == f"{str(broken)!r} holds no BLIP-2 config.json (OSError)"
+    config = str(broken / "config.json")
+    assert str(info.value) == f"retrieval model config {config!r} is not readable JSON (JSONDecodeError)"
 
 
 def test_caption_and_vqa(ray_session, models, karpathy, tmp_path):
@@ -142,19 +141,13 @@ def test_caption_and_vqa(ray_session, models, karpathy, tmp_path):
     assert rep["images"] == 10 and {"BLEU-4", "CIDEr"} <= set(rep["metrics"])
     preds = json.loads(Path(rep["predictions"]).read_text())
     assert len(preds) == 10 and {"image_id", "caption"} <= set(preds[0])
+    # the references it scored against are written too: `evaluate.py caption-metrics` on the pair agrees
+    from blip2_ray.eval.caption_metrics import caption_scores, load_predictions, load_references
+
+    again = caption_scores(load_references(rep["references"]), load_predictions(rep["predictions"]))
+    assert again == pytest.approx(rep["metrics"])
 
     rep = run_evaluation(_cfg(task="vqa", model=models["stage2"], output=str(tmp_path / "v.json"),
                               test_set={**ts, "annotations": str(karpathy / "vqa.json")},
                               generation={**gen, "prompt": ""}))
     assert rep["questions"] == 10 and 0.0 <= rep["metrics"]["accuracy"] <= 100.0
-
-
-def test_evaluate_cli_errors(tmp_path):
-    cfg = tmp_path / "e.yaml"
-    cfg.write_text(f"task: retrieval\nmodel: {tmp_path / 'nope'}\ntest_set: {{annotations: {tmp_path / 'a.json'}}}\n")
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: model") and "nope" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--config", str(cfg), "--set", "tsk=x"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "unknown config key 'tsk'" in r.stderr

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -67,20 +65,19 @@ def test_meteor_through_the_official_jar():
     assert out["METEOR"] == pytest.approx(REFERENCE["METEOR"], abs=1e-4)
 
 
-def test_caption_metrics_cli_json(tmp_path: Path):
+def test_caption_metrics_cli_json(tmp_path: Path, job_main, capsys):
     refs = {"annotations": [{"image_id": k, "caption": c} for k, v in REFS.items() for c in v]}
     preds = [{"image_id": k, "caption": c} for k, c in PREDS.items()]
     (tmp_path / "r.json").write_text(json.dumps(refs))
     (tmp_path / "p.json").write_text(json.dumps(preds))
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, str(root / "jobs" / "evaluate.py"), "caption-metrics", "--predictions",
-                          str(tmp_path / "p.json"), "--references", str(tmp_path / "r.json"), "--json", "--no-meteor"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    last = json.loads(out.stdout.strip().splitlines()[-1])
+    main = job_main("evaluate")
+    capsys.readouterr()
+    assert main(["caption-metrics", "--predictions", str(tmp_path / "p.json"), "--references", str(tmp_path / "r.json"),
+                 "--json", "--no-meteor"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["BLEU-4"] == pytest.approx(REFERENCE["BLEU"][3], abs=1e-9)
     assert last["CIDEr"] == pytest.approx(REFERENCE["CIDEr"], abs=1e-9)
-    bad = subprocess.run([sys.executable, str(root / "jobs" / "evaluate.py"), "caption-metrics", "--predictions",
-                          str(tmp_path / "nope.json"), "--references", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nope.json" in bad.stderr
+    assert main(["caption-metrics", "--predictions", str(tmp_path / "nope.json"), "--references",
+                 str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nope.json" in err

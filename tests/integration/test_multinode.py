@@ -3,9 +3,11 @@
     head     "data" node   num_cpus=2, resources {data_node: 2}   read + decode tasks (pinned here)
     3 nodes  "GPU" nodes   num_cpus=1, resources {train_node: 1}  one Train worker each, one spare
 
-Stage 1 on the tiny preset, 2 workers, 4 steps, checkpoint every 2. Once the step-2 checkpoint exists,
-a node with a worker on it is removed; the worker group restarts from that checkpoint on the
-surviving node + the spare and ends at exactly step 4.
+Stage 1 on the tiny preset, 2 workers, 4 steps (one epoch of the 32 records), checkpoint every 2. Once the
+step-2 checkpoint exists, a node with a worker on it is removed; the worker group restarts from that checkpoint
+on the surviving node + the spare and ends at exactly step 4, and across the restart every record of the epoch
+was trained exactly once (the rows trained after the checkpoint and before the failure are rolled back with it).
+This is the suite's failure-and-restart test (test_train_pretrain resumes a resubmitted run).
 
 A driver joins one Ray instance at a time and the integration tests share `ray_session`, so the
 scenario runs in a child Python process (this file run as a script) with its own cluster, temp dir,
@@ -47,8 +49,10 @@ def run_scenario(tmp: str) -> dict:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from trained_rows import surviving_rows
 
     from blip2_ray.config import load_config, to_dict
+    from blip2_ray.data.readers import list_shards, read_shard_records
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.loop import train_loop_per_worker
@@ -66,6 +70,7 @@ def run_scenario(tmp: str) -> dict:
         "scaling.num_workers": 2, "failure.max_failures": 2,
         # the last rank stops before step 3 (after the step-2 checkpoint): the window to remove its node
         "fault_injection.pid_dir": pid_dir, "fault_injection.at_step": 3, "fault_injection.pause_s": 120,
+        "fault_injection.trained_keys_dir": os.path.join(tmp, "trained"),
     }
     cfg = absolute_paths(load_config(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()]))
     check_inputs(cfg)
@@ -134,6 +139,10 @@ def run_scenario(tmp: str) -> dict:
             "node_removed": "removed" in seen,
             "export_has_config": os.path.exists(os.path.join(cfg.output_dir, "config.json")),
             "seconds": round(time.time() - start, 1),
+            "trained_keys": sorted(key for _, key, _ in surviving_rows(cfg.fault_injection.trained_keys_dir)),
+            "record_keys": sorted(r["key"] for path in list_shards(shards)
+                                  for r in read_shard_records(path, cfg.data.image_keys, cfg.data.caption_keys,
+                                                              lambda reason: None)),
         }
     finally:
         ray.shutdown()
@@ -173,6 +182,8 @@ def test_training_across_nodes_survives_losing_a_node(tmp_path):
     assert out["step"] == 4 and out["state_step"] == 4, out
     assert out["start_steps"] == [0, 2], out
     assert out["export_has_config"], out
+    # across the failure: every record of the epoch trained exactly once (none lost, none twice)
+    assert out["trained_keys"] == out["record_keys"], out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The Serve HTTP API against a real local Serve instance on 127.0.0.1 with tiny models in HF format."""
+"""The Serve HTTP API against a real local Serve instance on 127.0.0.1 with tiny models: the caption model in HF
+format (compared with transformers), the retrieval model with a CLIP ViT-L in our own format."""
 
 from __future__ import annotations
 
@@ -49,12 +50,13 @@ def model_dirs(tmp_path_factory):
     cfg = model_config("tiny")
     tok = llm_tokenizer(cfg)
     export_stage2(build_stage2(cfg, tok), str(root / "tiny-opt"), tok, cfg)
-    export_stage1(build_stage1(cfg), str(root / "tiny-itm"), qformer_tokenizer(cfg), cfg)
+    clip = model_config("tiny", vision={"kind": "clip_vit_l", "layer_norm_eps": 1e-5})
+    export_stage1(build_stage1(clip), str(root / "tiny-itm"), qformer_tokenizer(clip), clip)
     return str(root / "tiny-opt"), str(root / "tiny-itm")
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, model_dirs, monkeypatch_module):
+def server(ray_session, model_dirs, monkeypatch_module, until_served):
     """Two apps: 'main' (both models, token, batching) and 'limited' (caption only, tiny queue, no token)."""
     import httpx
     from ray import serve
@@ -84,6 +86,8 @@ def server(ray_session, model_dirs, monkeypatch_module):
     serve.run(build_app(limited, name_prefix="Limited"), name="limited", route_prefix="/limited")
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as c:
+        until_served(c)
+        until_served(c, "/limited/healthz")
         yield {"base": base, "client": c, "stage2": stage2, "stage1": stage1}
     serve.shutdown()
 
@@ -111,7 +115,9 @@ def assert_error(r, status, type_=None):
 def test_health_models_docs(server):
     c = server["client"]
     assert c.get("/healthz").json()["status"] == "ok"
-    assert c.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == "tiny-opt"
+    models = c.get("/v1/models", headers=AUTH).json()["data"]
+    assert [m["id"] for m in models] == ["tiny-opt", "tiny-itm"]
+    assert models[1]["endpoints"] == ["/v1/embeddings", "/v1/match"]
     assert c.get("/docs").status_code == 200
     schema = c.get("/openapi.json").json()
     assert "/v1/caption" in schema["paths"] and "CaptionRequest" in schema["components"]["schemas"]
@@ -177,6 +183,7 @@ def test_embeddings_and_match(server):
     assert len(t) == 3 and len(t[0]["embedding"]) == 16
     m = post(server, "/v1/match", {"image": b64(1), "texts": texts})
     assert m.status_code == 200, m.text
+    assert m.json()["model"] == "tiny-itm" and r.json()["model"] == "tiny-itm"  # the model that computed them
     rows = m.json()["data"]
     assert [row["text"] for row in rows] == texts
     for row, te in zip(rows, t):
@@ -189,7 +196,7 @@ def test_openai_client_round_trip(server):
     import openai
 
     client = openai.OpenAI(base_url=server["base"] + "/v1", api_key=TOKEN, max_retries=0)
-    assert [m.id for m in client.models.list()] == ["tiny-opt"]
+    assert [m.id for m in client.models.list()] == ["tiny-opt", "tiny-itm"]
     messages = [{"role": "user", "content": [{"type": "text", "text": "a photo of"},
                                              {"type": "image_url", "image_url": {"url": data_url(7)}}]}]
     out = client.chat.completions.create(model="tiny-opt", messages=messages, max_tokens=9, temperature=0)
@@ -212,6 +219,38 @@ def test_openai_client_round_trip(server):
     assert isinstance(sampled.choices[0].message.content, str)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["base"] + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_model_names_and_the_openai_embeddings_client(server):
+    """An unknown model is a 404 listing the served ones (also the other model's name on a route it does not
+    answer); the OpenAI client's embeddings.create(input=[...]) works (its default base64 encoding too)."""
+    import openai
+
+    for path, body in [("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": [
+                           {"type": "image_url", "image_url": {"url": data_url(1)}}]}]}),
+                       ("/v1/caption", {"image": b64(1), "model": "gpt-4o"}),
+                       ("/v1/embeddings", {"input": ["a"], "model": "text-embedding-3-small"}),
+                       ("/v1/caption", {"image": b64(1), "model": "tiny-itm"})]:
+        r = post(server, path, body)
+        assert_error(r, 404, "model_not_found")
+        assert "tiny-opt (caption, vqa, chat), tiny-itm (embeddings, match)" in r.json()["error"]["message"]
+    assert post(server, "/v1/caption", {"image": b64(1), "model": "tiny-opt"}).json()["model"] == "tiny-opt"
+
+    texts = ["a dog", "two cats on a sofa"]
+    want = [d["embedding"] for d in post(server, "/v1/embeddings", {"texts": texts}).json()["data"]]
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key=TOKEN, max_retries=0)
+    out = client.embeddings.create(model="tiny-itm", input=texts)  # the client asks for base64 and decodes it
+    assert out.model == "tiny-itm" and out.usage.prompt_tokens > 0
+    np.testing.assert_allclose([d.embedding for d in out.data], want, atol=1e-6)
+    raw = client.embeddings.create(model="tiny-itm", input=texts, encoding_format="base64")  # asked for: left as is
+    decoded = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data]
+    np.testing.assert_allclose(decoded, want, atol=1e-6)
+    one = client.embeddings.create(model="tiny-itm", input="a dog", encoding_format="float")
+    np.testing.assert_allclose(one.data[0].embedding, want[0], atol=1e-6)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="text-embedding-3-small", input=texts)
+    assert_error(post(server, "/v1/embeddings", {"input": texts, "dimensions": 3}), 422)
+    assert client.embeddings.create(model="tiny-itm", input=texts, dimensions=16).data[0].embedding
 
 
 def test_concurrent_requests_are_batched(server):
@@ -346,15 +385,17 @@ def test_killed_replica_is_replaced(server):
     handle = serve.get_deployment_handle("CaptionDeployment", app_name="main")
     name = handle.replica_actor_name.remote().result(timeout_s=30)
     body = {"image": b64(2), "max_new_tokens": 30, "min_new_tokens": 30}
+    # the requests caught by the kill are answered 503 or, retried on the replacement replica, 200: on a busy
+    # machine that replica can take minutes to load, so each waits (bounded) longer than the client's default
     with cf.ThreadPoolExecutor(8) as ex:
-        futures = [ex.submit(post, server, "/v1/caption", body) for _ in range(24)]
+        futures = [ex.submit(post, server, "/v1/caption", body, timeout=300) for _ in range(24)]
         time.sleep(0.3)
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         statuses = [f.result().status_code for f in futures]
     assert all(s in (200, 503) for s in statuses), statuses
-    deadline = time.time() + 90
+    deadline = time.time() + 300
     while time.time() < deadline:
-        r = post(server, "/v1/caption", {"image": b64(2)})
+        r = post(server, "/v1/caption", {"image": b64(2)}, timeout=300)
         if r.status_code == 200:
             break
         assert r.status_code == 503, r.text

@@ -34,7 +34,7 @@ def messages(seed: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def slow(ray_session, tmp_path_factory):
+def slow(ray_session, tmp_path_factory, until_served):
     """'slow': an OPT of 12 x 768 (about 90M parameters): one long answer takes seconds on this machine."""
     import httpx
     import torch
@@ -64,6 +64,7 @@ def slow(ray_session, tmp_path_factory):
     handle = serve.get_deployment_handle("SlowCaptionDeployment", app_name="slow")
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=600) as client:
+        until_served(client)
         yield {"base": base, "client": client, "stats": lambda: handle.stats.remote().result(timeout_s=60)}
     serve.shutdown()
 

@@ -20,13 +20,14 @@ from blip2_ray.weights.tokenizers import load_llm_tokenizer, prepends_bos
 FAMILIES = ["llama", "qwen2"]
 
 
-def save_tiny_llm(family: str, tok_dir: str, out) -> str:
-    """A random LlamaForCausalLM / Qwen2ForCausalLM of tiny size, saved by transformers with its tokenizer."""
+def save_tiny_llm(family: str, tok_dir: str, out, vocab_size: int | None = None) -> str:
+    """A random LlamaForCausalLM / Qwen2ForCausalLM of tiny size, saved by transformers with its tokenizer
+    (`vocab_size`: its rows; default: the tokenizer's length rounded up, with spare rows)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tok_dir)  # as shipped: Llama has no pad token
-    sizes = dict(vocab_size=padded_vocab(len(tok)), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    sizes = dict(vocab_size=vocab_size or padded_vocab(len(tok)), hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(7)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**sizes, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
@@ -149,6 +150,35 @@ def test_export_is_the_llms_own_config_and_transformers_generates_token_identica
     hf_mask = torch.cat([torch.ones(3, nq, dtype=p_mask.dtype), p_mask], 1)
     theirs = hf.generate(pixel_values=x, input_ids=hf_ids, attention_mask=hf_mask, **settings)[:, hf_ids.shape[1]:]
     assert ours.tolist() == theirs.tolist()
+
+
+def test_a_vocabulary_without_a_spare_row_grows_one_for_the_image_token(tiny_tokenizers, tmp_path):
+    """Llama-2's vocabulary is exactly its tokenizer's: the export adds the <image> token and resizes the LLM's
+    embeddings and head to a multiple of 64 (as transformers' conversion does); transformers loads the export and
+    generates what ours does; load_stage2 reads it back."""
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    n = len(AutoTokenizer.from_pretrained(tiny_tokenizers["llama"]))
+    llm_dir = save_tiny_llm("llama", tiny_tokenizers["llama"], tmp_path / "llm", vocab_size=n)
+    cfg = model_config("tiny", llm={"kind": "decoder", "path": llm_dir})
+    tok = load_llm_tokenizer(llm_dir)
+    torch.manual_seed(0)
+    model = build_stage2(cfg, tok).eval()
+    assert model.llm_embeddings().num_embeddings == n and "<image>" not in tok.get_vocab()
+    export = export_stage2(model, str(tmp_path / "export"), tok, cfg)
+    hf = Blip2ForConditionalGeneration.from_pretrained(export).eval()
+    rows = -(-(n + 1) // 64) * 64
+    assert hf.config.image_token_index == n and hf.config.text_config.vocab_size == rows
+    assert hf.language_model.get_input_embeddings().weight.shape[0] == rows
+    assert hf.language_model.get_output_embeddings().weight.shape[0] == rows  # Llama's head is not tied
+    x = _pixels(2, seed=3)
+    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, eos_token_id=caption_eos_ids(tok, "llama"),
+                    do_sample=False, pad_token_id=tok.pad_token_id)
+    ids = torch.tensor([[n] * model.num_query_tokens + [tok.bos_token_id]] * 2)
+    theirs = hf.generate(pixel_values=x, input_ids=ids, **settings)[:, ids.shape[1]:]
+    assert model.generate(x, **settings).tolist() == theirs.tolist()
+    loaded = load_stage2(export, vision_dtype="float32", llm_dtype=torch.float32)
+    assert loaded.llm_embeddings().num_embeddings == rows
 
 
 def test_left_padded_batched_prompts_equal_one_at_a_time(decoder_model):

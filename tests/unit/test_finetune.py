@@ -365,3 +365,69 @@ def test_flickr30k_files_as_downloaded_arrive_in_the_shards_with_their_image_ids
         assert ids[0] == ids[1] and len(set(ids)) == len({k.rsplit("/", 1)[0] for k in want_keys})
     assert t["image_id"] == ["1000092795", "1000092795", "10002456"]
     assert t["image"][2] == (tmp_path / "flickr30k-images/10002456.jpg").read_bytes()
+
+
+def test_s3_storage_packs_the_shards_once_into_the_bucket(tmp_path, monkeypatch):
+    """storage_path s3://... (a real S3 server, moto, on 127.0.0.1): the shards are uploaded under
+    <run_name>/finetune_shards, data.train points there and reads from the storage's endpoint; a resumed run
+    finds them by fingerprint and uploads nothing; a changed annotation file replaces them."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from blip2_ray.runtime.cluster import free_port
+    from blip2_ray.train.finetune_job import prepare_shards
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(k, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="runs")
+        _images(tmp_path / "img", ["a.jpg", "b.jpg"])
+        lavis = [{"image": "a.jpg", "caption": "a red circle", "image_id": "1"},
+                 {"image": "b.jpg", "caption": "a blue square", "image_id": "2"}]
+        (tmp_path / "train.json").write_text(json.dumps(lavis))
+        cfg = _cfg(annotations={"train": str(tmp_path / "train.json"), "image_root": str(tmp_path / "img"),
+                                "shard_records": 1},
+                   storage_path="s3://runs/ft", storage_endpoint_url=endpoint, run_name="r")
+        ann = read_caption_annotations(str(tmp_path / "train.json"), str(tmp_path / "img"))
+        out, manifest = prepare_shards(cfg, ann)
+        assert out.data.train == ["s3://runs/ft/r/finetune_shards"] and out.data.s3_endpoint_url == endpoint
+        assert manifest["files"] == ["s3://runs/ft/r/finetune_shards/00000.parquet",
+                                     "s3://runs/ft/r/finetune_shards/00001.parquet"] and manifest["rows"] == 2
+        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"])
+        assert keys == ["ft/r/finetune_shards/00000.parquet", "ft/r/finetune_shards/00001.parquet",
+                        "ft/r/finetune_shards/manifest.json"]
+        stamp = s3.head_object(Bucket="runs", Key="ft/r/finetune_shards/00000.parquet")["ETag"]
+        assert prepare_shards(cfg, ann)[1] == manifest  # the resumed run: found, nothing packed again
+        s3.delete_object(Bucket="runs", Key="ft/r/finetune_shards/00001.parquet")
+        assert prepare_shards(cfg, ann)[1] == manifest  # a shard gone: packed and uploaded again
+        assert s3.head_object(Bucket="runs", Key="ft/r/finetune_shards/00000.parquet")["ETag"] == stamp
+        (tmp_path / "train.json").write_text(json.dumps(lavis[:1]))
+        cfg = _cfg(annotations={"train": str(tmp_path / "train.json"), "image_root": str(tmp_path / "img"),
+                                "shard_records": 1},
+                   storage_path="s3://runs/ft", storage_endpoint_url=endpoint, run_name="r")
+        _, manifest = prepare_shards(cfg, read_caption_annotations(str(tmp_path / "train.json"), str(tmp_path / "img")))
+        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="runs")["Contents"])
+        assert manifest["rows"] == 1 and keys == ["ft/r/finetune_shards/00000.parquet",
+                                                  "ft/r/finetune_shards/manifest.json"]
+    finally:
+        server.stop()
+
+
+def test_relative_paths_the_workers_read_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    """The README's tiny configs name demo_out/... relative to the checkout; the Train workers run elsewhere."""
+    from blip2_ray.train.finetune_job import absolute_annotation_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_annotation_paths(_cfg(task="vqa", vqa={"question_encoder_from": "demo_out/stage1"},
+                                         annotations={"train": "a.json", "questions": "q.json", "eval": "e.json",
+                                                      "eval_questions": "eq.json", "image_root": "img"}))
+    a = cfg.annotations
+    assert cfg.vqa.question_encoder_from == str(tmp_path / "demo_out/stage1")
+    assert [a.train, a.questions, a.eval, a.eval_questions, a.image_root] == [
+        str(tmp_path / n) for n in ("a.json", "q.json", "e.json", "eq.json", "img")]

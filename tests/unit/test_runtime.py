@@ -29,10 +29,37 @@ def test_init_ray_address_then_ray_address_then_a_new_local_instance(ray_init_ca
     monkeypatch.delenv("RAY_ADDRESS")
     assert cluster.init_ray(None, env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4) is True
     assert [c["address"] for c in ray_init_calls] == ["ray://head:10001", "10.0.0.1:6379", "local"]
-    assert ray_init_calls[0]["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    assert ray_init_calls[2]["runtime_env"] == {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                             "DS_ACCELERATOR": "cpu"}}
+    quiet = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+             "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING"}  # pytest's stdout: no terminal
+    assert ray_init_calls[0]["runtime_env"] == {"env_vars": quiet}
+    assert ray_init_calls[2]["runtime_env"] == {"env_vars": {**quiet, "DS_ACCELERATOR": "cpu"}}
     assert ray_init_calls[2]["num_cpus"] == 4
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked(ray_init_calls, monkeypatch):
+    """--progress auto|on|off: Ray Data's bars in the job's workers (environment) and in this process (DataContext)."""
+    import sys
+
+    from ray.data import DataContext
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cluster.progress_bars("auto") and cluster.progress_bars("on") and not cluster.progress_bars("off")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert not cluster.progress_bars("auto") and cluster.progress_bars("on")
+    with pytest.raises(ValueError, match="progress must be one of auto, on, off"):
+        cluster.progress_bars("sometimes")
+    import logging
+
+    saved, level = DataContext.get_current().enable_progress_bars, logging.getLogger("ray.data").level
+    try:
+        for choice, bars in (("on", True), ("off", False)):
+            cluster.init_ray("local", progress=choice)
+            assert ray_init_calls[-1]["runtime_env"]["env_vars"]["RAY_DATA_DISABLE_PROGRESS_BARS"] == str(int(not bars))
+            assert DataContext.get_current().enable_progress_bars is bars
+    finally:
+        DataContext.get_current().enable_progress_bars = saved
+        logging.getLogger("ray.data").setLevel(level)
+    assert cli.job_parser("x").parse_args(["--progress", "off"]).progress == "off"
 
 
 def test_init_ray_does_nothing_when_connected(monkeypatch):
@@ -101,3 +128,25 @@ def test_atomic_path_appears_complete_or_not_at_all(tmp_path):
     assert open(final).read() == "{}" and os.listdir(tmp_path / "out") == ["report.json"]
     files.write_json_atomic(final, {"a": [1, 2]})
     assert open(final).read() == '{"a": [1, 2]}'
+
+
+def test_heartbeat_speaks_after_every_s_of_silence_only():
+    from blip2_ray.runtime.heartbeat import Heartbeat
+
+    now = [100.0]
+    lines = []
+    beat = Heartbeat("[stage1] ", every_s=25, out=lambda line, flush: lines.append(line), clock=lambda: now[0])
+    beat.phase("building the model")
+    now[0] += 24
+    assert beat.tick() is None  # 24 s of silence: nothing yet
+    now[0] += 2
+    assert beat.tick() == "[stage1] building the model (26 s so far)"
+    now[0] += 10
+    beat.said()  # the job printed its own line: the next heartbeat is 25 s after it
+    now[0] += 20
+    assert beat.tick() is None
+    beat.phase("exporting the model")
+    now[0] += 6
+    assert beat.tick() == "[stage1] exporting the model (6 s so far)" and len(lines) == 2
+    with Heartbeat("x", enabled=False) as off:  # other ranks: no thread
+        assert off._thread is None

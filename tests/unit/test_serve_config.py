@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def dirs(tmp_path):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "r").mkdir()
+    """A caption and a retrieval model directory as far as the config and the app's kind check read them
+    (config.json and the file names; test_serve_model_kinds checks real exports)."""
+    for name, arch in (("m", "Blip2ForConditionalGeneration"), ("r", "Blip2ForImageTextRetrieval")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "blip-2", "architectures": [arch]}))
+        for f in ("model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+            (tmp_path / name / f).write_text("")
     return str(tmp_path / "m"), str(tmp_path / "r")
 
 
 def test_defaults_and_nested(dirs):
     cfg = from_dict(ServeConfig, {"model": dirs[0], "autoscaling": {"max_replicas": 3}, "generation": {"num_beams": 2}})
     assert cfg.autoscaling.max_replicas == 3 and cfg.generation.num_beams == 2
-    assert cfg.served_model_name == "m" and cfg.retrieval_model is None
+    assert cfg.caption_model_name == "m" and cfg.retrieval_model is None and cfg.retrieval_name is None
 
 
 @pytest.mark.parametrize("data,needle", [

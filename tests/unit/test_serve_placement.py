@@ -241,6 +241,8 @@ def test_build_app_checks_the_fit_before_deploying(tmp_path, monkeypatch):
     from blip2_ray.serve.app import build_app
 
     d = real_size_dir(tmp_path, "flant5xxl")
+    for name in ("model.safetensors", "tokenizer.json", "processor_config.json"):  # the kind check sees a whole
+        (tmp_path / name).write_text("")                                             # directory (names only)
     monkeypatch.setattr(capacity, "cluster_nodes", lambda gpu_memory_gib: [gpu_node(1, 22.5)])  # a 24 GB A10G
     with pytest.raises(UserError, match="does not fit"):
         build_app(serve_cfg(d, device="cuda", dtype="bfloat16"))

@@ -5,6 +5,7 @@ the export on held-out annotations with the evaluation job's task of the same na
 `train/finetune_job.py` asks a fine-tuning task for:
     read_annotations  the training annotations (checked: files, images) -> what pack_shards writes
     pack_shards       those annotations into parquet shards under `out_dir` -> the shards' manifest
+    shards_fingerprint  what the shards were packed from (a resumed run, or s3:// storage, reuses matching ones)
     resolve_start     the config with the starting model where the task reads it
     start_dir         the starting model as an export directory the evaluation can read (None: assembled from parts)
 """
@@ -41,11 +42,16 @@ class Finetuning(TaskSpec):
         a = cfg.annotations
         return read_caption_annotations(a.train, a.image_root, a.train_split, "annotations.train")
 
-    def pack_shards(self, cfg, ann, out_dir: str) -> dict:
-        from blip2_ray.data.annotations import fingerprint, write_caption_shards
+    def shards_fingerprint(self, cfg) -> str:
+        from blip2_ray.data.annotations import fingerprint
 
         a = cfg.annotations
-        return write_caption_shards(ann, out_dir, a.shard_records, fingerprint(a.train, a.image_root, a.train_split))
+        return fingerprint(a.train, a.image_root, a.train_split)
+
+    def pack_shards(self, cfg, ann, out_dir: str) -> dict:
+        from blip2_ray.data.annotations import write_caption_shards
+
+        return write_caption_shards(ann, out_dir, cfg.annotations.shard_records, self.shards_fingerprint(cfg))
 
     def resolve_start(self, cfg):
         return cfg

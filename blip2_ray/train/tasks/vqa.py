@@ -53,10 +53,14 @@ class VqaFinetuning(CaptionFinetuning):
         a = cfg.annotations
         return read_vqa_annotations(a.train, a.questions, a.image_root, "annotations.train")
 
-    def pack_shards(self, cfg, ann, out_dir):
-        from blip2_ray.data.annotations import fingerprint, write_vqa_shards
+    def shards_fingerprint(self, cfg) -> str:
+        from blip2_ray.data.annotations import fingerprint
 
         a = cfg.annotations
-        fp = fingerprint(a.train, a.image_root, a.train_split)
-        fp += fingerprint(a.questions, a.image_root, "questions") if a.questions else ""
-        return write_vqa_shards(ann, out_dir, a.shard_records, fp)
+        fp = super().shards_fingerprint(cfg)
+        return fp + (fingerprint(a.questions, a.image_root, "questions") if a.questions else "")
+
+    def pack_shards(self, cfg, ann, out_dir):
+        from blip2_ray.data.annotations import write_vqa_shards
+
+        return write_vqa_shards(ann, out_dir, cfg.annotations.shard_records, self.shards_fingerprint(cfg))
