@@ -113,7 +113,7 @@ def test_finetuning_starts_from_the_exports_and_exports_vqa(exports, tmp_path):
     from blip2_ray.config import from_dict
     from blip2_ray.train.finetune_config import FinetuneConfig
     from blip2_ray.train.finetune_job import resolve_start
-    from blip2_ray.train.finetune_model import finetune_model
+    from blip2_ray.train.tasks import task_of
     from blip2_ray.weights.tokenizers import load_qformer_tokenizer
 
     base = {"model": {"preset": "tiny", "vision": CLIP, "init_from": exports["stage2"]}, "run_name": "ft",
@@ -124,8 +124,7 @@ def test_finetuning_starts_from_the_exports_and_exports_vqa(exports, tmp_path):
         cfg = resolve_start(from_dict(FinetuneConfig, {**base, "task": task, **extra}))
         assert cfg.model.hf_path == exports["stage2"]
         torch.manual_seed(0)
-        model = build_stage2(cfg.model)
-        finetune_model(model, cfg)
+        model = task_of(cfg).build_model(cfg)  # the task spec: build_stage2, finetune_model, the question path
         assert model.takes_question == (task == "vqa")
         before = model.vision_model.clip.encoder.layers[0].mlp.fc1.weight.detach().clone()
         ids = torch.randint(5, 20, (2, 6))
