@@ -1,0 +1,50 @@
+"""Index an image collection for search: Q-Former ITC features of every image in a FAISS index.
+
+    python jobs/index.py --config jobs/configs/index_tiny.yaml [--set key=value ...] [--address A] [--json]
+
+Reads img2dataset shards (tar or parquet, local or s3://) with a stage-1 export in a Ray Data actor pool
+and writes OUTPUT_DIR: the index (exact up to index.exact_max_images images, IVF-PQ beyond), each
+image's key, caption and source shard, and the stored features. A rerun computes only the shards not
+done yet and appends them, so the index grows by indexing new shards. Unreadable shards and bad records
+are skipped and counted. Serve it with `jobs/serve.py --retrieval-model MODEL --search-index OUTPUT_DIR`
+(POST /v1/search; docs/search.md). Prints the summary; --json puts it on the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from blip2_ray.runtime.cli import cli_main, job_parser, load_job_config  # noqa: E402
+from blip2_ray.runtime.cluster import init_ray  # noqa: E402
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from blip2_ray.search.config import IndexJobConfig
+    from blip2_ray.search.job import plan, run_index
+
+    p = job_parser(__doc__.split("\n")[0], config_help="YAML of overrides of the IndexJobConfig defaults",
+                   json_help="print the summary as one JSON line last")
+    args = p.parse_args(argv)
+    cfg = load_job_config(IndexJobConfig, args)
+    plan(cfg)  # a missing model or source, or an index of another model: one sentence before Ray starts
+    init_ray(args.address)
+    s = run_index(cfg)
+    rate = f" ({s['images_per_s']} images/s)" if s["images_per_s"] else ""
+    print(f"index: {s['images']} images from {s['shards_in_index']} shards ({s['shards_done_now']} computed now, "
+          f"{s['shards_done_before']} before; {s['shards_unreadable']} unreadable); skipped {s['skipped']}; "
+          f"{s['kind']} ({s['factory']}), {s['index_bytes_per_image']:.0f} index bytes per image; "
+          f"features of {s['images_now']} images in {s['feature_seconds']:.1f} s{rate}; output {s['output_dir']}",
+          flush=True)
+    if args.json:
+        print(json.dumps(s), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
