@@ -24,6 +24,7 @@ def sections() -> list[tuple[str, str, type]]:
     """(title, the job that reads it, config class) for every job config."""
     from blip2_ray.capfilt.config import CapFiltConfig
     from blip2_ray.eval.config import EvalConfig
+    from blip2_ray.search.config import IndexJobConfig
     from blip2_ray.serve.config import ServeConfig
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.finetune_config import FinetuneConfig
@@ -33,6 +34,7 @@ def sections() -> list[tuple[str, str, type]]:
         ("Fine-tuning (caption, retrieval; vqa not yet)", "jobs/finetune.py", FinetuneConfig),
         ("CapFilt (caption and filter a corpus)", "jobs/capfilt.py", CapFiltConfig),
         ("Evaluation (retrieval, caption, VQA)", "jobs/evaluate.py", EvalConfig),
+        ("Image index (search)", "jobs/index.py", IndexJobConfig),
         ("Serving", "jobs/serve.py", ServeConfig),
     ]
 

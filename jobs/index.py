@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+# before torch loads its OpenMP runtime: FAISS builds the index on it here (blip2_ray/search/index.py FAISS_ENV)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blip2_ray.runtime.cli import cli_main, job_parser, load_job_config  # noqa: E402

@@ -27,6 +27,14 @@ from blip2_ray.eval.retrieval import itc_similarity
 
 FLAT, IVFPQ = "flat", "ivfpq"
 
+# The environment of a process that runs FAISS with more than one thread. OpenMP threads spin while they
+# wait for work; on a machine whose cores are shared (CI, a busy node: 2 cores at load 30) that turned a
+# 0.6 s IVF-PQ training into 47 s, and waiting passively costs nothing measurable on free cores. It must
+# be set before torch is imported: torch loads its OpenMP runtime globally, FAISS's parallel regions run
+# on it, and it reads the variable once, when it loads. (jobs/index.py sets it first thing; the serving
+# app gives it to the search replicas; in-process callers can use one thread: faiss.omp_set_num_threads(1).)
+FAISS_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 
 def choose_kind(kind: str, exact_max_images: int, num_images: int) -> str:
     """The index kind for a collection of `num_images` (kind "auto": flat up to `exact_max_images`)."""

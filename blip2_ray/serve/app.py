@@ -70,6 +70,7 @@ def build_app(cfg: ServeConfig, name_prefix: str = ""):
 
 def _search(cfg: ServeConfig, name_prefix: str):
     from blip2_ray.search import store
+    from blip2_ray.search.index import FAISS_ENV
 
     s = cfg.search
     store.same_model_or_error(store.require_manifest(s.index)["model"], store.model_identity(cfg.retrieval_model),
@@ -77,7 +78,8 @@ def _search(cfg: ServeConfig, name_prefix: str):
     return serve.deployment(SearchDeployment).options(
         name=f"{name_prefix}SearchDeployment", max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests, health_check_timeout_s=cfg.health_check_timeout_s,
-        ray_actor_options=_actor(cfg, s.cpus_per_replica, s.gpus_per_replica),
+        ray_actor_options={**_actor(cfg, s.cpus_per_replica, s.gpus_per_replica),
+                           "runtime_env": {"env_vars": FAISS_ENV}},
         **_replicas(s.num_replicas, s.autoscaling),
     ).bind(s.index, cfg.retrieval_model, cfg.device, cfg.dtype, s.query_max_tokens, s.itm_batch_size, s.nprobe,
            max(1, int(s.cpus_per_replica)))
