@@ -310,7 +310,7 @@ def read_images_at(path: str, positions: list, image_keys: list[str],
             _parquet_images_at(path, positions, image_keys, s3_opts, out)
         else:
             _tar_images_at(path, positions, s3_opts, out)
-    except (OSError, EOFError, ValueError, tarfile.TarError):
+    except Exception:  # a file gone or cut short, or an S3 error (botocore's are not OSErrors)
         pass  # what was read stays; the rest is None
     return out
 

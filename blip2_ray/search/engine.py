@@ -31,7 +31,9 @@ class SearchEngine:
 
     def __init__(self, index_dir: str, model_dir: str, device: str = "cpu", dtype: str = "float32",
                  query_max_tokens: int = 32, itm_batch_size: int = 128, nprobe: int | None = None,
-                 fetch_threads: int = 8):
+                 fetch_threads: int = 8, s3_opts: dict | None = None):
+        """`s3_opts`: how to read S3 shards back (data.readers.storage_options); None resolves them here from
+        the index's data settings and this process's AWS environment."""
         from blip2_ray.model.hf_format import load_stage1
 
         manifest = store.require_manifest(index_dir)
@@ -45,7 +47,7 @@ class SearchEngine:
         d = manifest["data"]
         self.data = from_dict(DataConfig, {k: d[k] for k in ("image_keys", "caption_keys", "min_image_side",
                                                               "max_image_pixels")})
-        self.s3_opts = storage_options(d.get("s3_endpoint_url"), d.get("s3_anonymous", False), d.get("s3_region"))
+        self.s3_opts = s3_opts if s3_opts is not None else index_storage_options(manifest)
         self.fetch_threads = fetch_threads
 
     # ---------------------------------------------------------------------------------------- text
@@ -128,6 +130,12 @@ class SearchEngine:
         ok = cand[0] >= 0
         rows = self.index.rows(cand[0][ok])
         return {"results": [_result(i, r, s, s) for i, s, r in zip(cand[0][ok], itc[0][ok], rows)]}
+
+
+def index_storage_options(manifest: dict) -> dict:
+    """How to read an index's S3 shards back: its data settings + this process's AWS environment."""
+    d = manifest["data"]
+    return storage_options(d.get("s3_endpoint_url"), d.get("s3_anonymous", False), d.get("s3_region"))
 
 
 def _result(image: int, row: dict, score: float, itc: float, itm: float | None = None) -> dict:

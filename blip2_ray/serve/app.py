@@ -70,11 +70,14 @@ def build_app(cfg: ServeConfig, name_prefix: str = ""):
 
 def _search(cfg: ServeConfig, name_prefix: str):
     from blip2_ray.search import store
+    from blip2_ray.search.engine import index_storage_options
     from blip2_ray.search.index import FAISS_ENV
 
     s = cfg.search
-    store.same_model_or_error(store.require_manifest(s.index)["model"], store.model_identity(cfg.retrieval_model),
-                              s.index)
+    manifest = store.require_manifest(s.index)
+    store.same_model_or_error(manifest["model"], store.model_identity(cfg.retrieval_model), s.index)
+    # S3 settings and credentials resolved here and handed to the replicas, as the data pipeline does for its tasks
+    s3_opts = index_storage_options(manifest)
     return serve.deployment(SearchDeployment).options(
         name=f"{name_prefix}SearchDeployment", max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests, health_check_timeout_s=cfg.health_check_timeout_s,
@@ -82,7 +85,7 @@ def _search(cfg: ServeConfig, name_prefix: str):
                            "runtime_env": {"env_vars": FAISS_ENV}},
         **_replicas(s.num_replicas, s.autoscaling),
     ).bind(s.index, cfg.retrieval_model, cfg.device, cfg.dtype, s.query_max_tokens, s.itm_batch_size, s.nprobe,
-           max(1, int(s.cpus_per_replica)))
+           max(1, int(s.cpus_per_replica)), s3_opts)
 
 
 def app_builder(args: dict):

@@ -16,14 +16,15 @@ import numpy as np
 class SearchDeployment:
     def __init__(self, index_dir: str, model_dir: str, device: str = "cpu", dtype: str = "float32",
                  query_max_tokens: int = 32, itm_batch_size: int = 128, nprobe: int | None = None,
-                 faiss_threads: int = 1):
+                 faiss_threads: int = 1, s3_opts: dict | None = None):
         import faiss
 
         from blip2_ray.search.engine import SearchEngine
         from blip2_ray.serve.images import PixelNormalizer
 
         faiss.omp_set_num_threads(max(1, faiss_threads))
-        self.engine = SearchEngine(index_dir, model_dir, device, dtype, query_max_tokens, itm_batch_size, nprobe)
+        self.engine = SearchEngine(index_dir, model_dir, device, dtype, query_max_tokens, itm_batch_size, nprobe,
+                                   s3_opts=s3_opts)
         self.normalise = PixelNormalizer(model_dir, self.engine.device)
         self.lock = asyncio.Lock()  # one search at a time per replica: the model and FAISS use all its CPUs
 
