@@ -79,14 +79,18 @@ def run_index(cfg: IndexJobConfig) -> dict:
         ds = ds.map_batches(report_user_errors(ShardIndexer), fn_constructor_kwargs={"cfg": to_dict(cfg),
                                                                                     "s3_opts": s3_opts},
                             batch_size=1, batch_format="numpy", **actor_pool(cfg.compute, len(todo)))
-        images = 0
+        images, first = 0, None  # first: (time, images) when the first shard came back (start-up over)
         with reraise_user_errors():
             for row in ds.iter_rows():
                 s = json.loads(row["summary"])
                 new.append(s)
                 images += s["images"]
+                first = first or (time.time(), images)
                 _progress(len(new), len(todo), s, t0, images)
     compute_s = time.time() - t0
+    steady = None
+    if len(new) > 1 and time.time() > first[0]:
+        steady = round((images - first[1]) / (time.time() - first[0]), 2)
     summaries = [store.shard_summary(cfg.output_dir, store.shard_id(f)) for f in files]
     q, e = summaries[0]["num_queries"], summaries[0]["embed_dim"]
     data = {k: getattr(cfg.data, k) for k in ("image_keys", "caption_keys", "min_image_side", "max_image_pixels",
@@ -108,6 +112,7 @@ def run_index(cfg: IndexJobConfig) -> dict:
         "index_bytes": size, "index_bytes_per_image": round(size / max(1, manifest["num_images"]), 1),
         "feature_seconds": round(compute_s, 2), "build_seconds": round(time.time() - t1, 2),
         "images_per_s": round(new_images / compute_s, 2) if new and compute_s > 0 else None,
+        "images_per_s_after_first_shard": steady,
         "model": identity, "output_dir": os.path.abspath(cfg.output_dir),
     }
     write_json_atomic(cfg.summary_file or os.path.join(cfg.output_dir, "index_summary.json"), summary)

@@ -159,9 +159,9 @@ def test_index_job_then_search_through_the_app(ray_session, tiny_exports, s3_ser
             # the bad input
             long = c.post("/v1/search", json={"text": " ".join(["red circle"] * 40), "k": 2}).json()
             assert long["query"]["truncated"] and long["query"]["tokens"] > 32 and "ignored" in long["query"]["note"]
+            both = {"text": QUERY, "image": base64.b64encode(raw).decode()}
             for bad in ({"text": "   "}, {"text": ""}, {"text": QUERY, "k": 0}, {"text": QUERY, "k": 21},
-                        {"text": QUERY, "candidates": 10_000}, {}, {"text": QUERY, "image": base64.b64encode(raw).decode()},
-                        {"text": QUERY, "top": 3}):
+                        {"text": QUERY, "candidates": 10_000}, {}, both, {"text": QUERY, "top": 3}):
                 r = c.post("/v1/search", json=bad)
                 assert r.status_code == 422 and r.json()["error"]["message"], (bad, r.text)
     finally:
