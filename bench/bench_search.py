@@ -202,7 +202,7 @@ def at_size(n: int, args, work: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="1e4,1e5,1e6", help="synthetic collection sizes (images)")
+    p.add_argument("--sizes", default="1e4,1e5,1e6", help="synthetic collection sizes (images); '' for none")
     p.add_argument("--queries", type=int, default=200, help="text queries per size (latency, recall)")
     p.add_argument("--query-threads", type=int, default=1,
                    help="FAISS threads per query (a search replica uses int(cpus_per_replica), at least 1)")
@@ -231,7 +231,7 @@ def main() -> None:
               f"/v1/search engine, text with ITM re-ranking of 128: "
               f"p50 {s['engine_text_rerank128_ms_p50']:.0f} ms, p99 {s['engine_text_rerank128_ms_p99']:.0f} ms",
               flush=True)
-    out["sizes"] = rows = [at_size(int(float(s)), args, work) for s in args.sizes.split(",")]
+    out["sizes"] = rows = [at_size(int(float(s)), args, work) for s in args.sizes.split(",") if s.strip()]
     print("\n| images | exact: p50 / p99 ms (k=10), recall@10, bytes/image | IVF-PQ + exact re-score: p50 / p99 ms, "
           "recall@10, bytes/image | PQ scores only: recall@10 | k'=128 p50 ms exact / IVF-PQ |")
     print("| --- | --- | --- | --- | --- |")
