@@ -132,33 +132,56 @@ def _bytes(index, work: str) -> int:
 
 
 def at_size(n: int, args, work: str) -> dict:
+    """One pass over a synthetic collection of n images into the exact ranking, the flat index (where it
+    fits) and the IVF-PQ index at the job's defaults (trained first on a seeded vector sample); then the
+    queries, one at a time."""
     import faiss
 
     from blip2_ray.search import index as ix
     from blip2_ray.search.config import IndexSection
-    from blip2_ray.search.synthetic import SyntheticCollection, exact_top_images
+    from blip2_ray.search.synthetic import ExactTop, SyntheticCollection
 
     coll = SyntheticCollection(n)
     q, e = coll.num_queries, coll.dim
     text = coll.text_queries(args.queries)
     row: dict = {"images": n, "vectors": n * q}
+    seconds = {"generate": 0.0, "exact_ranking": 0.0, "flat_add": 0.0, "ivfpq_train": 0.0, "ivfpq_add": 0.0}
+
+    d = IndexSection()
+    params = ix.ivfpq_params(n * q, e, d.nlist, d.pq_m, d.train_vectors)
+    index = ix.new_index(ix.IVFPQ, e, params)
+    picks = np.sort(np.random.default_rng(0).choice(n * q, size=min(d.train_vectors, n * q), replace=False))
+    images, where = np.unique(picks // q, return_inverse=True)
+    sample = coll.features(images)[where, picks % q]  # the sampled vectors themselves, as the job samples
     t0 = time.perf_counter()
-    exact = exact_top_images(coll, text, 10)
-    row["exact_ranking_s"] = round(time.perf_counter() - t0, 1)
+    ix.train(index, sample)
+    seconds["ivfpq_train"] = time.perf_counter() - t0
+    del sample
+
+    flat_gib = n * q * e * 4 / 2**30
+    flat = faiss.IndexFlatIP(e) if flat_gib <= args.flat_max_gib else None
+    exact = ExactTop(text, 10, q)
+    t_gen = time.perf_counter()
+    for start, feats in coll.chunks():
+        t0 = time.perf_counter()
+        seconds["generate"] += t0 - t_gen
+        exact.add(start, feats)
+        t1 = time.perf_counter()
+        if flat is not None:
+            ix.add_images(flat, feats)
+        t2 = time.perf_counter()
+        ix.add_images(index, feats)
+        t_gen = time.perf_counter()
+        seconds.update(exact_ranking=seconds["exact_ranking"] + t1 - t0, flat_add=seconds["flat_add"] + t2 - t1,
+                       ivfpq_add=seconds["ivfpq_add"] + t_gen - t2)
+    row.update({f"{k}_s": round(v, 1) for k, v in seconds.items()})
+    top = exact.top()
 
     def recall(found) -> float:
         ids = [f[1][0] for f in found]  # each search: (scores (1, k), images (1, k))
-        return float(np.mean([len(set(i[i >= 0]) & set(x)) / 10 for i, x in zip(ids, exact)]))
+        return float(np.mean([len(set(i[i >= 0]) & set(x)) / 10 for i, x in zip(ids, top)]))
 
-    # exact (flat), where it fits
-    flat_gib = n * q * e * 4 / 2**30
-    if flat_gib <= args.flat_max_gib:
-        flat = faiss.IndexFlatIP(e)
-        t0 = time.perf_counter()
-        for _, feats in coll.chunks():
-            ix.add_images(flat, feats)
-        row["flat_build_s"] = round(time.perf_counter() - t0, 1)
-
+    if flat is not None:
         def features(ids):
             vec = (ids[:, None] * q + np.arange(q)[None, :]).reshape(-1)
             return flat.reconstruct_batch(vec).reshape(len(ids), q, e)
@@ -172,20 +195,6 @@ def at_size(n: int, args, work: str) -> dict:
     else:
         row["flat"] = f"not built: {flat_gib:.0f} GiB of vectors > --flat-max-gib {args.flat_max_gib}"
 
-    # compressed, at the job's defaults
-    d = IndexSection()
-    params = ix.ivfpq_params(n * q, e, d.nlist, d.pq_m, d.train_vectors)
-    index = ix.new_index(ix.IVFPQ, e, params)
-    rng = np.random.default_rng(0)
-    sample_ids = rng.choice(n * q, size=min(d.train_vectors, n * q), replace=False)
-    sample = coll.features(np.unique(sample_ids // q)).reshape(-1, e)[: d.train_vectors]
-    t0 = time.perf_counter()
-    ix.train(index, sample)
-    row["ivfpq_train_s"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    for _, feats in coll.chunks():
-        ix.add_images(index, feats)
-    row["ivfpq_add_s"] = round(time.perf_counter() - t0, 1)
     ix.set_nprobe(index, d.nprobe)
     p50, p99, found = _latency(lambda x: ix.search(index, x, 10, q, features=coll.features,
                                                    refine=d.refine_factor), text, args.query_threads)
@@ -196,6 +205,14 @@ def at_size(n: int, args, work: str) -> dict:
     row.update(pq_only_ms_p50=p50, pq_only_ms_p99=p99, pq_only_recall10=recall(found))
     row["ivfpq_k128_ms_p50"] = _latency(lambda x: ix.search(index, x, 128, q, features=coll.features,
                                                             refine=d.refine_factor), text[:50], args.query_threads)[0]
+    sweep = {}  # recall@10 of other settings (the deployment's search.nprobe; the job's index.refine_factor)
+    for nprobe in (d.nprobe, 2 * d.nprobe):
+        ix.set_nprobe(index, nprobe)
+        for refine in (8, 16):
+            res = _latency(lambda x, r=refine: ix.search(index, x, 10, q, features=coll.features, refine=r), text,
+                           args.query_threads)
+            sweep[f"nprobe{nprobe}_refine{refine}"] = {"recall10": recall(res[2]), "ms_p50": res[0]}
+    row["ivfpq_sweep"] = sweep
     print(json.dumps(row), flush=True)
     return row
 

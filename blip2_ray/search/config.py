@@ -20,8 +20,9 @@ class IndexSection:
         "up to exact_max_images images, ivfpq beyond", "auto")
     exact_max_images: int = doc("auto: the largest collection indexed exactly (flat keeps Q x embed_dim float32 "
                                 "per image: 32 KiB at BLIP-2's 32 x 256)", 100_000)
-    nlist: int | None = doc("ivfpq: IVF lists (null: the power of two nearest sqrt(vectors) / 4, at most 1024, "
-                            "and at least 39 training vectors per list)", None)
+    nlist: int | None = doc("ivfpq: IVF lists (null: the power of two nearest sqrt(vectors) / 4, at most 256 "
+                            "(each added vector is compared with every list on the driver), and at least 39 "
+                            "training vectors per list); more lists: faster queries, slower building", None)
     pq_m: int | None = doc("ivfpq: PQ sub-quantizers, 4 bits each (null: embed_dim / 8, i.e. 16 bytes per "
                            "vector at embed_dim 256); must divide embed_dim", None)
     nprobe: int = doc("ivfpq: lists visited per query vector (the serving default; a request cannot change it)", 32)

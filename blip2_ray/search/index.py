@@ -46,8 +46,8 @@ def choose_kind(kind: str, exact_max_images: int, num_images: int) -> str:
 def ivfpq_params(num_vectors: int, dim: int, nlist: int | None, pq_m: int | None, train_vectors: int) -> dict:
     """{"nlist", "pq_m"} of an IVF-PQ index over `num_vectors` vectors of `dim` floats."""
     trainable = min(num_vectors, train_vectors)
-    if nlist is None:  # ~sqrt(V)/4: every vector added is compared with each list's centroid, on the driver
-        nlist = min(2 ** round(math.log2(max(1.0, math.sqrt(num_vectors) / 4))), 1024)
+    if nlist is None:  # every vector added is compared with each list's centroid, on the driver: at most 256
+        nlist = min(2 ** round(math.log2(max(1.0, math.sqrt(num_vectors) / 4))), 256)
     nlist = max(1, min(nlist, trainable // 39))  # k-means wants >= 39 points per centroid
     if pq_m is None:
         pq_m = max(1, dim // 8)

@@ -75,24 +75,39 @@ class SyntheticCollection:
         return self.features(self.num_images + np.random.default_rng(seed).integers(1 << 30, size=n))
 
 
+class ExactTop:
+    """The exact top k images of text queries (B, E) over chunks of a collection added in order, through a
+    flat index per chunk (the top k*Q vectors hold the top k images: see search/index.py)."""
+
+    def __init__(self, queries: np.ndarray, k: int, num_queries: int):
+        self.queries, self.k, self.q = np.ascontiguousarray(queries, dtype=np.float32), k, num_queries
+        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
+        self.ids = np.zeros((len(queries), 0), np.int64)
+
+    def add(self, start: int, feats: np.ndarray) -> None:
+        """Images start .. start+n-1, features (n, Q, E)."""
+        import faiss
+
+        flat = faiss.IndexFlatIP(feats.shape[-1])
+        flat.add(np.ascontiguousarray(feats.reshape(-1, feats.shape[-1])))
+        width = self.k * self.q
+        s, i = flat.search(self.queries, min(width, flat.ntotal))
+        s = np.concatenate([self.scores, s], 1)
+        i = np.concatenate([self.ids, i + start * self.q], 1)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :width]
+        self.scores, self.ids = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+    def top(self) -> np.ndarray:
+        """(B, k) image ids, best first."""
+        from blip2_ray.search.index import best_images
+
+        return best_images(self.scores, self.ids, self.q, self.k)[1]
+
+
 def exact_top_images(collection: SyntheticCollection, queries: np.ndarray, k: int,
                      chunk: int = 8192) -> np.ndarray:
-    """The exact top k images (B, k) of text queries (B, E), streaming the collection through flat
-    indexes a chunk at a time (the top k*Q vectors hold the top k images: see search/index.py)."""
-    import faiss
-
-    from blip2_ray.search.index import best_images
-
-    q = collection.num_queries
-    width = k * q
-    best_s = np.full((len(queries), 0), -np.inf, np.float32)
-    best_i = np.zeros((len(queries), 0), np.int64)
+    """The exact top k images (B, k) of text queries (B, E) over a whole synthetic collection."""
+    top = ExactTop(queries, k, collection.num_queries)
     for start, feats in collection.chunks(chunk):
-        flat = faiss.IndexFlatIP(collection.dim)
-        flat.add(feats.reshape(-1, collection.dim))
-        s, i = flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(width, flat.ntotal))
-        s = np.concatenate([best_s, s], 1)
-        i = np.concatenate([best_i, i + start * q], 1)
-        order = np.argsort(-s, axis=1, kind="stable")[:, :width]
-        best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
-    return best_images(best_s, best_i, q, k)[1]
+        top.add(start, feats)
+    return top.top()
