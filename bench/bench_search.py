@@ -96,10 +96,13 @@ def indexing(args, work: str) -> dict:
         engine.search_text(f"a picture of a red circle {i}", 10, candidates=128)
         lat.append(time.perf_counter() - t0)
     ratios = [j / s for j, s in zip(runs["job"], runs["loop"])]
+    m = json.load(open(f"{work}/job_0/index.json"))
+    table_bytes = os.path.getsize(f"{work}/job_0/{m['images_file']}") / m["num_images"]
     return {"images": args.index_images, "shards": args.shards, "actors": args.actors, "rounds": args.rounds,
             "loop_images_per_s": statistics.median(runs["loop"]), "job_images_per_s": statistics.median(runs["job"]),
             "job_images_per_s_after_first_shard": statistics.median(runs["job_after_first_shard"]),
             "job_vs_loop": statistics.median(ratios), "job_vs_loop_range": [min(ratios), max(ratios)],
+            "images_table_bytes_per_image": table_bytes,
             "per_round": runs, "engine_text_rerank128_ms_p50": 1000 * float(np.percentile(lat, 50)),
             "engine_text_rerank128_ms_p99": 1000 * float(np.percentile(lat, 99))}
 
