@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune bench-search clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench-eval: install
 
 bench-finetune: install
 	DS_ACCELERATOR=cpu $(PY) bench/bench_finetune.py
+
+# index job vs a single-process loop; exact and IVF-PQ latency, recall@10 and bytes/image at 1e4-1e6 synthetic
+# images (the 1e6 point needs ~4 GiB and takes tens of minutes on 2 cores; ARGS="--sizes 1e4,1e5" is quicker)
+bench-search: install
+	$(PY) bench/bench_search.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs

@@ -22,6 +22,7 @@ def sections() -> list[tuple[str, str, type]]:
     """(title, the job that reads it, config class) for every job config."""
     from blip2_ray.capfilt.config import CapFiltConfig
     from blip2_ray.eval.config import EvalConfig
+    from blip2_ray.search.config import IndexJobConfig
     from blip2_ray.serve.config import ServeConfig
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.finetune_config import FinetuneConfig
@@ -31,6 +32,7 @@ def sections() -> list[tuple[str, str, type]]:
         ("Fine-tuning (caption, retrieval, vqa)", "blip2-ray finetune", FinetuneConfig),
         ("CapFilt (caption and filter a corpus)", "blip2-ray capfilt", CapFiltConfig),
         ("Evaluation (retrieval, caption, VQA)", "blip2-ray evaluate", EvalConfig),
+        ("Image index (search)", "blip2-ray index", IndexJobConfig),
         ("Serving", "blip2-ray serve", ServeConfig),
     ]
 

@@ -4,7 +4,7 @@
     blip2-ray <command> --help
 
 Each command is a module of this package with a `main(argv) -> int` whose docstring's first line is its help;
-COMMANDS names them. A new command is one line there (e.g. "index": "blip2_ray.search.cli"). The modules are
+COMMANDS names them. A new command is one line there. The modules are
 imported only when their command runs, so `blip2-ray --help` starts no Ray and loads no model code. jobs/*.py
 are the same commands as files, for `ray job submit -- python jobs/pretrain.py ...`.
 """
@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "blip2_ray.cli.evaluate",
     "capfilt": "blip2_ray.cli.capfilt",
     "serve": "blip2_ray.cli.serve",
+    "index": "blip2_ray.cli.index",
     "check-data": "blip2_ray.cli.check_data",
     "make-sample-data": "blip2_ray.cli.make_sample_data",
 }

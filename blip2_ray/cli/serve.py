@@ -1,12 +1,13 @@
 """Serve BLIP-2 over HTTP until SIGINT/SIGTERM.
 
-    blip2-ray serve --model DIR [--retrieval-model DIR] [--host 127.0.0.1] [--port 8000]
+    blip2-ray serve --model DIR [--retrieval-model DIR [--search-index INDEX]] [--host 127.0.0.1] [--port 8000]
                     [--config jobs/configs/serve.yaml-args.yaml] [--set max_batch_size=16 ...]
                     [--address ADDR]
 
 DIR is an HF-format `Blip2ForConditionalGeneration` directory (a stage-2 export or a local copy of
 Salesforce/blip2-opt-2.7b); the retrieval model a stage-1 export or `Blip2ForImageTextRetrieval`
-directory. Precedence: ServeConfig defaults <- --config YAML (a ServeConfig mapping) <- flags <- --set.
+directory; the search index a directory `blip2-ray index` built with that retrieval model (POST /v1/search,
+docs/search.md). Precedence: ServeConfig defaults <- --config YAML (a ServeConfig mapping) <- flags <- --set.
 Joins the cluster at --address (or RAY_ADDRESS), else starts a local Ray instance. The same app runs
 with `serve run jobs/configs/serve.yaml` (import_path blip2_ray.serve.app:app_builder).
 """
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    config_required=False)
     p.add_argument("--model", help="stage-2 / Blip2ForConditionalGeneration directory (caption, vqa, chat)")
     p.add_argument("--retrieval-model", help="stage-1 / Blip2ForImageTextRetrieval directory (embeddings, match)")
+    p.add_argument("--search-index", help="index directory from blip2-ray index, built with --retrieval-model (search)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     return p.parse_args(argv)
@@ -39,6 +41,8 @@ def load_serve_config(args: argparse.Namespace):
     data = read_yaml(args.config) if args.config else {}
     flags = {"model": args.model, "retrieval_model": args.retrieval_model, "host": args.host, "port": args.port}
     data = merge(data, {k: v for k, v in flags.items() if v is not None})
+    if args.search_index:
+        data = merge(data, {"search": {"index": args.search_index}})
     for item in args.set:
         data = merge(data, parse_set(item))
     return from_dict(ServeConfig, data)

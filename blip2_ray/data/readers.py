@@ -1,7 +1,10 @@
 """Shard readers, Ray-free: list sources (local or S3), stream records out of tars and parquet files.
 
 A record is a dict {"key": str, "image": bytes | None, "caption": bytes | None}: raw bytes, decoded
-later. Readers never raise on bad data; shard-level problems are reported through `on_skip(reason)`.
+later, plus where its image lies in the shard ("image_at": a tar member's (data offset, size) in the
+uncompressed stream; a parquet row's number), so an index can read one image back later
+(`read_image_at`). Readers never raise on bad data; shard-level problems are reported through
+`on_skip(reason)`.
 """
 
 from __future__ import annotations
@@ -120,10 +123,13 @@ def _split_key(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def _record(key: str, members: dict[str, bytes], image_keys: list[str], caption_keys: list[str]) -> dict:
-    image = next((members[k] for k in image_keys if k in members), None)
+def _record(key: str, members: dict[str, bytes], image_keys: list[str], caption_keys: list[str],
+            offsets: dict[str, int] | None = None) -> dict:
+    image_key = next((k for k in image_keys if k in members), None)
     caption = next((members[k] for k in caption_keys if k in members), None)
-    return {"key": key, "image": image, "caption": caption}
+    image = members[image_key] if image_key is not None else None
+    at = (offsets[image_key], len(image)) if image_key is not None and offsets else None
+    return {"key": key, "image": image, "caption": caption, "image_at": at}
 
 
 def read_tar_records(path: str, image_keys: list[str], caption_keys: list[str],
@@ -135,7 +141,7 @@ def read_tar_records(path: str, image_keys: list[str], caption_keys: list[str],
     tar with no record counts `empty_shard`.
     """
     n = 0
-    key, members = None, {}
+    key, members, offsets = None, {}, {}
     cut_in_data = False
     try:
         with open_file(path, s3_opts) as raw:
@@ -148,14 +154,15 @@ def read_tar_records(path: str, image_keys: list[str], caption_keys: list[str],
                     if k != key:  # a new key: the previous record is complete
                         if key is not None:
                             n += 1
-                            yield _record(key, members, image_keys, caption_keys)
-                        key, members = k, {}
+                            yield _record(key, members, image_keys, caption_keys, offsets)
+                        key, members, offsets = k, {}, {}
                     cut_in_data = True
                     data = tar.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError("unexpected end of data")
                     cut_in_data = False
                     members[suffix] = data
+                    offsets[suffix] = info.offset_data
                 # tarfile ends a stream quietly when a header is cut short or missing: an archive
                 # that is complete ends with a zero block right where the last member ended.
                 if tar.fileobj.comptype == "tar" and not f.zero_block_at(tar.offset):
@@ -168,13 +175,13 @@ def read_tar_records(path: str, image_keys: list[str], caption_keys: list[str],
             raise UserError(f"shard {path!r} disappeared while reading it") from None
         on_skip(TRUNCATED_SHARD)
         if key is not None and not cut_in_data:
-            rec = _record(key, members, image_keys, caption_keys)
+            rec = _record(key, members, image_keys, caption_keys, offsets)
             if rec["image"] is not None and rec["caption"] is not None:
                 yield rec
         return
     if key is not None:
         n += 1
-        yield _record(key, members, image_keys, caption_keys)
+        yield _record(key, members, image_keys, caption_keys, offsets)
     if n == 0:
         on_skip(EMPTY_SHARD)
 
@@ -260,9 +267,9 @@ def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[st
                 keys = d.get("key") or [None] * batch.num_rows
                 for i in range(batch.num_rows):
                     key = keys[i] if keys[i] is not None else f"{stem}:{n}"
-                    n += 1
                     record = {"key": str(key), "image": _to_bytes(d[image_col][i]),
-                              "caption": _to_bytes(d[caption_col][i])}
+                              "caption": _to_bytes(d[caption_col][i]), "image_at": n}
+                    n += 1
                     if "question" in d:  # VQA shards (data/annotations.write_vqa_shards)
                         record["question"] = d["question"][i]
                     yield record
@@ -286,3 +293,67 @@ def read_shard_records(path: str, image_keys: list[str], caption_keys: list[str]
     """Records of one shard, tar or parquet by its extension."""
     reader = read_parquet_records if shard_format(path) == "parquet" else read_tar_records
     yield from reader(path, image_keys, caption_keys, on_skip, s3_opts)
+
+
+def read_images_at(path: str, positions: list, image_keys: list[str],
+                   s3_opts: dict | None = None) -> list[bytes | None]:
+    """The image bytes of records of one shard, read back from where the reader found them (their
+    `record["image_at"]`); None for an image that cannot be read any more (file gone, cut short).
+
+    Tar: a seek and a read per image ((offset, size) in the uncompressed stream; one range request
+    each on S3); a compressed tar is decompressed up to each offset (slow: index plain tars).
+    Parquet: the image column of each row group holding a wanted row, read once.
+    """
+    out: list[bytes | None] = [None] * len(positions)
+    try:
+        if shard_format(path) == "parquet":
+            _parquet_images_at(path, positions, image_keys, s3_opts, out)
+        else:
+            _tar_images_at(path, positions, s3_opts, out)
+    except Exception:  # a file gone or cut short, or an S3 error (botocore's are not OSErrors)
+        pass  # what was read stays; the rest is None
+    return out
+
+
+def _tar_images_at(path: str, positions: list, s3_opts: dict | None, out: list) -> None:
+    order = sorted(range(len(positions)), key=lambda i: positions[i][0])
+    if is_s3(path) and not path.lower().endswith((".gz", ".tgz")):
+        fs = s3_filesystem(s3_opts or {})
+        for i in order:
+            offset, size = positions[i]
+            data = fs.cat_file(path, start=offset, end=offset + size)
+            out[i] = data if len(data) == size else None
+        return
+    with open_file(path, s3_opts) as raw:
+        f = raw
+        if path.lower().endswith((".gz", ".tgz")):
+            import gzip
+
+            f = gzip.GzipFile(fileobj=raw)
+        for i in order:  # ascending offsets: a compressed stream only ever moves forward
+            offset, size = positions[i]
+            f.seek(offset)
+            data = f.read(size)
+            out[i] = data if len(data) == size else None
+
+
+def _parquet_images_at(path: str, positions: list, image_keys: list[str], s3_opts: dict | None, out: list) -> None:
+    import pyarrow.parquet as pq
+
+    with open_file(path, s3_opts) as f:
+        pf = pq.ParquetFile(f)
+        image_col = next((c for c in image_keys if c in pf.schema_arrow.names), None)
+        if image_col is None:
+            return
+        starts = [0]
+        for g in range(pf.num_row_groups):
+            starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+        wanted: dict[int, list[int]] = {}
+        for i, row in enumerate(positions):
+            g = next((g for g in range(pf.num_row_groups) if starts[g] <= int(row) < starts[g + 1]), None)
+            if g is not None:
+                wanted.setdefault(g, []).append(i)
+        for g, items in sorted(wanted.items()):
+            column = pf.read_row_group(g, columns=[image_col]).column(0)
+            for i in items:
+                out[i] = _to_bytes(column[int(positions[i]) - starts[g]].as_py())

@@ -2,7 +2,7 @@
 
     HTTP -> BLIP2Ingress (`ingress.py`: parsing, checks, image decode + resize to uint8; scales with
             `ingress`) -> CaptionDeployment (continuous batching, token streaming) / RetrievalDeployment
-            (@serve.batch)          (`models.py`)
+            (@serve.batch)          (`models.py`) / SearchDeployment (an image index, `search.py`)
 
 `build_app(cfg)` composes the app, each deployment's replicas and resources from its own config keys;
 `app_builder(args)` is the `import_path` for `serve run`/`serve deploy`.
@@ -20,6 +20,7 @@ from blip2_ray.serve.config import AutoscalingSection, ServeConfig
 from blip2_ray.serve.ingress import BLIP2Ingress, api
 from blip2_ray.serve.model_kinds import check_servable
 from blip2_ray.serve.models import CaptionDeployment, RetrievalDeployment
+from blip2_ray.serve.search import SearchDeployment
 
 
 def _replicas(num_replicas: int, autoscaling: AutoscalingSection | None) -> dict:
@@ -37,11 +38,13 @@ def _actor(cfg: ServeConfig, cpus: float, gpus: float) -> dict:
 def build_app(cfg: ServeConfig, name_prefix: str = ""):
     """The Serve application for `cfg`: ingress + the model deployments whose directories are given.
 
-    Checks first that each directory holds a model the app can serve (model_kinds.py) and that the caption
-    model fits the connected cluster's GPUs (or nodes' memory on CPU).
+    Checks first that each directory holds a model the app can serve (model_kinds.py), that the caption
+    model fits the connected cluster's GPUs (or nodes' memory on CPU), and that a search index was built with
+    the retrieval model (a UserError naming both otherwise).
     """
     check_servable(cfg)
     check_deployment_fits(cfg)
+    search = _search(cfg, name_prefix) if cfg.search.index else None
     captioner = retrieval = None
     if cfg.model:
         captioner = serve.deployment(CaptionDeployment).options(
@@ -65,7 +68,27 @@ def build_app(cfg: ServeConfig, name_prefix: str = ""):
         name=f"{name_prefix}BLIP2Ingress", max_ongoing_requests=i.max_ongoing_requests,
         ray_actor_options={"num_cpus": i.cpus_per_replica}, health_check_timeout_s=cfg.health_check_timeout_s,
         **_replicas(i.num_replicas, i.autoscaling),
-    ).bind(to_dict(cfg), captioner, retrieval, token)
+    ).bind(to_dict(cfg), captioner, retrieval, token, search)
+
+
+def _search(cfg: ServeConfig, name_prefix: str):
+    from blip2_ray.search import store
+    from blip2_ray.search.engine import index_storage_options
+    from blip2_ray.search.index import FAISS_ENV
+
+    s = cfg.search
+    manifest = store.require_manifest(s.index)
+    store.same_model_or_error(manifest["model"], store.model_identity(cfg.retrieval_model), s.index)
+    # S3 settings and credentials resolved here and handed to the replicas, as the data pipeline does for its tasks
+    s3_opts = index_storage_options(manifest)
+    return serve.deployment(SearchDeployment).options(
+        name=f"{name_prefix}SearchDeployment", max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests, health_check_timeout_s=cfg.health_check_timeout_s,
+        ray_actor_options={**_actor(cfg, s.cpus_per_replica, s.gpus_per_replica),
+                           "runtime_env": {"env_vars": FAISS_ENV}},
+        **_replicas(s.num_replicas, s.autoscaling),
+    ).bind(s.index, cfg.retrieval_model, cfg.device, cfg.dtype, s.query_max_tokens, s.itm_batch_size, s.nprobe,
+           max(1, int(s.cpus_per_replica)), s3_opts)
 
 
 def app_builder(args: dict):

@@ -72,6 +72,54 @@ class RetrievalSection:
 
 
 @dataclass
+class SearchSection:
+    """The search deployment (/v1/search): an index `jobs/index.py` built with `retrieval_model`."""
+
+    index: str | None = doc("index directory written by blip2-ray index (needs retrieval_model: the model that "
+                            "built it)", None)
+    name: str | None = doc("the search model's name in /v1/models and responses (default: the index "
+                           "directory's name)", None)
+    default_k: int = doc("images returned when a request gives no k", 10)
+    max_k: int = doc("largest k a request may ask for", 100)
+    rerank_candidates: int = doc("k': text queries re-rank this many ITC candidates by ITM + ITC (the paper's "
+                                 "k_test, 128)", 128)
+    max_candidates: int = doc("largest `candidates` a request may ask for", 512)
+    query_max_tokens: int = doc("Q-Former text length: longer queries are truncated (and the response says so)",
+                                32)
+    itm_batch_size: int = doc("candidate images per ITM forward", 128)
+    nprobe: int | None = doc("IVF lists visited per query vector (null: the index's own setting)", None)
+    num_replicas: int = doc("search replicas (ignored with autoscaling)", 1)
+    autoscaling: AutoscalingSection | None = doc("autoscale the search deployment instead of num_replicas", None)
+    cpus_per_replica: float = doc("CPUs reserved by each search replica (FAISS uses this many threads)", 0.5)
+    gpus_per_replica: float = doc("GPUs reserved by each search replica when device is cuda", 0.25)
+    max_ongoing_requests: int = doc("requests a search replica holds at once (it runs one at a time)", 16)
+    max_queued_requests: int = doc("requests waiting for a search replica before 503 (-1: unbounded)", 64)
+
+    def validate(self) -> None:
+        for key in ("default_k", "max_k", "rerank_candidates", "max_candidates", "query_max_tokens", "itm_batch_size",
+                    "num_replicas", "max_ongoing_requests"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        if self.rerank_candidates > self.max_candidates:
+            raise ValueError(f"rerank_candidates ({self.rerank_candidates}) must not exceed max_candidates "
+                             f"({self.max_candidates})")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ValueError("nprobe must be >= 1 or null")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (unbounded) or positive")
+        if self.cpus_per_replica < 0 or self.gpus_per_replica < 0:
+            raise ValueError("cpus_per_replica and gpus_per_replica must be >= 0")
+
+    @property
+    def served_name(self) -> str:
+        if not self.index:
+            return ""
+        return self.name or Path(self.index).name
+
+
+@dataclass
 class GenerationDefaults:
     max_new_tokens: int = doc("caption/chat tokens when the request gives none", 30)
     min_new_tokens: int = doc("minimum caption tokens when the request gives none", 1)
@@ -120,6 +168,7 @@ class ServeConfig:
     max_queued_requests: int = doc("requests waiting for a caption replica before 503 (-1: unbounded)", 64)
     ingress: IngressSection = doc("the HTTP ingress deployment", factory=IngressSection)
     retrieval: RetrievalSection = doc("the retrieval deployment", factory=RetrievalSection)
+    search: SearchSection = doc("the search deployment (/v1/search)", factory=SearchSection)
     max_body_bytes: int = doc("largest request body; larger gets 413", 10_000_000)
     max_image_pixels: int = doc("largest width x height of one image; larger gets 413", 25_000_000)
     max_images_per_request: int = doc("most images in one /v1/embeddings request", 16)
@@ -140,6 +189,12 @@ class ServeConfig:
             path = getattr(self, key)
             if path and not Path(path).is_dir():
                 raise ValueError(f"{key} {path!r} is not a local directory")
+        if self.search.index:
+            if not self.retrieval_model:
+                raise ValueError("search.index needs retrieval_model (--retrieval-model DIR): the stage-1 model "
+                                 "that built the index")
+            if not Path(self.search.index).is_dir():
+                raise ValueError(f"search.index {self.search.index!r} is not a local directory")
         positive = ("num_replicas", "max_batch_size", "max_ongoing_requests", "max_body_bytes", "max_image_pixels",
                     "max_images_per_request", "max_texts_per_request", "max_prompt_chars")
         for key in positive:
@@ -181,5 +236,5 @@ class ServeConfig:
 
 
 def served_model_names(cfg: ServeConfig) -> list[str]:
-    """The names of the served models: caption first, then retrieval."""
-    return [n for n in (cfg.caption_model_name, cfg.retrieval_name) if n]
+    """The names of the served models: caption first, then retrieval, then the search index."""
+    return [n for n in (cfg.caption_model_name, cfg.retrieval_name, cfg.search.served_name) if n]

@@ -35,6 +35,7 @@ from blip2_ray.serve.protocol import (
     ChatCompletionRequest,
     EmbeddingsRequest,
     MatchRequest,
+    SearchRequest,
     VQARequest,
     body_doc,
 )
@@ -82,7 +83,7 @@ class Endpoint:
 
     path: str
     schema: type[BaseModel]
-    model: str  # "caption" or "retrieval"
+    model: str  # "caption", "retrieval" or "search"
     images: Callable[[Any], list[str] | None]
     generation: Callable[[Any], tuple] | None = None  # req -> (max_new, min_new, beams, default key, temperature)
     text: Callable[[Any], tuple[str | None, str]] | None = None  # req -> (its text, the name errors give it)
@@ -118,8 +119,11 @@ CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "caption",
                 lambda r: [chat.chat_image_and_text(r)[0]],
                 lambda r: (r.max_completion_tokens or r.max_tokens, None, None, "max_new_tokens", r.temperature or 0.0),
                 text=lambda r: (chat.chat_image_and_text(r)[1], "message text"), multipart=False)
-_FLAGS = {"caption": "--model DIR", "retrieval": "--retrieval-model DIR"}
-_SERVES = {"caption": "caption, vqa, chat", "retrieval": "embeddings, match"}
+SEARCH = Endpoint("/v1/search", SearchRequest, "search", lambda r: None if r.image is None else [r.image],
+                  text=lambda r: (r.text, "text"))
+_FLAGS = {"caption": "--model DIR", "retrieval": "--retrieval-model DIR",
+          "search": "--retrieval-model DIR --search-index INDEX_DIR"}
+_SERVES = {"caption": "caption, vqa, chat", "retrieval": "embeddings, match", "search": "search"}
 
 
 def _embedding_size(model_dir: str) -> int | None:
@@ -156,15 +160,17 @@ class Prepared:
 @serve.deployment
 @serve.ingress(api)
 class BLIP2Ingress:
-    def __init__(self, cfg: dict, captioner=None, retrieval=None, api_token: str | None = None):
+    def __init__(self, cfg: dict, captioner=None, retrieval=None, api_token: str | None = None, search=None):
         self.cfg = from_dict(ServeConfig, cfg)
-        self.handles = {"caption": captioner, "retrieval": retrieval}
+        self.handles = {"caption": captioner, "retrieval": retrieval, "search": search}
         # the name each model answers to: responses name the model that computed them
-        self.names = {"caption": self.cfg.caption_model_name, "retrieval": self.cfg.retrieval_name}
+        self.names = {"caption": self.cfg.caption_model_name, "retrieval": self.cfg.retrieval_name,
+                      "search": self.cfg.search.served_name if search is not None else None}
         self.embed_dim = _embedding_size(self.cfg.retrieval_model) if self.cfg.retrieval_model else None
         self.token = api_token or os.environ.get(self.cfg.api_token_env) or None
         self.resizers = {"caption": ImageResizer(self.cfg.model) if self.cfg.model else None,
                          "retrieval": ImageResizer(self.cfg.retrieval_model) if self.cfg.retrieval_model else None}
+        self.resizers["search"] = self.resizers["retrieval"]
 
     async def _prologue(self, request: Request, ep: Endpoint) -> Prepared:
         """Auth and size checks, the model the route needs (404), the parsed and validated body
@@ -267,7 +273,8 @@ class BLIP2Ingress:
     @api.get("/healthz")
     async def healthz(self):
         return {"status": "ok", "caption_model": self.handles["caption"] is not None,
-                "retrieval_model": self.handles["retrieval"] is not None}
+                "retrieval_model": self.handles["retrieval"] is not None,
+                "search_index": self.handles["search"] is not None}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -316,6 +323,39 @@ class BLIP2Ingress:
         data = [{"text": t, "itm": float(out["itm"][i]), "itc": float(out["itc"][i])} for i, t in enumerate(p.texts)]
         return JSONResponse({"data": data, "model": self.names["retrieval"]},
                             headers={"x-batch-size": str(out["batch_size"])})
+
+    @api.post(SEARCH.path, openapi_extra=body_doc(SearchRequest))
+    async def search(self, request: Request):
+        """Text -> the top k images re-ranked by ITM + ITC; image -> the top k images by ITC image-image."""
+        p = await self._prologue(request, SEARCH)
+        r, s = p.req, self.cfg.search
+        if (r.text is None) == (r.image is None):
+            raise APIError(422, "invalid_request_error", "give exactly one of 'text' or 'image'")
+        k = s.default_k if r.k is None else r.k
+        if not 1 <= k <= s.max_k:
+            raise APIError(422, "invalid_request_error", f"k: must be between 1 and {s.max_k}, got {k}")
+        candidates = s.rerank_candidates if r.candidates is None else r.candidates
+        if not 1 <= candidates <= s.max_candidates:
+            raise APIError(422, "invalid_request_error",
+                           f"candidates: must be between 1 and {s.max_candidates}, got {candidates}")
+        handle = self.handles["search"]
+        if r.text is not None:
+            if not p.text.strip():
+                raise APIError(422, "invalid_request_error", "text: the query is empty")
+            out = await self._call(handle.search_text.remote(p.text, k, candidates, r.rerank))
+            query = {"type": "text", "tokens": out["query_tokens"], "max_tokens": s.query_max_tokens,
+                     "truncated": out["truncated"]}
+            if out["truncated"]:
+                query["note"] = (f"the query has {out['query_tokens']} tokens; the Q-Former reads the first "
+                                 f"{s.query_max_tokens}, the rest was ignored")
+            extra = {"reranked": r.rerank, "candidates": out["candidates"], "unreadable_candidates": out["unreadable"]}
+        else:
+            out = await self._call(handle.search_image.remote(p.pixels, k))
+            query, extra = {"type": "image"}, {"reranked": False}
+        names = self.names
+        return JSONResponse({"object": "search", "model": names["search"], "retrieval_model": names["retrieval"],
+                             "query": query,
+                             **extra, "data": [{"rank": n + 1, **row} for n, row in enumerate(out["results"])]})
 
     @api.post(CHAT.path, openapi_extra=body_doc(ChatCompletionRequest, multipart=False))
     async def chat_completions(self, request: Request):

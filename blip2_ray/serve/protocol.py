@@ -52,6 +52,15 @@ class MatchRequest(_Strict):
     model: str | None = Field(None, description="the served model to use (GET /v1/models); another name is a 404")
 
 
+class SearchRequest(_Strict):
+    text: str | None = Field(None, description="find images matching this text (re-ranked by ITM + ITC)")
+    image: str | None = Field(None, description="or find images like this one (base64 / data: URL, or a "
+                                                "multipart file field 'image'; ITC image-image)")
+    k: int | None = Field(None, description="images to return (default and maximum: the server's search section)")
+    candidates: int | None = Field(None, description="text: ITC candidates re-ranked by ITM (k'; default 128)")
+    rerank: bool = Field(True, description="text: re-rank the candidates by ITM + ITC (false: ITC order alone)")
+
+
 class ImageURL(BaseModel):
     url: str
     detail: str | None = None
