@@ -21,14 +21,14 @@ CLIP_EPS = 1e-5  # CLIP's layer_norm_eps (the vitl presets')
 def job_of(path: Path) -> str:
     name = path.stem
     for prefix, job in (("stage", "pretrain"), ("finetune_", "finetune"), ("eval_", "evaluate"),
-                        ("capfilt_", "capfilt"), ("serve", "serve")):
+                        ("capfilt_", "capfilt"), ("serve", "serve"), ("index_", "index")):
         if name.startswith(prefix):
             return job
     raise AssertionError(f"{path.name}: no job for this config name; add it to job_of")
 
 
 def test_every_shipped_config_has_a_job():
-    assert CONFIGS and {job_of(p) for p in CONFIGS} == {"pretrain", "finetune", "evaluate", "capfilt", "serve"}
+    assert CONFIGS and {job_of(p) for p in CONFIGS} == {"pretrain", "finetune", "evaluate", "capfilt", "serve", "index"}
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +199,19 @@ def rehearse_serve(path: Path, s: dict, tmp: Path) -> None:
     assert check_servable(from_dict(ServeConfig, args)) == {"model": "stage2", "retrieval_model": "stage1"}
 
 
+def rehearse_index(path: Path, s: dict, tmp: Path) -> None:
+    from blip2_ray.search.config import IndexJobConfig
+    from blip2_ray.search.job import plan
+
+    load_config(IndexJobConfig, path)
+    data = read_yaml(path)
+    data.update(model=s["stage1_eva_vit_g"], input=[s["shards"]], output_dir=str(tmp / "index"))
+    files, todo, identity = plan(from_dict(IndexJobConfig, data))
+    assert files and todo == files and identity["fingerprint"]
+
+
 REHEARSALS = {"pretrain": rehearse_pretrain, "finetune": rehearse_finetune, "evaluate": rehearse_evaluate,
-              "capfilt": rehearse_capfilt, "serve": rehearse_serve}
+              "capfilt": rehearse_capfilt, "serve": rehearse_serve, "index": rehearse_index}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
