@@ -26,13 +26,22 @@ import zlib
 import torch
 
 from blip2_ray.config import from_dict
-from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, stall_message, to_device
+from blip2_ray.train.batches import (
+    BatchFeed,
+    DataStallError,
+    device_tensors,
+    epoch_batches,
+    on_device,
+    stall_message,
+    to_device,
+)
+from blip2_ray.train.compile_step import compile_for_training, warm_up
 from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords, merge_position
 from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
 from blip2_ray.train.finetune_config import FinetuneConfig
-from blip2_ray.train.finetune_model import finetune_model, image_ids_of_keys, vit_lr_scale
-from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory
+from blip2_ray.train.finetune_model import finetune_model, vit_lr_scale
+from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory, trace_step
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
 
 STATE_FILE = "train_state.json"
@@ -79,6 +88,7 @@ def build_engine(cfg: PretrainConfig):
                           cfg.train.warmup_start_lr)
     vectorise_scalar_parameters(model)
     outputs_as_dicts(model)
+    compile_for_training(model, cfg)  # train.compile: regions compiled at the first micro batch (compile_step.py)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay, lr_scale=lr_scale, lr=cfg.train.lr),
@@ -96,21 +106,33 @@ def build_engine(cfg: PretrainConfig):
 
 def forward(engine, cfg: PretrainConfig, batch: dict, rank: int):
     """One micro batch through the engine (pixels normalised on its device) -> a StepOutput."""
-    pixels, ids, mask = to_device(batch, engine.device, cfg.stage)
+    pixels, ids, mask = to_device(batch, engine.device, cfg)
     if cfg.stage == 1:
         if isinstance(cfg, FinetuneConfig):
             # retrieval fine-tuning: captions of one image are never negatives of each other, and the ViT
             # trains, so ITM's negative images are gathered with gradient (as LAVIS's retrieval fine-tune)
-            image_ids = image_ids_of_keys(batch["key"]).to(engine.device)
+            image_ids = device_tensors(batch, engine.device)["image_ids"]  # computed in prepare_batch
             return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad,
                           gather_with_grad=all_gather_with_grad, image_ids=image_ids)
         return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad)  # nothing is gathered with gradient
     if "llm_prompt_length" in batch:  # VQA rows: loss on the answer, the question also read by the Q-Former
-        dev = engine.device
-        return engine(pixels, ids, mask, prompt_lengths=batch["llm_prompt_length"].to(dev),
-                      question_ids=batch["qformer_input_ids"].to(dev),
-                      question_mask=batch["qformer_attention_mask"].to(dev))
+        moved = device_tensors(batch, engine.device)
+        return engine(pixels, ids, mask, prompt_lengths=moved["llm_prompt_length"],
+                      question_ids=moved["qformer_input_ids"], question_mask=moved["qformer_attention_mask"])
     return engine(pixels, ids, mask)
+
+
+def micro_step(engine, cfg: PretrainConfig, batch: dict, rank: int, step: int) -> StepOutput:
+    """One micro batch through forward, backward and the engine's step (the first one compiles the model's
+    regions first, with train.compile); each phase's end is a trace point (metrics.trace_step)."""
+    warm_up(engine, cfg, lambda: forward(engine, cfg, batch, rank), rank)
+    out = forward(engine, cfg, batch, rank)
+    trace_step(f"step {step} forward")
+    engine.backward(out["loss"])
+    trace_step(f"step {step} backward")
+    engine.step()
+    trace_step(f"step {step} step")
+    return out
 
 
 class StepOutput(dict):
@@ -277,7 +299,8 @@ def train_loop_per_worker(config: dict) -> None:
     def stalled(waited_s: float) -> Exception:
         return DataStallError(stall_message(cfg, waited_s, rank, step, epoch))
 
-    batches = BatchFeed(epoch_batches(cfg, shard, plan, rank, position, pin_memory=pin),
+    # each batch is prepared (pinned, copied to the device, normalised) in the feed's thread during the step before
+    batches = BatchFeed(on_device(epoch_batches(cfg, shard, plan, rank, position, pin_memory=pin), cfg, engine.device),
                         cfg.data.stall_timeout_s, stalled)
     trained = TrainedRecords(position.epoch)
     fi = cfg.fault_injection
@@ -291,14 +314,11 @@ def train_loop_per_worker(config: dict) -> None:
                 tw = time.perf_counter()
                 epoch, batch = next(batches)
                 window.wait += time.perf_counter() - tw
-                out = forward(engine, cfg, batch, rank)
-                trace_memory(f"step {step + 1} forward")
-                engine.backward(out["loss"])
-                trace_memory(f"step {step + 1} backward")
-                engine.step()
-                trace_memory(f"step {step + 1} step")
+                trace_step(f"step {step + 1} data")
+                out = micro_step(engine, cfg, batch, rank, step + 1)
                 window.add(out)
                 trained.add(epoch, batch["visit"], batch["record"])
+                trace_step(f"step {step + 1} metrics")
                 if fi.trained_keys_dir:
                     _write_trained_keys(fi.trained_keys_dir, rank, start_step, step + 1, epoch, batch)
             step += 1
@@ -316,6 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
                 position = checkpoint_position(trained, position, plan, rank, world)
                 state.update(step=step, epoch=epoch, data=position.to_state() if position else None)
             save_and_report(engine, metrics, state, rank, with_checkpoint=checkpoint)
+            trace_step(f"step {step} report")
             window = LossWindow()
     finally:
         batches.close()  # stop this worker's data stream before the export
