@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune bench-gpu-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench-eval: install
 
 bench-finetune: install
 	DS_ACCELERATOR=cpu $(PY) bench/bench_finetune.py
+
+# training on a GPU: model step eager / compiled and the whole job per micro batch (docs/training.md); without a GPU
+# the real-depth tiny-width CPU proxy (compiled / eager host time per step); ARGS="--rehearse" rehearses the GPU rows
+bench-gpu-train: install
+	$(PY) bench/gpu_train.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs

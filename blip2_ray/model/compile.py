@@ -9,7 +9,7 @@ them, and compiling *regions* keeps start-up short: one graph serves every block
         the Q-Former layers, the LLM's layers), and the Q-Former's LM head: the module's `forward` is replaced by
         a compiled one. The module's own call stays eager around it, so hooks on the module (DeepSpeed ZeRO-3
         gathers a module's parameters in them; the caller marks these modules as ZeRO-3 leaves) run outside the
-        compiled code;
+        compiled code. Under ZeRO-3 only the frozen blocks (`trainable_blocks=False`, see compile_model);
       - each Q-Former layer also runs the stage-1 passes' `qformer_passes.layer_step` through its own call;
       - the stage-1 objectives (`model.objectives`: ITC, ITM, ITG arithmetic) with fullgraph=True.
     CompiledModel.warm_up(run)   compile everything a step needs now, timed, with a limit and an eager fallback
@@ -129,11 +129,13 @@ class CompiledModel:
         self.mode, self.fallback_reason = "eager", reason
         warnings.warn(f"train.compile: {reason}; the step runs eagerly", CompileWarning, stacklevel=2)
 
-    def warm_up(self, run: Callable[[], torch.Tensor], params: list[torch.Tensor], time_limit_s: float = 0.0,
+    def warm_up(self, run: Callable[[], torch.Tensor], params: list[torch.Tensor] | None, time_limit_s: float = 0.0,
                 what: str = "train.compile_time_limit_s") -> float:
         """Compile every region a step needs: `run()` (a forward returning the loss) and its backward, the gradient
         returned for `params`, not accumulated into them (no optimizer, no DeepSpeed hook sees it). Returns the
-        seconds it took (compilation included).
+        seconds it took (compilation included). `params` None: the forward only (its graph is dropped; the backward
+        graphs compile at the first real backward): for DeepSpeed ZeRO-3, whose backward hooks refuse
+        `torch.autograd.grad`.
 
         A compile error makes the model eager (one CompileWarning naming the reason). Past `time_limit_s` (0: no
         limit) a watchdog says so at once, lets the compile in progress finish and starts no other: what is not
@@ -154,8 +156,8 @@ class CompiledModel:
         t0 = time.perf_counter()
         try:
             loss = run()
-            wanted = [p for p in params if p.requires_grad]
-            torch.autograd.grad(loss, wanted, allow_unused=True)
+            if params is not None:
+                torch.autograd.grad(loss, [p for p in params if p.requires_grad], allow_unused=True)
         except Exception as e:
             if self.mode == "eager":
                 raise
@@ -169,10 +171,14 @@ class CompiledModel:
         return self.warm_up_s
 
 
-def compile_model(model: nn.Module, backend: str | Callable = "inductor") -> CompiledModel:
+def compile_model(model: nn.Module, backend: str | Callable = "inductor",
+                  trainable_blocks: bool = True) -> CompiledModel:
     """Compile `model`'s regions in place (lazily: the first call of each compiles it); see the module doc.
 
-    `backend`: one of BACKENDS, or a torch.compile backend function (tests)."""
+    `backend`: one of BACKENDS, or a torch.compile backend function (tests). `trainable_blocks` False: only the
+    modules without trainable parameters (the frozen ViT / LLM blocks) and the objectives; for DeepSpeed ZeRO-3,
+    which reduces a leaf module's gradients in its backward hook, once per call, while the stage-1 step calls
+    each Q-Former layer four times."""
     if isinstance(backend, str) and backend not in BACKENDS:
         raise ValueError(f"compile backend {backend!r} is not one of {', '.join(BACKENDS)}")
     for name in ("recompile_limit", "cache_size_limit"):
@@ -181,6 +187,8 @@ def compile_model(model: nn.Module, backend: str | Callable = "inductor") -> Com
     compiled = CompiledModel(model, backend)
     step = compiled.region(layer_step, fullgraph=True)
     for module in repeated_blocks(model) + _single_regions(model):
+        if not trainable_blocks and any(p.requires_grad for p in module.parameters()):
+            continue
         if "forward" in vars(module):
             raise ValueError(f"{type(module).__name__} already has its own forward (compiled twice?)")
         forward = compiled.region(module.forward)

@@ -69,6 +69,9 @@ class LossWindow:
             frozen_param_fraction_held=peak[2],
             skipped_records=skipped_records(),
         )
+        regions = getattr(engine.module, "compiled_regions", None)  # train.compile (train/compile_step.py)
+        out["compile_mode"] = "off" if regions is None else regions.mode  # "run": compiled; "eager": fell back
+        out["compile_s"] = None if regions is None else regions.warm_up_s
         if dev.type == "cuda":
             out["peak_device_memory_gib"] = peak[1]
             out["peak_device_memory_gib_per_worker"] = [p[1] for p in per_worker]

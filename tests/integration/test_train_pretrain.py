@@ -1,7 +1,8 @@
 """Pre-training on Ray Train + DeepSpeed with 2 CPU workers (gloo) on generated shapes shards.
 
 Few, combined trainer runs (the whole file is minutes on 2 cores):
-  1. stage 1, ZeRO-3, bf16 autocast with a bfloat16 ViT (mixed dtypes, 2 ranks): one worker process is
+  1. stage 1, ZeRO-3, bf16 autocast with a bfloat16 ViT (mixed dtypes, 2 ranks), train.compile (aot_eager: the
+     compiled blocks are ZeRO-3 leaves; compiled again after the restart): one worker process is
      SIGKILLed mid-run -> the group restarts from the last checkpoint and ends at exactly max_steps;
      frozen ViT held ~1/2 per worker; export loads in HF.
   2. the same run resubmitted with a larger max_steps continues from its checkpoint, into epoch 1: over both
@@ -72,6 +73,7 @@ def stage1_run(ray_session, shards, tmp_path_factory):
         "stage": 1, "run_name": "s1", "output_dir": f"{tmp}/export", "train.max_steps": 4,
         "deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0,
         "train.precision": "bf16", "model.vision.dtype": "bfloat16",
+        "train.compile": True, "train.compile_backend": "aot_eager",  # compiled blocks as ZeRO-3 leaves
         "fault_injection.pid_dir": str(pid_dir), "fault_injection.at_step": 3, "fault_injection.pause_s": 120,
         "fault_injection.trained_keys_dir": str(tmp / "trained"),
     })
@@ -94,6 +96,7 @@ def test_stage1_zero3_survives_sigkill_and_exports(stage1_run):
     assert result.error is None
     m = result.metrics
     assert m["step"] == 4 and all(math.isfinite(m[k]) for k in ("loss", "loss_itc", "loss_itm", "loss_itg"))
+    assert m["compile_mode"] == "run" and m["compile_s"] > 0  # compiled (train.compile), no fallback
     # restarted from the step-2 checkpoint after the kill, not from scratch
     assert m["start_steps"] == [0, 2]
     state = read_train_state(result.checkpoint)
