@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -289,6 +290,11 @@ def gpu_rows(args) -> dict:
         r["row_wall_s"] = time.perf_counter() - t0
         result["rows"][row] = r
         print(f"[gpu_train] {row} " + json.dumps(r), flush=True)
+        if args.out:  # what is done so far survives a timeout
+            with open(args.out, "w") as f:
+                json.dump(result, f)
+        for d in (cfg.output_dir, os.path.join(work, "runs")):  # the exports and checkpoints (GBs at real size)
+            shutil.rmtree(d, ignore_errors=True)
     ray.shutdown()
     return result
 
@@ -422,6 +428,52 @@ def proxy(args) -> dict:
     }
 
 
+def profile_job(args) -> dict:
+    """The proxy model through the whole job (`run_pretrain`, 1 CPU Ray Train worker, ZeRO-2, generated 56 px
+    shards), eager and compiled: the worker loop's own trace points (BLIP2_STEP_PROFILE), host seconds per micro
+    step and phase, the first window (start-up, compilation) left out."""
+    import ray
+
+    from blip2_ray.config import load_config
+    from blip2_ray.data.sample import make_sample_shards
+    from blip2_ray.train.config import PretrainConfig
+    from blip2_ray.train.trainer import run_pretrain
+
+    work = tempfile.mkdtemp(prefix="gpu_train_job_")
+    make_sample_shards(f"{work}/shards", num=64, shards=2, image_size=64, seed=0)
+    trace = f"{work}/phases.jsonl"
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=args.verbose,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
+                                       "BLIP2_STEP_PROFILE": trace, "OMP_NUM_THREADS": "1",
+                                       "PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+    w, out = args.steps, {}
+    for compiled in (False, True):
+        name = "compiled" if compiled else "eager"
+        mb = args.proxy_batch
+        sets = {"stage": 1, "run_name": f"proxy_{name}_{time.time_ns()}", "storage_path": f"{work}/runs",
+                "output_dir": f"{work}/out_{name}", "data.train": f"[{work}/shards]", "data.shuffle_buffer": 16,
+                "data.num_cpus_per_decode_task": 0.5, "data.decode_batch_size": 16,
+                "train.global_batch_size": mb, "train.micro_batch_size": mb, "train.max_steps": 3 * w,
+                "train.log_every": w, "train.checkpoint_every": 10**6, "train.precision": args.precision,
+                "model.vision.dtype": "bfloat16" if args.precision == "bf16" else "float32",
+                "scaling.num_workers": 1, "scaling.cpus_per_worker": 1, "deepspeed.zero_stage": 2,
+                "failure.max_failures": 0, "train.compile": compiled, "train.compile_backend": args.backend, **PROXY}
+        open(trace, "w").close()
+        t0 = time.perf_counter()
+        result = run_pretrain(load_config(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()]))
+        windows = [json.loads(line) for line in open(trace)][1:]  # the first holds start-up and compilation
+        steps = sum(x["counts"]["forward"] for x in windows)
+        phases = {k: sum(x["seconds"][k] for x in windows) / steps for k in windows[0]["seconds"]}
+        out[name] = {"phase_s_per_step": phases, "host_s_per_step": sum(v for k, v in phases.items()),
+                     "steps": steps, "samples_per_s": result.metrics["samples_per_s"],
+                     "compile_mode": result.metrics["compile_mode"], "compile_s": result.metrics["compile_s"],
+                     "wall_s": time.perf_counter() - t0}
+        print(f"[gpu_train] job {name} " + json.dumps(out[name]), flush=True)
+    ray.shutdown()
+    out["job_compiled_over_eager"] = out["compiled"]["host_s_per_step"] / out["eager"]["host_s_per_step"]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto (cuda when there is one)")
@@ -438,6 +490,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="CPU proxy: rounds (ABBA order)")
     p.add_argument("--proxy-batch", type=int, default=4)
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--profile-job", action="store_true",
+                   help="CPU: the proxy through the whole job on Ray (the worker loop's trace points), not in-process")
     p.add_argument("--verbose", action="store_true", help="the job workers' logs too")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
@@ -449,7 +503,9 @@ def main() -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args.tiny = args.device == "cpu"
     result = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__}
-    if args.device == "cpu" and not args.rehearse:
+    if args.device == "cpu" and args.profile_job:
+        result.update(profile_job(args))
+    elif args.device == "cpu" and not args.rehearse:
         result.update(proxy(args))
     else:
         args.rows = [r for r in args.rows.split(",") if r]
