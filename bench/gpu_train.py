@@ -18,11 +18,13 @@ stage-1 step >= 0.6x the ViT forward at 100; stage 2 >= 1.5x transformers' step.
 
 CPU proxy (--device cpu): the worker's micro step (`train.loop.micro_step`, in a DeepSpeed ZeRO-2 engine, world
 size 1) at the real depth and a tiny width (39 ViT blocks, 12 Q-Former layers, widths 64, 56 px, micro batch 4,
-bf16 autocast): there a step's time is per-operation overhead, what a GPU's host pays. Eager and compiled
-engines in this process, alternating in rounds; host seconds per phase (data hand-off, forward, backward,
-optimizer, metrics) of each. `proxy_compiled_over_eager` = compiled / eager host time per step (target <= 0.5);
-`same_losses`: the compiled engine's losses equal the eager one's (bf16 tolerance) step by step (no dropout: the
-two paths draw dropout masks from different generators; the hard negatives are drawn eagerly in both).
+float32: a CPU without bf16 units spends a bf16 step computing, e.g. 36 ms per attention backward, which a GPU
+does not): there a step's time is per-operation overhead, what a GPU's host pays. Eager and compiled engines in
+this process, alternating in rounds (ABBA); host time = the training thread's CPU time (on a shared machine wall
+time mostly measures the wait for a core), per phase (data hand-off, forward, backward, optimizer, metrics).
+`proxy_compiled_over_eager` = compiled / eager host time per step (target <= 0.5); `same_losses`: the compiled
+engine's losses equal the eager one's (relative 2e-2) step by step (no dropout: the two paths draw dropout masks
+from different generators; the hard negatives are drawn eagerly in both). `--precision bf16`: the GPU job's.
 
 The last line printed is one JSON object (also --out).
 """
@@ -145,9 +147,12 @@ def step_inputs(args, cfg, device):
     return pixels, ids, mask
 
 
-def model_step(args, cfg, device, compiled: bool) -> dict:
-    """The job's model (train.loop.build_model) in this process: bf16 autocast, torch AdamW on the trainable
-    parts, the batch on the device; compiled: model/compile.py with its warm-up (compile seconds)."""
+def model_step_row(args, cfg, device, hf_baseline: bool = False) -> dict:
+    """The job's model (train.loop.build_model) in this process, built once: bf16 autocast, torch AdamW on the
+    trainable parts, the batch on the device. Eager step, the frozen ViT's forward alone, transformers' step on
+    the same weights (stage 2), then the same model compiled (model/compile.py, compile seconds) and its step."""
+    import gc
+
     import torch
 
     from blip2_ray.model.compile import compile_model
@@ -157,7 +162,9 @@ def model_step(args, cfg, device, compiled: bool) -> dict:
     pixels, ids, mask = step_inputs(args, cfg, device)
     mb = pixels.shape[0]
     torch.manual_seed(cfg.train.seed)
+    t0 = time.perf_counter()
     model = build_model(cfg).to(device).train()
+    out: dict = {"micro_batch": mb, "image_size": cfg.model.vision.image_size, "build_s": time.perf_counter() - t0}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def forward():
@@ -169,62 +176,50 @@ def model_step(args, cfg, device, compiled: bool) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    mode = "compiled" if compiled else "eager"
-    out: dict = {}
-    if compiled:
-        regions = compile_model(model, args.backend)
-        out["compile_s"] = regions.warm_up(forward, list(model.parameters()), time_limit_s=0)
-        out["compiled_modules"] = len(regions.modules)
-        out["compile_fallback"] = regions.fallback_reason
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    out[f"{mode}_samples_per_s"] = mb / timed(step, args.iters, device)
-    out[f"{mode}_host_syncs_per_step"] = host_syncs(step, device)
-    if device.type == "cuda":
-        out[f"{mode}_device_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if not compiled:
-        with torch.no_grad():
-            vit_s = timed(lambda: vision_trunk(model.vision_model, pixels), args.iters, device)
-        out["vit_forward_images_per_s"] = mb / vit_s
-    return out
-
-
-def model_step_row(args, cfg, device) -> dict:
-    """Eager step, ViT forward alone, compiled step (each model freed before the next is built)."""
-    import gc
-
-    import torch
-
-    out: dict = {"micro_batch": cfg.train.micro_batch_size, "image_size": cfg.model.vision.image_size}
-    for compiled in (False, True):
-        out.update(model_step(args, cfg, device, compiled))
-        gc.collect()
+    for mode in ("eager", "compiled"):
+        if mode == "compiled":
+            regions = compile_model(model, args.backend)
+            out["compile_s"] = regions.warm_up(forward, list(model.parameters()), time_limit_s=0)
+            out["compiled_modules"] = len(regions.modules)
+            out["compile_fallback"] = regions.fallback_reason
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        out[f"{mode}_samples_per_s"] = mb / timed(step, args.iters, device)
+        out[f"{mode}_host_syncs_per_step"] = host_syncs(step, device)
+        if device.type == "cuda":
+            out[f"{mode}_device_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if mode == "eager":
+            with torch.no_grad():
+                vit_s = timed(lambda: vision_trunk(model.vision_model, pixels), args.iters, device)
+            out["vit_forward_images_per_s"] = mb / vit_s
+            if hf_baseline:
+                out.update(hf_stage2_row(args, model, pixels, ids, device))
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     out["compiled_over_eager"] = out["compiled_samples_per_s"] / out["eager_samples_per_s"]
     out["step_over_vit_forward"] = out["compiled_samples_per_s"] / out["vit_forward_images_per_s"]
+    if hf_baseline:
+        out["ours_compiled_over_hf"] = out["compiled_samples_per_s"] / out["hf_samples_per_s"]
     return out
 
 
-def hf_stage2_row(args, cfg, device) -> dict:
-    """transformers' Blip2ForConditionalGeneration step on the same weights (stage 2's baseline)."""
+def hf_stage2_row(args, ours, pixels, ids, device) -> dict:
+    """transformers' Blip2ForConditionalGeneration step holding `ours`'s weights (stage 2's baseline): the same
+    trainable parts, bf16 autocast, torch AdamW."""
     import torch
     from transformers import Blip2ForConditionalGeneration
 
     from blip2_ray.model.hf_format import _hf_from_state, stage2_hf_config
-    from blip2_ray.train.loop import build_model
 
-    torch.manual_seed(cfg.train.seed)
-    ours = build_model(cfg)
-    image_token = ours.llm_embeddings().num_embeddings - 1
-    hf = _hf_from_state(Blip2ForConditionalGeneration, stage2_hf_config(ours, image_token),
-                        {k: v.detach().clone() for k, v in ours.state_dict().items()})
-    del ours
+    image_token = ours.llm_embeddings().num_embeddings - 1  # a spare row, as the processor's <image>
+    state = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}
+    hf = _hf_from_state(Blip2ForConditionalGeneration, stage2_hf_config(ours, image_token), state)
+    del state
     hf.vision_model.requires_grad_(False)
     hf.language_model.requires_grad_(False)
     hf.vision_model.post_layernorm.requires_grad_(True)
     hf = hf.to(device).train()
-    pixels, ids, _ = step_inputs(args, cfg, device)
     mb = pixels.shape[0]
     nq = hf.config.num_query_tokens
     hf_ids = torch.cat([torch.full((mb, nq), image_token, device=device), ids], 1)
@@ -254,6 +249,8 @@ def job_row(args, cfg) -> dict:
 
 
 def gpu_rows(args) -> dict:
+    import gc
+
     import ray
     import torch
 
@@ -280,10 +277,10 @@ def gpu_rows(args) -> dict:
             continue
         t0 = time.perf_counter()
         cfg = job_cfg(args, row, work, shards, args.job_steps)
-        r = model_step_row(args, cfg, device)
-        if ROWS[row][0] == 2 and not ROWS[row][3]:
-            r.update(hf_stage2_row(args, cfg, device))
-            r["ours_compiled_over_hf"] = r["compiled_samples_per_s"] / r["hf_samples_per_s"]
+        r = model_step_row(args, cfg, device, hf_baseline=ROWS[row][0] == 2 and not ROWS[row][3])
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         if not args.no_job:
             r.update(job_row(args, cfg))
             r["job_over_model_step"] = r["job_samples_per_s"] / r["compiled_samples_per_s"]
@@ -388,6 +385,8 @@ def proxy(args) -> dict:
                       WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.init_process_group("gloo")
+    # host time = the training thread's CPU time: on a shared machine wall time mostly measures the wait for a core
+    STEP_PHASES.clock, STEP_PHASES.last = time.thread_time, None
     workers = {}
     for name in ("eager", "compiled"):
         cfg = proxy_cfg(args, name == "compiled")
@@ -400,11 +399,12 @@ def proxy(args) -> dict:
         w.run(1)  # a second warm step (allocator, lazy state)
         STEP_PHASES.take()
     compiled_regions = workers["compiled"].engine.module.compiled_regions
-    phases = {name: {"seconds": dict.fromkeys(STEP_PHASES.seconds, 0.0), "steps": 0} for name in workers}
+    phases = {name: {"seconds": dict.fromkeys(STEP_PHASES.seconds, 0.0), "steps": 0, "wall_s": 0.0}
+              for name in workers}
     order = ["eager", "compiled"]
     for r in range(args.rounds):
         for name in order if r % 2 == 0 else order[::-1]:  # ABBA: the machine's drift cancels
-            workers[name].run(args.steps)
+            phases[name]["wall_s"] += workers[name].run(args.steps)
             taken = STEP_PHASES.take()
             for k, v in taken["seconds"].items():
                 phases[name]["seconds"][k] = phases[name]["seconds"].get(k, 0.0) + v
@@ -419,7 +419,8 @@ def proxy(args) -> dict:
         "proxy": {k: v for k, v in PROXY.items()} | {"micro_batch": args.proxy_batch, "precision": args.precision,
                                                      "backend": args.backend, "torch_threads": 1},
         "steps_per_engine": phases["eager"]["steps"], "rounds": args.rounds,
-        "host_s_per_step": host, "phase_s_per_step": per_step,
+        "host_s_per_step": host, "phase_s_per_step": per_step, "clock": "thread CPU time",
+        "wall_s_per_step": {n: p["wall_s"] / p["steps"] for n, p in phases.items()},
         "compile_s": compiled_regions.warm_up_s, "compile_fallback": compiled_regions.fallback_reason,
         "first_step_s": first, "compiled_modules": len(compiled_regions.modules),
         "loss_max_rel_diff": rel, "same_losses": bool(rel < 2e-2) and len(eager_losses) == len(compiled_losses),
@@ -486,10 +487,11 @@ def main() -> int:
     p.add_argument("--window", type=int, default=None, help="the job's log window (train.log_every)")
     p.add_argument("--no-job", action="store_true", help="GPU rows: the model steps only")
     p.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"))
-    p.add_argument("--steps", type=int, default=6, help="CPU proxy: micro steps per engine per round")
-    p.add_argument("--rounds", type=int, default=2, help="CPU proxy: rounds (ABBA order)")
+    p.add_argument("--steps", type=int, default=2, help="CPU proxy: micro steps per engine per round")
+    p.add_argument("--rounds", type=int, default=8, help="CPU proxy: rounds (ABBA order)")
     p.add_argument("--proxy-batch", type=int, default=4)
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--precision", default="fp32", choices=("bf16", "fp32"),
+                   help="CPU proxy: fp32 (this CPU has no bf16 units: bf16 makes the tiny step compute-bound)")
     p.add_argument("--profile-job", action="store_true",
                    help="CPU: the proxy through the whole job on Ray (the worker loop's trace points), not in-process")
     p.add_argument("--verbose", action="store_true", help="the job workers' logs too")

@@ -6,7 +6,8 @@ them, and compiling *regions* keeps start-up short: one graph serves every block
 
     compile_model(model)    in place; returns a CompiledModel
       - every repeated block, i.e. each module of an nn.ModuleList of >= 2 modules of one class (the ViT blocks,
-        the Q-Former layers, the LLM's layers), and the Q-Former's LM head: the module's `forward` is replaced by
+        the Q-Former layers, the LLM's layers), the Q-Former's LM head and text embeddings, the ViT's patch
+        embeddings: the module's `forward` is replaced by
         a compiled one. The module's own call stays eager around it, so hooks on the module (DeepSpeed ZeRO-3
         gathers a module's parameters in them; the caller marks these modules as ZeRO-3 leaves) run outside the
         compiled code. Under ZeRO-3 only the frozen blocks (`trainable_blocks=False`, see compile_model);
@@ -88,10 +89,11 @@ def _is_qformer_layer(module: nn.Module) -> bool:
     return hasattr(module, "feed_forward_chunk_query") and hasattr(module, "attention")
 
 
-def _single_regions(model: nn.Module) -> list[nn.Module]:
-    from blip2_ray.model.qformer import QFormerLMHead
+SINGLE_REGIONS = ("QFormerLMHead", "Blip2TextEmbeddings", "Blip2VisionEmbeddings")  # compiled where they occur
 
-    return [m for m in model.modules() if isinstance(m, QFormerLMHead)]
+
+def _single_regions(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in SINGLE_REGIONS]
 
 
 @dataclass
