@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune bench-search clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune bench-search bench-gpu-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-finetune: install
 # images (the 1e6 point needs ~4 GiB and takes tens of minutes on 2 cores; ARGS="--sizes 1e4,1e5" is quicker)
 bench-search: install
 	$(PY) bench/bench_search.py $(ARGS)
+# training on a GPU: model step eager / compiled and the whole job per micro batch (docs/training.md); without a GPU
+# the real-depth tiny-width CPU proxy (compiled / eager host time per step); ARGS="--rehearse" rehearses the GPU rows
+bench-gpu-train: install
+	$(PY) bench/gpu_train.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs

@@ -2,6 +2,10 @@
 
 Distribution is injected, never assumed: `gather(x)` concatenates `x` over ranks along dim 0 without
 gradient (world size 1: identity), `rank` offsets the targets. Everything runs at world size 1.
+
+No function here reads a tensor's value on the host (no `.item()`, `nonzero()`, data-dependent shape or Python
+branch on a value): on a GPU the step never waits for the device, and each objective compiles with
+`torch.compile(fullgraph=True)` (tests/unit/test_model_compile.py).
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ def itc_similarities(
     queries of the dot product, / temp. The other ranks' features come through `gather` with no
     gradient (as in the reference): each rank back-propagates through its own rows only.
     """
-    image_all = gather(image_feats.detach())  # (W*B, Q, E)
-    text_all = gather(text_feat.detach())  # (W*B, E)
+    return itc_logits(image_feats, text_feat, gather(image_feats.detach()), gather(text_feat.detach()), temp)
+
+
+def itc_logits(image_feats: torch.Tensor, text_feat: torch.Tensor, image_all: torch.Tensor, text_all: torch.Tensor,
+               temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`itc_similarities` given the gathered features: image_all (W*B, Q, E), text_all (W*B, E) (no gradient)."""
     with autocast_off(image_feats.device.type):  # float32 similarities and division by temp (docs/training.md)
         image_feats, text_feat = at_least_float32(image_feats), at_least_float32(text_feat)
         temp = at_least_float32(temp)
@@ -52,6 +60,14 @@ def itc_loss(
     ) / 2
 
 
+def itc_objective(image_feats: torch.Tensor, text_feat: torch.Tensor, image_all: torch.Tensor, text_all: torch.Tensor,
+                  temp: torch.Tensor, rank: int = 0,
+                  label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sim_i2t, sim_t2i, ITC loss) from the local and the gathered features (`itc_logits`, `itc_loss`)."""
+    sim_i2t, sim_t2i = itc_logits(image_feats, text_feat, image_all, text_all, temp)
+    return sim_i2t, sim_t2i, itc_loss(sim_i2t, sim_t2i, rank, label_smoothing)
+
+
 @torch.no_grad()
 def sample_hard_negatives(
     sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, rank: int = 0, generator: torch.Generator | None = None
@@ -60,7 +76,9 @@ def sample_hard_negatives(
 
     Returns (neg_image_idx, neg_text_idx), each (B,) indices into the global batch: a negative image
     for each local text (from sim_t2i) and a negative text for each local image (from sim_i2t). The
-    positive gets probability 0, so it is never drawn. Vectorised: one torch.multinomial per matrix.
+    positive gets probability 0, so it is never drawn. Drawn as argmax(w / q) with q ~ Exp(1), which is
+    what torch.multinomial does for one sample (the same draws from the same generator) without its two
+    host reads of the weights' validity (a device sync per call on a GPU).
     """
     b, n = sim_i2t.shape
     if n < 2:
@@ -77,9 +95,17 @@ def sample_hard_negatives(
         uniform[torch.arange(b, device=sim.device), pos] = 0.0
         return torch.where(empty, uniform, w)
 
-    neg_image = torch.multinomial(weights(sim_t2i), 1, generator=generator).squeeze(1)
-    neg_text = torch.multinomial(weights(sim_i2t), 1, generator=generator).squeeze(1)
-    return neg_image, neg_text
+    return draw_one(weights(sim_t2i), generator), draw_one(weights(sim_i2t), generator)
+
+
+def draw_one(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, N) non-negative weights, rows not all zero -> (B,) indices drawn with probability weights / row sum.
+
+    torch.multinomial(weights, 1) without a host sync: argmax(w / q), q ~ Exp(1) (the exponential race; the same
+    numbers as multinomial's one-sample path from the same generator).
+    """
+    q = torch.empty_like(weights).exponential_(generator=generator)
+    return (weights / q).argmax(1)
 
 
 def itm_loss(itm_logits: torch.Tensor, num_positive: int) -> torch.Tensor:
@@ -89,18 +115,28 @@ def itm_loss(itm_logits: torch.Tensor, num_positive: int) -> torch.Tensor:
     return F.cross_entropy(at_least_float32(itm_logits), labels)
 
 
-def itg_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions that predict a caption token, so that only they go through the LM head.
+def itg_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The token each decoder position predicts: (B*T,), -100 where it predicts none.
 
-    `labels` (B, T) hold the decoder input ids ([DEC] first) with padding set to -100; position t
-    predicts labels[:, t + 1]. Returns (positions (N,), targets (N,)): flat indices into the (B*T)
-    positions, row-major, and the token each predicts. (One host sync on a GPU: N is data-dependent.)
+    `labels` (B, T) hold the decoder input ids ([DEC] first) with padding set to -100; position t predicts
+    labels[:, t + 1], the last position nothing. Every position keeps its row (a fixed shape: selecting the
+    labelled ones would make the shape depend on the data, a host sync on a GPU); the loss ignores -100, as the
+    reference's LM head does.
     """
-    following = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # the last position predicts nothing
-    positions = (following != -100).nonzero().squeeze(1)
-    return positions, following[positions]
+    return F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
 
 
 def itg_loss(lm_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Caption generation loss: mean label-smoothed CE of (N, V) logits at the positions of `itg_targets`."""
-    return F.cross_entropy(at_least_float32(lm_logits), targets, label_smoothing=label_smoothing)
+    """Caption generation loss: mean label-smoothed CE of (B*T, V) logits over the positions whose `itg_targets`
+    is not -100."""
+    return F.cross_entropy(at_least_float32(lm_logits), targets, ignore_index=-100, label_smoothing=label_smoothing)
+
+
+class Objectives:
+    """The objectives' arithmetic a stage-1 step calls through its model (`model.objectives`): plain functions
+    of tensors, no parameter of a module, so model/compile.py can give a model compiled ones (the hard
+    negatives are drawn eagerly: the same random numbers with and without compilation)."""
+
+    itc = staticmethod(itc_objective)
+    itm_loss = staticmethod(itm_loss)
+    itg_loss = staticmethod(itg_loss)

@@ -92,32 +92,51 @@ def run_layers(
     kept: list[KeysValues] = []
     last = len(qformer.encoder.layer) - 1
     for i, layer in enumerate(qformer.encoder.layer):
-        attention = layer.attention.attention
-        keys, values = _heads(attention.key(hidden), attention), _heads(attention.value(hidden), attention)
+        args = (hidden, self_mask, query_length, None if image_kv is None else image_kv[i],
+                None if prefix_kv is None else prefix_kv[i], outputs if i == last else None)
+        # a layer compiled by model/compile.py runs the step through its own module call (its hooks, e.g.
+        # ZeRO-3's parameter gathering, run around the compiled step); otherwise the step runs here
+        hidden, kv = layer(LAYER_STEP, *args) if getattr(layer, "runs_layer_step", False) else layer_step(layer, *args)
         if keep_kv:
-            kept.append((keys, values))
-        if prefix_kv is not None:
-            keys, values = torch.cat([prefix_kv[i][0], keys], 2), torch.cat([prefix_kv[i][1], values], 2)
-        if i == last and outputs is not None:
-            hidden = hidden[:, :outputs]
-            if self_mask is not None and self_mask.shape[2] > 1:
-                self_mask = self_mask[:, :, :outputs]
-        context = _attend(attention, _heads(attention.query(hidden), attention), keys, values, self_mask)
-        attended = layer.attention.output(context, hidden)
-        parts = []
-        if query_length:
-            queries = attended[:, :query_length]
-            if layer.has_cross_attention:
-                cross = layer.crossattention
-                image_keys, image_values = image_kv[i]
-                context = _attend(cross.attention, _heads(cross.attention.query(queries), cross.attention),
-                                  image_keys, image_values, None)
-                queries = cross.output(context, queries)
-            parts.append(layer.feed_forward_chunk_query(queries))
-        if attended.shape[1] > query_length:
-            parts.append(layer.feed_forward_chunk(attended[:, query_length:]))
-        hidden = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            kept.append(kv)
     return hidden, kept
+
+
+LAYER_STEP = "blip2_ray.qformer_layer_step"  # first argument of a compiled layer's call: run `layer_step`
+
+
+def layer_step(layer: nn.Module, hidden: torch.Tensor, self_mask: torch.Tensor | None, query_length: int,
+               image_kv: KeysValues | None, prefix_kv: KeysValues | None,
+               outputs: int | None) -> tuple[torch.Tensor, KeysValues]:
+    """One Q-Former layer of `run_layers` -> (hidden, this input's self-attention (keys, values)).
+
+    A pure function of its tensors and the layer's weights (no host read of a value): model/compile.py
+    compiles it once for every layer.
+    """
+    attention = layer.attention.attention
+    own = _heads(attention.key(hidden), attention), _heads(attention.value(hidden), attention)
+    keys, values = own
+    if prefix_kv is not None:
+        keys, values = torch.cat([prefix_kv[0], keys], 2), torch.cat([prefix_kv[1], values], 2)
+    if outputs is not None:
+        hidden = hidden[:, :outputs]
+        if self_mask is not None and self_mask.shape[2] > 1:
+            self_mask = self_mask[:, :, :outputs]
+    context = _attend(attention, _heads(attention.query(hidden), attention), keys, values, self_mask)
+    attended = layer.attention.output(context, hidden)
+    parts = []
+    if query_length:
+        queries = attended[:, :query_length]
+        if layer.has_cross_attention:
+            cross = layer.crossattention
+            image_keys, image_values = image_kv
+            context = _attend(cross.attention, _heads(cross.attention.query(queries), cross.attention),
+                              image_keys, image_values, None)
+            queries = cross.output(context, queries)
+        parts.append(layer.feed_forward_chunk_query(queries))
+    if attended.shape[1] > query_length:
+        parts.append(layer.feed_forward_chunk(attended[:, query_length:]))
+    return (torch.cat(parts, 1) if len(parts) > 1 else parts[0]), own
 
 
 def key_padding_mask(keep: torch.Tensor) -> torch.Tensor:

@@ -47,9 +47,7 @@ def hard_negatives_of_other_images(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
         empty = w.sum(1, keepdim=True) <= 0
         return torch.where(empty, (~same).float(), w)
 
-    neg_image = torch.multinomial(weights(sim_t2i), 1, generator=generator).squeeze(1)
-    neg_text = torch.multinomial(weights(sim_i2t), 1, generator=generator).squeeze(1)
-    return neg_image, neg_text
+    return losses.draw_one(weights(sim_t2i), generator), losses.draw_one(weights(sim_i2t), generator)
 
 
 class Blip2RetrievalFinetune(Blip2Stage1):
@@ -81,11 +79,6 @@ class Blip2RetrievalFinetune(Blip2Stage1):
         itm_logits = self.itm_logits(torch.cat([image_embeds, image_world[neg_img], image_embeds]),
                                      torch.cat([input_ids, input_ids, ids_world[neg_txt]]),
                                      torch.cat([attention_mask, attention_mask, mask_world[neg_txt]]))
-        loss_itm = losses.itm_loss(itm_logits, b)
-        # ITG as Blip2Stage1's: [DEC] first, the query pass's keys/values reused, labelled positions only
-        dec_ids = input_ids.clone()
-        dec_ids[:, 0] = self.dec_token_id
-        positions, targets = losses.itg_targets(dec_ids.masked_fill(attention_mask == 0, -100))
-        hidden = self.itg_hidden(query_cache, dec_ids, attention_mask).flatten(0, 1)[positions]
-        loss_itg = losses.itg_loss(self.lm_head(hidden, self.embeddings.word_embeddings.weight), targets, ls)
+        loss_itm = self.objectives.itm_loss(itm_logits, b)
+        loss_itg = self.itg_loss(query_cache, input_ids, attention_mask, ls)  # as Blip2Stage1's
         return Stage1Output(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg)

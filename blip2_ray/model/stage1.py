@@ -71,6 +71,8 @@ class Blip2Stage1(nn.Module):
         self.lm_head = QFormerLMHead(q.hidden_size, vocab_size, eps=self.qformer.config.layer_norm_eps)
         self.temp = nn.Parameter(torch.tensor(q.temp_init))
 
+    objectives = losses.Objectives()  # model/compile.py sets compiled ones on an instance
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.vision_model.eval()  # frozen: dropout / norm statistics never change
@@ -171,8 +173,8 @@ class Blip2Stage1(nn.Module):
         query_hidden, query_cache = self.query_pass(image_kv, keep_kv=True)
         image_feats = self._image_feats_from_queries(query_hidden)  # (B, Q, E)
         text_feat = self.text_feat(input_ids, attention_mask)  # (B, E)
-        sim_i2t, sim_t2i = losses.itc_similarities(image_feats, text_feat, self.temp, gather)
-        loss_itc = losses.itc_loss(sim_i2t, sim_t2i, rank, ls)
+        sim_i2t, sim_t2i, loss_itc = self.objectives.itc(image_feats, text_feat, gather(image_feats.detach()),
+                                                         gather(text_feat.detach()), self.temp, rank, ls)
 
         # ITM with hard negatives from the global batch
         neg_img, neg_txt = losses.sample_hard_negatives(sim_i2t, sim_t2i, rank, generator)
@@ -189,16 +191,23 @@ class Blip2Stage1(nn.Module):
         ids_world, mask_world = gather(input_ids), gather(attention_mask)
         itm_ids = torch.cat([input_ids, input_ids, ids_world[neg_txt]])
         itm_mask = torch.cat([attention_mask, attention_mask, mask_world[neg_txt]])
-        loss_itm = losses.itm_loss(self.itm_logits_from_kv(itm_kv, itm_ids, itm_mask), b)
+        loss_itm = self.objectives.itm_loss(self.itm_logits_from_kv(itm_kv, itm_ids, itm_mask), b)
 
-        # ITG: [DEC] replaces [CLS]; padding gets no loss; only positions with a label reach the LM head
-        dec_ids = input_ids.clone()
-        dec_ids[:, 0] = self.dec_token_id
-        positions, targets = losses.itg_targets(dec_ids.masked_fill(attention_mask == 0, -100))
-        hidden = self.itg_hidden(query_cache, dec_ids, attention_mask).flatten(0, 1)[positions]  # (N, H)
-        loss_itg = losses.itg_loss(self.lm_head(hidden, self.embeddings.word_embeddings.weight), targets, ls)
+        # ITG: [DEC] replaces [CLS]; padding and the last position get no loss (every position goes through the
+        # LM head, as in the reference: selecting the labelled ones would be a data-dependent shape)
+        loss_itg = self.itg_loss(query_cache, input_ids, attention_mask, ls)
 
         return Stage1Output(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg)
+
+    def itg_loss(self, query_cache: list[KeysValues], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 label_smoothing: float) -> torch.Tensor:
+        """The ITG loss of the captions given the query pass's cache: [DEC] replaces [CLS], padding is ignored."""
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.dec_token_id
+        targets = losses.itg_targets(dec_ids.masked_fill(attention_mask == 0, -100))
+        hidden = self.itg_hidden(query_cache, dec_ids, attention_mask).flatten(0, 1)  # (B*T, H)
+        logits = self.lm_head(hidden, self.embeddings.word_embeddings.weight)
+        return self.objectives.itg_loss(logits, targets, label_smoothing)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

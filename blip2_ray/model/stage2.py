@@ -169,7 +169,8 @@ class Blip2Stage2(nn.Module):
         with autocast_off(prefix.device.type):  # the frozen LLM computes in its storage dtype
             text_embeds = self.llm_embeddings()(ids)
             embeds = torch.cat([prefix.to(text_embeds.dtype), text_embeds], 1)
-            out = self.language_model(inputs_embeds=embeds, attention_mask=full_mask, logits_to_keep=t + 1)
+            out = self.language_model(inputs_embeds=embeds, logits_to_keep=t + 1,
+                                      **decoder_attention(self.language_model, full_mask, embeds.dtype))
         logits = out.logits[:, :-1]  # (B, T, V)
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, :n_no_loss] = -100
@@ -271,6 +272,24 @@ class Blip2Stage2(nn.Module):
         if self.llm_kind == "t5":
             out = out[:, 1:]  # drop the decoder start token
         return out
+
+
+def decoder_attention(language_model: nn.Module, keep: torch.Tensor, dtype: torch.dtype) -> dict:
+    """A decoder LLM's attention inputs for right-padded rows `keep` (B, L) 1/0, built without a host read.
+
+    transformers builds the causal mask itself from `keep`, checking `keep.all()` on the host first (a device
+    sync at every step on a GPU). For its sdpa and eager attention this gives the prepared 4D mask (causal and
+    padding: boolean for sdpa, additive in `dtype` for eager), which transformers takes as it is, and the
+    position ids it would derive from `keep` (OPT's: kept tokens counted from 0, padding -1; at the kept tokens
+    of right-padded rows that is every family's 0, 1, 2...). Other attention implementations get `keep`.
+    """
+    impl = getattr(language_model.config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        return {"attention_mask": keep}
+    n = keep.shape[1]
+    allowed = (torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()[None] & keep.bool()[:, None, :])[:, None]
+    mask = allowed if impl == "sdpa" else (~allowed).to(dtype) * torch.finfo(dtype).min
+    return {"attention_mask": mask, "position_ids": (keep.cumsum(1) * keep - 1).long()}
 
 
 def prefix_lm_split(

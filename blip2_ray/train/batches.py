@@ -3,12 +3,18 @@ thread (so a wait that never ends becomes an error with a diagnosis), moved to t
 
     epoch_batches   rank 0 writes each epoch into the run's EpochPlan (data/epoch_plan.py) before the epoch's
                     iteration starts, then every rank iterates its shard: (epoch, batch) forever
+    on_device       in that thread too: each batch made ready for the step while the previous step runs (its
+                    tensors copied from pinned memory, non_blocking, on a side CUDA stream; pixels normalised
+                    there; per-row work such as retrieval image ids done here, not in the training thread)
     BatchFeed       runs that generator in a thread; `next()` waits at most data.stall_timeout_s
-    to_device       uint8 pixels -> device -> CLIP-normalised float32; token ids -> device
+    to_device       the step's (pixels, ids, mask) on the device: the prepared tensors (the training thread's
+                    stream waits for their copy on the device, not on the host), or uint8 pixels -> device ->
+                    CLIP-normalised float32
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -105,17 +111,71 @@ class BatchFeed:
         self._thread.join(timeout_s)
 
 
+ON_DEVICE = "on_device"  # a prepared batch's tensors on the device (pixel_values as normalised "pixels")
+READY = "ready"  # the CUDA event its copy recorded on the side stream
+
+
+def on_device(source: Iterator[tuple[int, dict]], cfg: PretrainConfig, device: torch.device,
+              host_tensors=None) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) of `source` with each batch prepared by `prepare_batch` (run it in BatchFeed's thread: the
+    next batch is then prepared while the training thread runs the current step)."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    for epoch, batch in source:
+        yield epoch, prepare_batch(batch, cfg, device, stream, host_tensors)
+
+
+def prepare_batch(batch: dict, cfg: PretrainConfig, device: torch.device, stream=None, host_tensors=None) -> dict:
+    """`batch` plus its tensors on `device` (batch[ON_DEVICE]): copied non_blocking (from pinned memory where
+    the batch is pinned) on `stream`, pixels normalised there; the task's own host tensors (TaskSpec.host_tensors)
+    computed here. The host tensors stay (the trained-rows test hook reads them)."""
+    from blip2_ray.data.transforms import normalize_pixels_tensor
+
+    host = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if host_tensors is not None:
+        pinned = host["pixel_values"].is_pinned()
+        for k, v in host_tensors(batch).items():  # the task's own (TaskSpec.host_tensors), e.g. retrieval's image ids
+            host[k] = v.pin_memory() if pinned else v
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        moved = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+        moved["pixels"] = normalize_pixels_tensor(moved.pop("pixel_values"))
+        ready = None
+        if stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(stream)
+    return {**batch, ON_DEVICE: moved, READY: ready}
+
+
+def check_retrieval_batch(image_ids: torch.Tensor, num_workers: int) -> None:
+    """At one worker the micro batch is the global batch: ITM's hard negatives need a second image in it."""
+    if num_workers == 1 and image_ids.numel() > 1 and bool((image_ids == image_ids[0]).all()):
+        raise UserError(f"every row of a micro batch of {image_ids.numel()} shows the same image, so ITM has no "
+                        f"negative image to draw; raise train.micro_batch_size or data.shuffle_buffer")
+
+
+def device_tensors(batch: dict, device: torch.device, cfg: PretrainConfig | None = None) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device`: those `prepare_batch` moved (the current CUDA stream waits for their copy
+    on the device, and they are recorded as used by it), else prepared now, in this thread."""
+    moved = batch.get(ON_DEVICE)
+    if moved is None:
+        batch.update(prepare_batch(batch, cfg, device))
+        moved = batch[ON_DEVICE]
+    ready = batch.pop(READY, None)
+    if ready is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_event(ready)
+        for t in moved.values():
+            t.record_stream(current)
+    return moved
+
+
 def to_device(batch: dict, device: torch.device, stage: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pixel_values float32 CLIP-normalised, input_ids, attention_mask) of the stage, on `device`.
 
     The pixels cross to the device as uint8 (pinned when the batch is) and are normalised there.
     """
-    from blip2_ray.data.transforms import normalize_pixels_tensor
-
     prefix = "qformer" if stage == 1 else "llm"
-    pixels = normalize_pixels_tensor(batch["pixel_values"].to(device, non_blocking=True))
-    return (pixels, batch[f"{prefix}_input_ids"].to(device, non_blocking=True),
-            batch[f"{prefix}_attention_mask"].to(device, non_blocking=True))
+    moved = device_tensors(batch, device)
+    return moved["pixels"], moved[f"{prefix}_input_ids"], moved[f"{prefix}_attention_mask"]
 
 
 def stall_message(cfg: PretrainConfig, waited_s: float, rank: int, step: int, epoch: int) -> str:

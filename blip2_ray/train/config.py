@@ -36,8 +36,20 @@ class TrainConfig:
     log_every: int = doc("report metrics and print a progress line every N steps", 10)
     checkpoint_every: int = doc("save a resumable checkpoint every N steps (and at the end)", 1000)
     keep_checkpoints: int = doc("checkpoints kept in storage (the latest N)", 2)
+    compile: bool | None = doc(
+        "regional torch.compile of the step (model/compile.py): each ViT block, Q-Former layer and LLM layer, the "
+        "LM head and the stage-1 objectives, compiled before the first step (docs/training.md); null: on with GPUs "
+        "(scaling.use_gpu), off on CPU workers. Where compiling fails the run trains eagerly after one warning", None)
+    compile_time_limit_s: float = doc(
+        "seconds compiling may take at start: past it the run says so, finishes the compile in progress and "
+        "compiles nothing more (those parts run eagerly); 0: no limit", 900.0)
+    compile_backend: Literal["inductor", "aot_eager"] = doc(
+        "inductor: generated kernels (the point of compiling); aot_eager: traced and differentiated ahead of time "
+        "without generated code (quick to compile: tests, debugging)", "inductor")
 
     def validate(self) -> None:
+        if self.compile_time_limit_s < 0:
+            raise ValueError(f"compile_time_limit_s must be >= 0, got {self.compile_time_limit_s}")
         for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -195,6 +207,11 @@ class PretrainConfig:
                 f"train.global_batch_size {self.train.global_batch_size} is not a multiple of micro_batch_size "
                 f"x num_workers = {self.train.micro_batch_size} x {self.scaling.num_workers}; change one of them")
         return self.train.global_batch_size // per_pass
+
+    @property
+    def compile_step(self) -> bool:
+        """train.compile, else on with GPUs."""
+        return self.scaling.use_gpu if self.train.compile is None else self.train.compile
 
     @property
     def min_lr(self) -> float:

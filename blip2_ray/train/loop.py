@@ -25,12 +25,13 @@ import time
 import torch
 
 from blip2_ray.config import from_dict
-from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, stall_message
+from blip2_ray.train.batches import BatchFeed, DataStallError, epoch_batches, on_device, stall_message
 from blip2_ray.train.checkpoints import checkpoint_position, restore, save_and_report
+from blip2_ray.train.compile_step import compile_for_training, warm_up
 from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords
 from blip2_ray.train.fault_injection import step_hooks
-from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory
+from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory, trace_step
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
 from blip2_ray.train.tasks import task_of
 
@@ -69,6 +70,7 @@ def build_engine(cfg: PretrainConfig):
                           cfg.train.warmup_start_lr)
     vectorise_scalar_parameters(model)
     outputs_as_dicts(model)
+    compile_for_training(model, cfg)  # train.compile: regions compiled at the first micro batch (compile_step.py)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay, lr_scale=lr_scale, lr=cfg.train.lr),
@@ -82,6 +84,20 @@ def build_engine(cfg: PretrainConfig):
         share_fp32_partitions(engine.optimizer)
     trace_memory("engine")
     return engine
+
+
+def micro_step(engine, cfg: PretrainConfig, batch: dict, rank: int, step: int) -> StepOutput:
+    """One micro batch through the config's task's forward, backward and the engine's step (the first one compiles
+    the model's regions first, with train.compile); each phase's end is a trace point (metrics.trace_step)."""
+    task = task_of(cfg)
+    warm_up(engine, cfg, lambda: task.forward(engine, batch, rank), rank)
+    out = task.forward(engine, batch, rank)
+    trace_step(f"step {step} forward")
+    engine.backward(out["loss"])
+    trace_step(f"step {step} backward")
+    engine.step()
+    trace_step(f"step {step} step")
+    return out
 
 
 class StepOutput(dict):
@@ -208,8 +224,10 @@ def _train(cfg: PretrainConfig, beat) -> None:
     def stalled(waited_s: float) -> Exception:
         return DataStallError(stall_message(cfg, waited_s, rank, step, epoch))
 
-    batches = BatchFeed(epoch_batches(cfg, shard, plan, rank, position, pin_memory=pin),
-                        cfg.data.stall_timeout_s, stalled)
+    # each batch is prepared (pinned, copied to the device, normalised) in the feed's thread during the step before
+    feed = on_device(epoch_batches(cfg, shard, plan, rank, position, pin_memory=pin), cfg, engine.device,
+                     lambda b: task.host_tensors(b, cfg))
+    batches = BatchFeed(feed, cfg.data.stall_timeout_s, stalled)
     trained = TrainedRecords(position.epoch)
     hooks = step_hooks(cfg, rank, world, start_step)
     beat.phase(f"waiting for the first batch of step {step + 1}")
@@ -222,14 +240,11 @@ def _train(cfg: PretrainConfig, beat) -> None:
                 tw = time.perf_counter()
                 epoch, batch = next(batches)
                 window.wait += time.perf_counter() - tw
-                out = task.forward(engine, batch, rank)
-                trace_memory(f"step {step + 1} forward")
-                engine.backward(out["loss"])
-                trace_memory(f"step {step + 1} backward")
-                engine.step()
-                trace_memory(f"step {step + 1} step")
+                trace_step(f"step {step + 1} data")
+                out = micro_step(engine, cfg, batch, rank, step + 1)
                 window.add(out)
                 trained.add(epoch, batch["visit"], batch["record"])
+                trace_step(f"step {step + 1} metrics")
                 hooks.after_micro_batch(step + 1, epoch, batch)
             step += 1
             window.time += time.perf_counter() - t0
@@ -248,6 +263,7 @@ def _train(cfg: PretrainConfig, beat) -> None:
                 position = checkpoint_position(trained, position, plan, rank, world)
                 state.update(step=step, epoch=epoch, data=position.to_state() if position else None)
             save_and_report(engine, metrics, state, rank, with_checkpoint=checkpoint)
+            trace_step(f"step {step} report")
             window = LossWindow()
     finally:
         batches.close()  # stop this worker's data stream before the export

@@ -8,9 +8,11 @@ peaks of every worker as lists too (`*_per_worker`, in rank order).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
+import time
 
 import torch
 
@@ -67,6 +69,9 @@ class LossWindow:
             frozen_param_fraction_held=peak[2],
             skipped_records=skipped_records(),
         )
+        regions = getattr(engine.module, "compiled_regions", None)  # train.compile (train/compile_step.py)
+        out["compile_mode"] = "off" if regions is None else regions.mode  # "run": compiled; "eager": fell back
+        out["compile_s"] = None if regions is None else regions.warm_up_s
         if dev.type == "cuda":
             out["peak_device_memory_gib"] = peak[1]
             out["peak_device_memory_gib_per_worker"] = [p[1] for p in per_worker]
@@ -90,6 +95,55 @@ def trace_memory(phase: str) -> None:
                 rss = int(line.split()[1]) / (1 << 20)
     with open(path, "a") as f:
         f.write(f"{os.getpid()} {phase} rss {rss:.3f} peak {host_peak_rss_gib():.3f}\n")
+
+
+PHASES = ("data", "forward", "backward", "step", "metrics", "report")
+
+
+class StepPhases:
+    """Host seconds between consecutive trace points, summed per phase (a point's last word: the phase it ends).
+
+    The worker's points (train/loop.py): "step N data" (the batch handed over), "... forward", "... backward",
+    "... step" (the optimizer: DeepSpeed's step), "... metrics" (the loss window, the trained rows) and, at a log
+    step, "... report" (metrics over ranks, the report and checkpoint). Host time: on a GPU, what the host spent
+    issuing each phase (a phase that waits for the device shows the wait).
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock  # wall time; a benchmark on a shared CPU may count the thread's CPU time instead
+        self.last: float | None = None
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.counts = dict.fromkeys(PHASES, 0)
+
+    def mark(self, phase: str) -> None:
+        now = self.clock()
+        if self.last is not None:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+            self.counts[phase] = self.counts.get(phase, 0) + 1
+        self.last = now
+
+    def take(self) -> dict:
+        """{"seconds": {phase: s}, "counts": {phase: n}} since the last take; then starts again."""
+        out = {"seconds": dict(self.seconds), "counts": dict(self.counts)}
+        self.seconds, self.counts = dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0)
+        return out
+
+
+STEP_PHASES = StepPhases()  # this process's (a Train worker runs one loop)
+
+
+def trace_step(point: str) -> None:
+    """A trace point of the worker's step ("step N <phase>"): the memory trace (BLIP2_MEMORY_TRACE) and the host
+    seconds since the previous point, summed under <phase>. With BLIP2_STEP_PROFILE=<file>, every "report" point
+    appends the window's sums to that file as one JSON line (pid, step, seconds and counts per phase)."""
+    trace_memory(point)
+    phase = point.rsplit(" ", 1)[-1]
+    STEP_PHASES.mark(phase)
+    path = os.environ.get("BLIP2_STEP_PROFILE")
+    if path and phase == "report":
+        line = {"pid": os.getpid(), "step": int(point.split()[1]), **STEP_PHASES.take()}
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 def device_peak_gib(device: torch.device) -> float:

@@ -70,6 +70,10 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
                                  else ds.contiguous_gradients),
         "reduce_bucket_size": ds.reduce_bucket_size,
     }
+    if ds.zero_stage == 2 and t.grad_clip == 0:
+        # without clipping nothing needs the gradient norm, and ZeRO-2 would read it on the host at every step (a
+        # device sync: it checks the norm's validity in Python)
+        zero["compute_grad_norm"] = False
     if ds.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
         zero["stage3_max_live_parameters"] = ds.stage3_max_live_parameters

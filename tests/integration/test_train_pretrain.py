@@ -1,9 +1,10 @@
 """Pre-training on Ray Train + DeepSpeed with 2 CPU workers (gloo) on generated shapes shards.
 
 Few, combined trainer runs (the whole file is minutes on 2 cores):
-  1. stage 1, ZeRO-3, bf16 autocast with a bfloat16 ViT (mixed dtypes, 2 ranks): checkpoints, frozen ViT held
-     ~1/2 per worker, export loads in HF. (A worker group lost mid-run and restarted from its last checkpoint,
-     every record still trained exactly once: test_multinode, which removes a node with a worker on it.)
+  1. stage 1, ZeRO-3, bf16 autocast with a bfloat16 ViT (mixed dtypes, 2 ranks), train.compile (aot_eager: the
+     compiled blocks are ZeRO-3 leaves): checkpoints, frozen ViT held ~1/2 per worker, export loads in HF. (A
+     worker group lost mid-run and restarted from its last checkpoint, every record still trained exactly
+     once: test_multinode, which removes a node with a worker on it.)
   2. the same run resubmitted with a larger max_steps continues from its checkpoint, into epoch 1: across the
      resume every record of epoch 0 is trained exactly once, the resubmission decodes only epoch 0's
      untrained records, and every trained row has the crop/flip of its own epoch (epoch 1 differs).
@@ -56,6 +57,7 @@ def stage1_run(ray_session, shards, tmp_path_factory):
         "stage": 1, "run_name": "s1", "output_dir": f"{tmp}/export", "train.max_steps": 4,
         "deepspeed.zero_stage": 3, "deepspeed.stage3_param_persistence_threshold": 0,
         "train.precision": "bf16", "model.vision.dtype": "bfloat16",
+        "train.compile": True, "train.compile_backend": "aot_eager",  # compiled blocks as ZeRO-3 leaves
         "fault_injection.trained_keys_dir": str(tmp / "trained"),
     })
     return cfg, run_pretrain(cfg)
@@ -71,6 +73,7 @@ def test_stage1_zero3_bf16_trains_checkpoints_and_exports(stage1_run):
     assert result.error is None
     m = result.metrics
     assert m["step"] == 4 and all(math.isfinite(m[k]) for k in ("loss", "loss_itc", "loss_itm", "loss_itg"))
+    assert m["compile_mode"] == "run" and m["compile_s"] > 0  # compiled (train.compile), no fallback
     assert m["start_steps"] == [0]
     state = read_train_state(result.checkpoint)
     assert state["step"] == 4 and state["start_steps"] == [0] and state["world_size"] == 2

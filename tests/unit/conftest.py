@@ -22,3 +22,29 @@ def varied_stage2(request):
             if p.dim() == 2:
                 p.normal_(0, 1.0)
     return model, tok, caption_eos_ids(tok, model.llm_family)
+
+
+HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal",
+              "aten::multinomial", "aten::unique_consecutive", "aten::_unique2", "aten::masked_select"}
+
+
+@pytest.fixture
+def host_reads():
+    """A TorchDispatchMode class recording every operation that reads a tensor's value on the host (a device sync
+    on a GPU): `with host_reads(allowed=[tensors]) as r: ...; r.seen`. `allowed`: tensors whose reads are not
+    syncs on a GPU (e.g. torch AdamW's step counters, CPU tensors there too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self, allowed=()):
+            super().__init__()
+            self.allowed = {id(t) for t in allowed}
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name in HOST_READS and not (args and id(args[0]) in self.allowed):
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    return HostReads

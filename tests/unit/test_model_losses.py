@@ -139,10 +139,10 @@ def test_itg_loss_shifts_and_ignores_padding():
                 continue
             total += float(ce_smoothed(logits[b, t], target, 0.1))
             count += 1
-    positions, targets = losses.itg_targets(labels)
-    assert positions.tolist() == [0, 1, 5, 6, 7, 8]  # (b, t) -> b * 5 + t, for the t whose next label counts
-    assert targets.tolist() == [1, 2, 4, 5, 6, 0]
-    loss = losses.itg_loss(logits.flatten(0, 1)[positions], targets, 0.1)
+    targets = losses.itg_targets(labels)
+    # (b, t) -> b * 5 + t predicts labels[b, t + 1]; padding and each row's last position predict nothing
+    assert targets.tolist() == [1, 2, -100, -100, -100, 4, 5, 6, 0, -100]
+    loss = losses.itg_loss(logits.flatten(0, 1), targets, 0.1)
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 

@@ -122,6 +122,10 @@ def test_deepspeed_config_follows_the_config():
     z3_forced = cfg(deepspeed={"zero_stage": 3, "contiguous_gradients": True, "stage3_sub_group_size": 5})
     assert deepspeed_config(z3_forced)["zero_optimization"]["contiguous_gradients"] is True
     assert deepspeed_config(z3_forced)["zero_optimization"]["sub_group_size"] == 5
+    # ZeRO-2 without clipping computes no gradient norm (it reads the norm on the host: a device sync per step)
+    assert d2["zero_optimization"]["compute_grad_norm"] is False
+    clipped = deepspeed_config(cfg(train={"grad_clip": 1.0}))["zero_optimization"]
+    assert "compute_grad_norm" not in clipped and "compute_grad_norm" not in z3
 
 
 def test_gathers_are_identity_without_a_process_group():

@@ -97,8 +97,9 @@ def test_policy_holds_in_a_deepspeed_engine(process_group, monkeypatch, stage, z
              ["language_projection", "qformer.encoder.layer.0.attention.attention.query", "language_model.lm_head"]
     seen = OutputDtypes(m, names)
     sims = []
-    real_itc = losses.itc_similarities
-    monkeypatch.setattr(losses, "itc_similarities", lambda *a, **k: sims.append(real_itc(*a, **k)) or sims[-1])
+    real_itc = losses.itc_objective
+    monkeypatch.setattr(losses.Objectives, "itc",
+                        staticmethod(lambda *a: sims.append(real_itc(*a)[:2]) or real_itc(*a)))
 
     engine.train()
     before = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad and p.numel() > 0}
@@ -118,6 +119,55 @@ def test_policy_holds_in_a_deepspeed_engine(process_group, monkeypatch, stage, z
     assert set(frozen_dtypes(m.vision_model)) == {torch.float16}
     if zero == 2:  # ZeRO-3 holds partitions between steps; its values are checked by the integration test
         assert any(not torch.equal(before[n], p.detach()) for n, p in m.named_parameters() if n in before)
+
+
+def proxy_batch():
+    ids = torch.randint(5, 30, (4, 8), generator=torch.Generator().manual_seed(0))
+    return {"pixel_values": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(1)),
+            "qformer_input_ids": ids, "qformer_attention_mask": torch.ones_like(ids)}
+
+
+def test_the_worker_micro_step_reads_nothing_on_the_host(process_group, host_reads):
+    """The worker's micro step (train/loop.micro_step: forward, engine.backward, engine.step; ZeRO-2 without
+    clipping computes no gradient norm) reads no tensor value on the host, except torch AdamW's step counters
+    (CPU tensors on a GPU machine too: no device sync)."""
+    from blip2_ray.train.loop import build_engine, micro_step
+
+    cfg = tiny(1, 2)
+    engine = build_engine(cfg)
+    engine.train()
+    micro_step(engine, cfg, proxy_batch(), 0, 1)  # the optimizer's state exists after its first step
+    counters = [s["step"] for s in engine.optimizer.optimizer.state.values() if torch.is_tensor(s.get("step"))]
+    assert counters and all(c.device.type == "cpu" for c in counters)
+    with host_reads(allowed=counters) as reads:
+        micro_step(engine, cfg, proxy_batch(), 0, 2)
+    assert reads.seen == []
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_compiled_engine_trains_as_the_eager_one(process_group, zero):
+    """train.compile in a real engine (ZeRO-3: the compiled blocks are ZeRO-3 leaves): the worker's micro step
+    (train/loop.micro_step, which compiles at its first call) gives the eager engine's losses over two steps, the
+    second after the first update. aot_eager: see tests/unit/test_model_compile.py; no dropout, same negatives."""
+    from blip2_ray.train.loop import build_engine, micro_step
+
+    batch = proxy_batch()
+    runs = {}
+    for compiled in (False, True):
+        cfg = tiny(1, zero, **{"model.qformer.dropout": 0.0, "train.compile": compiled,
+                               "train.compile_backend": "aot_eager"})
+        engine = build_engine(cfg)
+        engine.train()
+        steps = []
+        for step in (1, 2):
+            torch.manual_seed(step)
+            steps.append(micro_step(engine, cfg, dict(batch), 0, step)["loss"].detach())
+        runs[compiled] = torch.stack(steps)
+        regions = getattr(engine.module, "compiled_regions", None)
+        assert (regions is not None and regions.mode == "run" and regions.fallback_reason is None) == compiled
+    torch.testing.assert_close(runs[True], runs[False], rtol=2e-2, atol=0)
+    assert not torch.equal(runs[False][0], runs[False][1])  # the step changed the model
 
 
 def test_itc_similarities_are_float32_under_autocast_and_match_the_float32_reference():

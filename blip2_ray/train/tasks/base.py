@@ -7,6 +7,7 @@
     tokenizer_dirs    what a batch holds: (Q-Former tokenizer dir, LLM tokenizer dir) of the token columns
                       the data pipeline writes (qformer_* / llm_*), None for a column the task does not read
     check_inputs      the task's own checks on the driver, before any worker starts
+    host_tensors      tensors a batch needs beyond the pipeline's, computed on the host in the feed thread
     forward           one micro batch (the pipeline's tensors) through the engine -> its StepOutput
     export_tokenizers what the HF export of `stage`'s layout saves beside the weights
     evaluation        the evaluation job's task (eval/) that measures it on held-out data; None: none
@@ -42,6 +43,11 @@ class TaskSpec:
 
     def check_inputs(self, cfg: PretrainConfig) -> None:
         """One sentence before any worker starts (the loop's own checks run in train/trainer.check_inputs)."""
+
+    def host_tensors(self, batch: dict, cfg: PretrainConfig) -> dict[str, torch.Tensor]:
+        """Extra tensors of `batch` (computed from its host columns, e.g. its keys), moved to the device with the
+        pipeline's; `forward` finds them in `train.batches.device_tensors(batch, device)`."""
+        return {}
 
     def forward(self, engine, batch: dict, rank: int):
         raise NotImplementedError

@@ -14,13 +14,26 @@ from blip2_ray.train.tasks.pretraining import Stage1Pretraining
 class RetrievalFinetuning(Finetuning, Stage1Pretraining):
     name = "retrieval"
 
-    def forward(self, engine, batch, rank):
-        from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
+    def host_tensors(self, batch, cfg):
+        from blip2_ray.train.batches import check_retrieval_batch
         from blip2_ray.train.finetune_model import image_ids_of_keys
 
+        image_ids = image_ids_of_keys(batch["key"])
+        check_retrieval_batch(image_ids, cfg.scaling.num_workers)
+        return {"image_ids": image_ids}
+
+    def forward(self, engine, batch, rank):
+        from blip2_ray.train.batches import device_tensors
+        from blip2_ray.train.distributed import all_gather_no_grad, all_gather_with_grad
+
         pixels, ids, mask = batch_tensors(batch, engine.device, self.stage)
-        # the ViT trains, so ITM's negative images are gathered with gradient (as LAVIS's retrieval fine-tune)
-        image_ids = image_ids_of_keys(batch["key"]).to(engine.device)
+        # the ViT trains, so ITM's negative images are gathered with gradient (as LAVIS's retrieval fine-tune);
+        # captions of one image are never negatives of each other: the image ids computed in batches.prepare_batch
+        image_ids = device_tensors(batch, engine.device).get("image_ids")
+        if image_ids is None:  # a batch prepared without the config (tests): from its keys now
+            from blip2_ray.train.finetune_model import image_ids_of_keys
+
+            image_ids = image_ids_of_keys(batch["key"]).to(engine.device)
         return engine(pixels, ids, mask, rank=rank, gather=all_gather_no_grad,
                       gather_with_grad=all_gather_with_grad, image_ids=image_ids)
 

@@ -28,12 +28,13 @@ class VqaFinetuning(CaptionFinetuning):
         return question_tokenizer_dir(cfg), llm_tokenizer_dir(cfg.model)  # the question goes to the Q-Former too
 
     def forward(self, engine, batch, rank):
-        dev = engine.device
-        pixels, ids, mask = batch_tensors(batch, dev, self.stage)
+        from blip2_ray.train.batches import device_tensors
+
+        pixels, ids, mask = batch_tensors(batch, engine.device, self.stage)
+        moved = device_tensors(batch, engine.device)  # prepared in the feed thread (batches.prepare_batch)
         # loss on the answer: the first llm_prompt_length tokens of a row are the prompt with the question
-        return engine(pixels, ids, mask, prompt_lengths=batch["llm_prompt_length"].to(dev),
-                      question_ids=batch["qformer_input_ids"].to(dev),
-                      question_mask=batch["qformer_attention_mask"].to(dev))
+        return engine(pixels, ids, mask, prompt_lengths=moved["llm_prompt_length"],
+                      question_ids=moved["qformer_input_ids"], question_mask=moved["qformer_attention_mask"])
 
     def export_tokenizers(self, cfg, module):
         from blip2_ray.train.finetune_model import question_tokenizer_dir
