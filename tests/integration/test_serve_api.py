@@ -123,14 +123,14 @@ def hf_caption(stage2_dir, png: bytes, prompt: str | None, max_new_tokens: int, 
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from blip2_ray.model.stage2 import caption_eos_ids
+    from blip2_ray.model.tokenizers import caption_stop_ids
 
     hf = Blip2ForConditionalGeneration.from_pretrained(stage2_dir).eval()
     proc = Blip2Processor.from_pretrained(stage2_dir)
     inputs = proc(images=Image.open(io.BytesIO(png)).convert("RGB"), text=prompt or "", return_tensors="pt")
     with torch.no_grad():
         out = hf.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=1, num_beams=num_beams,
-                          do_sample=False, eos_token_id=caption_eos_ids(proc.tokenizer, "opt"))
+                          do_sample=False, eos_token_id=caption_stop_ids(proc.tokenizer, "opt"))
     new = out[0, inputs.input_ids.shape[1]:]
     return proc.tokenizer.decode(new, skip_special_tokens=True).strip()
 

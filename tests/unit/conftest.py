@@ -10,7 +10,7 @@ def varied_stage2(request):
     random weights, so that generated tokens change with the context (the tiny init repeats one token)."""
     from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.stage2 import caption_eos_ids
+    from blip2_ray.model.tokenizers import caption_stop_ids
     from blip2_ray.model.tokenizer_paths import llm_tokenizer
 
     torch.manual_seed(0)
@@ -21,4 +21,4 @@ def varied_stage2(request):
         for p in list(model.language_model.parameters()) + list(model.language_projection.parameters()):
             if p.dim() == 2:
                 p.normal_(0, 1.0)
-    return model, tok, caption_eos_ids(tok, model.llm_family)
+    return model, tok, caption_stop_ids(tok, model.llm_family)

@@ -14,7 +14,9 @@ from blip2_ray.model.builders import build_stage2
 from blip2_ray.model.config import model_config
 from blip2_ray.model.hf_format import export_stage2, load_stage2
 from blip2_ray.model.language_model import padded_vocab
-from blip2_ray.model.stage2 import caption_eos_ids, tokenize_prompts, vqa_prompt
+from blip2_ray.model.generation import tokenize_prompts
+from blip2_ray.model.stage2 import vqa_prompt
+from blip2_ray.model.tokenizers import caption_stop_ids
 from blip2_ray.model.tokenizers import load_llm_tokenizer, prepends_bos
 
 FAMILIES = ["llama", "qwen2"]
@@ -60,7 +62,7 @@ def test_the_llm_and_its_family_come_from_the_directory(decoder_model):
     assert model.llm_kind == "decoder" and model.llm_family == family
     assert type(model.language_model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
     assert model.starts_with_bos == (family == "llama") == prepends_bos(tok)
-    assert caption_eos_ids(tok, family) == [tok.eos_token_id]  # "\n" ends captions only for OPT
+    assert caption_stop_ids(tok, family) == [tok.eos_token_id]  # "\n" ends captions only for OPT
 
 
 def test_captions_end_with_the_tokenizers_eos_and_start_as_the_tokenizer_does(decoder_model):
@@ -133,7 +135,7 @@ def test_export_is_the_llms_own_config_and_transformers_generates_token_identica
     assert hf.config.text_config.hidden_size == model.language_model.config.hidden_size
     x = _pixels(3, seed=1)
     nq, img = model.num_query_tokens, hf.config.image_token_index
-    settings = dict(num_beams=1, max_new_tokens=8, min_new_tokens=3, eos_token_id=caption_eos_ids(tok, family),
+    settings = dict(num_beams=1, max_new_tokens=8, min_new_tokens=3, eos_token_id=caption_stop_ids(tok, family),
                     do_sample=False, pad_token_id=tok.pad_token_id)
     ours = model.generate(x, **settings)
     start = [tok.bos_token_id] if model.starts_with_bos else []
@@ -156,7 +158,7 @@ def test_left_padded_batched_prompts_equal_one_at_a_time(decoder_model):
     x = _pixels(2, seed=2)
     prompts = [vqa_prompt("what color is the circle?", "decoder"), vqa_prompt("how many?", "decoder")]
     assert tok("x").input_ids[0] == tok.bos_token_id if family == "llama" else tok.bos_token_id is None
-    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, eos_token_id=caption_eos_ids(tok, family))
+    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, eos_token_id=caption_stop_ids(tok, family))
     ids, mask = tokenize_prompts(tok, prompts, 2, "decoder")
     assert (mask.sum(1) < mask.shape[1]).any() and (mask.diff(dim=1) >= 0).all()  # one row padded, on the left
     batched = model.generate(x, ids, mask, **settings).tolist()

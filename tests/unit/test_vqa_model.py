@@ -11,7 +11,7 @@ from blip2_ray.model.builders import build_stage1, build_stage2
 from blip2_ray.model.config import model_config
 from blip2_ray.model.hf_format import export_stage1, export_stage2, load_stage2
 from blip2_ray.model.question_qformer import make_question_aware
-from blip2_ray.model.stage2 import generate_text
+from blip2_ray.model.generation import generate_text
 from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 
 QUESTIONS = ["Question: what colour is the shape? Answer:", "Question: which shape is it? Answer:"]
