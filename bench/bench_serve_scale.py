@@ -139,8 +139,7 @@ def serve_child(depth: int, model_dir: str, rounds: int, tokens: int, threads: i
     import torch
 
     from blip2_ray.model.checkpoint_files import stored_bytes
-    from blip2_ray.model.tokenizers import caption_stop_ids
-    from blip2_ray.model.tokenizers import load_llm_tokenizer
+    from blip2_ray.model.tokenizers import caption_stop_ids, load_llm_tokenizer
     from blip2_ray.serve.engine import GenerationEngine
     from blip2_ray.serve.images import PixelNormalizer
     from blip2_ray.serve.placement import load_caption_model, tensor_bytes

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_ray.config import load_config
     from blip2_ray.data.sample import make_sample_shards
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.hf_format import load_stage1, load_stage2
     from blip2_ray.model.generation import generate_text
+    from blip2_ray.model.hf_format import load_stage1, load_stage2
     from blip2_ray.model.tiny_backbones import pretrain_tiny_llm, pretrain_tiny_vision
     from blip2_ray.model.tokenizer_paths import llm_tokenizer, resolve_tokenizer_dir
     from blip2_ray.model.tokenizers import COLOURS, SHAPES

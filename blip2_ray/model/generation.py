@@ -22,9 +22,11 @@ callers and the serving engine share.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -269,6 +271,14 @@ def _per_row_position_bias(lm) -> None:
     attn._per_row_bias = True
 
 
+def _own_code(method):
+    """`method` with a code object of its own: torch.compile keeps compiled graphs (and their recompile limit)
+    per code object, so each `DecodeSlots` gets its own (and frees it with itself)."""
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(g, method.__self__)
+
+
 def batch_buckets(rows: int) -> list[int]:
     """The batch sizes a captured decode step is specialised for: powers of two below `rows`, and `rows`."""
     out, b = [], 1
@@ -297,6 +307,7 @@ class DecodeSlots:
         self.model, self.lm = model, model.language_model
         self.rows, self.length, self.capture = rows, length, capture
         self.compile_backend = compile_backend  # tests: "aot_eager" (traced and functionalised, no code generation)
+        self.compile_options: dict | None = None  # None: inductor's defaults, plus its C++ wrapper on CPU
         self.decoder = decoder_only(model)
         emb = model.llm_embeddings()
         self.device, self.dtype = emb.weight.device, emb.weight.dtype
@@ -373,7 +384,9 @@ class DecodeSlots:
             raise RuntimeError("CUDA graphs need a CUDA device")
         fn = self._decode
         if self.capture == "compile":
-            fn = torch.compile(self._decode, dynamic=None, backend=self.compile_backend)
+            fn = torch.compile(_own_code(self._decode), dynamic=None, backend=self.compile_backend,
+                               options=self.compile_options if self.compile_options is not None else
+                               (None if cuda or self.compile_backend != "inductor" else {"cpp_wrapper": True}))
         for b in self.buckets:  # fill the buckets with the prefilled row: real values, as a step would see
             for slot in range(b):
                 self.insert(pre, slot, torch.zeros(1, dtype=torch.long, device=self.device))
@@ -467,7 +480,16 @@ class DecodeSlots:
         if graph is not None:
             graph[0].replay()
             return graph[1][:n]
-        return self._fn(self.tokens[:b])[:n]
+        with self._stance():
+            return self._fn(self.tokens[:b])[:n]
+
+    def _stance(self):
+        """Compiled without graphs (CPU): every bucket was compiled at `start` and nothing the step's guards
+        check changes afterwards (a frozen model, fixed buckets), which is when torch documents skipping the
+        guards that do not tell the compiled buckets apart (on this path they cost half the step)."""
+        if self.captured != "compile":
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         """A 0/1 mask (B, T) as the additive (B, 1, 1, T) attention mask transformers passes through as is."""

@@ -303,6 +303,8 @@ class GenerationEngine:
         return n, min_new, temperature
 
     def _choose(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        if all(r.generator is None and len(r.tokens) >= r.item["min_new_tokens"] for r in rows):
+            return logits.argmax(-1)  # greedy, no EOS to hold back: what next_tokens would do, without its setup
         n, min_new, temperature = self._settings(rows)
         return next_tokens(logits, n, min_new, self.eos_ids, temperature, self.top_k, self.top_p,
                            generator=[r.generator for r in rows])

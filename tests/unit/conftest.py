@@ -10,8 +10,8 @@ def varied_stage2(request):
     random weights, so that generated tokens change with the context (the tiny init repeats one token)."""
     from blip2_ray.model.builders import build_stage2
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.tokenizers import caption_stop_ids
     from blip2_ray.model.tokenizer_paths import llm_tokenizer
+    from blip2_ray.model.tokenizers import caption_stop_ids
 
     torch.manual_seed(0)
     cfg = model_config(request.param)

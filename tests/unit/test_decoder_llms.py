@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from blip2_ray.data.records import tokenize_llm
 from blip2_ray.model.builders import build_stage2
 from blip2_ray.model.config import model_config
+from blip2_ray.model.generation import tokenize_prompts
 from blip2_ray.model.hf_format import export_stage2, load_stage2
 from blip2_ray.model.language_model import padded_vocab
-from blip2_ray.model.generation import tokenize_prompts
 from blip2_ray.model.stage2 import vqa_prompt
-from blip2_ray.model.tokenizers import caption_stop_ids
-from blip2_ray.model.tokenizers import load_llm_tokenizer, prepends_bos
+from blip2_ray.model.tokenizers import caption_stop_ids, load_llm_tokenizer, prepends_bos
 
 FAMILIES = ["llama", "qwen2"]
 

@@ -12,8 +12,8 @@ from blip2_ray.model.checkpoint_files import TensorFiles
 from blip2_ray.model.config import model_config
 from blip2_ray.model.hf_format import export_stage1, export_stage2, load_stage1, load_stage2
 from blip2_ray.model.stage2 import prefix_lm_split
-from blip2_ray.model.tokenizers import caption_stop_ids
 from blip2_ray.model.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+from blip2_ray.model.tokenizers import caption_stop_ids
 
 TOL = 1e-4
 

@@ -155,8 +155,7 @@ def test_split_over_gpus_generates_as_on_one(tiny_export):
     import asyncio
 
     from blip2_ray.model.generation import prefill
-    from blip2_ray.model.tokenizers import caption_stop_ids
-    from blip2_ray.model.tokenizers import load_llm_tokenizer
+    from blip2_ray.model.tokenizers import caption_stop_ids, load_llm_tokenizer
     from blip2_ray.serve.engine import GenerationEngine
 
     px = torch.from_numpy(np.random.RandomState(0).rand(1, 3, 32, 32).astype(np.float32)).cuda()
