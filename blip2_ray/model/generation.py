@@ -22,7 +22,6 @@ callers and the serving engine share.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -307,7 +306,7 @@ class DecodeSlots:
         self.model, self.lm = model, model.language_model
         self.rows, self.length, self.capture = rows, length, capture
         self.compile_backend = compile_backend  # tests: "aot_eager" (traced and functionalised, no code generation)
-        self.compile_options: dict | None = None  # None: inductor's defaults, plus its C++ wrapper on CPU
+        self.compile_options: dict | None = None  # inductor options (None: the defaults below)
         self.decoder = decoder_only(model)
         emb = model.llm_embeddings()
         self.device, self.dtype = emb.weight.device, emb.weight.dtype
@@ -384,9 +383,12 @@ class DecodeSlots:
             raise RuntimeError("CUDA graphs need a CUDA device")
         fn = self._decode
         if self.capture == "compile":
-            fn = torch.compile(_own_code(self._decode), dynamic=None, backend=self.compile_backend,
-                               options=self.compile_options if self.compile_options is not None else
-                               (None if cuda or self.compile_backend != "inductor" else {"cpp_wrapper": True}))
+            options = self.compile_options
+            if options is None and not cuda and self.compile_backend == "inductor":
+                # batch 1 on CPU: each (1, K) x (K, N) matmul as a fused C++ reduction instead of one library
+                # call per linear layer (the calls, not the arithmetic, are a small model's decode step)
+                options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+            fn = torch.compile(_own_code(self._decode), dynamic=None, backend=self.compile_backend, options=options)
         for b in self.buckets:  # fill the buckets with the prefilled row: real values, as a step would see
             for slot in range(b):
                 self.insert(pre, slot, torch.zeros(1, dtype=torch.long, device=self.device))
@@ -480,16 +482,7 @@ class DecodeSlots:
         if graph is not None:
             graph[0].replay()
             return graph[1][:n]
-        with self._stance():
-            return self._fn(self.tokens[:b])[:n]
-
-    def _stance(self):
-        """Compiled without graphs (CPU): every bucket was compiled at `start` and nothing the step's guards
-        check changes afterwards (a frozen model, fixed buckets), which is when torch documents skipping the
-        guards that do not tell the compiled buckets apart (on this path they cost half the step)."""
-        if self.captured != "compile":
-            return contextlib.nullcontext()
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        return self._fn(self.tokens[:b])[:n]
 
     def _additive(self, mask: torch.Tensor) -> torch.Tensor:
         """A 0/1 mask (B, T) as the additive (B, 1, 1, T) attention mask transformers passes through as is."""

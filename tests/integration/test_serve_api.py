@@ -258,7 +258,9 @@ def test_error_statuses(server):
     assert_error(post(server, "/v1/caption", {"image": b64(1), "bogus": 1}), 422)
     assert_error(post(server, "/v1/caption", {"image": b64(1), "max_new_tokens": "many"}), 422)
     assert_error(post(server, "/v1/caption", {"image": b64(1), "max_new_tokens": 10_000}), 422)
-    assert_error(post(server, "/v1/caption", {"image": b64(1), "prompt": "word " * 150}), 422)
+    too_long = post(server, "/v1/caption", {"image": b64(1), "prompt": "word " * 150})  # beyond a KV-cache slot
+    assert_error(too_long, 400, "invalid_request_error")
+    assert "128 positions of a KV-cache slot" in too_long.json()["error"]["message"]
     assert_error(post(server, "/v1/caption", [1, 2]), 422)
     assert_error(post(server, "/v1/embeddings", {"images": [b64(1)], "texts": ["a"]}), 422)
     assert_error(post(server, "/v1/caption", {"image": b64(1)}, headers={}), 401, "authentication_error")
@@ -301,7 +303,9 @@ def test_full_queue_is_503(server):
     statuses = sorted(r.status_code for r in rs)
     assert set(statuses) <= {200, 503}, statuses
     assert 503 in statuses and 200 in statuses, statuses
-    assert_error(next(r for r in rs if r.status_code == 503), 503, "overloaded")
+    refused = next(r for r in rs if r.status_code == 503)
+    assert_error(refused, 503, "overloaded")
+    assert refused.headers["retry-after"] == "1"
 
 
 def test_fuzzed_bodies_never_5xx(server):

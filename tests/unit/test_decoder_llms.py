@@ -178,9 +178,11 @@ def test_load_stage2_reads_the_export_back(decoder_model):
 
 def test_the_caption_deployment_serves_it_as_generate_does(decoder_model):
     """Served step-wise (left-padded rows of different prompt lengths, rows joining a running batch, a VQA
-    question worded by the replica) == `Blip2Stage2.generate` of the same model, token for token."""
+    question worded by the replica), eager and compiled, == `Blip2Stage2.generate` of the same model, token for
+    token."""
     import asyncio
 
+    from blip2_ray.serve.engine import GenerationEngine
     from blip2_ray.serve.models import CaptionDeployment
 
     family, cfg, tok, model, export = decoder_model
@@ -222,6 +224,22 @@ def test_the_caption_deployment_serves_it_as_generate_does(decoder_model):
     for it, r in zip(items, results):
         assert r["token_ids"] == reference(it), it["prompt"]
         assert r["finish_reason"] == ("stop" if r["token_ids"][-1] in dep.engine.eos_ids else "length")
+
+    # the same requests through the compiled decode step (traced and functionalised: backend aot_eager)
+    compiled = GenerationEngine(dep.model, dep.tokenizer, dep.engine.eos_ids, dep.engine.preprocess,
+                                max_batch_size=4, batch_wait_timeout_s=0, capture="compile",
+                                compile_backend="aot_eager")
+    assert compiled.stats()["decode_step"] == "compile", compiled.slots.capture_error
+
+    async def run_compiled():
+        first = [compiled.submit(dep._prompted(it)) for it in items[:2]]
+        while compiled.counters["steps"] < 3:
+            await asyncio.sleep(0.001)
+        later = [compiled.submit(dep._prompted(it)) for it in items[2:]]
+        return [await r.result() for r in first + later]
+
+    for it, r in zip(items, asyncio.run(run_compiled())):
+        assert r["token_ids"] == reference(it), it["prompt"]
 
 
 # ------------------------------------------------------------------------------------- device_map
