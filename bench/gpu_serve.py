@@ -126,18 +126,19 @@ def engine_batch1(engine, px, device, reps: int) -> dict:
     """Batch-1 30-token caption through the engine: latency; time to first token = the latency of a 1-token
     request (prefill + first token); per-token time = (latency - first token) / 29 (as for `generate`)."""
     async def one(n):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = await engine.submit(item(px, n=n)).result()
-        return time.perf_counter() - t0, out["token_ids"]
+        return time.perf_counter() - t0, time.process_time() - c0, out["token_ids"]
 
     def timed(n):
         runs = [asyncio.run(one(n)) for _ in range(reps + 1)]  # the first: warm-up
-        return statistics.median(r[0] for r in runs[1:]), runs[-1][1]
+        return statistics.median(r[0] for r in runs[1:]), statistics.median(r[1] for r in runs[1:]), runs[-1][2]
 
-    latency, tokens = timed(NEW_TOKENS)
-    first, _ = timed(1)
+    latency, cpu, tokens = timed(NEW_TOKENS)
+    first, cpu_first, _ = timed(1)
+    # per token: wall time, and this process's CPU time (both threads), which other jobs' load does not stretch
     return {"latency_s": latency, "first_token_s": first, "per_token_s": (latency - first) / (NEW_TOKENS - 1),
-            "tokens": tokens}
+            "per_token_cpu_s": (cpu - cpu_first) / (NEW_TOKENS - 1), "tokens": tokens}
 
 
 def engine_throughput(engine, model, device, concurrency: int) -> dict:
@@ -205,6 +206,31 @@ def hf_batch1(model, px, device, reps: int) -> dict:
     first, _ = timed(1)
     return {"latency_s": latency, "first_token_s": first, "per_token_s": (latency - first) / (NEW_TOKENS - 1),
             "tokens": tokens}
+
+
+def divergences(model, tok, device, cases, got, reference) -> list[dict]:
+    """Where `got` first differs from transformers' greedy tokens: the position, and the reference's margin
+    there (top-1 minus top-2 logit; a near-tie is float noise, a large margin is a wrong result)."""
+    import torch
+
+    from blip2_ray.model.generation import tokenize_prompts
+
+    out = []
+    for i, ((seed, prompt), a, b) in enumerate(zip(cases, got, reference)):
+        k = next((j for j, (p, q) in enumerate(zip(a, b)) if p != q), None)
+        if k is None:
+            continue
+        ids, mask = tokenize_prompts(tok, [prompt] if prompt else None, 1, model.llm_kind, device)
+        embeds, full = model.llm_inputs(torch.from_numpy(images(model, [seed])).to(device), ids, mask)
+        with torch.no_grad():
+            gen = model.language_model.generate(inputs_embeds=embeds, attention_mask=full, max_new_tokens=k + 1,
+                                                min_new_tokens=k + 1, do_sample=False, num_beams=1,
+                                                output_scores=True, return_dict_in_generate=True,
+                                                pad_token_id=tok.pad_token_id)
+        top = gen.scores[k][0].float().topk(2).values
+        out.append({"case": i, "position": k, "reference_margin": float(top[0] - top[1]),
+                    "reference_top_logit": float(top[0])})
+    return out
 
 
 def bandwidth(device) -> dict:
@@ -386,22 +412,29 @@ def run_proxy(args, device) -> dict:
         r["decode_step"] = engines["compile"].slots.captured
         r["capture_error"] = engines["compile"].slots.capture_error
     per_token = {m: [] for m in engines}
+    per_token_cpu = {m: [] for m in engines}
     for rnd in range(args.rounds):  # alternate: both see the same machine load
         for mode, engine in engines.items():
             got = s.run(f"round{rnd}_{mode}", lambda engine=engine: engine_batch1(engine, px, device, args.reps))
             if got is not None:
                 per_token[mode].append(got["per_token_s"])
-                log(f"round {rnd} {mode}: per token {got['per_token_s'] * 1e3:.2f} ms, "
-                    f"first token {got['first_token_s'] * 1e3:.1f} ms")
-    r["per_token_s"] = {m: v for m, v in per_token.items()}
+                per_token_cpu[mode].append(got["per_token_cpu_s"])
+                log(f"round {rnd} {mode}: per token {got['per_token_s'] * 1e3:.2f} ms "
+                    f"({got['per_token_cpu_s'] * 1e3:.2f} ms CPU), first token {got['first_token_s'] * 1e3:.1f} ms")
+    r["per_token_s"], r["per_token_cpu_s"] = per_token, per_token_cpu
     if per_token.get("off") and per_token.get("compile"):
         ratios = [c / e for c, e in zip(per_token["compile"], per_token["off"])]
-        r["round_ratios"] = ratios
-        r["proxy_compiled_over_eager"] = statistics.median(ratios)
+        cpu_ratios = [c / e for c, e in zip(per_token_cpu["compile"], per_token_cpu["off"])]
+        r["round_ratios"], r["round_ratios_cpu"] = ratios, cpu_ratios
+        r["proxy_compiled_over_eager"] = statistics.median(ratios)  # wall time per token
+        r["proxy_compiled_over_eager_cpu"] = statistics.median(cpu_ratios)
     if reference is not None and len(engines) == 2:
         tokens = {m: engine_tokens(e, model, device, cases) for m, e in engines.items()}
         r["same_tokens"] = tokens["off"] == reference and tokens["compile"] == reference
+        r["compiled_same_as_eager"] = tokens["compile"] == tokens["off"]
         r["agreement"] = {m: agreement(t, reference) for m, t in tokens.items()}
+        r["divergences_from_generate"] = {m: divergences(model, tok, device, cases, t, reference)
+                                          for m, t in tokens.items()}
     r["target"] = "proxy_compiled_over_eager <= 0.34 with same_tokens"
     for e in engines.values():
         e._thread.shutdown()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class Row:
     question_ids: list[int] | None = None  # the question-aware Q-Former's tokens of the prompt
     generator: torch.Generator | None = None  # sampling rows: their own, seeded (reproducible in any batch)
     slot: int = -1  # where its keys/values are (step-wise rows, once admitted)
+    n_new: int = 0  # tokens generated (counted on the generation thread, which stops the row)
+    stopped: bool = False  # the generation thread has its last token
     tokens: list[int] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     sent: str = ""  # text streamed so far
@@ -265,7 +268,7 @@ class GenerationEngine:
                 self._pending.remove(row)
             await self._run_whole(whole)
             return
-        alive = [r for r in self._running if not (r.done or r.cancelled)]
+        alive = [r for r in self._running if not (r.stopped or r.cancelled)]
         for r in self._running:
             if r.cancelled and not r.done:
                 self._drop(r)
@@ -278,32 +281,47 @@ class GenerationEngine:
             return
         loop = asyncio.get_running_loop()
         try:
-            rows, tokens = await loop.run_in_executor(self._thread, self._step, alive, new)
+            await loop.run_in_executor(self._thread, self._run_steps, alive, new, loop)
         except Exception as e:  # a model failure fails the rows it touched, never the scheduler
             logger.exception("generation failed")
-            for row in alive + new:
+            for row in {*self._running, *alive, *new}:
                 self._fail(row, e)
             self._running, self._used = [], self.max_batch_size  # the next step frees every slot
             return
-        self.counters["steps"] += 1
-        self.counters["admitted"] += len(new)
-        self._running = rows
-        for row in new:
-            row.batch_size, row.group_size = len(self._running), len(new)
-            if row.stream:
-                row.events.put_nowait(("admitted", None))
-        for row, token in zip(self._running, tokens):
-            self._advance(row, token)
+
+    # ---------------------------------------------------------------- model work (the generation thread)
+    def _run_steps(self, alive: list[Row], new: list[Row], loop) -> None:
+        """Decode steps, back to back, until no row runs or requests wait that could join: each step's tokens
+        go to the loop as they come (`_deliver`), without waiting for it. Rows stop here as the loop will
+        finish them (EOS, `max_new_tokens`) and leave when their caller cancels them."""
+        rows = alive
+        while True:
+            rows, tokens = self._step(rows, new)
+            self._running = rows
+            self.counters["steps"] += 1
+            for row, token in zip(rows, tokens):
+                row.n_new += 1
+                row.stopped = token in self._eos or row.n_new >= row.item["max_new_tokens"]
+            loop.call_soon_threadsafe(self._deliver, rows, new, tokens)
+            for r in rows:
+                if r.cancelled and not r.stopped:  # its caller went away: it leaves at the next step
+                    loop.call_soon_threadsafe(self._drop, r)
+            rows = [r for r in rows if not (r.stopped or r.cancelled)]
+            waiting = list(self._pending)  # a copy: the loop appends to it meanwhile
+            if not rows or (waiting and (len(rows) < self.max_batch_size or any(not r.stepwise for r in waiting))):
+                return
+            new = []
+            time.sleep(0)  # let the loop take the GIL: it admits requests and streams while this decodes
 
     # ---------------------------------------------------------------- model work (the generation thread)
     def _settings(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = torch.tensor([len(r.tokens) for r in rows], device=self.device)
+        n = torch.tensor([r.n_new for r in rows], device=self.device)
         min_new = torch.tensor([r.item["min_new_tokens"] for r in rows], device=self.device)
         temperature = torch.tensor([float(r.item["temperature"]) for r in rows], device=self.device)
         return n, min_new, temperature
 
     def _choose(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        if all(r.generator is None and len(r.tokens) >= r.item["min_new_tokens"] for r in rows):
+        if all(r.generator is None and r.n_new >= r.item["min_new_tokens"] for r in rows):
             return logits.argmax(-1)  # greedy, no EOS to hold back: what next_tokens would do, without its setup
         n, min_new, temperature = self._settings(rows)
         return next_tokens(logits, n, min_new, self.eos_ids, temperature, self.top_k, self.top_p,
@@ -397,6 +415,16 @@ class GenerationEngine:
                 self._finish(row, "stop" if stopped else "length")
 
     # ---------------------------------------------------------------- rows' events (on the loop)
+    def _deliver(self, rows: list[Row], new: list[Row], tokens: list[int]) -> None:
+        """One step's outcome, on the loop: the rows that joined are admitted, every row gets its token."""
+        self.counters["admitted"] += len(new)
+        for row in new:
+            row.batch_size, row.group_size = len(rows), len(new)
+            if row.stream:
+                row.events.put_nowait(("admitted", None))
+        for row, token in zip(rows, tokens):
+            self._advance(row, token)
+
     def _advance(self, row: Row, token: int) -> None:
         if row.cancelled:  # cancelled during the step: it leaves at the next one
             return
@@ -437,8 +465,9 @@ class GenerationEngine:
         }))
 
     def _drop(self, row: Row) -> None:
-        row.done = True
-        self.counters["cancelled"] += 1
+        if not row.done:
+            row.done = True
+            self.counters["cancelled"] += 1
 
     def _fail(self, row: Row, error: Exception) -> None:
         if not row.done:
