@@ -19,8 +19,9 @@ per-token time is then the per-operation overhead that capture removes. The engi
 (inductor) in one process, batch 1: `proxy_compiled_over_eager` (per-token time, compiled / eager) and
 `same_tokens` (the compiled engine's greedy tokens == the eager engine's == transformers' generate's).
 
-`--int8-real-width` (cpu): OPT-2.7B widths and depth in bf16 (tiny ViT and Q-Former): the LLM's bytes in int8
-/ bf16, and greedy-token agreement on a fixed set of images and prompts.
+`--int8-real-width` (cpu): the LLM at OPT-2.7B width in bf16, `--depth` blocks (tiny ViT and Q-Former): greedy-token
+agreement of int8 with bf16 on a fixed set of images and prompts, and the bytes; the bytes of the whole
+OPT-2.7B (32 blocks) counted exactly on the meta device.
 
 Every section records its own error instead of stopping the run; `--budget-s` skips what would start after
 it. The last line printed is one JSON object (also written to DIR/gpu_serve.json with --out).
@@ -42,6 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NEW_TOKENS = 30
+# the proxy LLM's random weights: normal(0, 0.5), so that tokens change with the context; at std 1 a 32-block
+# random network is chaotic (float32 rounding of 1e-7 grows to 1e-2 in the logits, float64 agrees to 1e-10)
+PROXY_STD = 0.5
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 PROMPTS = ["", "a photo of", "Question: what is in the picture? Answer:", "a picture of two"]
 
@@ -80,10 +84,10 @@ def build_model(args, device):
     t0 = time.perf_counter()
     model = build_stage2(cfg, tok).eval()
     if device.type == "cpu" and not args.int8_real_width:
-        with torch.no_grad():  # larger random weights: tokens that change with the context (as the unit tests)
+        with torch.no_grad():  # larger random weights: tokens that change with the context
             for p in list(model.language_model.parameters()) + list(model.language_projection.parameters()):
                 if p.dim() == 2:
-                    p.normal_(0, 1.0)
+                    p.normal_(0, PROXY_STD)
     model = model.to(device)
     log(f"model built in {time.perf_counter() - t0:.1f} s: {cfg.llm.num_layers} LLM blocks of width "
         f"{cfg.llm.hidden_size}, {cfg.llm.dtype}")
@@ -432,6 +436,7 @@ def run_proxy(args, device) -> dict:
         tokens = {m: engine_tokens(e, model, device, cases) for m, e in engines.items()}
         r["same_tokens"] = tokens["off"] == reference and tokens["compile"] == reference
         r["compiled_same_as_eager"] = tokens["compile"] == tokens["off"]
+        r["distinct_reference_tokens"] = len({t for row in reference for t in row})  # a varied output
         r["agreement"] = {m: agreement(t, reference) for m, t in tokens.items()}
         r["divergences_from_generate"] = {m: divergences(model, tok, device, cases, t, reference)
                                           for m, t in tokens.items()}
@@ -439,6 +444,25 @@ def run_proxy(args, device) -> dict:
     for e in engines.values():
         e._thread.shutdown()
     return r
+
+
+def full_size_bytes() -> dict:
+    """OPT-2.7B (vitg_opt2.7b's LLM: 32 blocks of width 2560) built on the meta device, quantised there: its
+    bytes in bf16 and in int8, counted from the tensors' shapes and dtypes (no memory)."""
+    import torch
+
+    from blip2_ray.model.config import model_config
+    from blip2_ray.model.language_model import build_language_model
+    from blip2_ray.model.quantize import llm_weight_bytes, quantize_llm
+
+    cfg = model_config("vitg_opt2.7b", llm={"dtype": "bfloat16"}, allow_random_init=True)
+    with torch.device("meta"):
+        lm = build_language_model(cfg, cfg.llm.vocab_size)
+        bf16 = llm_weight_bytes(lm)
+        layers = quantize_llm(lm, "int8")
+    int8 = llm_weight_bytes(lm)
+    return {"llm": "OPT-2.7B", "blocks": cfg.llm.num_layers, "quantised_layers": layers, "bytes_bf16": bf16,
+            "bytes_int8": int8, "bytes_int8_over_bf16": int8 / bf16}
 
 
 def run_int8_real_width(args, device) -> dict:
@@ -449,6 +473,7 @@ def run_int8_real_width(args, device) -> dict:
 
     s = Sections(args.budget_s)
     r = s.result
+    r["full_size"] = s.run("full_size_bytes", full_size_bytes)
     model, tok, cfg = build_model(args, device)
     r.update(device="cpu", llm_blocks=cfg.llm.num_layers, llm_width=cfg.llm.hidden_size, dtype="bfloat16")
     cases = [(10 + i, PROMPTS[i % len(PROMPTS)]) for i in range(args.agreement_cases)]
@@ -471,7 +496,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the full comparison at tiny size (a rehearsal, any device)")
     p.add_argument("--int8-real-width", action="store_true", help="cpu: int8 bytes + agreement at OPT-2.7B width")
-    p.add_argument("--depth", type=int, default=32, help="LLM blocks of --int8-real-width")
+    p.add_argument("--depth", type=int, default=8, help="LLM blocks of --int8-real-width (its bytes at 32: exact, "
+                                                        "on the meta device)")
     p.add_argument("--concurrency", default=None, help="rows at once (default 1,8,32,64 on cuda, 1,4 with --tiny)")
     p.add_argument("--max-seq-len", type=int, default=80, help="KV-cache slot: 32 queries + prompt + 30 tokens")
     p.add_argument("--reps", type=int, default=None)

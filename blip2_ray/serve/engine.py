@@ -1,14 +1,15 @@
 """Continuous batching for the caption deployment (no Ray here: it runs on any asyncio loop).
 
-One scheduler task runs on the replica's event loop; the model work of each iteration (one decode
-step of the running rows + the prefill of the rows that join) runs on one generation thread, so the
-loop stays free to admit requests and stream tokens while the model computes. Rows join the running
-batch at step boundaries and leave it when they finish or their caller cancels them.
+One scheduler task runs on the replica's event loop and admits requests; the model work runs on one
+generation thread: decode steps of the running rows back to back (the prefill of rows that join at the
+first), each step's tokens handed to the loop without waiting for it, until requests wait that could join.
+The loop stays free to admit requests and stream tokens while the model computes, and a step never waits
+for the loop. Rows join the running batch at step boundaries and leave it when they finish or their caller
+cancels them.
 
-Why a thread per step and not one `generate` call in a thread: HF `generate` holds the GIL in long
-Python stretches (tiny models are nothing but Python), and a loop starved of the GIL admits requests
-so slowly that batches stay small. Here the thread returns to the loop after every step, and the
-tensor kernels in between release the GIL.
+Why not one `generate` call in a thread: HF `generate` holds the GIL in long Python stretches (tiny models
+are nothing but Python), and a loop starved of the GIL admits requests so slowly that batches stay small.
+Here the thread yields the GIL after every step, and the tensor kernels in between release it.
 
 Greedy and sampled rows decode step-wise in the replica's static KV cache (`model.generation.DecodeSlots`:
 `max_batch_size` slots of `max_seq_len` positions, allocated and its decode step captured at start-up);
