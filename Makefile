@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-eval bench-scale bench-finetune bench-search bench-gpu-train clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-gpu-serve bench-gpu-serve-proxy bench-eval bench-scale bench-finetune bench-search bench-gpu-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ bench-serve: install
 
 bench-serve-scale: install
 	$(PY) bench/bench_serve_scale.py $(ARGS)
+
+# one call on a GPU machine (docs/serving.md has the exact command); OUT=DIR also writes DIR/gpu_serve.json
+bench-gpu-serve: install
+	$(PY) bench/gpu_serve.py --device cuda $(if $(OUT),--out $(OUT)) $(ARGS)
+
+# the CPU proxy of bench-gpu-serve: 32 OPT blocks of width 64, eager vs compiled decode step
+bench-gpu-serve-proxy: install
+	$(PY) bench/gpu_serve.py --device cpu $(ARGS)
 
 bench-eval: install
 	$(PY) bench/bench_eval.py

@@ -135,12 +135,11 @@ def serve_child(depth: int, model_dir: str, rounds: int, tokens: int, threads: i
     import numpy as np
     import torch
 
-    from blip2_ray.model.stage2 import caption_eos_ids
     from blip2_ray.serve.engine import GenerationEngine
     from blip2_ray.serve.images import PixelNormalizer
     from blip2_ray.serve.placement import load_caption_model, tensor_bytes
     from blip2_ray.weights.checkpoint_files import stored_bytes
-    from blip2_ray.weights.tokenizers import load_llm_tokenizer
+    from blip2_ray.weights.tokenizers import caption_stop_ids, load_llm_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -157,7 +156,7 @@ def serve_child(depth: int, model_dir: str, rounds: int, tokens: int, threads: i
            "bf16": tensor_bytes(model, torch.bfloat16), "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
 
     tok = load_llm_tokenizer(model_dir)
-    eos = caption_eos_ids(tok, model.llm_family)
+    eos = caption_stop_ids(tok, model.llm_family)
     normalise = PixelNormalizer(model_dir, torch.device("cpu"))
     engine = GenerationEngine(model, tok, eos, normalise, max_batch_size=8)
     hf = hf_sharing(model, model_dir)

@@ -221,6 +221,30 @@ class Blip2Stage2(nn.Module):
         return Stage2Output(loss, out.logits)
 
     # ---- generation ----
+    def llm_inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None, question_ids: torch.Tensor | None = None,
+                   question_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What generation feeds the LLM: (B, Q + P, D) [visual prompt, prompt embeddings] and its mask, on the
+        LLM's input device (`generate` and the engine's `model.generation.prefill` both start here).
+
+        Decoder: `input_ids` are LEFT-padded prompts as the tokenizer writes them (with its BOS if it has one;
+        None: just the BOS, or nothing). T5: prompts for the encoder (None: only the visual prompt).
+        """
+        emb = self.llm_embeddings()
+        dev = emb.weight.device  # the LLM's input side (a device_map may put it apart from the ViT)
+        prefix = self.visual_prompt(pixel_values, question_ids, question_mask).to(dev)
+        b, nq = prefix.shape[:2]
+        if input_ids is None:
+            if self.starts_with_bos:
+                input_ids = torch.full((b, 1), self.language_model.config.bos_token_id, dtype=torch.long, device=dev)
+            else:
+                input_ids = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        input_ids = input_ids.to(dev)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
+        embeds = torch.cat([prefix.to(emb.weight.dtype), emb(input_ids)], 1)
+        mask = torch.cat([torch.ones(b, nq, dtype=attention_mask.dtype, device=dev), attention_mask], 1)
+        return embeds, mask
+
     @torch.no_grad()
     def generate(
         self,
@@ -238,29 +262,13 @@ class Blip2Stage2(nn.Module):
         question_mask: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
-        """New token ids (B, L) conditioned on the images and an optional prompt.
-
-        Decoder: `input_ids` are LEFT-padded prompts as the tokenizer writes them (with its BOS if it has
-        one; None: just the BOS, or nothing). T5: prompts for the encoder (None: only the visual
-        prompt). `question_ids` / `question_mask`: the Q-Former's tokens of the question (question-aware
-        Q-Former only). Returns only the generated tokens.
-        """
-        emb = self.llm_embeddings()
-        dev = emb.weight.device  # the LLM's input side (a device_map may put it apart from the ViT)
-        prefix = self.visual_prompt(pixel_values, question_ids, question_mask).to(dev)
-        b, nq = prefix.shape[:2]
+        """New token ids (B, L) conditioned on the images and an optional prompt (inputs as `llm_inputs` takes
+        them; `question_ids` / `question_mask`: the question-aware Q-Former's tokens of the question). Returns
+        only the generated tokens."""
         cfg = self.language_model.config
-        if input_ids is None:
-            if self.starts_with_bos:
-                input_ids = torch.full((b, 1), cfg.bos_token_id, dtype=torch.long, device=dev)
-            else:
-                input_ids = torch.zeros(b, 0, dtype=torch.long, device=dev)
         if pad_token_id is None:
             pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-        input_ids = input_ids.to(dev)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
-        embeds = torch.cat([prefix.to(emb.weight.dtype), emb(input_ids)], 1)
-        mask = torch.cat([torch.ones(b, nq, dtype=attention_mask.dtype, device=dev), attention_mask], 1)
+        embeds, mask = self.llm_inputs(pixel_values, input_ids, attention_mask, question_ids, question_mask)
         kwargs = dict(
             inputs_embeds=embeds, attention_mask=mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens, do_sample=do_sample,
@@ -314,57 +322,3 @@ def prefix_lm_split(
     valid = (pos + k[:, None]) < mask.sum(1, keepdim=True)
     labels = labels.masked_fill(~valid, -100)
     return enc_ids, enc_mask, labels
-
-
-def tokenize_prompts(tokenizer, prompts: list[str] | None, batch: int, llm_kind: str, device=None):
-    """Prompts -> (input_ids, attention_mask) for `Blip2Stage2.generate` (decoders: left padded, with the
-    tokenizer's own BOS handling; T5: right padded)."""
-    if not prompts or all(not p for p in prompts):
-        return None, None
-    if len(prompts) == 1 and batch > 1:
-        prompts = prompts * batch
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left" if llm_kind_of(llm_kind) == "decoder" else "right"
-    try:
-        enc = tokenizer(prompts, padding="longest", return_tensors="pt")
-    finally:
-        tokenizer.padding_side = side
-    return enc.input_ids.to(device), enc.attention_mask.to(device)
-
-
-def caption_eos_ids(tokenizer, llm_family: str) -> list[int]:
-    """Tokens that end a caption: "\\n" (BLIP-2's training EOS) and </s> for OPT; the EOS for the others."""
-    ids = [tokenizer.eos_token_id]
-    if llm_family == "opt":
-        nl = tokenizer("\n", add_special_tokens=False).input_ids
-        if len(nl) == 1:
-            ids.insert(0, nl[0])
-    return ids
-
-
-def generate_text(
-    model: Blip2Stage2,
-    tokenizer,
-    pixel_values: torch.Tensor,
-    prompts: list[str] | None = None,
-    qformer_tokenizer=None,
-    question_max_len: int = 32,
-    **generate_kwargs,
-) -> list[str]:
-    """Captions or answers as strings (prompts optional, one per image or one for all).
-
-    A question-aware (VQA) model also reads each prompt in its Q-Former, tokenised by `qformer_tokenizer`
-    as in training (at most `question_max_len` tokens)."""
-    if prompts and len(prompts) == 1:
-        prompts = prompts * pixel_values.shape[0]
-    ids, mask = tokenize_prompts(tokenizer, prompts, pixel_values.shape[0], model.llm_kind, pixel_values.device)
-    generate_kwargs.setdefault("eos_token_id", caption_eos_ids(tokenizer, model.llm_family))
-    if model.takes_question and prompts:
-        if qformer_tokenizer is None:
-            raise ValueError("a question-aware model needs its Q-Former tokenizer to read the prompts")
-        enc = qformer_tokenizer(list(prompts), padding="longest", truncation=True, max_length=question_max_len,
-                                return_tensors="pt")
-        generate_kwargs.update(question_ids=enc.input_ids.to(pixel_values.device),
-                               question_mask=enc.attention_mask.to(pixel_values.device))
-    out = model.generate(pixel_values, ids, mask, **generate_kwargs)
-    return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]

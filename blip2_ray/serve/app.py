@@ -52,7 +52,9 @@ def build_app(cfg: ServeConfig, name_prefix: str = ""):
             max_queued_requests=cfg.max_queued_requests, health_check_timeout_s=cfg.health_check_timeout_s,
             ray_actor_options=_actor(cfg, cfg.cpus_per_replica, cfg.gpus_per_replica),
             **_replicas(cfg.num_replicas, cfg.autoscaling),
-        ).bind(cfg.model, cfg.device, cfg.dtype, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.gpus_per_replica)
+        ).bind(cfg.model, cfg.device, cfg.dtype, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.gpus_per_replica,
+               max_seq_len=cfg.max_seq_len, decode_capture=cfg.decode_capture, llm_quantization=cfg.llm_quantization,
+               max_pending=cfg.max_ongoing_requests)
     if cfg.retrieval_model:
         r = cfg.retrieval
         retrieval = serve.deployment(RetrievalDeployment).options(

@@ -164,8 +164,22 @@ class ServeConfig:
                               "join the running batch at a decode step)", 8)
     batch_wait_timeout_s: float = doc("how long an idle caption replica waits for more requests to share the "
                                       "first prefill (only if requests arrived while its last batch ran)", 0.01)
-    max_ongoing_requests: int = doc("requests a caption replica holds at once (>= max_batch_size)", 32)
-    max_queued_requests: int = doc("requests waiting for a caption replica before 503 (-1: unbounded)", 64)
+    max_seq_len: int = doc("positions of one row's KV-cache slot: the Q-Former queries + prompt tokens + new tokens "
+                           "(T5: encoder queries + prompt; decoder new tokens + 1), capped by the LLM's position "
+                           "table; each caption replica allocates max_batch_size slots at start-up, and a request "
+                           "that does not fit is a 400 naming the limit", 256)
+    decode_capture: Literal["off", "compile", "cuda_graphs"] = doc(
+        "how a caption replica runs its decode step: 'compile' (torch.compile, inductor, one graph per batch-size "
+        "bucket, replayed as CUDA graphs on CUDA), 'cuda_graphs' (the eager step captured as CUDA graphs; CUDA "
+        "only), 'off' (eager); a capture that fails at start-up falls back to eager with one warning", "off")
+    llm_quantization: Literal["none", "int8"] = doc(
+        "weight-only quantisation of the LLM's blocks at load time: 'int8' stores them in int8 with one scale per "
+        "output channel (about half the LLM's bytes; its effect on the tokens is measured in docs/serving.md)",
+        "none")
+    max_ongoing_requests: int = doc("requests a caption replica holds at once (>= max_batch_size; those beyond "
+                                    "its slots wait in its engine's queue)", 32)
+    max_queued_requests: int = doc("requests waiting for a caption replica before 503 with Retry-After "
+                                   "(-1: unbounded)", 64)
     ingress: IngressSection = doc("the HTTP ingress deployment", factory=IngressSection)
     retrieval: RetrievalSection = doc("the retrieval deployment", factory=RetrievalSection)
     search: SearchSection = doc("the search deployment (/v1/search)", factory=SearchSection)
@@ -208,6 +222,10 @@ class ServeConfig:
             raise ValueError("max_queued_requests must be -1 (unbounded) or positive")
         if self.batch_wait_timeout_s < 0:
             raise ValueError("batch_wait_timeout_s must be >= 0")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be at least 2, got {self.max_seq_len}")
+        if self.decode_capture == "cuda_graphs" and self.device != "cuda":
+            raise ValueError("decode_capture 'cuda_graphs' needs device cuda; on CPU use 'compile' or 'off'")
         whole = self.gpus_per_replica == int(self.gpus_per_replica)
         if self.gpus_per_replica <= 0 or (self.gpus_per_replica > 1 and not whole):
             raise ValueError(f"gpus_per_replica must be a fraction in (0, 1] or a whole number of GPUs, "

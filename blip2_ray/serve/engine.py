@@ -1,23 +1,28 @@
 """Continuous batching for the caption deployment (no Ray here: it runs on any asyncio loop).
 
-One scheduler task runs on the replica's event loop; the model work of each iteration (one decode
-step of the running rows + the prefill of the rows that join) runs on one generation thread, so the
-loop stays free to admit requests and stream tokens while the model computes. Rows join the running
-batch at step boundaries and leave it when they finish or their caller cancels them.
+One scheduler task runs on the replica's event loop and admits requests; the model work runs on one
+generation thread: decode steps of the running rows back to back (the prefill of rows that join at the
+first), each step's tokens handed to the loop without waiting for it, until requests wait that could join.
+The loop stays free to admit requests and stream tokens while the model computes, and a step never waits
+for the loop. Rows join the running batch at step boundaries and leave it when they finish or their caller
+cancels them.
 
-Why a thread per step and not one `generate` call in a thread: HF `generate` holds the GIL in long
-Python stretches (tiny models are nothing but Python), and a loop starved of the GIL admits requests
-so slowly that batches stay small. Here the thread returns to the loop after every step, and the
-tensor kernels in between release the GIL.
+Why not one `generate` call in a thread: HF `generate` holds the GIL in long Python stretches (tiny models
+are nothing but Python), and a loop starved of the GIL admits requests so slowly that batches stay small.
+Here the thread yields the GIL after every step, and the tensor kernels in between release it.
 
-Greedy and sampled rows decode step-wise (`blip2_ray.model.generation`); beam search rows run as a
-whole `Blip2Stage2.generate` call per group of equal settings (their answer arrives in one piece).
+Greedy and sampled rows decode step-wise in the replica's static KV cache (`model.generation.DecodeSlots`:
+`max_batch_size` slots of `max_seq_len` positions, allocated and its decode step captured at start-up);
+the running rows hold slots 0..n-1 (a finished row's slot is taken by the last row). Beam search rows run
+as a whole `Blip2Stage2.generate` call per group of equal settings (their answer arrives in one piece).
+A request that cannot fit a slot, or that finds the queue full, is refused at `submit` (`Rejected`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,13 +31,13 @@ import numpy as np
 import torch
 
 from blip2_ray.model.generation import (
-    DecodeBatch,
-    concat_batches,
-    decode_step,
+    DecodeSlots,
     decoder_only,
     next_tokens,
+    pad_id_of,
+    pad_prompts,
     prefill,
-    select_rows,
+    question_tokens,
     unsupported_generation_settings,
 )
 
@@ -42,13 +47,19 @@ logger = logging.getLogger("ray.serve")
 @dataclass(eq=False)  # rows compare by identity (the pending queue removes them)
 class Row:
     """One request in the engine. `item`: {"pixel_values": uint8 (3, H, W), "prompt", "max_new_tokens",
-    "min_new_tokens", "num_beams", "temperature"}; `prompt_ids`: its tokens (None: no prompt)."""
+    "min_new_tokens", "num_beams", "temperature"[, "seed"]}; `prompt_ids`: its tokens (None: no prompt),
+    tokenised once, at `submit`."""
 
     item: dict
     prompt_ids: list[int] | None
     stream: bool
     prompt_tokens: int
     stepwise: bool = True  # False: one whole `Blip2Stage2.generate` call (beam search)
+    question_ids: list[int] | None = None  # the question-aware Q-Former's tokens of the prompt
+    generator: torch.Generator | None = None  # sampling rows: their own, seeded (reproducible in any batch)
+    slot: int = -1  # where its keys/values are (step-wise rows, once admitted)
+    n_new: int = 0  # tokens generated (counted on the generation thread, which stops the row)
+    stopped: bool = False  # the generation thread has its last token
     tokens: list[int] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     sent: str = ""  # text streamed so far
@@ -91,36 +102,51 @@ class Row:
                 return
 
 
-def pad_prompts(prompts: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (B, P) ids and mask, padded as `tokenize_prompts` pads (decoders left, T5 right)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        sl = slice(width - len(p), width) if left else slice(0, len(p))
-        ids[i, sl] = torch.tensor(p, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids.to(device), mask.to(device)
+class Rejected(Exception):
+    """A request the engine refuses at `submit`: `status` 400 (it cannot fit a KV-cache slot) or 503 (the
+    queue is full; retry after `retry_after_s`)."""
+
+    def __init__(self, status: int, type_: str, message: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.retry_after_s = status, type_, message, retry_after_s
+
+    def error(self) -> tuple:
+        """(status, type, message) as the deployments answer errors (+ retry seconds for a 503)."""
+        out = (self.status, self.type, self.message)
+        return out if self.retry_after_s is None else (*out, self.retry_after_s)
 
 
 class GenerationEngine:
     """Continuous batching of caption/VQA/chat requests over one `Blip2Stage2`.
 
     preprocess: uint8 (B, 3, H, W) numpy -> normalised pixel values on the model's device.
-    At most `max_batch_size` rows decode together. When nothing runs, the first request waits up to
-    `batch_wait_timeout_s` for others to share its prefill, but only if requests arrived while the last
-    batch ran: a replica that serves one request at a time answers each at once.
+    At most `max_batch_size` rows decode together, each in a slot of `max_seq_len` positions (capped by
+    the LLM's position table) of the static KV cache allocated here; `capture` ("off", "compile",
+    "cuda_graphs") is how its decode step runs (`DecodeSlots`; a failed capture decodes eager, with one
+    warning). At most `max_pending` requests wait for a slot (None: unbounded); one more is `Rejected` (503).
+    When nothing runs, the first request waits up to `batch_wait_timeout_s` for others to share its prefill,
+    but only if requests arrived while the last batch ran: a replica that serves one request at a time
+    answers each at once. A question-aware model (`model.takes_question`) reads each prompt in its Q-Former
+    too, tokenised by `qformer_tokenizer` (at most `question_max_len` tokens), as VQA training does.
+    Sampled rows draw from their own generator, seeded by the item's "seed" or by the engine's `seed` and
+    the request's arrival number: the same seed gives the same tokens whatever else is in the batch.
     """
 
     def __init__(self, model, tokenizer, eos_ids: list[int], preprocess, *, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01):
+                 batch_wait_timeout_s: float = 0.01, max_seq_len: int = 256, capture: str = "off",
+                 max_pending: int | None = None, qformer_tokenizer=None, question_max_len: int = 32,
+                 seed: int = 0, compile_backend: str = "inductor"):
         self.model, self.tokenizer, self.preprocess = model, tokenizer, preprocess
         self.eos_ids = list(eos_ids)
         self._eos = set(self.eos_ids)
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.max_pending = max_pending
         self.device = model.query_tokens.device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id_of(tokenizer)
+        if model.takes_question and qformer_tokenizer is None:
+            raise ValueError("a question-aware model needs its Q-Former tokenizer (qformer_tokenizer)")
+        self.qformer_tokenizer, self.question_max_len = qformer_tokenizer, question_max_len
         gen_cfg = model.language_model.generation_config
         self.top_k = gen_cfg.top_k if gen_cfg.top_k is not None else 0
         self.top_p = gen_cfg.top_p if gen_cfg.top_p is not None else 1.0
@@ -128,9 +154,19 @@ class GenerationEngine:
         if self.unsupported:
             logger.warning("the LLM's generation config sets %s: every request runs as one whole generate call "
                            "(no token streaming, no continuous batching)", ", ".join(self.unsupported))
+        lm_cfg = model.language_model.config
+        limit = None if lm_cfg.is_encoder_decoder else (
+            getattr(lm_cfg, "max_position_embeddings", None) or getattr(lm_cfg, "n_positions", None))
+        self.slot_length = min(max_seq_len, limit) if limit else max_seq_len
+        self.slot_limit = ("max_seq_len" if self.slot_length == max_seq_len
+                           else "the model's max_position_embeddings")
+        self.slots = DecodeSlots(model, max_batch_size, self.slot_length, capture, compile_backend)
+        size = model.vision_model.config.image_size
+        self.slots.start(torch.zeros(1, 3, size, size, device=self.device))  # allocate + capture, at start-up
+        self._seed, self._arrivals = seed, 0
         self._pending: deque[Row] = deque()
-        self._running: list[Row] = []
-        self._batch: DecodeBatch | None = None
+        self._running: list[Row] = []  # step-wise rows, in slot order (row i holds slot i)
+        self._used = 0  # slots 0.._used-1 hold rows (running or just finished)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
@@ -138,12 +174,44 @@ class GenerationEngine:
         self.counters = {"admitted": 0, "finished": 0, "cancelled": 0, "steps": 0}
 
     # ---------------------------------------------------------------- the callers' side
+    def prompt_tokens(self, prompt: str) -> list[int] | None:
+        return self.tokenizer(prompt).input_ids if prompt else None
+
+    def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
+        """`Rejected` (400) when a prompt of `n_prompt` tokens (no prompt: the BOS, if the tokenizer has one)
+        and `max_new_tokens` new tokens do not fit a KV-cache slot."""
+        nq, length = self.model.num_query_tokens, self.slot_length
+        if decoder_only(self.model):
+            if nq + n_prompt + max_new_tokens <= length:
+                return
+            msg = (f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) + the image's {nq} query "
+                   f"positions exceed the {length} positions of a KV-cache slot ({self.slot_limit}): at most "
+                   f"{length - nq} prompt + new tokens")
+        else:
+            if nq + n_prompt <= length and max_new_tokens + 1 <= length:
+                return
+            msg = (f"prompt ({n_prompt} tokens) + the image's {nq} query positions, or max_new_tokens "
+                   f"({max_new_tokens}) + 1, exceed the {length} positions of a KV-cache slot ({self.slot_limit})")
+        raise Rejected(400, "invalid_request_error", msg)
+
     def submit(self, item: dict, stream: bool = False) -> Row:
-        """Queue one request (call on the loop); its Row yields the events."""
-        prompt_ids = self.tokenizer(item["prompt"]).input_ids if item["prompt"] else None
+        """Queue one request (call on the loop); its Row yields the events. Raises `Rejected` for a request
+        that cannot fit a slot (400) or when `max_pending` requests already wait (503)."""
+        prompt_ids = self.prompt_tokens(item["prompt"])  # the request's one tokenisation
         n_prompt = len(prompt_ids) if prompt_ids else int(self.model.starts_with_bos)
+        self.check_fits(n_prompt, item["max_new_tokens"])
+        if self.max_pending is not None and len(self._pending) >= self.max_pending:
+            raise Rejected(503, "overloaded", f"the replica's queue is full ({self.max_pending} requests wait for "
+                                              f"one of its {self.max_batch_size} slots); retry later", 1)
         stepwise = item["num_beams"] == 1 and not self.unsupported
         row = Row(item, prompt_ids, stream, self.model.num_query_tokens + n_prompt, stepwise)
+        if self.model.takes_question and item["prompt"]:
+            row.question_ids = question_tokens(self.qformer_tokenizer, item["prompt"], self.question_max_len)
+        self._arrivals += 1
+        if float(item["temperature"]) > 0:
+            seed = item.get("seed")
+            row.generator = torch.Generator(self.device).manual_seed(
+                int(seed) if seed is not None else self._seed * 1_000_003 + self._arrivals)
         if self._running:
             self._arrived_while_busy += 1
         self._pending.append(row)
@@ -154,9 +222,10 @@ class GenerationEngine:
         return row
 
     def stats(self) -> dict:
-        """Rows running and waiting now, and counters since start."""
+        """Rows running and waiting now, counters since start, and how the decode step runs."""
         running = sum(not (r.done or r.cancelled) for r in self._running)
-        return {"running": running, "pending": len(self._pending), **self.counters}
+        return {"running": running, "pending": len(self._pending), **self.counters,
+                "decode_step": self.slots.captured}
 
     # ---------------------------------------------------------------- the scheduler (on the loop)
     async def _schedule(self) -> None:
@@ -174,7 +243,7 @@ class GenerationEngine:
                 logger.exception("the generation scheduler failed")
                 for row in [*self._running, *self._pending]:
                     self._fail(row, e)
-                self._running, self._batch = [], None
+                self._running, self._used = [], self.max_batch_size  # the next step frees every slot
                 self._pending.clear()
 
     async def _let_batch_fill(self) -> None:
@@ -200,84 +269,122 @@ class GenerationEngine:
                 self._pending.remove(row)
             await self._run_whole(whole)
             return
-        keep = [i for i, r in enumerate(self._running) if not (r.done or r.cancelled)]
+        alive = [r for r in self._running if not (r.stopped or r.cancelled)]
         for r in self._running:
             if r.cancelled and not r.done:
                 self._drop(r)
         new: list[Row] = []
-        while self._pending and len(keep) + len(new) < self.max_batch_size:
+        while self._pending and len(alive) + len(new) < self.max_batch_size:
             new.append(self._pending.popleft())
         new.sort(key=lambda r: r.prompt_ids is None)  # prompted rows, then the others: one prefill each
-        if not keep and not new:
-            self._running, self._batch = [], None
+        if not alive and not new:
+            self._running = []
             return
-        running = [self._running[i] for i in keep]
         loop = asyncio.get_running_loop()
         try:
-            tokens = await loop.run_in_executor(self._thread, self._step, keep, running, new)
+            await loop.run_in_executor(self._thread, self._run_steps, alive, new, loop)
         except Exception as e:  # a model failure fails the rows it touched, never the scheduler
             logger.exception("generation failed")
-            for row in running + new:
+            for row in {*self._running, *alive, *new}:
                 self._fail(row, e)
-            self._running, self._batch = [], None
+            self._running, self._used = [], self.max_batch_size  # the next step frees every slot
             return
-        self.counters["steps"] += 1
-        self.counters["admitted"] += len(new)
-        self._running = running + new
-        for row in new:
-            row.batch_size, row.group_size = len(self._running), len(new)
-            if row.stream:
-                row.events.put_nowait(("admitted", None))
-        for row, token in zip(self._running, tokens):
-            self._advance(row, token)
+
+    # ---------------------------------------------------------------- model work (the generation thread)
+    def _run_steps(self, alive: list[Row], new: list[Row], loop) -> None:
+        """Decode steps, back to back, until no row runs or requests wait that could join: each step's tokens
+        go to the loop as they come (`_deliver`), without waiting for it. Rows stop here as the loop will
+        finish them (EOS, `max_new_tokens`) and leave when their caller cancels them."""
+        rows = alive
+        while True:
+            rows, tokens = self._step(rows, new)
+            self._running = rows
+            self.counters["steps"] += 1
+            for row, token in zip(rows, tokens):
+                row.n_new += 1
+                row.stopped = token in self._eos or row.n_new >= row.item["max_new_tokens"]
+            loop.call_soon_threadsafe(self._deliver, rows, new, tokens)
+            for r in rows:
+                if r.cancelled and not r.stopped:  # its caller went away: it leaves at the next step
+                    loop.call_soon_threadsafe(self._drop, r)
+            rows = [r for r in rows if not (r.stopped or r.cancelled)]
+            waiting = list(self._pending)  # a copy: the loop appends to it meanwhile
+            if not rows or (waiting and (len(rows) < self.max_batch_size or any(not r.stepwise for r in waiting))):
+                return
+            new = []
+            time.sleep(0)  # let the loop take the GIL: it admits requests and streams while this decodes
 
     # ---------------------------------------------------------------- model work (the generation thread)
     def _settings(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = torch.tensor([len(r.tokens) for r in rows], device=self.device)
+        n = torch.tensor([r.n_new for r in rows], device=self.device)
         min_new = torch.tensor([r.item["min_new_tokens"] for r in rows], device=self.device)
         temperature = torch.tensor([float(r.item["temperature"]) for r in rows], device=self.device)
         return n, min_new, temperature
 
-    def _choose(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    def _choose(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        if all(r.generator is None and r.n_new >= r.item["min_new_tokens"] for r in rows):
+            return logits.argmax(-1)  # greedy, no EOS to hold back: what next_tokens would do, without its setup
         n, min_new, temperature = self._settings(rows)
-        return next_tokens(logits, n, min_new, self.eos_ids, temperature, self.top_k, self.top_p).tolist()
+        return next_tokens(logits, n, min_new, self.eos_ids, temperature, self.top_k, self.top_p,
+                           generator=[r.generator for r in rows])
+
+    def _inputs(self, rows: list[Row]) -> dict:
+        """The prefill / generate inputs of rows that all have a prompt or all have none."""
+        out = {"pixel_values": self.preprocess(np.stack([r.item["pixel_values"] for r in rows]))}
+        if rows[0].prompt_ids is not None:
+            out["input_ids"], out["attention_mask"] = pad_prompts(
+                [r.prompt_ids for r in rows], self.pad_id, decoder_only(self.model), self.device)
+        if rows[0].question_ids is not None:
+            out["question_ids"], out["question_mask"] = pad_prompts(
+                [r.question_ids for r in rows], pad_id_of(self.qformer_tokenizer), False, self.device)
+        return out
 
     @torch.no_grad()
-    def _step(self, keep: list[int], running: list[Row], new: list[Row]) -> list[int]:
-        """One decode step of the kept running rows, then the prefill of `new`: tokens of running + new."""
+    def _step(self, alive: list[Row], new: list[Row]) -> tuple[list[Row], list[int]]:
+        """The alive rows compacted into slots 0..k-1 and one decode step of them, then the prefill of `new`
+        into the next slots: (the rows in slot order, their new tokens)."""
+        k = len(alive)
+        holes = iter(sorted(set(range(k)) - {r.slot for r in alive}))
+        for r in alive:
+            if r.slot >= k:  # a finished row's slot takes a row from the end
+                dst = next(holes)
+                self.slots.move(r.slot, dst)
+                r.slot = dst
+        for slot in range(k, self._used):
+            self.slots.release(slot)
+        self._used = k
+        alive = sorted(alive, key=lambda r: r.slot)
         tokens: list[int] = []
-        if self._batch is not None and len(keep) < len(self._batch):
-            self._batch = select_rows(self._batch, keep) if keep else None
-        if running:
-            last = torch.tensor([r.tokens[-1] for r in running], device=self.device)
-            tokens = self._choose(decode_step(self.model, self._batch, last), running)
+        if alive:
+            chosen = self._choose(self.slots.step(k), alive)
+            self.slots.set_tokens(k, chosen)
+            tokens = chosen.tolist()
+        joined: list[Row] = []
         for has_prompt in (True, False):
             group = [r for r in new if (r.prompt_ids is not None) == has_prompt]
             if not group:
                 continue
-            pixels = self.preprocess(np.stack([r.item["pixel_values"] for r in group]))
-            ids = mask = None
-            if has_prompt:
-                ids, mask = pad_prompts([r.prompt_ids for r in group], self.pad_id,
-                                        decoder_only(self.model), self.device)
-            batch, logits = prefill(self.model, pixels, ids, mask)
-            tokens += self._choose(logits, group)
-            self._batch = batch if self._batch is None else concat_batches(self._batch, batch)
-        return tokens
+            pre, logits = prefill(self.model, **self._inputs(group))
+            chosen = self._choose(logits, group)
+            self.slots.insert(pre, self._used, chosen)
+            for i, r in enumerate(group):
+                r.slot = self._used + i
+            self._used += len(group)
+            tokens += chosen.tolist()
+            joined += group
+        return alive + joined, tokens
 
     @torch.no_grad()
     def _generate_group(self, rows: list[Row]) -> list[list[int]]:
         """One `Blip2Stage2.generate` call for rows of equal settings -> each row's tokens (to its EOS)."""
         it = rows[0].item
-        pixels = self.preprocess(np.stack([r.item["pixel_values"] for r in rows]))
-        ids = mask = None
-        if rows[0].prompt_ids is not None:
-            ids, mask = pad_prompts([r.prompt_ids for r in rows], self.pad_id, decoder_only(self.model),
-                                    self.device)
         temperature = float(it["temperature"])
         sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-        out = self.model.generate(pixels, ids, mask, num_beams=it["num_beams"], max_new_tokens=it["max_new_tokens"],
-                                  min_new_tokens=it["min_new_tokens"], eos_token_id=self.eos_ids, **sampling)
+        inputs = self._inputs(rows)
+        out = self.model.generate(inputs.pop("pixel_values"), inputs.pop("input_ids", None),
+                                  inputs.pop("attention_mask", None), num_beams=it["num_beams"],
+                                  max_new_tokens=it["max_new_tokens"], min_new_tokens=it["min_new_tokens"],
+                                  eos_token_id=self.eos_ids, **inputs, **sampling)
         results = []
         for row in out.tolist():
             stop = next((j for j, t in enumerate(row) if t in self._eos), None)
@@ -309,6 +416,16 @@ class GenerationEngine:
                 self._finish(row, "stop" if stopped else "length")
 
     # ---------------------------------------------------------------- rows' events (on the loop)
+    def _deliver(self, rows: list[Row], new: list[Row], tokens: list[int]) -> None:
+        """One step's outcome, on the loop: the rows that joined are admitted, every row gets its token."""
+        self.counters["admitted"] += len(new)
+        for row in new:
+            row.batch_size, row.group_size = len(rows), len(new)
+            if row.stream:
+                row.events.put_nowait(("admitted", None))
+        for row, token in zip(rows, tokens):
+            self._advance(row, token)
+
     def _advance(self, row: Row, token: int) -> None:
         if row.cancelled:  # cancelled during the step: it leaves at the next one
             return
@@ -349,8 +466,9 @@ class GenerationEngine:
         }))
 
     def _drop(self, row: Row) -> None:
-        row.done = True
-        self.counters["cancelled"] += 1
+        if not row.done:
+            row.done = True
+            self.counters["cancelled"] += 1
 
     def _fail(self, row: Row, error: Exception) -> None:
         if not row.done:

@@ -257,7 +257,8 @@ class BLIP2Ingress:
     @staticmethod
     def _item(p: Prepared, question: bool) -> dict:
         """What the caption replica gets (it words a question with its own LLM's VQA prompt)."""
-        return {"pixel_values": p.pixels[0], "prompt": p.text, "question": question, **p.settings}
+        return {"pixel_values": p.pixels[0], "prompt": p.text, "question": question, **p.settings,
+                "seed": getattr(p.req, "seed", None)}
 
     async def _generate(self, p: Prepared, question: bool = False) -> dict:
         out = await self._call(self.handles["caption"].generate.remote(self._item(p, question)))

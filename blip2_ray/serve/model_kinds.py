@@ -4,7 +4,7 @@ A replica that cannot load its model fails inside Serve's deploy loop, which ret
 in tracebacks. `check_servable(cfg)` reads each named directory's `config.json` and file list instead (no
 weights, well under a second) and refuses what the app cannot serve in one sentence (a UserError): a stage-1
 export named as the caption model, a stage-2 export as the retrieval model, a directory that holds no model,
-a kind the app does not serve yet. `jobs/serve.py` runs it before Ray starts; `build_app` (so `serve run`
+a kind the app does not serve. `blip2-ray serve` runs it before Ray starts; `build_app` (so `serve run`
 too) before composing the deployments.
 
 `SERVABLE` is the one table of what each config key accepts: export kind (`weight_sources.export_kind`:
@@ -21,7 +21,8 @@ from blip2_ray.errors import UserError
 from blip2_ray.weights.export_kinds import export_kind  # torch-free: this check answers in well under a second
 
 SERVABLE: dict[str, dict[str, str]] = {
-    "model": {"stage2": "caption, vqa and chat"},
+    "model": {"stage2": "caption, vqa and chat",
+              "vqa": "vqa, chat and caption, the question read by its Q-Former"},
     "retrieval_model": {"stage1": "embeddings and match"},
 }
 WHAT = {  # how each kind is named in messages
@@ -31,7 +32,7 @@ WHAT = {  # how each kind is named in messages
             "layout)"),
 }
 FLAGS = {"model": "--model", "retrieval_model": "--retrieval-model"}
-NOT_YET = {"vqa": "serving it is not supported yet; evaluate it with jobs/evaluate.py (task: vqa)"}
+NOT_YET: dict[str, str] = {}  # kind -> what to do instead, for a kind no key serves yet
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 _PROCESSOR = ("preprocessor_config.json", "processor_config.json")

@@ -9,38 +9,57 @@ resized uint8 (3, H, W) numpy, normalised here on the replica's device.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from ray import serve
 
-from blip2_ray.serve.engine import GenerationEngine
+from blip2_ray.serve.engine import GenerationEngine, Rejected
 from blip2_ray.serve.images import pixel_normalizer
+
+
+def qformer_text_length(qformer_cfg, qformer) -> int:
+    """How many Q-Former text tokens a model reads: `model.qformer.max_text_len` of its recorded ModelConfig
+    (`qformer_cfg`; None: a directory that records none, the default), within its Q-Former's position table."""
+    from blip2_ray.model.config import QFormerConfig
+
+    return min((qformer_cfg or QFormerConfig()).max_text_len, qformer.config.max_position_embeddings)
 
 
 class CaptionDeployment:
     """A stage-2 model. item: {"pixel_values": uint8 (3, H, W), "prompt": str, "question": bool (the prompt
     is a question, asked with the model's VQA prompt), "max_new_tokens", "min_new_tokens", "num_beams",
-    "temperature"} (temperature 0: greedy or beam search; > 0: sampling).
+    "temperature"[, "seed"]} (temperature 0: greedy or beam search; > 0: sampling).
+
+    A question-aware VQA fine-tune (InstructBlipForConditionalGeneration layout) reads each prompt in its
+    Q-Former too, tokenised by the directory's `qformer_tokenizer/` as in training (InstructBLIP's processor
+    gives the same text to both tokenizers). `llm_quantization: int8` stores the LLM's block weights in int8
+    (model/quantize.py).
     """
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "float32",
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, gpus_per_replica: float = 1.0):
-        from blip2_ray.model.stage2 import caption_eos_ids
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, gpus_per_replica: float = 1.0,
+                 max_seq_len: int = 256, decode_capture: str = "off", llm_quantization: str = "none",
+                 max_pending: int | None = None):
         from blip2_ray.serve.placement import load_caption_model
-        from blip2_ray.weights.tokenizers import load_llm_tokenizer
+        from blip2_ray.weights.tokenizers import caption_stop_ids, load_llm_tokenizer, load_qformer_tokenizer
+        from blip2_ray.weights.weight_sources import read_model_config
 
         # in the serving dtype directly; with gpus_per_replica > 1 the LLM is split over the replica's GPUs
-        self.model = load_caption_model(model_dir, device, dtype, gpus_per_replica)
+        self.model = load_caption_model(model_dir, device, dtype, gpus_per_replica, llm_quantization)
         self.device = self.model.query_tokens.device
         self.tokenizer = load_llm_tokenizer(model_dir)
-        lm_cfg = self.model.language_model.config
-        # decoders have a position limit: queries + prompt + new tokens must fit; T5 has relative positions
-        limit = getattr(lm_cfg, "max_position_embeddings", None) or getattr(lm_cfg, "n_positions", None)
-        self.max_positions = None if lm_cfg.is_encoder_decoder else limit
+        question = {}
+        if self.model.takes_question:
+            recorded = read_model_config(model_dir)
+            question = {"qformer_tokenizer": load_qformer_tokenizer(os.path.join(model_dir, "qformer_tokenizer")),
+                        "question_max_len": qformer_text_length(recorded and recorded.qformer, self.model.qformer)}
         self.engine = GenerationEngine(
-            self.model, self.tokenizer, caption_eos_ids(self.tokenizer, self.model.llm_family),
+            self.model, self.tokenizer, caption_stop_ids(self.tokenizer, self.model.llm_family),
             pixel_normalizer(model_dir, self.device), max_batch_size=max_batch_size,
-            batch_wait_timeout_s=batch_wait_timeout_s,
+            batch_wait_timeout_s=batch_wait_timeout_s, max_seq_len=max_seq_len, capture=decode_capture,
+            max_pending=max_pending, **question,
         )
         self.requests = 0  # calls that reached this replica
 
@@ -62,25 +81,14 @@ class CaptionDeployment:
             return item
         return {**item, "prompt": vqa_prompt(item["prompt"], self.model.llm_kind), "question": False}
 
-    def _too_long(self, item: dict) -> dict | None:
-        if self.max_positions is None:
-            return None
-        n_prompt = len(self.tokenizer(item["prompt"]).input_ids) if item["prompt"] else int(self.model.starts_with_bos)
-        total = self.model.num_query_tokens + n_prompt + item["max_new_tokens"]
-        if total <= self.max_positions:
-            return None
-        return {"error": (422, "invalid_request_error",
-                          f"prompt ({n_prompt} tokens) + max_new_tokens ({item['max_new_tokens']}) exceed the "
-                          f"model's {self.max_positions - self.model.num_query_tokens} text positions")}
-
     async def generate(self, item: dict) -> dict:
         """The whole answer: {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
-        "batch_size", "group_size"} or {"error": (status, type, message)}."""
+        "batch_size", "group_size"} or {"error": (status, type, message[, retry-after seconds])}."""
         self.requests += 1
-        item = self._prompted(item)
-        if (error := self._too_long(item)) is not None:
-            return error
-        row = self.engine.submit(item)
+        try:
+            row = self.engine.submit(self._prompted(item))
+        except Rejected as e:  # does not fit a KV-cache slot (400), or the queue is full (503)
+            return {"error": e.error()}
         try:
             return await row.result()
         finally:
@@ -91,11 +99,11 @@ class CaptionDeployment:
         delta, once the row is admitted), the last one with "done": the result `generate` returns; or one
         {"error": ...}. Deltas of steps the caller has not consumed yet go out together."""
         self.requests += 1
-        item = self._prompted(item)
-        if (error := self._too_long(item)) is not None:
-            yield error
+        try:
+            row = self.engine.submit(self._prompted(item), stream=True)
+        except Rejected as e:
+            yield {"error": e.error()}
             return
-        row = self.engine.submit(item, stream=True)
         try:
             async for chunk in row.chunks():
                 yield chunk
@@ -118,12 +126,14 @@ class RetrievalDeployment:
         model, self.tokenizer = load_stage1(model_dir, vision_dtype=dtype)
         self.model = model.to(self.device).eval()
         self.normalise = pixel_normalizer(model_dir, self.device)
+        self.text_length = qformer_text_length(model.cfg.qformer, model.qformer)
         for method in (self._images_batch, self._texts_batch, self._match_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _tokens(self, texts: list[str]):
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=32, return_tensors="pt")
+        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.text_length,
+                             return_tensors="pt")
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
     async def embed_images(self, pixel_values: np.ndarray) -> dict:

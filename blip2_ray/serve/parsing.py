@@ -2,8 +2,8 @@
 
 Every answer that is not a 2xx is `{"error": {"message", "type"}}`: 400 malformed body or image, 401
 missing/wrong token, 403 image URL outside the allow-list, 404 endpoint whose model is absent, 413
-body or image over the limits, 422 schema violation, 503 queue full or replica unavailable; 500 only
-for a bug (logged with its traceback).
+body or image over the limits, 422 schema violation, 503 queue full or replica unavailable (with
+`Retry-After`); 500 only for a bug (logged with its traceback).
 """
 
 from __future__ import annotations
@@ -22,17 +22,20 @@ logger = logging.getLogger("ray.serve")
 
 
 class APIError(Exception):
-    """An error answered as `{"error": {"message", "type"}}` with HTTP `status`."""
+    """An error answered as `{"error": {"message", "type"}}` with HTTP `status`; a 503 also says when to
+    retry (`Retry-After`, seconds: `retry_after_s`, default 1)."""
 
-    def __init__(self, status: int, type_: str, message: str):
+    def __init__(self, status: int, type_: str, message: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.status = status
         self.type = type_
         self.message = message
+        self.retry_after_s = retry_after_s if retry_after_s is not None else (1 if status == 503 else None)
 
 
-def error_response(status: int, type_: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_}}, status_code=status)
+def error_response(status: int, type_: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return JSONResponse({"error": {"message": message, "type": type_}}, status_code=status, headers=headers)
 
 
 def install_error_handlers(api: FastAPI) -> None:
@@ -40,7 +43,7 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return error_response(e.status, e.type, e.message)
+        return error_response(e.status, e.type, e.message, e.retry_after_s)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from blip2_ray.errors import UserError
 from blip2_ray.model.language_model import DeviceMap, place_language_model
 from blip2_ray.model.stage2 import Blip2Stage2
 
@@ -113,24 +112,24 @@ def non_llm_bytes(model: nn.Module) -> int:
 
 
 def load_caption_model(model_dir: str, device: str = "cpu", dtype: str = "float32",
-                       gpus_per_replica: float = 1.0) -> Blip2Stage2:
+                       gpus_per_replica: float = 1.0, llm_quantization: str = "none") -> Blip2Stage2:
     """The caption replica's model, read by `load_stage2` in `dtype` directly (ViT and LLM; the Q-Former,
     queries and projection stay float32, as the loader keeps them) and placed: on `device`, or with
     `device` "cuda" and `gpus_per_replica` > 1 the LLM split by layer over cuda:0..N-1 (the replica's
-    GPUs), the rest on cuda:0. Eval mode."""
+    GPUs), the rest on cuda:0. `llm_quantization` "int8": the LLM's block weights then become int8, on their
+    devices (model/quantize.py). Eval mode. A question-aware VQA fine-tune (InstructBLIP layout) loads too."""
+    from blip2_ray.model.quantize import quantize_llm
     from blip2_ray.model.vision import DTYPES
     from blip2_ray.weights.hf_format import load_stage2
 
     model = load_stage2(model_dir, vision_dtype=DTYPES[dtype], llm_dtype=DTYPES[dtype])
-    if model.takes_question:
-        raise UserError(f"{model_dir!r} is a VQA fine-tune whose Q-Former reads the question "
-                        f"(InstructBlipForConditionalGeneration layout); serving it is not supported yet (the "
-                        f"endpoints pass no question to the Q-Former); evaluate it with jobs/evaluate.py task vqa")
     n = int(gpus_per_replica) if device == "cuda" else 1
     if n <= 1:
-        return model.to(torch.device(device)).eval()
-    devices = [f"cuda:{i}" for i in range(n)]
-    split_model(model, layer_device_map(model.language_model, devices, non_llm_bytes(model)), devices[0])
+        model = model.to(torch.device(device))
+    else:
+        devices = [f"cuda:{i}" for i in range(n)]
+        split_model(model, layer_device_map(model.language_model, devices, non_llm_bytes(model)), devices[0])
+    quantize_llm(model.language_model, llm_quantization)
     return model.eval()
 
 

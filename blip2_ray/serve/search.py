@@ -20,12 +20,12 @@ class SearchDeployment:
         import faiss
 
         from blip2_ray.search.engine import SearchEngine
-        from blip2_ray.serve.images import PixelNormalizer
+        from blip2_ray.serve.images import pixel_normalizer
 
         faiss.omp_set_num_threads(max(1, faiss_threads))
         self.engine = SearchEngine(index_dir, model_dir, device, dtype, query_max_tokens, itm_batch_size, nprobe,
                                    s3_opts=s3_opts)
-        self.normalise = PixelNormalizer(model_dir, self.engine.device)
+        self.normalise = pixel_normalizer(model_dir, self.engine.device)
         self.lock = asyncio.Lock()  # one search at a time per replica: the model and FAISS use all its CPUs
 
     def info(self) -> dict:

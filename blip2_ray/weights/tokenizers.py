@@ -82,3 +82,14 @@ def caption_end_ids(tok, llm_family: str | None) -> list[int]:
     if appends_eos(tok) or tok.eos_token_id is None:
         return []
     return [tok.eos_token_id]
+
+
+def caption_stop_ids(tok, llm_family: str | None) -> list[int]:
+    """Token ids that end a generated caption: how training ends a caption (`caption_end_ids`: "\\n" for OPT)
+    and the tokenizer's EOS. Generation stops at the first of them (Blip2Stage2.generate, the engine)."""
+    ids = list(caption_end_ids(tok, llm_family))
+    if len(ids) > 1:  # a multi-token end cannot stop a token-wise search: only the EOS does
+        ids = []
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids

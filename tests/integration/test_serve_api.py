@@ -129,14 +129,14 @@ def hf_caption(stage2_dir, png: bytes, prompt: str | None, max_new_tokens: int, 
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from blip2_ray.model.stage2 import caption_eos_ids
+    from blip2_ray.weights.tokenizers import caption_stop_ids
 
     hf = Blip2ForConditionalGeneration.from_pretrained(stage2_dir).eval()
     proc = Blip2Processor.from_pretrained(stage2_dir)
     inputs = proc(images=Image.open(io.BytesIO(png)).convert("RGB"), text=prompt or "", return_tensors="pt")
     with torch.no_grad():
         out = hf.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=1, num_beams=num_beams,
-                          do_sample=False, eos_token_id=caption_eos_ids(proc.tokenizer, "opt"))
+                          do_sample=False, eos_token_id=caption_stop_ids(proc.tokenizer, "opt"))
     new = out[0, inputs.input_ids.shape[1]:]
     return proc.tokenizer.decode(new, skip_special_tokens=True).strip()
 
@@ -297,7 +297,9 @@ def test_error_statuses(server):
     assert_error(post(server, "/v1/caption", {"image": b64(1), "bogus": 1}), 422)
     assert_error(post(server, "/v1/caption", {"image": b64(1), "max_new_tokens": "many"}), 422)
     assert_error(post(server, "/v1/caption", {"image": b64(1), "max_new_tokens": 10_000}), 422)
-    assert_error(post(server, "/v1/caption", {"image": b64(1), "prompt": "word " * 150}), 422)
+    too_long = post(server, "/v1/caption", {"image": b64(1), "prompt": "word " * 150})  # beyond a KV-cache slot
+    assert_error(too_long, 400, "invalid_request_error")
+    assert "128 positions of a KV-cache slot" in too_long.json()["error"]["message"]
     assert_error(post(server, "/v1/caption", [1, 2]), 422)
     assert_error(post(server, "/v1/embeddings", {"images": [b64(1)], "texts": ["a"]}), 422)
     assert_error(post(server, "/v1/caption", {"image": b64(1)}, headers={}), 401, "authentication_error")
@@ -340,7 +342,9 @@ def test_full_queue_is_503(server):
     statuses = sorted(r.status_code for r in rs)
     assert set(statuses) <= {200, 503}, statuses
     assert 503 in statuses and 200 in statuses, statuses
-    assert_error(next(r for r in rs if r.status_code == 503), 503, "overloaded")
+    refused = next(r for r in rs if r.status_code == 503)
+    assert_error(refused, 503, "overloaded")
+    assert refused.headers["retry-after"] == "1"
 
 
 def test_fuzzed_bodies_never_5xx(server):

@@ -9,9 +9,9 @@ def varied_stage2(request):
     """(model, tokenizer, eos ids) of a tiny stage-2 model (OPT, then T5) whose LLM and projection have larger
     random weights, so that generated tokens change with the context (the tiny init repeats one token)."""
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.stage2 import caption_eos_ids
     from blip2_ray.weights.builders import build_stage2
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer
+    from blip2_ray.weights.tokenizers import caption_stop_ids
 
     torch.manual_seed(0)
     cfg = model_config(request.param)
@@ -21,7 +21,7 @@ def varied_stage2(request):
         for p in list(model.language_model.parameters()) + list(model.language_projection.parameters()):
             if p.dim() == 2:
                 p.normal_(0, 1.0)
-    return model, tok, caption_eos_ids(tok, model.llm_family)
+    return model, tok, caption_stop_ids(tok, model.llm_family)
 
 
 HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal",

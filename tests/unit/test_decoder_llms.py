@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from blip2_ray.data.processor import tokenize_llm, vqa_prompt
 from blip2_ray.model.config import model_config
+from blip2_ray.model.generation import tokenize_prompts
 from blip2_ray.model.language_model import padded_vocab
-from blip2_ray.model.stage2 import caption_eos_ids, tokenize_prompts
 from blip2_ray.weights.builders import build_stage2
 from blip2_ray.weights.hf_format import export_stage2, load_stage2
-from blip2_ray.weights.tokenizers import load_llm_tokenizer, prepends_bos
+from blip2_ray.weights.tokenizers import caption_stop_ids, load_llm_tokenizer, prepends_bos
 
 FAMILIES = ["llama", "qwen2"]
 
@@ -61,7 +61,7 @@ def test_the_llm_and_its_family_come_from_the_directory(decoder_model):
     assert model.llm_kind == "decoder" and model.llm_family == family
     assert type(model.language_model).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
     assert model.starts_with_bos == (family == "llama") == prepends_bos(tok)
-    assert caption_eos_ids(tok, family) == [tok.eos_token_id]  # "\n" ends captions only for OPT
+    assert caption_stop_ids(tok, family) == [tok.eos_token_id]  # "\n" ends captions only for OPT
 
 
 def test_captions_end_with_the_tokenizers_eos_and_start_as_the_tokenizer_does(decoder_model):
@@ -134,7 +134,7 @@ def test_export_is_the_llms_own_config_and_transformers_generates_token_identica
     assert hf.config.text_config.hidden_size == model.language_model.config.hidden_size
     x = _pixels(3, seed=1)
     nq, img = model.num_query_tokens, hf.config.image_token_index
-    settings = dict(num_beams=1, max_new_tokens=8, min_new_tokens=3, eos_token_id=caption_eos_ids(tok, family),
+    settings = dict(num_beams=1, max_new_tokens=8, min_new_tokens=3, eos_token_id=caption_stop_ids(tok, family),
                     do_sample=False, pad_token_id=tok.pad_token_id)
     ours = model.generate(x, **settings)
     start = [tok.bos_token_id] if model.starts_with_bos else []
@@ -172,7 +172,7 @@ def test_a_vocabulary_without_a_spare_row_grows_one_for_the_image_token(tiny_tok
     assert hf.language_model.get_input_embeddings().weight.shape[0] == rows
     assert hf.language_model.get_output_embeddings().weight.shape[0] == rows  # Llama's head is not tied
     x = _pixels(2, seed=3)
-    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, eos_token_id=caption_eos_ids(tok, "llama"),
+    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, eos_token_id=caption_stop_ids(tok, "llama"),
                     do_sample=False, pad_token_id=tok.pad_token_id)
     ids = torch.tensor([[n] * model.num_query_tokens + [tok.bos_token_id]] * 2)
     theirs = hf.generate(pixel_values=x, input_ids=ids, **settings)[:, ids.shape[1]:]
@@ -186,7 +186,7 @@ def test_left_padded_batched_prompts_equal_one_at_a_time(decoder_model):
     x = _pixels(2, seed=2)
     prompts = [vqa_prompt("what color is the circle?", "decoder"), vqa_prompt("how many?", "decoder")]
     assert tok("x").input_ids[0] == tok.bos_token_id if family == "llama" else tok.bos_token_id is None
-    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, eos_token_id=caption_eos_ids(tok, family))
+    settings = dict(num_beams=1, max_new_tokens=6, min_new_tokens=2, eos_token_id=caption_stop_ids(tok, family))
     ids, mask = tokenize_prompts(tok, prompts, 2, "decoder")
     assert (mask.sum(1) < mask.shape[1]).any() and (mask.diff(dim=1) >= 0).all()  # one row padded, on the left
     batched = model.generate(x, ids, mask, **settings).tolist()
@@ -207,9 +207,11 @@ def test_load_stage2_reads_the_export_back(decoder_model):
 
 def test_the_caption_deployment_serves_it_as_generate_does(decoder_model):
     """Served step-wise (left-padded rows of different prompt lengths, rows joining a running batch, a VQA
-    question worded by the replica) == `Blip2Stage2.generate` of the same model, token for token."""
+    question worded by the replica), eager and compiled, == `Blip2Stage2.generate` of the same model, token for
+    token."""
     import asyncio
 
+    from blip2_ray.serve.engine import GenerationEngine
     from blip2_ray.serve.models import CaptionDeployment
 
     family, cfg, tok, model, export = decoder_model
@@ -251,6 +253,22 @@ def test_the_caption_deployment_serves_it_as_generate_does(decoder_model):
     for it, r in zip(items, results):
         assert r["token_ids"] == reference(it), it["prompt"]
         assert r["finish_reason"] == ("stop" if r["token_ids"][-1] in dep.engine.eos_ids else "length")
+
+    # the same requests through the compiled decode step (traced and functionalised: backend aot_eager)
+    compiled = GenerationEngine(dep.model, dep.tokenizer, dep.engine.eos_ids, dep.engine.preprocess,
+                                max_batch_size=4, batch_wait_timeout_s=0, capture="compile",
+                                compile_backend="aot_eager")
+    assert compiled.stats()["decode_step"] == "compile", compiled.slots.capture_error
+
+    async def run_compiled():
+        first = [compiled.submit(dep._prompted(it)) for it in items[:2]]
+        while compiled.counters["steps"] < 3:
+            await asyncio.sleep(0.001)
+        later = [compiled.submit(dep._prompted(it)) for it in items[2:]]
+        return [await r.result() for r in first + later]
+
+    for it, r in zip(items, asyncio.run(run_compiled())):
+        assert r["token_ids"] == reference(it), it["prompt"]
 
 
 # ------------------------------------------------------------------------------------- device_map

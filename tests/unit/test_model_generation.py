@@ -1,4 +1,5 @@
-"""Step-wise generation (prefill, decode_step, rows joining and leaving) against `Blip2Stage2.generate`."""
+"""Step-wise generation in static slots (prefill, DecodeSlots: rows joining, leaving, compacted; the decode
+step eager and compiled) against `Blip2Stage2.generate`, and the shared prompt helpers."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import pytest
 import torch
 
 from blip2_ray.model.generation import (
-    concat_batches,
-    decode_step,
+    DecodeSlots,
+    batch_buckets,
     next_tokens,
+    pad_prompts,
     prefill,
-    select_rows,
+    tokenize_prompts,
     unsupported_generation_settings,
 )
-from blip2_ray.model.stage2 import tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -34,44 +35,50 @@ def reference(model, tok, eos, seed, prompt, max_new, min_new=1):
 
 
 class Rows:
-    """A minimal driver: rows of (max_new, min_new) generated step by step; finished rows leave."""
+    """A minimal driver of `DecodeSlots` as the engine drives it: running rows in slots 0..n-1, a finished
+    row's slot taken by the last row."""
 
-    def __init__(self, model, eos):
-        self.model, self.eos = model, eos
-        self.batch, self.rows = None, []  # row: {"tokens", "max", "min", "name"}
-
-    def add(self, seeds, prompts, max_new, min_new=1):
-        ids, mask = tokenize_prompts(self.tok, prompts, len(seeds), self.model.llm_kind) if prompts else (None, None)
-        new, logits = prefill(self.model, pixels(seeds), ids, mask)
-        rows = [{"tokens": [], "max": max_new, "min": min_new, "name": (s, p)} for s, p in
-                zip(seeds, prompts or [None] * len(seeds))]
-        self._take(rows, logits)
-        self.batch = new if self.batch is None else concat_batches(self.batch, new)
-        self.rows += rows
+    def __init__(self, model, tok, eos, capture="off", rows=4):
+        self.model, self.tok, self.eos = model, tok, eos
+        self.slots = DecodeSlots(model, rows, 48, capture, compile_backend="aot_eager")
+        self.slots.start(pixels([99]))
+        self.rows = []  # {"tokens", "max", "min", "name"}, in slot order
 
     def _take(self, rows, logits):
         n = torch.tensor([len(r["tokens"]) for r in rows])
         m = torch.tensor([r["min"] for r in rows])
-        for r, t in zip(rows, next_tokens(logits, n, m, self.eos).tolist()):
+        chosen = next_tokens(logits, n, m, self.eos)
+        for r, t in zip(rows, chosen.tolist()):
             r["tokens"].append(t)
+        return chosen
+
+    def add(self, seeds, prompts, max_new, min_new=1):
+        ids, mask = tokenize_prompts(self.tok, prompts, len(seeds), self.model.llm_kind) if prompts else (None, None)
+        pre, logits = prefill(self.model, pixels(seeds), ids, mask)
+        rows = [{"tokens": [], "max": max_new, "min": min_new, "name": (s, p)} for s, p in
+                zip(seeds, prompts or [None] * len(seeds))]
+        self.slots.insert(pre, len(self.rows), self._take(rows, logits))
+        self.rows += rows
 
     def step(self):
-        done = {i for i, r in enumerate(self.rows) if r["tokens"][-1] in self.eos or len(r["tokens"]) >= r["max"]}
-        finished = [self.rows[i] for i in sorted(done)]
-        if done:
-            keep = [i for i in range(len(self.rows)) if i not in done]
-            self.rows = [self.rows[i] for i in keep]
-            self.batch = select_rows(self.batch, keep) if keep else None
+        done = [i for i, r in enumerate(self.rows) if r["tokens"][-1] in self.eos or len(r["tokens"]) >= r["max"]]
+        finished = [self.rows[i] for i in done]
+        for i in sorted(done, reverse=True):  # the last row takes the finished row's slot
+            last = len(self.rows) - 1
+            if i != last:
+                self.slots.move(last, i)
+                self.rows[i] = self.rows[last]
+            self.slots.release(last)
+            self.rows.pop()
         if self.rows:
-            last = torch.tensor([r["tokens"][-1] for r in self.rows])
-            self._take(self.rows, decode_step(self.model, self.batch, last))
+            n = len(self.rows)
+            self.slots.set_tokens(n, self._take(self.rows, self.slots.step(n)))
         return finished
 
 
 def test_one_batch_matches_generate(setup):
     model, tok, eos = setup
-    d = Rows(model, eos)
-    d.tok = tok
+    d = Rows(model, tok, eos)
     prompts = ["a photo of", "two", "a picture of a red"]
     d.add([0, 1, 2], prompts, max_new=8, min_new=3)
     out = []
@@ -84,14 +91,16 @@ def test_one_batch_matches_generate(setup):
         assert r["tokens"] == reference(model, tok, eos, seed, prompt, 8, 3), r["name"]
 
 
-def test_rows_join_and_leave_a_running_batch(setup):
+def test_rows_join_and_leave_the_compiled_step(setup):
+    """Rows joining at different steps (different lengths in their slots), leaving (slots compacted), in the
+    compiled decode step (traced and functionalised: backend aot_eager; make bench-gpu-serve runs inductor)."""
     model, tok, eos = setup
-    d = Rows(model, eos)
-    d.tok = tok
+    d = Rows(model, tok, eos, capture="compile", rows=6)
+    assert d.slots.captured == "compile", d.slots.capture_error
     d.add([3, 4], None, max_new=12)
     for _ in range(3):
         d.step()
-    d.add([5], ["a photo of"], max_new=5, min_new=5)  # joins with a shorter cache, leaves first
+    d.add([5], ["a photo of"], max_new=5, min_new=5)  # joins with a longer prompt, leaves first
     done = []
     for _ in range(2):
         done += d.step()
@@ -102,6 +111,26 @@ def test_rows_join_and_leave_a_running_batch(setup):
     for r in done:
         seed, prompt = r["name"]
         assert r["tokens"] == reference(model, tok, eos, seed, prompt, r["max"], r["min"]), r["name"]
+
+
+def test_a_prefill_longer_than_a_slot_is_refused_and_buckets_cover_the_rows(setup):
+    model, tok, eos = setup
+    slots = DecodeSlots(model, 2, 6)  # fewer positions than the queries
+    pre, _ = prefill(model, pixels([0]))
+    with pytest.raises(ValueError, match="does not fit"):
+        slots.insert(pre, 0, torch.zeros(1, dtype=torch.long))
+    assert batch_buckets(1) == [1] and batch_buckets(6) == [1, 2, 4, 6] and batch_buckets(8) == [1, 2, 4, 8]
+
+
+def test_prompts_are_padded_as_the_tokenizer_pads_them(setup):
+    _, tok, _ = setup
+    prompts = ["a photo of", "two", "a picture of a red"]
+    for side in ("left", "right"):
+        tok.padding_side = side
+        enc = tok(prompts, padding="longest", return_tensors="pt")
+        ids, mask = pad_prompts([tok(p).input_ids for p in prompts], tok.pad_token_id, side == "left")
+        assert torch.equal(ids, enc.input_ids) and torch.equal(mask, enc.attention_mask)
+    tok.padding_side = "right"
 
 
 def test_min_new_tokens_blocks_eos_and_sampling_obeys_top_k():
@@ -117,6 +146,20 @@ def test_min_new_tokens_blocks_eos_and_sampling_obeys_top_k():
     drawn_p = {next_tokens(logits, torch.tensor([5, 5]), torch.tensor([0, 0]), eos, temp, top_k=0, top_p=0.5,
                            generator=g)[1].item() for _ in range(100)}
     assert drawn_p == {0}  # token 0 alone holds over half the probability
+
+
+def test_per_row_generators_make_a_rows_draws_independent_of_the_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    temp, zeros = torch.tensor([1.0, 1.0, 1.0]), torch.zeros(3, dtype=torch.long)
+
+    def draws(seeds, rows):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return [next_tokens(logits[rows], zeros[rows], zeros[rows], [0], temp[rows], top_k=0,
+                            generator=[gens[i] for i in range(len(rows))]).tolist() for _ in range(20)]
+
+    alone = [d[0] for d in draws([7], [2])]
+    in_batch = [d[2] for d in draws([3, 5, 7], [0, 1, 2])]
+    assert alone == in_batch and len(set(alone)) > 3  # same seed, same draws, whoever shares the batch
 
 
 def test_unsupported_generation_settings():

@@ -7,12 +7,13 @@ import torch
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import model_config
-from blip2_ray.model.stage2 import caption_eos_ids, prefix_lm_split
+from blip2_ray.model.stage2 import prefix_lm_split
 from blip2_ray.weights import convert
 from blip2_ray.weights.builders import build_stage1, build_stage2
 from blip2_ray.weights.checkpoint_files import TensorFiles
 from blip2_ray.weights.hf_format import export_stage1, export_stage2, load_stage1, load_stage2
 from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
+from blip2_ray.weights.tokenizers import caption_stop_ids
 
 TOL = 1e-4
 
@@ -73,7 +74,7 @@ def test_stage2_greedy_captions_token_identical(stage2_export):
     x = _pixels(cfg, n=3, seed=1)
     nq = cfg.qformer.num_query_tokens
     img = hf.config.image_token_index
-    eos = caption_eos_ids(tok, cfg.llm.kind)
+    eos = caption_stop_ids(tok, cfg.llm.kind)
     settings = dict(num_beams=1, max_new_tokens=8, min_new_tokens=2, eos_token_id=eos, do_sample=False)
     ours = model.generate(x, **settings)
     if cfg.llm.kind == "opt":

@@ -46,6 +46,10 @@ def test_defaults_and_nested(dirs):
     ({"ingress": {"cpus": 2}}, "unknown config key 'ingress.cpus'"),
     ({"retrieval": {"max_batch_size": 64, "max_ongoing_requests": 32}}, "retrieval: max_ongoing_requests"),
     ({"retrieval": {"gpus_per_replica": -0.5}}, "retrieval: cpus_per_replica, gpus_per_replica"),
+    ({"decode_capture": "cuda_graphs"}, "needs device cuda"),
+    ({"decode_capture": "jit"}, "decode_capture"),
+    ({"llm_quantization": "int4"}, "llm_quantization"),
+    ({"max_seq_len": 1}, "max_seq_len"),
 ])
 def test_rejects_bad_values(dirs, data, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):

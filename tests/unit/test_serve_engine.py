@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_ray.model.stage2 import tokenize_prompts
-from blip2_ray.serve.engine import GenerationEngine
+from blip2_ray.model.generation import tokenize_prompts
+from blip2_ray.serve.engine import GenerationEngine, Rejected
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,58 @@ def test_a_beam_search_stream_is_one_piece_at_the_end(setup):
     chunks = asyncio.run(run())
     assert [bool(c["delta"]) for c in chunks] == [True] and chunks[0]["delta"] == chunks[0]["done"]["text"]
     assert chunks[0]["done"]["token_ids"] == reference(setup, item(10, "a photo of", max_new=6, min_new=6, beams=3))
+
+
+def test_a_request_that_does_not_fit_a_slot_is_a_400_naming_the_limit(setup):
+    model, _, _ = setup
+    eng = engine(setup, max_seq_len=model.num_query_tokens + 6)
+    with pytest.raises(Rejected) as e:
+        eng.submit(item(0, "a photo of", max_new=6))
+    assert e.value.status == 400 and "max_seq_len" in e.value.message and str(eng.slot_length) in e.value.message
+    room = eng.slot_length - model.num_query_tokens - int(model.starts_with_bos)  # no prompt: at most the BOS
+    if model.llm_kind == "decoder":
+        eng.check_fits(int(model.starts_with_bos), room)  # exactly full: accepted
+        with pytest.raises(Rejected):
+            eng.check_fits(int(model.starts_with_bos), room + 1)
+
+
+def test_a_full_queue_is_a_503_with_retry_after(setup):
+    async def run():
+        eng = engine(setup, max_batch_size=1, max_pending=2)
+        rows = [eng.submit(item(i, max_new=4)) for i in range(2)]  # the queue: 2 waiting
+        with pytest.raises(Rejected) as e:
+            eng.submit(item(2, max_new=4))
+        return e.value, [await r.result() for r in rows]
+
+    refused, results = asyncio.run(run())
+    assert refused.error() == (503, "overloaded", refused.message, 1) and "queue is full" in refused.message
+    assert [len(r["token_ids"]) > 0 for r in results] == [True, True]
+
+
+def test_sampling_is_reproducible_under_a_seed(setup):
+    sampled = dict(max_new=8, min_new=8, temperature=30.0)  # near-uniform over the top-k: seeds differ
+
+    async def run():
+        eng = engine(setup, batch_wait_timeout_s=0.01)
+        alone = await eng.submit({**item(11, **sampled), "seed": 5}).result()
+        rows = [eng.submit(item(12, "a photo of", max_new=5)), eng.submit({**item(11, **sampled), "seed": 5}),
+                eng.submit({**item(11, **sampled), "seed": 6})]
+        return alone, [await r.result() for r in rows]
+
+    alone, (_, again, other) = asyncio.run(run())
+    assert again["token_ids"] == alone["token_ids"] and again["batch_size"] >= 2  # same seed, another batch
+    assert other["token_ids"] != alone["token_ids"]
+
+
+def test_a_failed_capture_decodes_eager_with_one_warning(setup, caplog):
+    it = item(13, "a photo of", max_new=6, min_new=6)
+    with caplog.at_level("WARNING"):
+        eng = engine(setup, capture="cuda_graphs")  # no CUDA here: the capture fails at start-up
+    warnings = [r for r in caplog.records if "capturing the decode step" in r.getMessage()]
+    assert len(warnings) == 1 and "decoding eager" in warnings[0].getMessage()
+    assert eng.stats()["decode_step"] == "off"
+
+    async def run():
+        return await eng.submit(it).result()
+
+    assert asyncio.run(run())["token_ids"] == reference(setup, it)

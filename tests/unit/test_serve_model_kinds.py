@@ -1,5 +1,5 @@
 """What the Serve app can serve is decided before Ray Serve deploys anything: a directory of the wrong kind for
-`--model` / `--retrieval-model` (or a kind not served yet, a VQA fine-tune) is one sentence and exit 2 from
+`--model` / `--retrieval-model` (e.g. a VQA fine-tune as the retrieval model) is one sentence and exit 2 from
 jobs/serve.py, before Ray starts."""
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def cfg(**kw) -> ServeConfig:
 def test_the_right_kinds_pass(dirs):
     assert check_servable(cfg(model=dirs["stage2"], retrieval_model=dirs["stage1"])) == {
         "model": "stage2", "retrieval_model": "stage1"}
+    assert check_servable(cfg(model=dirs["vqa"])) == {"model": "vqa"}  # question-aware: served (/v1/vqa, chat)
 
 
 @pytest.mark.parametrize("kw,needle", [
@@ -58,7 +59,7 @@ def test_the_right_kinds_pass(dirs):
                            r"retrieval_model \(--retrieval-model\)"),
     (dict(model="stage2", retrieval_model="stage2x"), r"retrieval_model \(--retrieval-model\) '.*stage2' is a "
                                                       r"stage-2 export.*give it as model \(--model\)"),
-    (dict(model="vqa"), r"is a VQA fine-tune .*serving it is not supported yet"),
+    (dict(retrieval_model="vqa"), r"is a VQA fine-tune .*give it as model \(--model\)"),
     (dict(retrieval_model="data"), r"'.*data' holds no model \(no config.json\)"),
 ])
 def test_a_directory_the_app_cannot_serve_is_one_sentence(dirs, kw, needle):

@@ -155,9 +155,8 @@ def test_split_over_gpus_generates_as_on_one(tiny_export):
     import asyncio
 
     from blip2_ray.model.generation import prefill
-    from blip2_ray.model.stage2 import caption_eos_ids
     from blip2_ray.serve.engine import GenerationEngine
-    from blip2_ray.weights.tokenizers import load_llm_tokenizer
+    from blip2_ray.weights.tokenizers import caption_stop_ids, load_llm_tokenizer
 
     px = torch.from_numpy(np.random.RandomState(0).rand(1, 3, 32, 32).astype(np.float32)).cuda()
     one = load_caption_model(tiny_export, "cuda", "float32")
@@ -173,7 +172,7 @@ def test_split_over_gpus_generates_as_on_one(tiny_export):
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     tokens = model.generate(px, num_beams=1, max_new_tokens=6, min_new_tokens=6)[0].tolist()
     tok = load_llm_tokenizer(tiny_export)
-    engine = GenerationEngine(model, tok, caption_eos_ids(tok, model.llm_family), lambda p: torch.from_numpy(p).cuda())
+    engine = GenerationEngine(model, tok, caption_stop_ids(tok, model.llm_family), lambda p: torch.from_numpy(p).cuda())
     item = {"pixel_values": px[0].cpu().numpy(), "prompt": "", "max_new_tokens": 6, "min_new_tokens": 6,
             "num_beams": 1, "temperature": 0.0}
 

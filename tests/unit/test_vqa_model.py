@@ -8,7 +8,7 @@ import torch
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import model_config
-from blip2_ray.model.stage2 import generate_text
+from blip2_ray.model.generation import generate_text
 from blip2_ray.weights.builders import build_stage1, build_stage2
 from blip2_ray.weights.hf_format import export_stage1, export_stage2, load_stage2
 from blip2_ray.weights.question_encoder import make_question_aware
@@ -146,3 +146,51 @@ def test_flan_t5_vqa_reads_the_prompt_in_the_encoder_and_learns_only_the_answer(
         embeds = torch.cat([prefix, model.llm_embeddings()(enc)], 1)
         reference = model.language_model(inputs_embeds=embeds, labels=labels).loss
     assert torch.allclose(out.loss, reference, atol=1e-5)
+
+
+def test_the_vqa_export_is_served_with_the_question_in_its_qformer(vqa_model, tmp_path):
+    """/v1/vqa and chat reach the caption deployment as {"prompt", "question": True}: the replica words the
+    question with the VQA prompt, which both the LLM and the question-aware Q-Former read (InstructBLIP's
+    processor semantics, as VQA training tokenises it); tokens == generate with the same inputs."""
+    import asyncio
+
+    import numpy as np
+
+    from blip2_ray.data.processor import vqa_prompt
+    from blip2_ray.model.generation import tokenize_prompts, tokenize_questions
+    from blip2_ray.serve.models import CaptionDeployment
+
+    cfg, tok, qtok, model, *_ = vqa_model
+    out = export_stage2(model, str(tmp_path / "vqa"), tok, cfg, qformer_tokenizer=qtok)
+    dep = CaptionDeployment(out, max_batch_size=2, batch_wait_timeout_s=0)
+    assert dep.engine.question_max_len == cfg.qformer.max_text_len
+    seen = []
+    visual_prompt = dep.model.visual_prompt
+
+    def spy(px, q_ids=None, q_mask=None):
+        seen.append(q_ids)
+        return visual_prompt(px, q_ids, q_mask)
+
+    dep.model.visual_prompt = spy
+
+    def item(seed, question):
+        px = (np.random.RandomState(seed).rand(3, 32, 32) * 255).astype(np.uint8)
+        return {"pixel_values": px, "prompt": question, "question": True, "max_new_tokens": 5, "min_new_tokens": 1,
+                "num_beams": 1, "temperature": 0.0}
+
+    items = [item(0, "what colour is the shape?"), item(1, "which shape is it?")]
+
+    async def run():
+        return await asyncio.gather(*(dep.generate(it) for it in items))
+
+    results = asyncio.run(run())
+    assert seen and all(q is not None for q in seen)  # the prefill gave the Q-Former the question
+    for it, r in zip(items, results):
+        prompt = vqa_prompt(it["prompt"], "decoder")
+        ids, mask = tokenize_prompts(tok, [prompt], 1, "decoder")
+        q_ids, q_mask = tokenize_questions(qtok, [prompt], cfg.qformer.max_text_len)
+        px = dep.engine.preprocess(it["pixel_values"][None])
+        expected = model.generate(px, ids, mask, num_beams=1, max_new_tokens=5, min_new_tokens=1,
+                                  eos_token_id=dep.engine.eos_ids, question_ids=q_ids, question_mask=q_mask)[0].tolist()
+        stop = next((j for j, t in enumerate(expected) if t in dep.engine.eos_ids), None)
+        assert r["token_ids"] == (expected if stop is None else expected[: stop + 1])
