@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-# the memory probes and the real-width model of bench-model-memory (the script's folder is on sys.path)
+# the memory probes and the real-width model of bench-model-memory
 from bench_model_memory import model_cfg, peak_rss_bytes, rss_bytes
 
 GiB = 2**30
@@ -135,11 +135,12 @@ def serve_child(depth: int, model_dir: str, rounds: int, tokens: int, threads: i
     import numpy as np
     import torch
 
+    from blip2_ray.model.caption_end import caption_stop_ids
     from blip2_ray.serve.engine import GenerationEngine
     from blip2_ray.serve.images import PixelNormalizer
     from blip2_ray.serve.placement import load_caption_model, tensor_bytes
     from blip2_ray.weights.checkpoint_files import stored_bytes
-    from blip2_ray.weights.tokenizers import caption_stop_ids, load_llm_tokenizer
+    from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
     if threads:
         torch.set_num_threads(threads)

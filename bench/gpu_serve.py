@@ -39,7 +39,6 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NEW_TOKENS = 30
@@ -103,8 +102,8 @@ def images(model, seeds):
 
 
 def make_engine(model, tok, device, capture: str, rows: int, max_seq_len: int, backend: str = "inductor"):
+    from blip2_ray.model.caption_end import caption_stop_ids
     from blip2_ray.serve.engine import GenerationEngine
-    from blip2_ray.weights.tokenizers import caption_stop_ids
 
     t0 = time.perf_counter()
     import torch
@@ -175,8 +174,8 @@ def engine_tokens(engine, model, device, cases) -> list[list[int]]:
 def hf_tokens(model, tok, device, cases) -> list[list[int]]:
     import torch
 
+    from blip2_ray.model.caption_end import caption_stop_ids
     from blip2_ray.model.generation import tokenize_prompts
-    from blip2_ray.weights.tokenizers import caption_stop_ids
 
     eos = caption_stop_ids(tok, model.llm_family)
     out = []

@@ -101,7 +101,7 @@ def tokenize_llm(tok, captions: list[str], max_len: int, llm_family: str | None 
     """LLM ids right padded to `max_len`, as the family is trained: the tokenizer's own BOS handling,
     then the caption, then its end (weights.tokenizers.caption_end_ids): OPT "</s>caption\\n", Llama
     "<s>caption</s>", Qwen2 "caption<|endoftext|>", T5 "caption</s>". The end survives truncation."""
-    from blip2_ray.weights.tokenizers import caption_end_ids
+    from blip2_ray.model.caption_end import caption_end_ids
 
     end = caption_end_ids(tok, llm_family)
     ids = np.full((len(captions), max_len), tok.pad_token_id, dtype=np.int64)
@@ -121,7 +121,7 @@ def tokenize_vqa_llm(tok, prompts: list[str], answers: list[str], max_len: int,
     that get no loss): decoders "<BOS>Question: ... Answer: red\\n" (OPT) / "... red</s>", FlanT5
     "Question: ... Short answer:</s>" then "red</s>" (models/stage2 splits it for the encoder and decoder).
     The answer is kept whole; a prompt that does not fit loses its last tokens."""
-    from blip2_ray.weights.tokenizers import appends_eos, caption_end_ids
+    from blip2_ray.model.caption_end import appends_eos, caption_end_ids
 
     end = caption_end_ids(tok, llm_family) if not appends_eos(tok) else [tok.eos_token_id]
     ids = np.full((len(prompts), max_len), tok.pad_token_id, dtype=np.int64)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.modeling_outputs import BaseModelOutput
 
+from blip2_ray.model.caption_end import caption_stop_ids
 from blip2_ray.model.stage2 import Blip2Stage2, llm_kind_of
-from blip2_ray.weights.tokenizers import caption_stop_ids
 
 log = logging.getLogger(__name__)
 

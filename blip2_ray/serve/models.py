@@ -42,8 +42,9 @@ class CaptionDeployment:
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, gpus_per_replica: float = 1.0,
                  max_seq_len: int = 256, decode_capture: str = "off", llm_quantization: str = "none",
                  max_pending: int | None = None):
+        from blip2_ray.model.caption_end import caption_stop_ids
         from blip2_ray.serve.placement import load_caption_model
-        from blip2_ray.weights.tokenizers import caption_stop_ids, load_llm_tokenizer, load_qformer_tokenizer
+        from blip2_ray.weights.tokenizers import load_llm_tokenizer, load_qformer_tokenizer
         from blip2_ray.weights.weight_sources import read_model_config
 
         # in the serving dtype directly; with gpus_per_replica > 1 the LLM is split over the replica's GPUs

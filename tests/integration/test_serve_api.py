@@ -129,7 +129,7 @@ def hf_caption(stage2_dir, png: bytes, prompt: str | None, max_new_tokens: int, 
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from blip2_ray.weights.tokenizers import caption_stop_ids
+    from blip2_ray.model.caption_end import caption_stop_ids
 
     hf = Blip2ForConditionalGeneration.from_pretrained(stage2_dir).eval()
     proc = Blip2Processor.from_pretrained(stage2_dir)

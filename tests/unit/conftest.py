@@ -8,10 +8,10 @@ import torch
 def varied_stage2(request):
     """(model, tokenizer, eos ids) of a tiny stage-2 model (OPT, then T5) whose LLM and projection have larger
     random weights, so that generated tokens change with the context (the tiny init repeats one token)."""
+    from blip2_ray.model.caption_end import caption_stop_ids
     from blip2_ray.model.config import model_config
     from blip2_ray.weights.builders import build_stage2
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer
-    from blip2_ray.weights.tokenizers import caption_stop_ids
 
     torch.manual_seed(0)
     cfg = model_config(request.param)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from blip2_ray.errors import UserError
+from blip2_ray.model.caption_end import caption_stop_ids
 from blip2_ray.model.config import model_config
 from blip2_ray.model.stage2 import prefix_lm_split
 from blip2_ray.weights import convert
@@ -13,7 +14,6 @@ from blip2_ray.weights.builders import build_stage1, build_stage2
 from blip2_ray.weights.checkpoint_files import TensorFiles
 from blip2_ray.weights.hf_format import export_stage1, export_stage2, load_stage1, load_stage2
 from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
-from blip2_ray.weights.tokenizers import caption_stop_ids
 
 TOL = 1e-4
 

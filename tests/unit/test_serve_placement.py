@@ -154,9 +154,10 @@ def test_split_over_gpus_generates_as_on_one(tiny_export):
     model on cuda:0, and the engine's streamed tokens are the split model's own `generate` tokens."""
     import asyncio
 
+    from blip2_ray.model.caption_end import caption_stop_ids
     from blip2_ray.model.generation import prefill
     from blip2_ray.serve.engine import GenerationEngine
-    from blip2_ray.weights.tokenizers import caption_stop_ids, load_llm_tokenizer
+    from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
     px = torch.from_numpy(np.random.RandomState(0).rand(1, 3, 32, 32).astype(np.float32)).cuda()
     one = load_caption_model(tiny_export, "cuda", "float32")
