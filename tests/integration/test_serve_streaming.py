@@ -57,6 +57,7 @@ def slow(ray_session, tmp_path_factory, until_served):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = from_dict(ServeConfig, {
         "model": model_dir, "cpus_per_replica": 0.5, "ingress": {"cpus_per_replica": 0.25}, "max_batch_size": 8,
+        "max_seq_len": 320,  # 8 queries + the prompt + LONG new tokens fit a KV-cache slot
         "batch_wait_timeout_s": 0.0, "api_token_env": "BLIP2_SERVE_STREAM_TEST_UNSET",
         "generation": {"max_new_tokens": LONG, "min_new_tokens": LONG, "max_new_tokens_limit": 256},
     })
