@@ -11,7 +11,7 @@ Why not one `generate` call in a thread: HF `generate` holds the GIL in long Pyt
 are nothing but Python), and a loop starved of the GIL admits requests so slowly that batches stay small.
 Here the thread yields the GIL after every step, and the tensor kernels in between release it.
 
-Greedy and sampled rows decode step-wise in the replica's static KV cache (`model.generation.DecodeSlots`:
+Greedy and sampled rows decode step-wise in the replica's static KV cache (`model.decode_slots.DecodeSlots`:
 `max_batch_size` slots of `max_seq_len` positions, allocated and its decode step captured at start-up);
 the running rows hold slots 0..n-1 (a finished row's slot is taken by the last row). Beam search rows run
 as a whole `Blip2Stage2.generate` call per group of equal settings (their answer arrives in one piece).
@@ -30,16 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from blip2_ray.model.generation import (
-    DecodeSlots,
-    decoder_only,
-    next_tokens,
-    pad_id_of,
-    pad_prompts,
-    prefill,
-    question_tokens,
-    unsupported_generation_settings,
-)
+from blip2_ray.model.decode_slots import DecodeSlots
+from blip2_ray.model.generation import decoder_only, next_tokens, prefill, unsupported_generation_settings
+from blip2_ray.model.prompts import pad_id_of, pad_prompts, question_tokens
 
 logger = logging.getLogger("ray.serve")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_ray.model.generation import tokenize_prompts
+from blip2_ray.model.prompts import tokenize_prompts
 from blip2_ray.serve.engine import GenerationEngine, Rejected
 
 
