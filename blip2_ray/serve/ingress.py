@@ -40,12 +40,6 @@ from blip2_ray.serve.images import ImageResizer, load_pixels
 from blip2_ray.serve.parsing import APIError, check_headers, install_error_handlers, read_payload, validate
 from blip2_ray.serve.protocol import (
     OPENAPI_SCHEMAS,
-    CaptionRequest,
-    ChatCompletionRequest,
-    EmbeddingsRequest,
-    MatchRequest,
-    SearchRequest,
-    VQARequest,
     body_doc,
 )
 from blip2_ray.serve.streaming import ServeStreamingResponse, sse_events
@@ -198,19 +192,19 @@ class BLIP2Ingress:
                 for kind, name in self.names.items() if name]
         return {"object": "list", "data": data}
 
-    @api.post(CAPTION.path, openapi_extra=body_doc(CaptionRequest))
+    @api.post(CAPTION.path, openapi_extra=body_doc(CAPTION.schema))
     async def caption(self, request: Request):
         p = await self._prologue(request, CAPTION)
         out = await self._generate(p)
         return JSONResponse({"caption": out["text"], "model": self.names["caption"]}, headers=self._batch_headers(out))
 
-    @api.post(VQA.path, openapi_extra=body_doc(VQARequest))
+    @api.post(VQA.path, openapi_extra=body_doc(VQA.schema))
     async def vqa(self, request: Request):
         p = await self._prologue(request, VQA)
         out = await self._generate(p, question=True)
         return JSONResponse({"answer": out["text"], "model": self.names["caption"]}, headers=self._batch_headers(out))
 
-    @api.post(EMBEDDINGS.path, openapi_extra=body_doc(EmbeddingsRequest))
+    @api.post(EMBEDDINGS.path, openapi_extra=body_doc(EMBEDDINGS.schema))
     async def embeddings(self, request: Request):
         p = await self._prologue(request, EMBEDDINGS)
         dims, encode = p.req.dimensions, ENCODINGS[p.req.encoding_format]
@@ -230,7 +224,7 @@ class BLIP2Ingress:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                             headers={"x-batch-size": str(out["batch_size"])})
 
-    @api.post(MATCH.path, openapi_extra=body_doc(MatchRequest))
+    @api.post(MATCH.path, openapi_extra=body_doc(MATCH.schema))
     async def match(self, request: Request):
         p = await self._prologue(request, MATCH)
         out = await self._call(self.handles["retrieval"].match.remote(p.pixels, p.texts))
@@ -238,7 +232,7 @@ class BLIP2Ingress:
         return JSONResponse({"data": data, "model": self.names["retrieval"]},
                             headers={"x-batch-size": str(out["batch_size"])})
 
-    @api.post(SEARCH.path, openapi_extra=body_doc(SearchRequest))
+    @api.post(SEARCH.path, openapi_extra=body_doc(SEARCH.schema))
     async def search(self, request: Request):
         """Text -> the top k images re-ranked by ITM + ITC; image -> the top k images by ITC image-image."""
         p = await self._prologue(request, SEARCH)
@@ -271,7 +265,7 @@ class BLIP2Ingress:
                              "query": query,
                              **extra, "data": [{"rank": n + 1, **row} for n, row in enumerate(out["results"])]})
 
-    @api.post(CHAT.path, openapi_extra=body_doc(ChatCompletionRequest, multipart=False))
+    @api.post(CHAT.path, openapi_extra=body_doc(CHAT.schema, multipart=False))
     async def chat_completions(self, request: Request):
         """One image + the last user message's text (see `chat.py`); `"stream": true` streams the tokens."""
         p = await self._prologue(request, CHAT)
