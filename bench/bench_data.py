@@ -124,7 +124,7 @@ def main() -> int:
 
     from blip2_ray.config import from_dict
     from blip2_ray.data.config import DataConfig
-    from blip2_ray.data.readers import list_shards
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.weights.tiny_tokenizers import build_tiny_tokenizers
 

@@ -41,7 +41,7 @@ def main() -> None:
     from blip2_ray.capfilt.job import run_capfilt
     from blip2_ray.capfilt.worker import CapFiltWorker
     from blip2_ray.config import from_dict, to_dict
-    from blip2_ray.data.readers import list_shards
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.fixtures.capfilt_models import build_tiny_blip, build_tiny_clip
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.model.config import model_config

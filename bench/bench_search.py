@@ -38,7 +38,7 @@ def indexing(args, work: str) -> dict:
     import torch
 
     from blip2_ray.config import from_dict, to_dict
-    from blip2_ray.data.readers import list_shards
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.model.config import model_config
     from blip2_ray.search.config import IndexJobConfig

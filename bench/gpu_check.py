@@ -85,7 +85,7 @@ def stage2_models(args, device):
 
     from blip2_ray.model.config import model_config
     from blip2_ray.weights.builders import build_stage2
-    from blip2_ray.weights.hf_format import _hf_from_state, stage2_hf_config
+    from blip2_ray.weights.hf_configs import _hf_from_state, stage2_hf_config
     from blip2_ray.weights.tokenizer_paths import llm_tokenizer
 
     preset = "tiny" if args.tiny else "vitg_opt2.7b"

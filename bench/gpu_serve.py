@@ -175,7 +175,7 @@ def hf_tokens(model, tok, device, cases) -> list[list[int]]:
     import torch
 
     from blip2_ray.model.caption_end import caption_stop_ids
-    from blip2_ray.model.generation import tokenize_prompts
+    from blip2_ray.model.prompts import tokenize_prompts
 
     eos = caption_stop_ids(tok, model.llm_family)
     out = []
@@ -216,7 +216,7 @@ def divergences(model, tok, device, cases, got, reference) -> list[dict]:
     there (top-1 minus top-2 logit; a near-tie is float noise, a large margin is a wrong result)."""
     import torch
 
-    from blip2_ray.model.generation import tokenize_prompts
+    from blip2_ray.model.prompts import tokenize_prompts
 
     out = []
     for i, ((seed, prompt), a, b) in enumerate(zip(cases, got, reference)):

@@ -209,7 +209,7 @@ def hf_stage2_row(args, ours, pixels, ids, device) -> dict:
     import torch
     from transformers import Blip2ForConditionalGeneration
 
-    from blip2_ray.weights.hf_format import _hf_from_state, stage2_hf_config
+    from blip2_ray.weights.hf_configs import _hf_from_state, stage2_hf_config
 
     image_token = ours.llm_embeddings().num_embeddings - 1  # a spare row, as the processor's <image>
     state = {k: v.detach().to("cpu", copy=True) for k, v in ours.state_dict().items()}

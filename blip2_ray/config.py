@@ -26,6 +26,15 @@ class ConfigError(UserError, ValueError):
     """A user error in a config file or a `--set` override (the message is one sentence)."""
 
 
+def require_input_and_output(cfg: Any) -> None:
+    """The checks of a job that reads shards and writes a directory (CapFilt, the search index): at least one
+    `input` source and an `output_dir`."""
+    if not cfg.input:
+        raise ValueError("input must name at least one source")
+    if not cfg.output_dir:
+        raise ValueError("output_dir must be set")
+
+
 def doc(text: str, default: Any = None, factory: Any = None) -> Any:
     """A dataclass field with its documentation (`metadata["doc"]`), shown by `describe` and the reference."""
     if factory is not None:

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from blip2_ray.fixtures.backbones import pretrain_tiny_llm, pretrain_tiny_vision
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.model.config import model_config
-    from blip2_ray.model.generation import generate_text
+    from blip2_ray.model.prompts import generate_text
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.evaluate import caption_names_object, retrieval_recall_at_1
     from blip2_ray.train.trainer import run_pretrain

@@ -71,7 +71,7 @@ class Blip2Captioner:
     @torch.no_grad()
     def caption(self, images: list) -> list[list[str]]:
         from blip2_ray.data.transforms import eval_transform
-        from blip2_ray.model.generation import generate_text
+        from blip2_ray.model.prompts import generate_text
 
         cc = self.cfg
         px = torch.from_numpy(np.stack([eval_transform(im, self.image_size) for im in images]))

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from blip2_ray.errors import UserError
+from blip2_ray.weights.export_kinds import read_dir_config
 
 # the config.json model_type of a BLIP-2 export: HF's, or ours for a CLIP ViT-L model (weights/native_format.py)
 BLIP2_DIR_TYPES = ("blip-2", "blip2_ray")
@@ -28,18 +29,9 @@ def model_name(path: str) -> str:
 
 def read_config(path: str, what: str) -> dict:
     """config.json of a local model directory as a dict; UserError naming `what` if absent or unreadable."""
-    if not os.path.isdir(path):
-        raise UserError(f"{what} {path!r} is not a local directory; CapFilt loads only local HF-format "
-                        f"directories (download one with `huggingface-cli download <id> --local-dir DIR`)")
-    f = os.path.join(path, "config.json")
-    if not os.path.isfile(f):
-        raise UserError(f"{what} {path!r} is not a model directory (no config.json); pass the directory "
-                        f"that `save_pretrained` or the training job's export wrote")
-    try:
-        with open(f) as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what} {path!r}: config.json is not readable JSON ({e.__class__.__name__})") from None
+    return read_dir_config(path, what, "CapFilt loads only local HF-format directories (download one with "
+                           "`huggingface-cli download <id> --local-dir DIR`)",
+                           "pass the directory that `save_pretrained` or the training job's export wrote")
 
 
 def require_model(path: str, what: str, kind_key: str, kind: str, model_type: str | tuple[str, ...],

@@ -13,7 +13,8 @@ import os
 import tarfile
 from typing import Callable, Iterator
 
-from blip2_ray.data.readers import _split_key, open_file, shard_format
+from blip2_ray.data.readers import _split_key
+from blip2_ray.data.sources import open_file, shard_format
 from blip2_ray.data.transforms import EMPTY_SHARD, TRUNCATED_SHARD
 from blip2_ray.runtime.files import atomic_path
 

@@ -27,9 +27,10 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from blip2_ray.config import from_dict
 from blip2_ray.data.config import DataConfig
 from blip2_ray.data.epoch_plan import EpochFiles, epoch_plan, unpack_records
-from blip2_ray.data.readers import check_parquet_columns, list_shards, read_shard_records, shard_format, storage_options
+from blip2_ray.data.readers import check_parquet_columns, read_shard_records
 from blip2_ray.data.records import process_records
 from blip2_ray.data.skips import report_skips, skip_counter
+from blip2_ray.data.sources import list_shards, shard_format, storage_options
 from blip2_ray.runtime.user_errors import report_user_errors
 
 log = logging.getLogger(__name__)

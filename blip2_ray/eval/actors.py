@@ -114,7 +114,7 @@ class Stage2Actor:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from blip2_ray.model.generation import generate_text
+        from blip2_ray.model.prompts import generate_text
 
         keep, px = decode_rows(batch, self.size, self.data)
         prompts = [str(batch["prompt"][i]) for i in keep]

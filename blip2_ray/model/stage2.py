@@ -4,8 +4,7 @@ Attribute names follow transformers' `Blip2ForConditionalGeneration` (`vision_mo
 `qformer`, `language_projection`, `language_model`), so weights load from and export to it as is.
 Decoder-only LLMs (OPT, Llama, Qwen2, Mistral, GPT-2...): loss on the caption only; a caption ends in
 "\\n" for OPT (BLIP-2's convention) and in the tokenizer's EOS otherwise (weights/tokenizers.py). FlanT5
-(encoder-decoder): the prefix-LM split, at a random point between 1 and the caption's midpoint, which
-HF does not have.
+(encoder-decoder): the prefix-LM split at a random point up to the caption's midpoint (`model/prefix_lm.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from torch import nn
 
 from blip2_ray.model.partitioned import full_shape
 from blip2_ray.model.precision import autocast_off
+from blip2_ray.model.prefix_lm import prefix_lm_split
 from blip2_ray.model.qformer import run_qformer
 from blip2_ray.model.question_qformer import question_pass, takes_question
 from blip2_ray.model.vision import encode_image, freeze_vision
@@ -298,27 +298,3 @@ def decoder_attention(language_model: nn.Module, keep: torch.Tensor, dtype: torc
     allowed = (torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()[None] & keep.bool()[:, None, :])[:, None]
     mask = allowed if impl == "sdpa" else (~allowed).to(dtype) * torch.finfo(dtype).min
     return {"attention_mask": mask, "position_ids": (keep.cumsum(1) * keep - 1).long()}
-
-
-def prefix_lm_split(
-    ids: torch.Tensor, mask: torch.Tensor, eos_id: int, pad_id: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split each caption at a random point k in [1, max(1, n // 2)] (n = caption tokens without </s>).
-
-    ids (B, T) = [caption, </s>, pad...]. Returns encoder ids [caption[:k], </s>, pad...], its mask,
-    and decoder labels [caption[k:], </s>, -100...] (the suffix is the target).
-    """
-    b, t = ids.shape
-    n = (mask.sum(1) - 1).clamp(min=1)  # caption tokens without the final </s>
-    hi = (n // 2).clamp(min=1)
-    u = torch.rand(b, generator=generator, device="cpu").to(ids.device)
-    k = 1 + (u * hi).long().clamp(max=hi - 1)  # uniform over 1..hi
-    pos = torch.arange(t, device=ids.device)[None]
-    enc_ids = torch.where(pos < k[:, None], ids, torch.full_like(ids, pad_id))
-    enc_ids = torch.where(pos == k[:, None], torch.full_like(ids, eos_id), enc_ids)
-    enc_mask = (pos <= k[:, None]).long()
-    src = (pos + k[:, None]).clamp(max=t - 1)
-    labels = torch.gather(ids, 1, src)
-    valid = (pos + k[:, None]) < mask.sum(1, keepdim=True)
-    labels = labels.masked_fill(~valid, -100)
-    return enc_ids, enc_mask, labels

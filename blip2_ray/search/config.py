@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import doc
+from blip2_ray.config import doc, require_input_and_output
 from blip2_ray.data.config import DataConfig
 from blip2_ray.runtime.compute import ComputeConfig
 
@@ -82,9 +82,6 @@ class IndexJobConfig:
     summary_file: str | None = doc("where the JSON summary goes (default: OUTPUT_DIR/index_summary.json)", None)
 
     def validate(self) -> None:
-        if not self.input:
-            raise ValueError("input must name at least one source")
-        if not self.output_dir:
-            raise ValueError("output_dir must be set")
+        require_input_and_output(self)
         if not self.model:
             raise ValueError("model must name a stage-1 export directory")

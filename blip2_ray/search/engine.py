@@ -19,7 +19,8 @@ import torch
 from blip2_ray.config import from_dict
 from blip2_ray.data.config import DataConfig
 from blip2_ray.data.processor import tokenize_qformer
-from blip2_ray.data.readers import read_images_at, storage_options
+from blip2_ray.data.readers import read_images_at
+from blip2_ray.data.sources import storage_options
 from blip2_ray.eval.actors import decode_rows
 from blip2_ray.eval.retrieval import rerank
 from blip2_ray.search import store
@@ -32,7 +33,7 @@ class SearchEngine:
     def __init__(self, index_dir: str, model_dir: str, device: str = "cpu", dtype: str = "float32",
                  query_max_tokens: int = 32, itm_batch_size: int = 128, nprobe: int | None = None,
                  fetch_threads: int = 8, s3_opts: dict | None = None):
-        """`s3_opts`: how to read S3 shards back (data.readers.storage_options); None resolves them here from
+        """`s3_opts`: how to read S3 shards back (data.sources.storage_options); None resolves them here from
         the index's data settings and this process's AWS environment."""
         from blip2_ray.weights.hf_format import load_stage1
 

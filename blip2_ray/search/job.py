@@ -62,7 +62,7 @@ def run_index(cfg: IndexJobConfig) -> dict:
     the summary."""
     import ray
 
-    from blip2_ray.data.readers import storage_options
+    from blip2_ray.data.sources import storage_options
     from blip2_ray.runtime.compute import actor_pool
     from blip2_ray.runtime.user_errors import report_user_errors, reraise_user_errors
     from blip2_ray.search.build import update_index

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from blip2_ray.config import from_dict
-from blip2_ray.data.readers import read_shard_records, storage_options
+from blip2_ray.data.readers import read_shard_records
+from blip2_ray.data.sources import storage_options
 from blip2_ray.data.transforms import SkipRecord, caption_choices, decode_image, eval_resize, normalize_pixels_tensor
 from blip2_ray.runtime.compute import device_and_dtype
 from blip2_ray.search import store
@@ -67,7 +68,7 @@ class ShardIndexer:
     """A stage-1 model in this process, computing and storing the features of whole shards."""
 
     def __init__(self, cfg: dict, s3_opts: dict | None = None):
-        """`s3_opts`: the driver's S3 settings and credentials (data.readers.storage_options), as the data
+        """`s3_opts`: the driver's S3 settings and credentials (data.sources.storage_options), as the data
         pipeline hands them to its tasks; None resolves them in this process."""
         from blip2_ray.weights.hf_format import load_stage1
 

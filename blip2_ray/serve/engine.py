@@ -11,7 +11,7 @@ Why not one `generate` call in a thread: HF `generate` holds the GIL in long Pyt
 are nothing but Python), and a loop starved of the GIL admits requests so slowly that batches stay small.
 Here the thread yields the GIL after every step, and the tensor kernels in between release it.
 
-Greedy and sampled rows decode step-wise in the replica's static KV cache (`model.generation.DecodeSlots`:
+Greedy and sampled rows decode step-wise in the replica's static KV cache (`model.decode_slots.DecodeSlots`:
 `max_batch_size` slots of `max_seq_len` positions, allocated and its decode step captured at start-up);
 the running rows hold slots 0..n-1 (a finished row's slot is taken by the last row). Beam search rows run
 as a whole `Blip2Stage2.generate` call per group of equal settings (their answer arrives in one piece).
@@ -23,100 +23,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from blip2_ray.model.generation import (
-    DecodeSlots,
-    decoder_only,
-    next_tokens,
-    pad_id_of,
-    pad_prompts,
-    prefill,
-    question_tokens,
-    unsupported_generation_settings,
-)
+from blip2_ray.model.decode_slots import DecodeSlots
+from blip2_ray.model.generation import decoder_only, unsupported_generation_settings
+from blip2_ray.model.prompts import pad_id_of, question_tokens
+from blip2_ray.serve.model_steps import ModelSteps
+from blip2_ray.serve.rows import Rejected, Row, RowEvents
 
 logger = logging.getLogger("ray.serve")
 
 
-@dataclass(eq=False)  # rows compare by identity (the pending queue removes them)
-class Row:
-    """One request in the engine. `item`: {"pixel_values": uint8 (3, H, W), "prompt", "max_new_tokens",
-    "min_new_tokens", "num_beams", "temperature"[, "seed"]}; `prompt_ids`: its tokens (None: no prompt),
-    tokenised once, at `submit`."""
-
-    item: dict
-    prompt_ids: list[int] | None
-    stream: bool
-    prompt_tokens: int
-    stepwise: bool = True  # False: one whole `Blip2Stage2.generate` call (beam search)
-    question_ids: list[int] | None = None  # the question-aware Q-Former's tokens of the prompt
-    generator: torch.Generator | None = None  # sampling rows: their own, seeded (reproducible in any batch)
-    slot: int = -1  # where its keys/values are (step-wise rows, once admitted)
-    n_new: int = 0  # tokens generated (counted on the generation thread, which stops the row)
-    stopped: bool = False  # the generation thread has its last token
-    tokens: list[int] = field(default_factory=list)
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    sent: str = ""  # text streamed so far
-    cancelled: bool = False
-    done: bool = False
-    batch_size: int = 0
-    group_size: int = 0
-
-    def cancel(self) -> None:
-        """Leave the batch at the next step boundary (no-op once done)."""
-        self.cancelled = True
-
-    async def result(self) -> dict:
-        """The final result {"text", "token_ids", "finish_reason", ...} (raises what the model raised)."""
-        while True:
-            kind, value = await self.events.get()
-            if kind == "done":
-                return value
-            if kind == "error":
-                raise value
-
-    async def chunks(self):
-        """Dicts {"delta": new text, "batch_size", "group_size"} as the row advances: the first once it is
-        admitted (delta ""), the last with "done": the result. Events that piled up while the caller was
-        busy go out as one chunk. Raises what the model raised."""
-        while True:
-            parts = [await self.events.get()]
-            while not self.events.empty():
-                parts.append(self.events.get_nowait())
-            chunk = {"delta": "", "batch_size": self.batch_size, "group_size": self.group_size}
-            for kind, value in parts:
-                if kind == "error":
-                    raise value
-                if kind == "delta":
-                    chunk["delta"] += value
-                elif kind == "done":
-                    chunk["done"] = value
-            yield chunk
-            if "done" in chunk:
-                return
-
-
-class Rejected(Exception):
-    """A request the engine refuses at `submit`: `status` 400 (it cannot fit a KV-cache slot) or 503 (the
-    queue is full; retry after `retry_after_s`)."""
-
-    def __init__(self, status: int, type_: str, message: str, retry_after_s: int | None = None):
-        super().__init__(message)
-        self.status, self.type, self.message, self.retry_after_s = status, type_, message, retry_after_s
-
-    def error(self) -> tuple:
-        """(status, type, message) as the deployments answer errors (+ retry seconds for a 503)."""
-        out = (self.status, self.type, self.message)
-        return out if self.retry_after_s is None else (*out, self.retry_after_s)
-
-
-class GenerationEngine:
+class GenerationEngine(ModelSteps, RowEvents):
     """Continuous batching of caption/VQA/chat requests over one `Blip2Stage2`.
 
     preprocess: uint8 (B, 3, H, W) numpy -> normalised pixel values on the model's device.
@@ -313,164 +234,3 @@ class GenerationEngine:
                 return
             new = []
             time.sleep(0)  # let the loop take the GIL: it admits requests and streams while this decodes
-
-    # ---------------------------------------------------------------- model work (the generation thread)
-    def _settings(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = torch.tensor([r.n_new for r in rows], device=self.device)
-        min_new = torch.tensor([r.item["min_new_tokens"] for r in rows], device=self.device)
-        temperature = torch.tensor([float(r.item["temperature"]) for r in rows], device=self.device)
-        return n, min_new, temperature
-
-    def _choose(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        if all(r.generator is None and r.n_new >= r.item["min_new_tokens"] for r in rows):
-            return logits.argmax(-1)  # greedy, no EOS to hold back: what next_tokens would do, without its setup
-        n, min_new, temperature = self._settings(rows)
-        return next_tokens(logits, n, min_new, self.eos_ids, temperature, self.top_k, self.top_p,
-                           generator=[r.generator for r in rows])
-
-    def _inputs(self, rows: list[Row]) -> dict:
-        """The prefill / generate inputs of rows that all have a prompt or all have none."""
-        out = {"pixel_values": self.preprocess(np.stack([r.item["pixel_values"] for r in rows]))}
-        if rows[0].prompt_ids is not None:
-            out["input_ids"], out["attention_mask"] = pad_prompts(
-                [r.prompt_ids for r in rows], self.pad_id, decoder_only(self.model), self.device)
-        if rows[0].question_ids is not None:
-            out["question_ids"], out["question_mask"] = pad_prompts(
-                [r.question_ids for r in rows], pad_id_of(self.qformer_tokenizer), False, self.device)
-        return out
-
-    @torch.no_grad()
-    def _step(self, alive: list[Row], new: list[Row]) -> tuple[list[Row], list[int]]:
-        """The alive rows compacted into slots 0..k-1 and one decode step of them, then the prefill of `new`
-        into the next slots: (the rows in slot order, their new tokens)."""
-        k = len(alive)
-        holes = iter(sorted(set(range(k)) - {r.slot for r in alive}))
-        for r in alive:
-            if r.slot >= k:  # a finished row's slot takes a row from the end
-                dst = next(holes)
-                self.slots.move(r.slot, dst)
-                r.slot = dst
-        for slot in range(k, self._used):
-            self.slots.release(slot)
-        self._used = k
-        alive = sorted(alive, key=lambda r: r.slot)
-        tokens: list[int] = []
-        if alive:
-            chosen = self._choose(self.slots.step(k), alive)
-            self.slots.set_tokens(k, chosen)
-            tokens = chosen.tolist()
-        joined: list[Row] = []
-        for has_prompt in (True, False):
-            group = [r for r in new if (r.prompt_ids is not None) == has_prompt]
-            if not group:
-                continue
-            pre, logits = prefill(self.model, **self._inputs(group))
-            chosen = self._choose(logits, group)
-            self.slots.insert(pre, self._used, chosen)
-            for i, r in enumerate(group):
-                r.slot = self._used + i
-            self._used += len(group)
-            tokens += chosen.tolist()
-            joined += group
-        return alive + joined, tokens
-
-    @torch.no_grad()
-    def _generate_group(self, rows: list[Row]) -> list[list[int]]:
-        """One `Blip2Stage2.generate` call for rows of equal settings -> each row's tokens (to its EOS)."""
-        it = rows[0].item
-        temperature = float(it["temperature"])
-        sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-        inputs = self._inputs(rows)
-        out = self.model.generate(inputs.pop("pixel_values"), inputs.pop("input_ids", None),
-                                  inputs.pop("attention_mask", None), num_beams=it["num_beams"],
-                                  max_new_tokens=it["max_new_tokens"], min_new_tokens=it["min_new_tokens"],
-                                  eos_token_id=self.eos_ids, **inputs, **sampling)
-        results = []
-        for row in out.tolist():
-            stop = next((j for j, t in enumerate(row) if t in self._eos), None)
-            results.append(row if stop is None else row[: stop + 1])
-        return results
-
-    async def _run_whole(self, rows: list[Row]) -> None:
-        groups: dict[tuple, list[Row]] = defaultdict(list)
-        for r in rows:
-            it = r.item
-            key = (it["max_new_tokens"], it["min_new_tokens"], it["num_beams"], it["temperature"], r.prompt_ids is None)
-            groups[key].append(r)
-        loop = asyncio.get_running_loop()
-        for group in groups.values():
-            try:
-                outs = await loop.run_in_executor(self._thread, self._generate_group, group)
-            except Exception as e:
-                logger.exception("generation failed")
-                for row in group:
-                    self._fail(row, e)
-                continue
-            self.counters["admitted"] += len(group)
-            for row, tokens in zip(group, outs):
-                row.batch_size = row.group_size = len(group)
-                if row.stream:
-                    row.events.put_nowait(("admitted", None))
-                row.tokens = tokens
-                stopped = bool(tokens) and tokens[-1] in self._eos
-                self._finish(row, "stop" if stopped else "length")
-
-    # ---------------------------------------------------------------- rows' events (on the loop)
-    def _deliver(self, rows: list[Row], new: list[Row], tokens: list[int]) -> None:
-        """One step's outcome, on the loop: the rows that joined are admitted, every row gets its token."""
-        self.counters["admitted"] += len(new)
-        for row in new:
-            row.batch_size, row.group_size = len(rows), len(new)
-            if row.stream:
-                row.events.put_nowait(("admitted", None))
-        for row, token in zip(rows, tokens):
-            self._advance(row, token)
-
-    def _advance(self, row: Row, token: int) -> None:
-        if row.cancelled:  # cancelled during the step: it leaves at the next one
-            return
-        row.tokens.append(token)
-        if token in self._eos:
-            self._finish(row, "stop")
-        elif len(row.tokens) >= row.item["max_new_tokens"]:
-            self._finish(row, "length")
-        elif row.stream:
-            delta = self._delta(self.tokenizer.decode(row.tokens, skip_special_tokens=True).lstrip(), row)
-            if delta:
-                row.events.put_nowait(("delta", delta))
-
-    @staticmethod
-    def _delta(text: str, row: Row, final: bool = False) -> str:
-        """The new text since the last chunk; an unfinished UTF-8 character and trailing spaces wait."""
-        if not final:
-            if text.endswith("\ufffd"):
-                return ""
-            text = text.rstrip()  # the final text is stripped: spaces go out with the word after them
-        if not text.startswith(row.sent):
-            return ""
-        delta, row.sent = text[len(row.sent):], text
-        return delta
-
-    def _finish(self, row: Row, reason: str) -> None:
-        row.done = True
-        self.counters["finished"] += 1
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-        if row.stream:
-            delta = self._delta(text, row, final=True)
-            if delta:
-                row.events.put_nowait(("delta", delta))
-        row.events.put_nowait(("done", {
-            "text": text, "token_ids": list(row.tokens), "completion_tokens": len(row.tokens),
-            "prompt_tokens": row.prompt_tokens, "finish_reason": reason,
-            "batch_size": row.batch_size, "group_size": row.group_size,
-        }))
-
-    def _drop(self, row: Row) -> None:
-        if not row.done:
-            row.done = True
-            self.counters["cancelled"] += 1
-
-    def _fail(self, row: Row, error: Exception) -> None:
-        if not row.done:
-            row.done = True
-            row.events.put_nowait(("error", error))

@@ -3,7 +3,8 @@
 Auth and body limits, JSON/multipart parsing, schema checks, generation settings and texts, then image
 decode + resize to uint8 (see `images.py`): a request whose body or image is bad is answered here and
 never reaches a model replica. The error contract is in `parsing.py`, the schemas in `protocol.py`,
-the OpenAI adaptation in `chat.py`. Its replicas scale with the config's `ingress` section.
+the OpenAI adaptation in `chat.py`, each route's `Endpoint` in `endpoints.py`, the SSE stream in
+`streaming.py`. Its replicas scale with the config's `ingress` section.
 """
 
 # no `from __future__ import annotations` here: FastAPI must see the routes' real annotations (a string
@@ -12,33 +13,36 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
 from ray import serve
-from ray.exceptions import TaskCancelledError
 
 from blip2_ray.config import from_dict
 from blip2_ray.serve import chat
 from blip2_ray.serve.config import ServeConfig
+from blip2_ray.serve.endpoints import (
+    CAPTION,
+    CHAT,
+    EMBEDDINGS,
+    ENCODINGS,
+    FLAGS,
+    MATCH,
+    SEARCH,
+    SERVES,
+    VQA,
+    Endpoint,
+    Prepared,
+    embedding_size,
+)
 from blip2_ray.serve.images import ImageResizer, load_pixels
 from blip2_ray.serve.parsing import APIError, check_headers, install_error_handlers, read_payload, validate
 from blip2_ray.serve.protocol import (
     OPENAPI_SCHEMAS,
-    CaptionRequest,
-    ChatCompletionRequest,
-    EmbeddingsRequest,
-    MatchRequest,
-    SearchRequest,
-    VQARequest,
     body_doc,
 )
+from blip2_ray.serve.streaming import ServeStreamingResponse, sse_events
 
 api = FastAPI(
     title="BLIP-2 on Ray Serve",
@@ -59,103 +63,6 @@ def _custom_openapi():
 api.openapi = _custom_openapi
 
 
-class ServeStreamingResponse(StreamingResponse):
-    """A StreamingResponse that takes Ray Serve's cancelled `receive()` for the disconnect it is.
-
-    Behind Serve's proxy a client that goes away cancels the replica's pending `receive()`: it raises
-    `TaskCancelledError` instead of returning `{"type": "http.disconnect"}`, and starlette would let that
-    escape with a traceback in the replica's log. Returning ends the response the way a disconnect does
-    (the body generator is cancelled, and with it the request's row in the batch).
-    """
-
-    async def listen_for_disconnect(self, receive) -> None:
-        try:
-            await super().listen_for_disconnect(receive)
-        except TaskCancelledError:
-            return
-
-
-# ---------------------------------------------------------------- what each model route starts with
-@dataclass(frozen=True)
-class Endpoint:
-    """A model route's prologue, as data: its body schema, the deployment it needs, and where its
-    generation settings, its text(s) and its images are in the request (None: the route has none)."""
-
-    path: str
-    schema: type[BaseModel]
-    model: str  # "caption", "retrieval" or "search"
-    images: Callable[[Any], list[str] | None]
-    generation: Callable[[Any], tuple] | None = None  # req -> (max_new, min_new, beams, default key, temperature)
-    text: Callable[[Any], tuple[str | None, str]] | None = None  # req -> (its text, the name errors give it)
-    texts: Callable[[Any], list[str] | None] | None = None
-    multipart: bool = True
-
-
-def _embedding_images(req: EmbeddingsRequest) -> list[str] | None:
-    if sum(x is not None for x in (req.images, req.texts, req.input)) != 1:
-        raise APIError(422, "invalid_request_error", "give exactly one of 'images', 'texts' or 'input'")
-    return req.images
-
-
-def _embedding_texts(req: EmbeddingsRequest) -> list[str] | None:
-    """'texts', or OpenAI's 'input' (one text or a list of texts)."""
-    if req.input is not None:
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        if not texts:
-            raise APIError(422, "invalid_request_error", "input: give at least one text")
-        return texts
-    return req.texts
-
-
-CAPTION = Endpoint("/v1/caption", CaptionRequest, "caption", lambda r: [r.image],
-                   lambda r: (r.max_new_tokens, r.min_new_tokens, r.num_beams, "max_new_tokens", 0.0),
-                   text=lambda r: (r.prompt, "prompt"))
-VQA = Endpoint("/v1/vqa", VQARequest, "caption", lambda r: [r.image],
-               lambda r: (r.max_new_tokens, r.min_new_tokens, r.num_beams, "vqa_max_new_tokens", 0.0),
-               text=lambda r: (r.question, "question"))
-EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingsRequest, "retrieval", _embedding_images, texts=_embedding_texts)
-MATCH = Endpoint("/v1/match", MatchRequest, "retrieval", lambda r: [r.image], texts=lambda r: r.texts)
-CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "caption",
-                lambda r: [chat.chat_image_and_text(r)[0]],
-                lambda r: (r.max_completion_tokens or r.max_tokens, None, None, "max_new_tokens", r.temperature or 0.0),
-                text=lambda r: (chat.chat_image_and_text(r)[1], "message text"), multipart=False)
-SEARCH = Endpoint("/v1/search", SearchRequest, "search", lambda r: None if r.image is None else [r.image],
-                  text=lambda r: (r.text, "text"))
-_FLAGS = {"caption": "--model DIR", "retrieval": "--retrieval-model DIR",
-          "search": "--retrieval-model DIR --search-index INDEX_DIR"}
-_SERVES = {"caption": "caption, vqa, chat", "retrieval": "embeddings, match", "search": "search"}
-
-
-def _embedding_size(model_dir: str) -> int | None:
-    """The ITC feature size of a retrieval model directory (its config.json's image_text_hidden_size)."""
-    import json
-
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            return json.load(f).get("image_text_hidden_size")
-    except (OSError, ValueError):
-        return None
-
-
-def _base64_floats(vector: np.ndarray) -> str:
-    """OpenAI's base64 embedding: the little-endian float32 bytes, base64."""
-    import base64
-
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-
-
-_ENCODINGS = {"float": lambda v: v.tolist(), "base64": _base64_floats}
-
-
-@dataclass
-class Prepared:
-    req: Any  # the validated request
-    pixels: np.ndarray | None  # uint8 (B, 3, H, W), None if the request has no images
-    settings: dict | None = None  # generation settings (caption routes)
-    text: str = ""  # the prompt, question or chat text (checked for length)
-    texts: list[str] | None = None  # retrieval texts (checked for count and length)
-
-
 # ---------------------------------------------------------------- the ingress deployment
 @serve.deployment
 @serve.ingress(api)
@@ -166,7 +73,7 @@ class BLIP2Ingress:
         # the name each model answers to: responses name the model that computed them
         self.names = {"caption": self.cfg.caption_model_name, "retrieval": self.cfg.retrieval_name,
                       "search": self.cfg.search.served_name if search is not None else None}
-        self.embed_dim = _embedding_size(self.cfg.retrieval_model) if self.cfg.retrieval_model else None
+        self.embed_dim = embedding_size(self.cfg.retrieval_model) if self.cfg.retrieval_model else None
         self.token = api_token or os.environ.get(self.cfg.api_token_env) or None
         self.resizers = {"caption": ImageResizer(self.cfg.model) if self.cfg.model else None,
                          "retrieval": ImageResizer(self.cfg.retrieval_model) if self.cfg.retrieval_model else None}
@@ -183,7 +90,7 @@ class BLIP2Ingress:
         check_headers(request, self.token, self.cfg.max_body_bytes)
         if self.handles[ep.model] is None:
             raise APIError(404, "model_not_loaded",
-                           f"{ep.path} needs a model this server was started without: start it with {_FLAGS[ep.model]}")
+                           f"{ep.path} needs a model this server was started without: start it with {FLAGS[ep.model]}")
         req = validate(ep.schema, await read_payload(request, self.cfg.max_body_bytes, ep.multipart))
         self._check_model_name(ep, getattr(req, "model", None))
         p = Prepared(req, None, self._settings(*ep.generation(req)) if ep.generation else None)
@@ -207,7 +114,7 @@ class BLIP2Ingress:
         return p
 
     def _served(self) -> str:
-        return ", ".join(f"{name} ({_SERVES[kind]})" for kind, name in self.names.items() if name)
+        return ", ".join(f"{name} ({SERVES[kind]})" for kind, name in self.names.items() if name)
 
     def _check_model_name(self, ep: Endpoint, name: str | None) -> None:
         """A request naming a model must name the one that answers its route (404 listing the served ones)."""
@@ -281,26 +188,26 @@ class BLIP2Ingress:
     async def models(self, request: Request):
         check_headers(request, self.token, self.cfg.max_body_bytes)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "blip2_ray",
-                 "endpoints": [f"/v1/{e}" for e in _SERVES[kind].replace("chat", "chat/completions").split(", ")]}
+                 "endpoints": [f"/v1/{e}" for e in SERVES[kind].replace("chat", "chat/completions").split(", ")]}
                 for kind, name in self.names.items() if name]
         return {"object": "list", "data": data}
 
-    @api.post(CAPTION.path, openapi_extra=body_doc(CaptionRequest))
+    @api.post(CAPTION.path, openapi_extra=body_doc(CAPTION.schema))
     async def caption(self, request: Request):
         p = await self._prologue(request, CAPTION)
         out = await self._generate(p)
         return JSONResponse({"caption": out["text"], "model": self.names["caption"]}, headers=self._batch_headers(out))
 
-    @api.post(VQA.path, openapi_extra=body_doc(VQARequest))
+    @api.post(VQA.path, openapi_extra=body_doc(VQA.schema))
     async def vqa(self, request: Request):
         p = await self._prologue(request, VQA)
         out = await self._generate(p, question=True)
         return JSONResponse({"answer": out["text"], "model": self.names["caption"]}, headers=self._batch_headers(out))
 
-    @api.post(EMBEDDINGS.path, openapi_extra=body_doc(EmbeddingsRequest))
+    @api.post(EMBEDDINGS.path, openapi_extra=body_doc(EMBEDDINGS.schema))
     async def embeddings(self, request: Request):
         p = await self._prologue(request, EMBEDDINGS)
-        dims, encode = p.req.dimensions, _ENCODINGS[p.req.encoding_format]
+        dims, encode = p.req.dimensions, ENCODINGS[p.req.encoding_format]
         if dims is not None and self.embed_dim is not None and dims != self.embed_dim:
             raise APIError(422, "invalid_request_error",
                            f"dimensions: this model's embeddings have {self.embed_dim} (they cannot be shortened)")
@@ -317,7 +224,7 @@ class BLIP2Ingress:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
                             headers={"x-batch-size": str(out["batch_size"])})
 
-    @api.post(MATCH.path, openapi_extra=body_doc(MatchRequest))
+    @api.post(MATCH.path, openapi_extra=body_doc(MATCH.schema))
     async def match(self, request: Request):
         p = await self._prologue(request, MATCH)
         out = await self._call(self.handles["retrieval"].match.remote(p.pixels, p.texts))
@@ -325,7 +232,7 @@ class BLIP2Ingress:
         return JSONResponse({"data": data, "model": self.names["retrieval"]},
                             headers={"x-batch-size": str(out["batch_size"])})
 
-    @api.post(SEARCH.path, openapi_extra=body_doc(SearchRequest))
+    @api.post(SEARCH.path, openapi_extra=body_doc(SEARCH.schema))
     async def search(self, request: Request):
         """Text -> the top k images re-ranked by ITM + ITC; image -> the top k images by ITC image-image."""
         p = await self._prologue(request, SEARCH)
@@ -358,7 +265,7 @@ class BLIP2Ingress:
                              "query": query,
                              **extra, "data": [{"rank": n + 1, **row} for n, row in enumerate(out["results"])]})
 
-    @api.post(CHAT.path, openapi_extra=body_doc(ChatCompletionRequest, multipart=False))
+    @api.post(CHAT.path, openapi_extra=body_doc(CHAT.schema, multipart=False))
     async def chat_completions(self, request: Request):
         """One image + the last user message's text (see `chat.py`); `"stream": true` streams the tokens."""
         p = await self._prologue(request, CHAT)
@@ -382,34 +289,5 @@ class BLIP2Ingress:
             raise APIError(*first["error"])
         include_usage = bool(p.req.stream_options and p.req.stream_options.include_usage)
         headers = {"x-batch-size": str(first["batch_size"]), "x-generate-group-size": str(first["group_size"])}
-        return ServeStreamingResponse(self._events(first, parts, writer, include_usage),
+        return ServeStreamingResponse(sse_events(first, parts, writer, include_usage),
                                       media_type="text/event-stream", headers=headers)
-
-    @staticmethod
-    async def _events(first: dict, parts, writer: chat.ChunkWriter, include_usage: bool):
-        """The SSE body. A client that goes away cancels this generator: the cancel reaches the replica,
-        whose row leaves the batch at the next decode step."""
-        try:
-            yield writer.delta({"role": "assistant", "content": ""})
-            part = first
-            while True:
-                if part["delta"]:
-                    yield writer.delta({"content": part["delta"]})
-                if "done" in part:
-                    out = part["done"]
-                    yield writer.delta({}, out["finish_reason"], chat.usage(out))
-                    if include_usage:
-                        yield writer.usage_only(chat.usage(out))
-                    yield writer.done()
-                    return
-                try:
-                    part = await parts.__anext__()
-                except StopAsyncIteration:
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the status line is gone: report the failure in the stream
-            yield writer.error(500, "server_error", f"generation failed ({e.__class__.__name__})")
-            yield writer.done()
-        finally:
-            parts.cancel()

@@ -14,11 +14,13 @@ deployment.
 
 from __future__ import annotations
 
-import json
 import os
 
 from blip2_ray.errors import UserError
-from blip2_ray.weights.export_kinds import export_kind  # torch-free: this check answers in well under a second
+from blip2_ray.weights.export_kinds import (  # torch-free: this check answers in well under a second
+    export_kind,
+    read_dir_config,
+)
 
 SERVABLE: dict[str, dict[str, str]] = {
     "model": {"stage2": "caption, vqa and chat",
@@ -46,19 +48,8 @@ def model_kind(path: str, key: str) -> str:
     """The export kind of the directory `path` named by config key `key`; UserError when it holds no model
     this project exports (no config.json, another model type, no weights, no tokenizer or image processor)."""
     want = " or ".join(WHAT[k] for k in SERVABLE[key])
-    if not os.path.isdir(path):
-        raise UserError(f"{_name(key)} {path!r} is not a local directory; it needs {want}")
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        raise UserError(f"{_name(key)} {path!r} holds no model (no config.json); it needs {want}, e.g. the "
-                        f"output_dir of a training run")
-    try:
-        with open(config) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{_name(key)} {path!r}: config.json is not readable JSON ({e.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{_name(key)} {path!r}: config.json holds no JSON object; it needs {want}")
+    data = read_dir_config(path, _name(key), f"it needs {want}",
+                           f"it needs {want}, e.g. the output_dir of a training run")
     kind = export_kind(data)
     if kind is None:
         raise UserError(f"{_name(key)} {path!r} holds a {data.get('model_type')!r} model; it needs {want}")

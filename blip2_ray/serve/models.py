@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from blip2_ray.serve.engine import GenerationEngine, Rejected
+from blip2_ray.serve.engine import GenerationEngine
 from blip2_ray.serve.images import pixel_normalizer
+from blip2_ray.serve.rows import Rejected
 
 
 def qformer_text_length(qformer_cfg, qformer) -> int:

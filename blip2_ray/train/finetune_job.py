@@ -101,7 +101,7 @@ def prepare_shards(cfg: FinetuneConfig, ann) -> tuple[FinetuneConfig, dict]:
 
 def s3_options(cfg: FinetuneConfig) -> dict:
     """s3fs options of the run's storage (its endpoint, else the data's)."""
-    from blip2_ray.data.readers import storage_options
+    from blip2_ray.data.sources import storage_options
 
     d = cfg.data
     return storage_options(cfg.storage_endpoint_url or d.s3_endpoint_url, d.s3_anonymous, d.s3_region)
@@ -115,7 +115,7 @@ def s3_shards(remote: str, fp: str, write, opts: dict) -> dict:
     import tempfile
 
     from blip2_ray.data.annotations import MANIFEST
-    from blip2_ray.data.readers import s3_filesystem
+    from blip2_ray.data.sources import s3_filesystem
 
     fs = s3_filesystem(opts)
     bare = remote.removeprefix("s3://")

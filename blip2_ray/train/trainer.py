@@ -38,7 +38,7 @@ def build_train_dataset(cfg: PretrainConfig):
     """The run's training dataset, its epoch read from the run's EpochPlan (created here, held by the driver)."""
     from blip2_ray.data.epoch_plan import epoch_plan_name
     from blip2_ray.data.pipeline import build_dataset
-    from blip2_ray.weights.weight_sources import llm_family
+    from blip2_ray.weights.llm_source import llm_family
 
     qtok, ltok = task_of(cfg).tokenizer_dirs(cfg)  # the token columns the task's batches hold
     return build_dataset(cfg.data, cfg.data.train, train=True, qformer_tokenizer=qtok, llm_tokenizer=ltok,

@@ -1,7 +1,12 @@
-"""What kind of model a directory's config.json describes, without torch (the Serve app decides what it can serve
-from this before anything heavy is imported)."""
+"""What kind of model a directory's config.json describes, and that config.json read with one clear error, without
+torch (the Serve app decides what it can serve from this before anything heavy is imported)."""
 
 from __future__ import annotations
+
+import json
+import os
+
+from blip2_ray.errors import UserError
 
 BLIP2_MODEL_TYPES = ("blip-2", "blip_2")  # transformers writes "blip-2" into config.json
 INSTRUCTBLIP_MODEL_TYPE = "instructblip"  # a VQA fine-tune's export (its Q-Former reads the question)
@@ -28,3 +33,22 @@ def export_kind(data: dict) -> str | None:
     if model_type in BLIP2_MODEL_TYPES:
         return "stage1" if "Blip2ForImageTextRetrieval" in arch else "stage2"
     return None
+
+
+def read_dir_config(path: str, what: str, not_dir: str, no_config: str) -> dict:
+    """config.json of the local model directory `path`, as a dict; one UserError naming `what` when `path` is not
+    a local directory (then `not_dir` says what to do), holds no config.json or no JSON object (`no_config`),
+    or its config.json is not readable JSON."""
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is not a local directory; {not_dir}")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise UserError(f"{what} {path!r} holds no model (no config.json); {no_config}")
+    try:
+        with open(config) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {path!r}: config.json is not readable JSON ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path!r}: config.json holds no JSON object; {no_config}")
+    return data

@@ -18,15 +18,12 @@ import torch
 
 from blip2_ray.config import dump_yaml
 from blip2_ray.model.config import ModelConfig
+from blip2_ray.weights.hf_configs import _is_tied, stage1_hf_config, stage2_hf_class, stage2_hf_config
 from blip2_ray.weights.hf_format import (
-    _is_tied,
     export_vocab_rows,
     grow_vocab_rows,
     image_processor,
     image_token_index_of,
-    stage1_hf_config,
-    stage2_hf_class,
-    stage2_hf_config,
     stage2_processor,
     vocab_row_keys,
 )

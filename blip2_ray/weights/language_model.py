@@ -20,7 +20,7 @@ from blip2_ray.model.language_model import llm_class, random_llm_config
 from blip2_ray.model.partitioned import FrozenConstruction, construction_context, default_dtype
 from blip2_ray.model.vision import DTYPES
 from blip2_ray.weights.checkpoint_files import LazyTensors, TensorFiles, assign_weights, require_local_dir
-from blip2_ray.weights.weight_sources import llm_config_at
+from blip2_ray.weights.llm_source import llm_config_at
 
 
 @contextlib.contextmanager

@@ -38,8 +38,9 @@ def _cfg(inp, out, models, **over):
 def test_capfilt_webdataset_counts_format_and_resume(ray_session, tiny_models, tmp_path):
     from blip2_ray.capfilt.job import run_capfilt
     from blip2_ray.data.config import DataConfig
-    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.readers import read_shard_records
     from blip2_ray.data.records import process_records
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.fixtures.sample import make_sample_shards
 
     info = make_sample_shards(str(tmp_path / "in"), "webdataset", num=24, shards=3, image_size=32, seed=1,
@@ -117,8 +118,9 @@ def test_capfilt_paper_pair_blip_clip(ray_session, tiny_blip_clip, tiny_models, 
     from blip2_ray.capfilt import shards as S
     from blip2_ray.capfilt.job import run_capfilt
     from blip2_ray.data.config import DataConfig
-    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.readers import read_shard_records
     from blip2_ray.data.records import process_records
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.errors import UserError
     from blip2_ray.fixtures.sample import make_sample_shards
 

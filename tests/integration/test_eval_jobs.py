@@ -21,7 +21,7 @@ def models(tiny_exports):
 def karpathy(tmp_path_factory):
     """A LAVIS-style Karpathy test file + image folder, from generated shapes (2 captions per image)."""
     from blip2_ray.capfilt.shards import read_tar_members
-    from blip2_ray.data.readers import list_shards
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.fixtures.sample import make_sample_shards
 
     root = tmp_path_factory.mktemp("karpathy")

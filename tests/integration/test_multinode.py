@@ -52,7 +52,8 @@ def run_scenario(tmp: str) -> dict:
     from trained_rows import surviving_rows
 
     from blip2_ray.config import load_config, to_dict
-    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.readers import read_shard_records
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.loop import train_loop_per_worker

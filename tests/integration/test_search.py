@@ -83,7 +83,8 @@ def test_index_job_then_search_through_the_app(ray_session, tiny_exports, s3_ser
     from ray import serve
 
     from blip2_ray.config import from_dict
-    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.readers import read_shard_records
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.errors import UserError
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.search.job import run_index

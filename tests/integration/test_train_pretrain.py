@@ -94,8 +94,9 @@ def test_stage1_zero3_bf16_trains_checkpoints_and_exports(stage1_run):
 
 def expected_pixel_crcs(shards: str, epoch: int, cfg: PretrainConfig) -> dict[str, int]:
     """key -> CRC of the uint8 crop + flip the recipe gives each record in `epoch` (computed here, no Ray)."""
-    from blip2_ray.data.readers import list_shards, read_shard_records
+    from blip2_ray.data.readers import read_shard_records
     from blip2_ray.data.records import record_rng
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.data.transforms import decode_image, train_crop
 
     out = {}

@@ -35,7 +35,7 @@ def test_rank_captions_is_max_over_queries():
 
 
 def test_shard_writes_are_atomic_and_invisible_until_done(tmp_path):
-    from blip2_ray.data.readers import list_shards
+    from blip2_ray.data.sources import list_shards
 
     final = str(tmp_path / "00000.tar")
     S.write_tar(final, [("k1", {"jpg": b"x", "txt": json.dumps(["a", "b"]).encode()})])

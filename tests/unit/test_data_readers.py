@@ -10,8 +10,9 @@ import pytest
 
 from blip2_ray.data.config import DataConfig
 from blip2_ray.data.pipeline import epoch_file_order
-from blip2_ray.data.readers import list_shards, read_shard_records, read_tar_records, storage_options
+from blip2_ray.data.readers import read_shard_records, read_tar_records
 from blip2_ray.data.records import process_records
+from blip2_ray.data.sources import list_shards, storage_options
 from blip2_ray.errors import UserError
 from blip2_ray.fixtures.sample import CORRUPT_KINDS, make_sample_shards
 

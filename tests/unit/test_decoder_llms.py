@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from blip2_ray.data.processor import tokenize_llm, vqa_prompt
 from blip2_ray.model.caption_end import caption_stop_ids
 from blip2_ray.model.config import model_config
-from blip2_ray.model.generation import tokenize_prompts
 from blip2_ray.model.language_model import padded_vocab
+from blip2_ray.model.prompts import tokenize_prompts
 from blip2_ray.weights.builders import build_stage2
 from blip2_ray.weights.hf_format import export_stage2, load_stage2
 from blip2_ray.weights.tokenizers import load_llm_tokenizer, prepends_bos

@@ -6,15 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2_ray.model.generation import (
-    DecodeSlots,
-    batch_buckets,
-    next_tokens,
-    pad_prompts,
-    prefill,
-    tokenize_prompts,
-    unsupported_generation_settings,
-)
+from blip2_ray.model.decode_slots import DecodeSlots, batch_buckets
+from blip2_ray.model.generation import next_tokens, prefill, unsupported_generation_settings
+from blip2_ray.model.prompts import pad_prompts, tokenize_prompts
 
 
 @pytest.fixture(scope="module")

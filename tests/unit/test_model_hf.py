@@ -8,7 +8,7 @@ import torch
 from blip2_ray.errors import UserError
 from blip2_ray.model.caption_end import caption_stop_ids
 from blip2_ray.model.config import model_config
-from blip2_ray.model.stage2 import prefix_lm_split
+from blip2_ray.model.prefix_lm import prefix_lm_split
 from blip2_ray.weights import convert
 from blip2_ray.weights.builders import build_stage1, build_stage2
 from blip2_ray.weights.checkpoint_files import TensorFiles

@@ -46,7 +46,7 @@ def test_quantize_llm_halves_the_blocks_and_keeps_the_tied_head(tiny_tokenizers)
 def test_the_engine_decodes_the_int8_model_as_its_generate_does(varied_stage2):
     import copy
 
-    from blip2_ray.model.generation import tokenize_prompts
+    from blip2_ray.model.prompts import tokenize_prompts
     from blip2_ray.serve.engine import GenerationEngine
 
     model, tok, eos = varied_stage2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blip2_ray.model.config import model_config
-from blip2_ray.model.stage2 import prefix_lm_split
+from blip2_ray.model.prefix_lm import prefix_lm_split
 from blip2_ray.weights.builders import build_stage1, build_stage2
 from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 

@@ -151,7 +151,8 @@ def test_a_model_other_than_the_indexs_is_an_error_naming_both(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 def test_each_records_image_reads_back_from_its_location(tmp_path, fmt):
-    from blip2_ray.data.readers import list_shards, read_images_at, read_shard_records
+    from blip2_ray.data.readers import read_images_at, read_shard_records
+    from blip2_ray.data.sources import list_shards
     from blip2_ray.fixtures.sample import make_sample_shards
 
     make_sample_shards(str(tmp_path), fmt=fmt, num=12, shards=2, image_size=40, corrupt={"undecodable_image": 1})

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from blip2_ray.model.generation import tokenize_prompts
-from blip2_ray.serve.engine import GenerationEngine, Rejected
+from blip2_ray.model.prompts import tokenize_prompts
+from blip2_ray.serve.engine import GenerationEngine
+from blip2_ray.serve.rows import Rejected
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import model_config
-from blip2_ray.model.generation import generate_text
+from blip2_ray.model.prompts import generate_text
 from blip2_ray.weights.builders import build_stage1, build_stage2
 from blip2_ray.weights.hf_format import export_stage1, export_stage2, load_stage2
 from blip2_ray.weights.question_encoder import make_question_aware
@@ -157,7 +157,7 @@ def test_the_vqa_export_is_served_with_the_question_in_its_qformer(vqa_model, tm
     import numpy as np
 
     from blip2_ray.data.processor import vqa_prompt
-    from blip2_ray.model.generation import tokenize_prompts, tokenize_questions
+    from blip2_ray.model.prompts import tokenize_prompts, tokenize_questions
     from blip2_ray.serve.models import CaptionDeployment
 
     cfg, tok, qtok, model, *_ = vqa_model
