@@ -73,19 +73,18 @@ def make_instruct_sample(out_dir: str, num_train: int = 96, num_test: int = 24, 
                 f.write(_jpeg(draw_shapes(c, s, n, image_size, rng)))
             out["attributes"][os.path.join(out["image_root"][split], name)] = [c, s, NUMBERS[n - 1]]
 
-            def q(task: str, question: str, answer: str, k: int) -> None:
-                files[task].append({"question_id": image_id * 10 + k, "question": question, "image": name,
-                                    "answer": [answer] * 3, "image_id": image_id})
-
-            q("colour", COLOUR_QUESTIONS[int(rng.integers(2))], c, 0)
-            q("shape", SHAPE_QUESTIONS[int(rng.integers(2))], s, 1)
-            q("count", COUNT_QUESTIONS[int(rng.integers(2))], NUMBERS[n - 1], 2)
-            if rng.random() < 0.5:  # about the colour, true half the time
+            if rng.random() < 0.5:  # yes / no about the colour, true half the time
                 asked = c if rng.random() < 0.5 else str(rng.choice([x for x in colours if x != c]))
-                q("yesno", f"is it {asked}?", "yes" if asked == c else "no", 3)
+                yesno = (f"is it {asked}?", "yes" if asked == c else "no")
             else:
                 asked = s if rng.random() < 0.5 else str(rng.choice([x for x in shapes if x != s]))
-                q("yesno", f"is it a {asked}?", "yes" if asked == s else "no", 3)
+                yesno = (f"is it a {asked}?", "yes" if asked == s else "no")
+            for k, (task, question, answer) in enumerate((
+                    ("colour", COLOUR_QUESTIONS[int(rng.integers(2))], c),
+                    ("shape", SHAPE_QUESTIONS[int(rng.integers(2))], s),
+                    ("count", COUNT_QUESTIONS[int(rng.integers(2))], NUMBERS[n - 1]), ("yesno", *yesno))):
+                files[task].append({"question_id": image_id * 10 + k, "question": question, "image": name,
+                                    "answer": [answer] * 3, "image_id": image_id})
             caption = describe(c, s, n)
             files["describe"].append({"image": name, "caption": caption if split == "train" else [caption],
                                       "image_id": image_id})

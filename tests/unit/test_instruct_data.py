@@ -123,7 +123,9 @@ def test_sampling_weights_are_proportional_to_the_square_root_of_the_sizes():
 
 
 def test_shards_per_source_mix_at_the_shares_and_every_visit_draws_a_template(images, tmp_path, tiny_tokenizers):
-    rows = lambda n: [{"question": f"what is {i}?", "image": f"{i % 3}.jpg", "answer": [f"ans{i}"]} for i in range(n)]
+    def rows(n):
+        return [{"question": f"what is {i}?", "image": f"{i % 3}.jpg", "answer": [f"ans{i}"]} for i in range(n)]
+
     srcs = [read_instruct_source(n, "vqa", _write(tmp_path, f"{n}.json", rows(k)), images,
                                  templates=["Q: {} A:", "Question: {} Short answer:"])
             for n, k in (("small", 9), ("large", 36))]
