@@ -90,7 +90,7 @@ def make_instruct_sample(out_dir: str, num_train: int = 96, num_test: int = 24, 
                                       "image_id": image_id})
             files["chat"].append({"id": str(image_id), "image": name, "conversations": [
                 {"from": "human", "value": "<image>\nwhat is in the picture?"}, {"from": "gpt", "value": caption},
-                {"from": "human", "value": COLOUR_QUESTIONS[0]}, {"from": "gpt", "value": f"it is {c}"}]})
+                {"from": "human", "value": SHAPE_QUESTIONS[0]}, {"from": "gpt", "value": f"it is a {s}"}]})
         for task, entries in files.items():
             if task == "chat" and split == "test":
                 continue
