@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "index": "blip2_ray.cli.index",
     "check-data": "blip2_ray.cli.check_data",
     "make-sample-data": "blip2_ray.cli.make_sample_data",
+    "pack-finetune-data": "blip2_ray.cli.pack_finetune_data",
 }
 
 

@@ -6,12 +6,16 @@
         (fine-tuning data: images/train2014, images/val2014 and annotations/coco_karpathy_{train,test}.json)
     blip2-ray make-sample-data --out DIR --format vqav2 --num N [--num-test M]
         (VQA fine-tuning data in VQAv2's official layout: annotations/v2_*_{annotations,questions}.json)
+    blip2-ray make-sample-data --out DIR --format instruct --num N [--num-test M]
+        (instruction-tuning data: one annotation file per task, colour / shape / count / yesno / describe / chat,
+        in the LAVIS VQA, LAVIS caption and LLaVA-Instruct layouts: fixtures/sample_instruct.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from blip2_ray.errors import UserError
 from blip2_ray.runtime.cli import cli_main
@@ -37,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="blip2-ray make-sample-data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet", "coco-karpathy", "vqav2"])
-    p.add_argument("--num-test", type=int, default=16, help="coco-karpathy / vqav2: held-out images")
+    p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet", "coco-karpathy", "vqav2",
+                                                                 "instruct"])
+    p.add_argument("--num-test", type=int, default=16, help="coco-karpathy / vqav2 / instruct: held-out images")
     p.add_argument("--num", type=int, default=100, help="good records")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--image-size", type=int, default=64)
@@ -62,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                                   args.num_shapes)
         print(json.dumps(paths) if args.json else f"wrote {args.num} training and {args.num_test} held-out images "
               f"with 2 questions each in VQAv2's official layout: {paths['train']} (+ questions), {paths['test']}")
+        return 0
+    if args.format == "instruct":
+        from blip2_ray.fixtures.sample_instruct import make_instruct_sample
+
+        paths = make_instruct_sample(args.out, args.num, args.num_test, args.image_size, args.seed)
+        paths.pop("attributes")
+        print(json.dumps(paths) if args.json else f"wrote {args.num} training and {args.num_test} held-out images with "
+              f"one annotation file per instruction task under {os.path.join(args.out, 'annotations')}")
         return 0
     if args.format == "coco-karpathy":
         from blip2_ray.fixtures.sample_coco import make_coco_karpathy_sample

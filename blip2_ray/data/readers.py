@@ -164,7 +164,7 @@ def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[st
             return
         names = pf.schema_arrow.names
         image_col, caption_col = parquet_columns(names, path, image_keys, caption_keys)
-        cols = [image_col, caption_col] + [c for c in ("key", "question") if c in names]
+        cols = [image_col, caption_col] + [c for c in ("key", "question", "instruction") if c in names]
         n = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
@@ -177,6 +177,8 @@ def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[st
                     n += 1
                     if "question" in d:  # VQA shards (data/annotations.write_vqa_shards)
                         record["question"] = d["question"][i]
+                    if "instruction" in d:  # instruction shards (data/instruct.write_instruct_shards)
+                        record["instruction"] = d["instruction"][i]
                     yield record
         except OSError:
             on_skip(TRUNCATED_SHARD)

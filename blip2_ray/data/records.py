@@ -57,9 +57,11 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
     VQA records (a "question"; "caption" holds the human answers, one drawn per visit): the question is
     written into `cfg.vqa_prompt`, which both tokenizers read (the question-aware Q-Former and the LLM), the
     LLM row is [prompt, answer, end] with an "llm_prompt_length" int64 column (processor.tokenize_vqa_llm), and a
-    "question" column keeps the question. A batch is all VQA or all caption records.
+    "question" column keeps the question. Instruction records (an "instruction": a JSON list of filled
+    templates, data/instruct.py) are VQA records whose prompt is one drawn instruction and whose answer is one
+    drawn response; "question" keeps the instruction. A batch is all VQA / instruction or all caption records.
     """
-    keys, captions, questions, pixels, kept = [], [], [], [], []
+    keys, captions, questions, prompts, pixels, kept = [], [], [], [], [], []
     size = cfg.image_size
     proc = ImageTextProcessor(cfg, qformer_tokenizer=qformer_tokenizer_path and cached_qformer_tokenizer(
         qformer_tokenizer_path), llm_tokenizer=llm_tokenizer_path and cached_llm_tokenizer(llm_tokenizer_path),
@@ -72,13 +74,23 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
         try:
             if r.get("image") is None:
                 raise SkipRecord("missing_image")
-            if "question" in r:
+            if r.get("instruction") is not None:  # instruction tuning (data/instruct.py): the instruction is
+                # the prompt; one of its templates and one of its responses are drawn per visit
+                question = str(draw_choice(r["instruction"], rng)).strip()
+                if not question:
+                    raise SkipRecord("empty_instruction")
+                caption = str(draw_choice(r.get("caption"), rng)).strip()
+                if not caption:
+                    raise SkipRecord(EMPTY_CAPTION)
+                prompt = question
+            elif "question" in r:
                 question = r["question"].decode("utf-8") if isinstance(r["question"], bytes) else r["question"]
                 if not question or not str(question).strip():
                     raise SkipRecord("empty_question")
                 caption = str(draw_choice(r.get("caption"), rng)).strip()  # an answer: VQA rules normalise it
                 if not caption:
                     raise SkipRecord(EMPTY_CAPTION)
+                prompt = proc.question_prompt(str(question).strip())
             else:
                 question = None
                 caption = pick_caption(r.get("caption"), rng, cfg.max_caption_words)
@@ -92,6 +104,7 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
         captions.append(caption)
         if question is not None:
             questions.append(str(question).strip())
+            prompts.append(prompt)
         kept.append(number)
     if questions and len(questions) != len(keys):
         raise ValueError("a batch mixes VQA records (with a question) and caption records")
@@ -102,7 +115,7 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
         out["record"] = np.array(kept, dtype=np.int64)
     if with_pixels:
         out["pixel_values"] = np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8)
-    texts = [proc.question_prompt(q) for q in questions] if questions else captions  # what the Q-Former reads
+    texts = prompts if questions else captions  # what the Q-Former reads
     if qformer_tokenizer_path:
         out.update(proc.qformer_ids(texts))
     if llm_tokenizer_path:

@@ -13,8 +13,9 @@ from typing import Literal
 from blip2_ray.config import doc
 from blip2_ray.eval.config import EvalComputeConfig, GenerationConfig, RetrievalConfig
 from blip2_ray.train.config import PretrainConfig, TrainConfig
+from blip2_ray.train.instruct_config import InstructSection, LlmLoraSection
 
-TASK_STAGE = {"caption": 2, "vqa": 2, "retrieval": 1}
+TASK_STAGE = {"caption": 2, "vqa": 2, "retrieval": 1, "instruct": 2}
 
 
 @dataclass
@@ -103,7 +104,8 @@ class FinetuneTrainConfig(TrainConfig):
 
 @dataclass
 class FinetuneConfig(PretrainConfig):
-    task: Literal["caption", "vqa", "retrieval"] = doc("downstream task (paper sections 4.2-4.4)", "caption")
+    task: Literal["caption", "vqa", "retrieval", "instruct"] = doc(
+        "downstream task (paper sections 4.2-4.4; instruct: InstructBLIP's instruction tuning)", "caption")
     stage: int = doc("derived from task (caption / vqa: 2, retrieval: 1); setting it is an error unless it agrees",
                      0)
     run_name: str = doc("Ray Train run name: a rerun with the same name resumes from its latest checkpoint",
@@ -116,6 +118,10 @@ class FinetuneConfig(PretrainConfig):
     vision_training: VisionTrainingSection = doc("how the ViT trains", factory=VisionTrainingSection)
     evaluation: FinetuneEvalSection = doc("evaluation of the held-out annotations", factory=FinetuneEvalSection)
     vqa: VqaSection = doc("vqa: the question-aware Q-Former and the prompt", factory=VqaSection)
+    instruct: InstructSection = doc("instruct: the instruction data sources, held in and held out",
+                                    factory=InstructSection)
+    llm_lora: LlmLoraSection = doc("LoRA adapters on the frozen LLM (caption / vqa / instruct)",
+                                   factory=LlmLoraSection)
 
     STAGE1_INIT_FROM = True  # fine-tuned retrieval starts from a stage-1 export
 
@@ -125,10 +131,14 @@ class FinetuneConfig(PretrainConfig):
             raise ValueError(f"stage {self.stage} contradicts task {self.task} (stage {stage}); leave stage unset")
         self.stage = stage
         super().validate()
-        if not self.annotations.train:
+        if self.task == "instruct":
+            self._check_instruct()
+        elif not self.annotations.train:
             raise ValueError("annotations.train must name the training annotation JSON")
         if self.task == "vqa":
             self._derive_vqa_prompts()
+        if self.llm_lora.enabled and self.stage != 2:
+            raise ValueError(f"llm_lora adapts the LLM, which task {self.task} has none of; set llm_lora.r: 0")
         if self.deepspeed.zero_stage == 3 and not self.vision_training.freeze_vit:
             # the ZeRO-3 build (train/zero3.py) partitions the ViT as a frozen part in its storage dtype
             raise ValueError("fine-tuning with the ViT trained runs on deepspeed.zero_stage 2 (ZeRO-2 shards the "
@@ -138,6 +148,17 @@ class FinetuneConfig(PretrainConfig):
     def task_name(self) -> str:
         """The task this config trains (train/tasks.TASKS): the fine-tuning task."""
         return self.task
+
+    def _check_instruct(self) -> None:
+        """InstructBLIP keeps the ViT and the LLM frozen; each row carries its own instruction."""
+        self.instruct.check()
+        if not self.vision_training.freeze_vit:
+            raise ValueError("task instruct trains the Q-Former with the ViT frozen (InstructBLIP); set "
+                             "vision_training.freeze_vit: true")
+        if self.model.llm.prompt:
+            raise ValueError("task instruct writes each row's instruction as its prompt; remove model.llm.prompt")
+        if self.annotations.train or self.annotations.eval:
+            raise ValueError("task instruct reads its files from instruct.sources; remove annotations.train / eval")
 
     def _derive_vqa_prompts(self) -> None:
         """One prompt for training and evaluation: vqa.prompt, else BLIP-2's for the LLM kind."""

@@ -12,7 +12,6 @@ import os
 import time
 import warnings
 
-from blip2_ray.config import from_dict, to_dict
 from blip2_ray.errors import UserError
 from blip2_ray.runtime.files import write_json_atomic
 from blip2_ray.train.finetune_config import FinetuneConfig
@@ -43,13 +42,18 @@ def check_finetune_inputs(cfg: FinetuneConfig):
     from blip2_ray.weights.weight_sources import check_weight_sources
 
     check_weight_sources(cfg.model, cfg.stage)  # the starting model, before the images are packed
+    if cfg.llm_lora.enabled:  # a target module the LLM lacks: one sentence naming those it has
+        from blip2_ray.weights.lora_targets import check_lora_targets
+
+        check_lora_targets(cfg.model, cfg.llm_lora.target_modules)
     a = cfg.annotations
-    ann = task_of(cfg).read_annotations(cfg)
+    task = task_of(cfg)
+    ann = task.read_annotations(cfg)
     for name in ("eval", "eval_questions"):
         value = getattr(a, name)
         if value and not os.path.isfile(value):
             raise UserError(f"annotations.{name} {value!r} does not exist")
-    if cfg.evaluation.zero_shot and not (start_dir(cfg) and a.eval):
+    if cfg.evaluation.zero_shot and not (start_dir(cfg) and task.has_evaluation(cfg)):
         raise UserError("evaluation.zero_shot needs annotations.eval and a whole starting model (caption / vqa: "
                         "model.hf_path or model.init_from naming a Blip2ForConditionalGeneration directory; "
                         "retrieval: model.init_from naming a stage-1 export directory)")
@@ -79,7 +83,6 @@ def prepare_shards(cfg: FinetuneConfig, ann) -> tuple[FinetuneConfig, dict]:
     finetune_shards (once per run: a resumed run finds them by fingerprint); with s3:// storage they are packed
     in a local temporary directory and uploaded there. The config with data.train pointing at them (and the data
     reading from the storage's endpoint), and the shards' manifest."""
-    a = cfg.annotations
     task = task_of(cfg)
     t0 = time.time()
     if cfg.is_s3:
@@ -89,11 +92,12 @@ def prepare_shards(cfg: FinetuneConfig, ann) -> tuple[FinetuneConfig, dict]:
     else:
         out_dir = os.path.join(cfg.local_storage_path, cfg.run_name, "finetune_shards")
         manifest = task.pack_shards(cfg, ann, out_dir)
-    print(f"[finetune] {manifest['rows']} training {task.rows} of {manifest['images']} images in "
-          f"{len(manifest['files'])} shards ({time.time() - t0:.1f} s); {manifest['missing_images']} images of "
-          f"{a.train} missing under {a.image_root!r}, skipped", flush=True)
+    print(task.packed_line(cfg, manifest, time.time() - t0), flush=True)
     cfg = copy.deepcopy(cfg)
-    cfg.data.train = [out_dir]
+    # one folder, or one per source mixed by weight (instruct: data/instruct.write_instruct_shards)
+    cfg.data.train = manifest.get("train", [out_dir])
+    if manifest.get("weights"):
+        cfg.data.weights = manifest["weights"]
     if cfg.is_s3 and not cfg.data.s3_endpoint_url:
         cfg.data.s3_endpoint_url = cfg.storage_endpoint_url  # the shards are read where they were written
     return cfg, manifest
@@ -145,20 +149,8 @@ def s3_shards(remote: str, fp: str, write, opts: dict) -> dict:
 
 
 def evaluate(cfg: FinetuneConfig, model_dir: str, output: str) -> dict:
-    """The task's metrics of `model_dir` on annotations.eval, through the evaluation job's code."""
-    from blip2_ray.eval.config import EvalConfig
-    from blip2_ray.eval.job import run_evaluation
-
-    a, e = cfg.annotations, cfg.evaluation
-    ecfg = from_dict(EvalConfig, {
-        "task": task_of(cfg).evaluation, "model": model_dir, "output": output,
-        "test_set": {"annotations": a.eval, "image_root": a.eval_image_root or a.image_root, "split": a.eval_split,
-                     "limit": e.limit, "questions": a.eval_questions},
-        "generation": to_dict(e.generation), "retrieval": to_dict(e.retrieval), "compute": to_dict(e.compute),
-        "data": {"image_size": cfg.data.image_size, "qformer_max_len": cfg.data.qformer_max_len},
-        "vqa_rules": e.vqa_rules,
-    })
-    return run_evaluation(ecfg)["metrics"]
+    """The task's metrics of `model_dir` on its held-out data (train/tasks/finetuning.py: Finetuning.evaluate)."""
+    return task_of(cfg).evaluate(cfg, model_dir, output)
 
 
 def absolute_annotation_paths(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -172,6 +164,12 @@ def absolute_annotation_paths(cfg: FinetuneConfig) -> FinetuneConfig:
             setattr(a, name, os.path.abspath(os.path.expanduser(value)))
     if cfg.vqa.question_encoder_from:
         cfg.vqa.question_encoder_from = os.path.abspath(os.path.expanduser(cfg.vqa.question_encoder_from))
+    for s in cfg.instruct.sources:
+        for name in ("train", "questions", "image_root", "eval", "eval_questions", "eval_image_root"):
+            if getattr(s, name):
+                setattr(s, name, os.path.abspath(os.path.expanduser(getattr(s, name))))
+    if cfg.instruct.qformer_text_from:
+        cfg.instruct.qformer_text_from = os.path.abspath(os.path.expanduser(cfg.instruct.qformer_text_from))
     return cfg
 
 
@@ -195,7 +193,7 @@ def run_finetune(cfg: FinetuneConfig, dataset=None) -> dict:
         print(f"[finetune] zero-shot {cfg.task} metrics of {start_dir(cfg)}: {_short(metrics['zero_shot'])}",
               flush=True)
     result = run_pretrain(cfg, dataset)
-    if cfg.annotations.eval:
+    if task_of(cfg).has_evaluation(cfg):
         metrics["finetuned"] = evaluate(cfg, cfg.output_dir, os.path.join(eval_dir, "finetuned.json"))
         print(f"[finetune] fine-tuned {cfg.task} metrics: {_short(metrics['finetuned'])}", flush=True)
     m = result.metrics or {}

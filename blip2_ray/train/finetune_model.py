@@ -28,17 +28,25 @@ _EMBEDDINGS = re.compile(r"^vision_model\.(?:clip\.)?(embeddings|pre_layrnorm)\.
 
 
 def question_encoder_source(cfg: FinetuneConfig) -> str:
-    """vqa: where the question-aware Q-Former's text path comes from (vqa.question_encoder_from, else a stage-1
-    model.init_from); UserError naming the key when there is none."""
-    if cfg.vqa.question_encoder_from:
-        return cfg.vqa.question_encoder_from
+    """vqa / instruct: where the question-aware Q-Former's text path comes from (vqa.question_encoder_from /
+    instruct.qformer_text_from, else a stage-1 model.init_from); UserError naming the key when there is none."""
+    key, value = question_encoder_key(cfg)
+    if value:
+        return value
     init = cfg.model.init_from
     if init and not (os.path.isdir(init) and is_stage2_dir_config(config_json(init))):
         return init  # a stage-1 export or LAVIS stage-1 .pth the stage-2 parts start from
-    raise UserError("task vqa feeds the question to the Q-Former, whose text embeddings and text FFNs a BLIP-2 "
-                    "stage-2 model no longer has; set vqa.question_encoder_from to the stage-1 export it was trained "
-                    "from, a Blip2ForImageTextRetrieval directory (Salesforce/blip2-itm-vit-g), a LAVIS stage-1 "
-                    ".pth or bert-base-uncased")
+    raise UserError(f"task {cfg.task} feeds the {'question' if cfg.task == 'vqa' else 'instruction'} to the Q-Former, "
+                    f"whose text embeddings and text FFNs a BLIP-2 stage-2 model no longer has; set {key} to the "
+                    f"stage-1 export it was trained from, a Blip2ForImageTextRetrieval directory "
+                    f"(Salesforce/blip2-itm-vit-g), a LAVIS stage-1 .pth or bert-base-uncased")
+
+
+def question_encoder_key(cfg: FinetuneConfig) -> tuple[str, str | None]:
+    """(the config key naming the text path's source, its value) of the config's task."""
+    if cfg.task == "instruct":
+        return "instruct.qformer_text_from", cfg.instruct.qformer_text_from
+    return "vqa.question_encoder_from", cfg.vqa.question_encoder_from
 
 
 def starts_question_aware(cfg: FinetuneConfig) -> bool:
@@ -74,6 +82,11 @@ def finetune_model(model: nn.Module, cfg: FinetuneConfig) -> None:
     resize_vision_input(model.vision_model, cfg.model.vision.image_size)
     if not vt.freeze_vit:
         unfreeze_vision(model.vision_model, vt.grad_checkpointing, vt.drop_path)
+    lora = cfg.llm_lora
+    if lora.enabled:  # only the adapters of the LLM train (model/llm_lora.py)
+        from blip2_ray.model.llm_lora import add_llm_lora
+
+        add_llm_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
 
 
 def vit_lr_scale(model: nn.Module, cfg: FinetuneConfig) -> Callable[[str], float] | None:

@@ -135,6 +135,7 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     """
     import torch.distributed as dist
 
+    from blip2_ray.model.llm_lora import merged_lora_state
     from blip2_ray.train.zero3 import gathered_state
     from blip2_ray.weights.hf_export_stream import export_streamed
 
@@ -142,11 +143,20 @@ def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
     tokenizer = question_tokenizer = None
     if rank == 0:
         tokenizer, question_tokenizer = task.export_tokenizers(cfg, engine.module)
-    out = export_streamed(engine.module, task.stage, gathered_state(engine.module, rank),
-                          cfg.output_dir if rank == 0 else None, tokenizer, cfg.model,
-                          qformer_tokenizer=question_tokenizer)
+    adapters: dict = {}  # LoRA on the LLM: merged into the export, and kept alone for save_lora_adapter
+    tensors = merged_lora_state(engine.module, gathered_state(engine.module, rank), adapters)
+    out = export_streamed(engine.module, task.stage, tensors, cfg.output_dir if rank == 0 else None, tokenizer,
+                          cfg.model, qformer_tokenizer=question_tokenizer)
     if out is not None:
         print(f"[stage{cfg.stage}] exported to {out}", flush=True)
+        lora = getattr(engine.module, "llm_lora", None)
+        if adapters and lora and getattr(cfg, "llm_lora", None) is not None and cfg.llm_lora.save_adapter:
+            from blip2_ray.model.llm_lora import ADAPTER_DIR, save_lora_adapter
+
+            where = save_lora_adapter(os.path.join(out, ADAPTER_DIR), adapters, lora,
+                                      engine.module.language_model.config)
+            print(f"[stage{cfg.stage}] LoRA adapters of the LLM (merged into the export) also saved alone to "
+                  f"{where}", flush=True)
     if dist.is_initialized():
         dist.barrier()
     return out

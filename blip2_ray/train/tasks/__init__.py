@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from blip2_ray.train.tasks.base import TaskSpec
 from blip2_ray.train.tasks.caption import CaptionFinetuning
+from blip2_ray.train.tasks.instruct import InstructFinetuning
 from blip2_ray.train.tasks.pretraining import Stage1Pretraining, Stage2Pretraining
 from blip2_ray.train.tasks.retrieval import RetrievalFinetuning
 from blip2_ray.train.tasks.vqa import VqaFinetuning
@@ -20,6 +21,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     CaptionFinetuning(),
     RetrievalFinetuning(),
     VqaFinetuning(),
+    InstructFinetuning(),
 )}
 
 

@@ -8,6 +8,9 @@ the export on held-out annotations with the evaluation job's task of the same na
     shards_fingerprint  what the shards were packed from (a resumed run, or s3:// storage, reuses matching ones)
     resolve_start     the config with the starting model where the task reads it
     start_dir         the starting model as an export directory the evaluation can read (None: assembled from parts)
+    packed_line       the log line saying what pack_shards wrote
+    has_evaluation    whether the config names held-out data to evaluate
+    evaluate          the task's metrics of an export directory on that held-out data
 """
 
 from __future__ import annotations
@@ -52,6 +55,32 @@ class Finetuning(TaskSpec):
         from blip2_ray.data.annotations import write_caption_shards
 
         return write_caption_shards(ann, out_dir, cfg.annotations.shard_records, self.shards_fingerprint(cfg))
+
+    def packed_line(self, cfg, manifest: dict, seconds: float) -> str:
+        a = cfg.annotations
+        return (f"[finetune] {manifest['rows']} training {self.rows} of {manifest['images']} images in "
+                f"{len(manifest['files'])} shards ({seconds:.1f} s); {manifest['missing_images']} images of "
+                f"{a.train} missing under {a.image_root!r}, skipped")
+
+    def has_evaluation(self, cfg) -> bool:
+        return bool(cfg.annotations.eval)
+
+    def evaluate(self, cfg, model_dir: str, output: str) -> dict:
+        """The task's metrics of `model_dir` on annotations.eval, through the evaluation job's code."""
+        from blip2_ray.config import from_dict, to_dict
+        from blip2_ray.eval.config import EvalConfig
+        from blip2_ray.eval.job import run_evaluation
+
+        a, e = cfg.annotations, cfg.evaluation
+        ecfg = from_dict(EvalConfig, {
+            "task": self.evaluation, "model": model_dir, "output": output,
+            "test_set": {"annotations": a.eval, "image_root": a.eval_image_root or a.image_root,
+                         "split": a.eval_split, "limit": e.limit, "questions": a.eval_questions},
+            "generation": to_dict(e.generation), "retrieval": to_dict(e.retrieval), "compute": to_dict(e.compute),
+            "data": {"image_size": cfg.data.image_size, "qformer_max_len": cfg.data.qformer_max_len},
+            "vqa_rules": e.vqa_rules,
+        })
+        return run_evaluation(ecfg)["metrics"]
 
     def resolve_start(self, cfg):
         return cfg

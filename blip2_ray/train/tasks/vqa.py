@@ -13,12 +13,12 @@ class VqaFinetuning(CaptionFinetuning):
     rows = "questions"
 
     def build_model(self, cfg, construction=None):
-        from blip2_ray.train.finetune_model import question_encoder_source
+        from blip2_ray.train.finetune_model import question_encoder_key, question_encoder_source
         from blip2_ray.weights.question_encoder import make_question_aware
 
         model = super().build_model(cfg, construction)
         if not model.takes_question:
-            make_question_aware(model, question_encoder_source(cfg))
+            make_question_aware(model, question_encoder_source(cfg), question_encoder_key(cfg)[0])
         return model
 
     def tokenizer_dirs(self, cfg):
@@ -43,14 +43,19 @@ class VqaFinetuning(CaptionFinetuning):
         tokenizer, _ = super().export_tokenizers(cfg, module)
         return tokenizer, load_qformer_tokenizer(question_tokenizer_dir(cfg))  # InstructBlipProcessor keeps both
 
-    def read_annotations(self, cfg):
-        from blip2_ray.data.annotations import read_vqa_annotations
-        from blip2_ray.train.finetune_model import question_encoder_source, starts_question_aware
+    def check_text_path(self, cfg) -> None:
+        """The Q-Former's text path source exists and holds one (unless the start model reads text already)."""
+        from blip2_ray.train.finetune_model import question_encoder_key, question_encoder_source, starts_question_aware
 
         if not starts_question_aware(cfg):
             from blip2_ray.weights.question_encoder import text_path_source
 
-            text_path_source(question_encoder_source(cfg), "vqa.question_encoder_from")
+            text_path_source(question_encoder_source(cfg), question_encoder_key(cfg)[0])
+
+    def read_annotations(self, cfg):
+        from blip2_ray.data.annotations import read_vqa_annotations
+
+        self.check_text_path(cfg)
         a = cfg.annotations
         return read_vqa_annotations(a.train, a.questions, a.image_root, "annotations.train")
 
