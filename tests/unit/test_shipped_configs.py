@@ -133,7 +133,9 @@ def rehearse_finetune(path: Path, s: dict, tmp: Path) -> None:
     data["model"]["init_from"] = s[f"stage1_{m.vision.kind}"] if shipped.task == "retrieval" else s["stage2_opt"]
     data["data"] = {**data.get("data", {}), "image_size": 32}
     a = dict(data.get("annotations", {}))
-    if shipped.task == "vqa":
+    if shipped.task == "instruct":
+        rehearse_instruct_sources(data, s, tmp)
+    elif shipped.task == "vqa":
         v = s["vqa"]
         data["vqa"] = {**data.get("vqa", {}), "question_encoder_from": s["stage1_eva_vit_g"]}
         a.update(train=v["train"], questions=v["train_questions"], eval=v["test"], eval_questions=v["test_questions"],
@@ -146,6 +148,26 @@ def rehearse_finetune(path: Path, s: dict, tmp: Path) -> None:
     cfg = resolve_start(absolute_paths(from_dict(FinetuneConfig, data)))
     check_finetune_inputs(cfg)
     start_warnings(cfg)
+
+
+def rehearse_instruct_sources(data: dict, s: dict, tmp: Path) -> None:
+    """Each instruction source's files replaced by generated ones of its kind (LAVIS caption / VQA lists, LLaVA
+    conversations), held-in and held-out as shipped; the Q-Former's text path from a tiny stage-1 export."""
+    from blip2_ray.fixtures.sample_instruct import make_instruct_sample
+
+    d = make_instruct_sample(str(tmp / "instruct"), 8, 4, 32, 0)
+    by_kind = {"caption": "describe", "vqa": "colour", "vqg": "colour", "conversation": "chat"}
+    sources = []
+    for src in data["instruct"]["sources"]:
+        src, task = dict(src), by_kind[src["kind"]]
+        src.pop("questions", None), src.pop("eval_questions", None)
+        if src.get("train"):
+            src.update(train=d[f"{task}_train"], image_root=d["image_root"]["train"])
+        if src.get("eval"):
+            src.update(eval=d[f"{task}_test"], eval_image_root=d["image_root"]["test"])
+            src.setdefault("image_root", d["image_root"]["test"])
+        sources.append(src)
+    data["instruct"] = {**data["instruct"], "sources": sources, "qformer_text_from": s["stage1_eva_vit_g"]}
 
 
 def rehearse_evaluate(path: Path, s: dict, tmp: Path) -> None:
