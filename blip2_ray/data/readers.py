@@ -177,7 +177,7 @@ def read_parquet_records(path: str, image_keys: list[str], caption_keys: list[st
                     n += 1
                     if "question" in d:  # VQA shards (data/annotations.write_vqa_shards)
                         record["question"] = d["question"][i]
-                    if "instruction" in d:  # instruction shards (data/instruct.write_instruct_shards)
+                    if "instruction" in d:  # instruction shards (data/instruct_shards.write_instruct_shards)
                         record["instruction"] = d["instruction"][i]
                     yield record
         except OSError:

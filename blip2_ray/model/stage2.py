@@ -1,10 +1,8 @@
 """Stage 2: the Q-Former's 32 projected query outputs become a soft visual prompt of a frozen LLM.
 
-Attribute names follow transformers' `Blip2ForConditionalGeneration` (`vision_model`, `query_tokens`,
-`qformer`, `language_projection`, `language_model`), so weights load from and export to it as is.
-Decoder-only LLMs (OPT, Llama, Qwen2, Mistral, GPT-2...): loss on the caption only; a caption ends in
-"\\n" for OPT (BLIP-2's convention) and in the tokenizer's EOS otherwise (weights/tokenizers.py). FlanT5
-(encoder-decoder): the prefix-LM split at a random point up to the caption's midpoint (`model/prefix_lm.py`).
+Attribute names follow transformers' `Blip2ForConditionalGeneration`, so weights load from and export to it as
+is. Decoder-only LLMs (OPT, Llama, Qwen2, ...): loss on the caption only, which ends as model/caption_end.py says;
+FlanT5: the prefix-LM split at a random point up to the caption's midpoint (`model/prefix_lm.py`).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def prepare_shards(cfg: FinetuneConfig, ann) -> tuple[FinetuneConfig, dict]:
         manifest = task.pack_shards(cfg, ann, out_dir)
     print(task.packed_line(cfg, manifest, time.time() - t0), flush=True)
     cfg = copy.deepcopy(cfg)
-    # one folder, or one per source mixed by weight (instruct: data/instruct.write_instruct_shards)
+    # one folder, or one per source mixed by weight (instruct: data/instruct_shards.write_instruct_shards)
     cfg.data.train = manifest.get("train", [out_dir])
     if manifest.get("weights"):
         cfg.data.weights = manifest["weights"]

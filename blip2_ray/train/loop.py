@@ -30,6 +30,7 @@ from blip2_ray.train.checkpoints import checkpoint_position, restore, save_and_r
 from blip2_ray.train.compile_step import compile_for_training, warm_up
 from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords
+from blip2_ray.train.export import export_model
 from blip2_ray.train.fault_injection import step_hooks
 from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory, trace_step
 from blip2_ray.train.optim import deepspeed_config, param_groups, warmup_cosine
@@ -126,42 +127,6 @@ def outputs_as_dicts(model: torch.nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ export
-def export_model(engine, cfg: PretrainConfig, rank: int) -> str | None:
-    """World-size-free HF export of the trained weights to cfg.output_dir (rank 0 writes; all ranks call).
-
-    No rank builds another model: every tensor of the engine's module (ZeRO-3: each parameter gathered
-    alone, the frozen ViT / LLM too) is streamed into safetensors shards by rank 0
-    (weights/hf_export_stream.py), so the export adds at most one shard to a worker's memory.
-    """
-    import torch.distributed as dist
-
-    from blip2_ray.model.llm_lora import merged_lora_state
-    from blip2_ray.train.zero3 import gathered_state
-    from blip2_ray.weights.hf_export_stream import export_streamed
-
-    task = task_of(cfg)
-    tokenizer = question_tokenizer = None
-    if rank == 0:
-        tokenizer, question_tokenizer = task.export_tokenizers(cfg, engine.module)
-    adapters: dict = {}  # LoRA on the LLM: merged into the export, and kept alone for save_lora_adapter
-    tensors = merged_lora_state(engine.module, gathered_state(engine.module, rank), adapters)
-    out = export_streamed(engine.module, task.stage, tensors, cfg.output_dir if rank == 0 else None, tokenizer,
-                          cfg.model, qformer_tokenizer=question_tokenizer)
-    if out is not None:
-        print(f"[stage{cfg.stage}] exported to {out}", flush=True)
-        lora = getattr(engine.module, "llm_lora", None)
-        if adapters and lora and getattr(cfg, "llm_lora", None) is not None and cfg.llm_lora.save_adapter:
-            from blip2_ray.model.llm_lora import ADAPTER_DIR, save_lora_adapter
-
-            where = save_lora_adapter(os.path.join(out, ADAPTER_DIR), adapters, lora,
-                                      engine.module.language_model.config)
-            print(f"[stage{cfg.stage}] LoRA adapters of the LLM (merged into the export) also saved alone to "
-                  f"{where}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return out
-
-
 # -------------------------------------------------------------------------------------- the worker
 def train_loop_per_worker(config: dict) -> None:
     """`config`: {"cfg": to_dict(job config), "config_class": its class (default PretrainConfig)}; the config's

@@ -22,10 +22,9 @@ from blip2_ray.data.instruct import (
     TEMPLATE_WITHOUT_PLACEHOLDER,
     fill,
     read_instruct_source,
-    sampling_weights,
     usable_templates,
-    write_instruct_shards,
 )
+from blip2_ray.data.instruct_shards import sampling_weights, write_instruct_shards
 from blip2_ray.data.pipeline import epoch_file_order
 from blip2_ray.data.readers import read_parquet_records
 from blip2_ray.data.records import process_records

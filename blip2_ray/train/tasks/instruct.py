@@ -42,7 +42,7 @@ class InstructFinetuning(VqaFinetuning):
                         "storage_path (or a shared file system); s3:// storage is not supported for it yet")
 
     def pack_shards(self, cfg, ann, out_dir):
-        from blip2_ray.data.instruct import sampling_weights, sources_fingerprint, write_instruct_shards
+        from blip2_ray.data.instruct_shards import sampling_weights, sources_fingerprint, write_instruct_shards
 
         src = cfg.instruct.by_name()
         shares = sampling_weights({s.name: len(s.entries) for s in ann}, {s.name: src[s.name].weight for s in ann})
