@@ -22,8 +22,8 @@ def _rank_main(rank: int, port: int, opt_dir: str, out_dir: str, result_dir: str
     import torch.distributed as dist
 
     from blip2_ray.config import load_config
-    from blip2_ray.train.finetune_config import FinetuneConfig
     from blip2_ray.train.export import export_model
+    from blip2_ray.train.finetune_config import FinetuneConfig
     from blip2_ray.train.loop import build_engine
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
