@@ -84,7 +84,8 @@ class Blip2Stage2(nn.Module):
         if getattr(self.vision_model, "vit_training", None) is None:
             self.vision_model.eval()  # frozen ViT; a fine-tuned one (vision.unfreeze_vision) trains
         self.language_model.eval()  # frozen LLM: no dropout; LoRA adapters on it (model/llm_lora.py) train
-        [m.train(mode) for m in self.language_model.modules() if getattr(m, "trains_in_frozen_llm", False)]
+        for lora in (m for m in self.language_model.modules() if getattr(m, "trains_in_frozen_llm", False)):
+            lora.train(mode)
         return self
 
     @property
