@@ -49,7 +49,7 @@ def test_instruction_tuning_beats_the_stage2_start_held_in_and_held_out(ray_sess
     out = tmp_path / "out"
     names = {"colour": 0, "shape": 1, "count": 2, "describe": 3, "chat": 4, "yesno": 5}
     sets = [f"model.init_from={d['start']}", f"instruct.qformer_text_from={d['stage1']}",
-            f"storage_path={tmp_path / 'runs'}", f"output_dir={out}", "llm_lora.r=4", f"seed={SEED}"]
+            f"storage_path={tmp_path / 'runs'}", f"output_dir={out}", "llm_lora.r=4", f"train.seed={SEED}"]
     for name, i in names.items():
         if name != "yesno":
             sets += [f"instruct.sources[{i}].train={d[f'{name}_train']}",
@@ -58,13 +58,15 @@ def test_instruction_tuning_beats_the_stage2_start_held_in_and_held_out(ray_sess
             sets += [f"instruct.sources[{i}].eval={d[f'{name}_test']}",
                      f"instruct.sources[{i}].eval_image_root={d['image_root']['test']}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ray_session}
+    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "jobs/finetune.py"), "--config", str(CONFIG),
                            *[a for s in sets for a in ("--set", s)]], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "finetune_report.json").read_text())
     before, after = report["metrics"]["zero_shot"], report["metrics"]["finetuned"]
-    print(f"[instruct test] seed {SEED}: held_in {before['held_in']} -> {after['held_in']}, "
+    print(f"[instruct test] job took {time.perf_counter() - t0:.0f}s; seed {SEED}: "
+          f"held_in {before['held_in']} -> {after['held_in']}, "
           f"held_out {before['held_out']} -> {after['held_out']}; per source before "
           f"{ {k: v['score'] for k, v in before.items() if isinstance(v, dict)} } after "
           f"{ {k: v['score'] for k, v in after.items() if isinstance(v, dict)} }")
