@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-gpu-serve bench-gpu-serve-proxy bench-eval bench-scale bench-finetune bench-search bench-gpu-train clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-gpu-serve bench-gpu-serve-proxy bench-eval bench-scale bench-finetune bench-instruct-evidence bench-search bench-gpu-train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ demo: install
 	$(PY) jobs/demo.py
 
 test: install
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -69,6 +69,10 @@ bench-eval: install
 
 bench-finetune: install
 	DS_ACCELERATOR=cpu $(PY) bench/bench_finetune.py
+
+# instruction tuning's evidence at tiny size: held-in and held-out (zero-shot) gains over seeds 0 1 2 (~10 min a seed)
+bench-instruct-evidence: install
+	$(PY) bench/instruct_evidence.py $(ARGS)
 
 # index job vs a single-process loop; exact and IVF-PQ latency, recall@10 and bytes/image at 1e4-1e6 synthetic
 # images (the 1e6 point needs ~4 GiB and takes tens of minutes on 2 cores; ARGS="--sizes 1e4,1e5" is quicker)

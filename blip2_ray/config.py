@@ -9,7 +9,9 @@ into plain data and back, which is how a job hands a section to a Ray worker.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -192,25 +194,85 @@ def from_dict(cls: type[T], data: dict | None = None) -> T:
     return obj
 
 
-def parse_set(item: str) -> dict:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML."""
+_SET_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+
+
+def _set_key(item: str) -> tuple[list[str | int], Any]:
+    """`a.b[1].c=value` -> (["a", "b", 1, "c"], value), the value parsed as YAML."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
     key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {item!r}: the key must be dotted names, e.g. train.max_steps")
+    path: list[str | int] = []
+    for part in key.strip().split("."):
+        m = _SET_PART.match(part)
+        if not m:
+            raise ConfigError(f"--set {item!r}: the key must be dotted names (a list item as name[index]), "
+                              "e.g. train.max_steps or instruct.sources[0].train")
+        path.append(m.group(1))
+        path.extend(int(i) for i in re.findall(r"\d+", m.group(2)))
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    return path, value
+
+
+def parse_set(item: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (no list index: see `apply_set`)."""
+    path, value = _set_key(item)
+    if any(isinstance(p, int) for p in path):
+        raise ConfigError(f"--set {item!r}: a list index needs the config it changes (load_config applies it)")
     out: dict = {}
     cur = out
-    parts = key.split(".")
-    for p in parts[:-1]:
+    for p in path[:-1]:
         cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
+    cur[path[-1]] = value
     return out
+
+
+def apply_set(data: dict, item: str) -> dict:
+    """`data` with one `--set key=value` applied: dotted names merge into mappings; `name[i]` changes item i of a
+    list the config already holds (e.g. instruct.sources[1].train=...), an index outside it is an error."""
+    path, value = _set_key(item)
+    if not any(isinstance(p, int) for p in path):
+        return merge(data, parse_set(item))
+    out = copy.deepcopy(data)
+    cur: Any = out
+    for n, (p, nxt) in enumerate(zip(path[:-1], path[1:])):
+        where = _path_name(path[: n + 1])
+        if isinstance(p, int):
+            if not isinstance(cur, list) or p >= len(cur):
+                size = len(cur) if isinstance(cur, list) else 0
+                raise ConfigError(f"--set {item!r}: {_path_name(path[:n])} holds {size} item(s) in the config, "
+                                  f"so index {p} is outside it")
+            child = cur[p]
+        else:
+            if not isinstance(cur, dict):
+                raise ConfigError(f"--set {item!r}: {_path_name(path[:n])} is not a mapping")
+            child = cur.get(p)
+            if child is None:
+                if isinstance(nxt, int):
+                    raise ConfigError(f"--set {item!r}: the config holds no list at {where} "
+                                      "(set the whole list, or write it in the YAML file)")
+                child = cur[p] = {}
+        if isinstance(nxt, int) and not isinstance(child, list):
+            raise ConfigError(f"--set {item!r}: {where} is not a list")
+        cur = child
+    last = path[-1]
+    if isinstance(last, int):
+        if last >= len(cur):
+            raise ConfigError(f"--set {item!r}: {_path_name(path[:-1])} holds {len(cur)} item(s) in the config, "
+                              f"so index {last} is outside it")
+        cur[last] = value
+    elif isinstance(cur, dict):
+        cur[last] = merge(cur[last], value) if isinstance(value, dict) and isinstance(cur.get(last), dict) else value
+    else:
+        raise ConfigError(f"--set {item!r}: {_path_name(path[:-1])} is not a mapping")
+    return out
+
+
+def _path_name(path: list[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -232,7 +294,7 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
     """Defaults of `cls` <- YAML file at `path` <- each `--set key=value` in order."""
     data: dict = read_yaml(path) if path else {}
     for item in sets or []:
-        data = merge(data, parse_set(item))
+        data = apply_set(data, item)
     return from_dict(cls, data)
 
 

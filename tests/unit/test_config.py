@@ -1,6 +1,7 @@
 """The typed config system: YAML overrides, --set, unknown keys, types, presets."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,23 @@ def test_presets_sit_beneath_explicit_keys():
 def test_describe_lists_every_leaf_key():
     keys = [row[0] for row in describe(ModelConfig)]
     assert "vision.num_layers" in keys and "llm.prompt" in keys and "qformer.num_query_tokens" in keys
+
+
+def test_set_changes_one_item_of_a_list_the_config_holds(tmp_path):
+    from blip2_ray.train.finetune_config import FinetuneConfig
+
+    shipped = Path(__file__).resolve().parents[2] / "jobs/configs/finetune_instruct_tiny.yaml"
+    names = [s.name for s in load_config(FinetuneConfig, shipped).instruct.sources]
+    cfg = load_config(FinetuneConfig, shipped, ["instruct.sources[1].train=/x/b.json",
+                                                "instruct.sources[5].eval_image_root=/x/test", "train.max_steps=3"])
+    assert cfg.instruct.sources[1].train == "/x/b.json" and cfg.instruct.sources[1].name == names[1]
+    assert cfg.instruct.sources[5].eval_image_root == "/x/test" and cfg.train.max_steps == 3
+    assert cfg.instruct.sources[0].train.endswith(f"{names[0]}_train.json")  # the others untouched
+    with pytest.raises(ConfigError, match=r"instruct.sources holds 6 item\(s\) in the config, so index 6"):
+        load_config(FinetuneConfig, shipped, ["instruct.sources[6].train=/x"])
+    with pytest.raises(ConfigError, match="unknown config key 'instruct.sources\\[1\\].trian'|trian"):
+        load_config(FinetuneConfig, shipped, ["instruct.sources[1].trian=/x"])
+    with pytest.raises(ConfigError, match="holds no list at inner.sources"):
+        load_config(Job, None, ["inner.sources[0]=a"])
+    with pytest.raises(ConfigError, match="dotted names"):
+        load_config(Job, None, ["inner.sources[x]=a"])
