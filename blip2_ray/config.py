@@ -203,31 +203,25 @@ def _set_key(item: str) -> tuple[list[str | int], Any]:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
     key, raw = item.split("=", 1)
     path: list[str | int] = []
-    for part in key.strip().split("."):
-        m = _SET_PART.match(part)
+    for m in (_SET_PART.match(part) for part in key.strip().split(".")):
         if not m:
             raise ConfigError(f"--set {item!r}: the key must be dotted names (a list item as name[index]), "
                               "e.g. train.max_steps or instruct.sources[0].train")
-        path.append(m.group(1))
-        path.extend(int(i) for i in re.findall(r"\d+", m.group(2)))
+        path += [m.group(1), *(int(i) for i in re.findall(r"\d+", m.group(2)))]
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return path, (yaml.safe_load(raw) if raw.strip() else "")
     except yaml.YAMLError:
-        value = raw
-    return path, value
+        return path, raw
 
 
 def parse_set(item: str) -> dict:
-    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (no list index: see `apply_set`)."""
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (a list index: see `apply_set`)."""
     path, value = _set_key(item)
-    if any(isinstance(p, int) for p in path):
-        raise ConfigError(f"--set {item!r}: a list index needs the config it changes (load_config applies it)")
-    out: dict = {}
-    cur = out
-    for p in path[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[path[-1]] = value
-    return out
+    for p in reversed(path):
+        if isinstance(p, int):
+            raise ConfigError(f"--set {item!r}: a list index needs the config it changes (load_config applies it)")
+        value = {p: value}
+    return value
 
 
 def apply_set(data: dict, item: str) -> dict:
@@ -236,43 +230,23 @@ def apply_set(data: dict, item: str) -> dict:
     path, value = _set_key(item)
     if not any(isinstance(p, int) for p in path):
         return merge(data, parse_set(item))
-    out = copy.deepcopy(data)
-    cur: Any = out
-    for n, (p, nxt) in enumerate(zip(path[:-1], path[1:])):
-        where = _path_name(path[: n + 1])
-        if isinstance(p, int):
-            if not isinstance(cur, list) or p >= len(cur):
-                size = len(cur) if isinstance(cur, list) else 0
-                raise ConfigError(f"--set {item!r}: {_path_name(path[:n])} holds {size} item(s) in the config, "
-                                  f"so index {p} is outside it")
-            child = cur[p]
+    out = cur = copy.deepcopy(data)
+    for n, p in enumerate(path):
+        where = "".join(f"[{q}]" if isinstance(q, int) else f".{q}" for q in path[:n]).lstrip(".")
+        if isinstance(p, int) and not isinstance(cur, list):
+            raise ConfigError(f"--set {item!r}: the config holds no list at {where}")
+        if isinstance(p, int) and p >= len(cur):
+            raise ConfigError(f"--set {item!r}: {where} holds {len(cur)} item(s) in the config, so index {p} is "
+                              "outside it")
+        if isinstance(p, str) and not isinstance(cur, dict):
+            raise ConfigError(f"--set {item!r}: {where} is not a mapping")
+        if n == len(path) - 1:
+            cur[p] = value
+        elif isinstance(p, str) and p not in cur and isinstance(path[n + 1], str):
+            cur = cur.setdefault(p, {})
         else:
-            if not isinstance(cur, dict):
-                raise ConfigError(f"--set {item!r}: {_path_name(path[:n])} is not a mapping")
-            child = cur.get(p)
-            if child is None:
-                if isinstance(nxt, int):
-                    raise ConfigError(f"--set {item!r}: the config holds no list at {where} "
-                                      "(set the whole list, or write it in the YAML file)")
-                child = cur[p] = {}
-        if isinstance(nxt, int) and not isinstance(child, list):
-            raise ConfigError(f"--set {item!r}: {where} is not a list")
-        cur = child
-    last = path[-1]
-    if isinstance(last, int):
-        if last >= len(cur):
-            raise ConfigError(f"--set {item!r}: {_path_name(path[:-1])} holds {len(cur)} item(s) in the config, "
-                              f"so index {last} is outside it")
-        cur[last] = value
-    elif isinstance(cur, dict):
-        cur[last] = merge(cur[last], value) if isinstance(value, dict) and isinstance(cur.get(last), dict) else value
-    else:
-        raise ConfigError(f"--set {item!r}: {_path_name(path[:-1])} is not a mapping")
+            cur = cur[p] if isinstance(p, int) else cur.get(p)
     return out
-
-
-def _path_name(path: list[str | int]) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
 
 
 def read_yaml(path: str | Path) -> dict:
