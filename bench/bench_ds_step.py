@@ -32,6 +32,7 @@ def main() -> int:
     import torch.distributed as dist
     from bench_train import make_cfg
 
+    from blip2_ray.train.distributed import without_deepspeed_shm_kernel
     from blip2_ray.train.loop import build_model, outputs_as_dicts, vectorise_scalar_parameters
     from blip2_ray.train.optim import deepspeed_config, param_groups
     from blip2_ray.train.tasks import task_of
@@ -40,6 +41,7 @@ def main() -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo")
+    without_deepspeed_shm_kernel()  # as the training worker
     cfg = make_cfg(tempfile.mkdtemp(prefix="bench_ds_"), argparse.Namespace(
         stage=1, micro_batch=args.micro_batch, model_size=args.model_size, warmup=10), 1, 40)
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""All-gathers for the stage-1 losses over torch.distributed (world size 1 or no process group: identity)."""
+"""All-gathers for the stage-1 losses over torch.distributed (world size 1 or no process group: identity), and
+DeepSpeed's communication backend without the CPU kernel that training never calls."""
 
 from __future__ import annotations
 
@@ -54,3 +55,22 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def without_deepspeed_shm_kernel() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce when it first makes its communication backend.
+
+    On the CPU accelerator DeepSpeed's TorchBackend JIT-compiles a C++ extension (deepspeed_shm_comm) at that
+    moment: ~45 s of both cores of an idle 2-core machine, minutes on a busy one, and again for every new virtual
+    environment path (the build is keyed by compiler flags that hold the venv's paths: each fresh clone, each CI
+    run, each `make demo` on a new machine). The kernel serves only `inference_all_reduce` (DeepSpeed inference's
+    tensor parallelism); ZeRO training reduces through torch.distributed (gloo here) with or without it. Called
+    before deepspeed.initialize and zero.Init; without the CPU accelerator there is nothing to skip.
+    """
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # the module itself: `import deepspeed.comm.torch` resolves to the torch that deepspeed.comm re-exports
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

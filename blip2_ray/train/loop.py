@@ -30,6 +30,7 @@ from blip2_ray.train.checkpoints import checkpoint_position, restore, save_and_r
 from blip2_ray.train.compile_step import compile_for_training, warm_up
 from blip2_ray.train.config import PretrainConfig
 from blip2_ray.train.data_position import DataPosition, TrainedRecords
+from blip2_ray.train.distributed import without_deepspeed_shm_kernel
 from blip2_ray.train.export import export_model
 from blip2_ray.train.fault_injection import step_hooks
 from blip2_ray.train.metrics import LossWindow, log_step, tensorboard, trace_memory, trace_step
@@ -64,6 +65,7 @@ def build_engine(cfg: PretrainConfig):
     """
     import deepspeed
 
+    without_deepspeed_shm_kernel()
     model = build_model(cfg)
     trace_memory("built")
     lr_scale = task_of(cfg).lr_scale(model, cfg)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from blip2_ray.model.partitioned import FrozenConstruction, is_partitioned
+from blip2_ray.train.distributed import without_deepspeed_shm_kernel
 
 
 def frozen_construction(ds_config: dict) -> FrozenConstruction:
@@ -40,6 +41,7 @@ def frozen_construction(ds_config: dict) -> FrozenConstruction:
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import DeepSpeedTensorOverride
 
+    without_deepspeed_shm_kernel()
     # zero.Init reads only the ZeRO section (and checks batch sizes against the world size it sees)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": copy.deepcopy(ds_config["zero_optimization"])}
 

@@ -59,6 +59,21 @@ def _layer_norm(src: str, dst: str, also: str | None = None) -> tuple[Rule, ...]
             Rule(rf"^{src}\.(?:beta|bias)$", f"{dst}.bias", also=also and f"{also}.bias"))
 
 
+def _bert_ends(prefix: str, head: str) -> tuple[Rule, ...]:
+    """A BERT's embeddings under `prefix` and its masked-LM head (cls.predictions) under `head` (regexes), as
+    bert-base-uncased is published and as LAVIS's Qformer holds them: embeddings + LayerNorm, head -> lm_head."""
+    return (
+        Rule(rf"^{prefix}embeddings\.(word_embeddings|position_embeddings)\.weight$", r"embeddings.\1.weight"),
+        *_layer_norm(rf"{prefix}embeddings\.LayerNorm", "qformer.layernorm"),
+        _drop(rf"^{prefix}embeddings\.position_ids$", "a buffer the model computes itself"),
+        Rule(rf"^{head}cls\.predictions\.transform\.dense\.(weight|bias)$", r"lm_head.dense.\1"),
+        *_layer_norm(rf"{head}cls\.predictions\.transform\.LayerNorm", "lm_head.layer_norm"),
+        Rule(rf"^{head}cls\.predictions\.bias$", "lm_head.bias"),
+        _drop(rf"^{head}cls\.predictions\.decoder\.(weight|bias)$",
+              "tied to the word embeddings and cls.predictions.bias"),
+    )
+
+
 def _eva_rules(src: str, dst: str) -> tuple[Rule, ...]:
     """EVA ViT-g (LAVIS `eva_vit.py`) -> transformers' Blip2VisionModel, under prefixes src/dst."""
     s = re.escape(src)
@@ -126,8 +141,7 @@ _Q = r"qformer.encoder.layer.\1"
 BERT = Layout(
     "bert", "bert-base-uncased as published (BertForPreTraining keys under bert., LayerNorm gamma/beta, cls. head)",
     (
-        Rule(r"^(?:bert\.)?embeddings\.(word_embeddings|position_embeddings)\.weight$", r"embeddings.\1.weight"),
-        *_layer_norm(r"(?:bert\.)?embeddings\.LayerNorm", "qformer.layernorm"),
+        *_bert_ends(r"(?:bert\.)?", ""),
         Rule(rf"^{_L}\.attention\.self\.(query|key|value)\.(weight|bias)$", rf"{_Q}.attention.attention.\2.\3"),
         Rule(rf"^{_L}\.attention\.output\.dense\.(weight|bias)$", rf"{_Q}.attention.output.dense.\2"),
         *_layer_norm(rf"{_L}\.attention\.output\.LayerNorm", rf"{_Q}.attention.output.LayerNorm"),
@@ -136,14 +150,9 @@ BERT = Layout(
              also=rf"{_Q}.intermediate_query.dense.\2"),
         Rule(rf"^{_L}\.output\.dense\.(weight|bias)$", rf"{_Q}.output.dense.\2", also=rf"{_Q}.output_query.dense.\2"),
         *_layer_norm(rf"{_L}\.output\.LayerNorm", rf"{_Q}.output.LayerNorm", also=rf"{_Q}.output_query.LayerNorm"),
-        Rule(r"^cls\.predictions\.transform\.dense\.(weight|bias)$", r"lm_head.dense.\1"),
-        *_layer_norm(r"cls\.predictions\.transform\.LayerNorm", "lm_head.layer_norm"),
-        Rule(r"^cls\.predictions\.bias$", "lm_head.bias"),
-        _drop(r"^cls\.predictions\.decoder\.(weight|bias)$", "tied to the word embeddings and cls.predictions.bias"),
         _drop(r"^cls\.seq_relationship\.(weight|bias)$", "BERT's next-sentence-prediction head"),
         _drop(r"^(?:bert\.)?pooler\.dense\.(weight|bias)$", "BERT's pooler"),
         _drop(r"^(?:bert\.)?embeddings\.token_type_embeddings\.weight$", "token-type embeddings (one segment)"),
-        _drop(r"^(?:bert\.)?embeddings\.position_ids$", "a buffer the model computes itself"),
     ),
     r"^(embeddings\.|qformer\.layernorm\.|qformer\.encoder\.layer\.\d+\."
     r"(attention|intermediate|output|intermediate_query|output_query)\.|lm_head\.)",
@@ -158,9 +167,7 @@ LAVIS_BLIP2 = Layout(
     (
         *_eva_rules("visual_encoder.", "vision_model."),
         Rule(r"^ln_vision\.(weight|bias)$", r"vision_model.post_layernorm.\1"),
-        Rule(r"^Qformer\.bert\.embeddings\.LayerNorm\.(weight|bias)$", r"qformer.layernorm.\1"),
-        Rule(r"^Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings)\.weight$", r"embeddings.\1.weight"),
-        _drop(r"^Qformer\.bert\.embeddings\.position_ids$", "a buffer the model computes itself"),
+        *_bert_ends(r"Qformer\.bert\.", r"Qformer\."),
         Rule(rf"{_QL}\.(attention|crossattention)\.self\.(query|key|value)\.(weight|bias)$",
              r"qformer.encoder.layer.\1.\2.attention.\3.\4"),
         Rule(rf"{_QL}\.(attention|crossattention)\.output\.(dense|LayerNorm)\.(weight|bias)$",
@@ -168,10 +175,6 @@ LAVIS_BLIP2 = Layout(
         Rule(rf"{_QL}\.(intermediate|intermediate_query)\.dense\.(weight|bias)$",
              r"qformer.encoder.layer.\1.\2.dense.\3"),
         Rule(rf"{_QL}\.(output|output_query)\.(dense|LayerNorm)\.(weight|bias)$", r"qformer.encoder.layer.\1.\2.\3.\4"),
-        Rule(r"^Qformer\.cls\.predictions\.transform\.dense\.(weight|bias)$", r"lm_head.dense.\1"),
-        Rule(r"^Qformer\.cls\.predictions\.transform\.LayerNorm\.(weight|bias)$", r"lm_head.layer_norm.\1"),
-        Rule(r"^Qformer\.cls\.predictions\.bias$", "lm_head.bias"),
-        _drop(r"^Qformer\.cls\.predictions\.decoder\.(weight|bias)$", "tied to the word embeddings and the LM bias"),
         Rule(r"^query_tokens$", "query_tokens"),
         Rule(r"^vision_proj\.(weight|bias)$", r"vision_projection.\1"),
         Rule(r"^text_proj\.(weight|bias)$", r"text_projection.\1"),

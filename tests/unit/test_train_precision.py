@@ -8,6 +8,7 @@ in this process (DS_ACCELERATOR=cpu, gloo, world size 1, no Ray): a few seconds 
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from collections import Counter
@@ -81,6 +82,8 @@ def test_policy_holds_in_a_deepspeed_engine(process_group, monkeypatch, stage, z
     cfg = tiny(stage, zero)
     assert deepspeed_config(cfg)["torch_autocast"]["dtype"] == "bfloat16"
     engine = build_engine(cfg)
+    # DeepSpeed's CPU shared-memory inference kernel was not JIT-built (train/distributed.py): gloo reduces
+    assert importlib.import_module("deepspeed.comm.comm").cdb.shm_comm_op is None
     m = engine.module
     # stored dtypes after deepspeed.initialize: nothing was cast
     assert trainable_dtypes(m) == Counter({torch.float32: sum(1 for p in m.parameters() if p.requires_grad)})
