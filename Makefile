@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-gpu-serve bench-gpu-serve-proxy bench-eval bench-scale bench-finetune bench-instruct-evidence bench-search bench-gpu-train clean
+.PHONY: install demo test test-unit lint bench-model bench-model-memory bench-data bench-train bench-ds-step bench-serve bench-serve-scale bench-gpu-serve bench-gpu-serve-proxy bench-eval bench-scale bench-finetune bench-instruct-evidence bench-search bench-gpu-train profile-suite clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -82,6 +82,10 @@ bench-search: install
 # the real-depth tiny-width CPU proxy (compiled / eager host time per step); ARGS="--rehearse" rehearses the GPU rows
 bench-gpu-train: install
 	$(PY) bench/gpu_train.py $(ARGS)
+
+# the suite's CPU by process kind (pytest, each Ray actor class, raylet, Java...): tools/suite_cpu.py
+profile-suite: install
+	DS_ACCELERATOR=cpu $(PY) tools/suite_cpu.py -- $(PY) -m pytest -q tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs

@@ -3,6 +3,7 @@
     python bench/gpu_train.py --device cuda [--out results.json] [--budget-s 540] [--rows s1_64,s1_100,...]
     python bench/gpu_train.py --device cpu [--steps 6] [--rounds 2]        # the CPU proxy (docs/training.md)
     python bench/gpu_train.py --device cpu --rehearse                       # the GPU rows at tiny size on CPU
+    python bench/gpu_train.py --device cpu --whole-graph                    # the proxy model as one graph
 
 GPU (one H100/H200; random weights; bf16 autocast, bf16 ViT and OPT, as the job's GPU configs), rows in this
 order until --budget-s runs out (a row not started is listed under "skipped"):
@@ -428,6 +429,46 @@ def proxy(args) -> dict:
     }
 
 
+def whole_graph(args) -> dict:
+    """The bound of compiling on this CPU: the proxy model's whole forward (ViT, Q-Former passes, objectives) as one
+    inductor graph (fullgraph=True; its backward one AOT-autograd graph), against the same model eager; plain
+    forward + backward, no DeepSpeed, no optimizer; host time = the thread's CPU time, ABBA rounds."""
+    import torch
+
+    from blip2_ray.train.loop import build_model
+
+    torch.set_num_threads(1)
+    cfg = proxy_cfg(args, False)
+    model = build_model(cfg).train()
+    batch = proxy_batches(cfg, 1)[0]
+    x = batch["pixel_values"].float() / 255
+    ids, mask = batch["qformer_input_ids"], batch["qformer_attention_mask"]
+    compiled = torch.compile(model.forward, backend=args.backend, fullgraph=True, dynamic=False)
+
+    def step(forward):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)  # the same hard negatives
+        out = forward(x, ids, mask)
+        out.loss.backward()
+        return float(out.loss.detach())
+
+    t0 = time.perf_counter()
+    losses = {"compiled": step(compiled)}
+    compile_s = time.perf_counter() - t0
+    losses["eager"] = step(model.forward)
+    host = {"eager": 0.0, "compiled": 0.0}
+    for r in range(args.rounds):
+        for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+            forward = compiled if name == "compiled" else model.forward
+            t = time.thread_time()
+            for _ in range(args.steps):
+                step(forward)
+            host[name] += (time.thread_time() - t) / (args.steps * args.rounds)
+    return {"whole_graph": True, "proxy": PROXY | {"micro_batch": args.proxy_batch, "backend": args.backend},
+            "compile_s": compile_s, "host_s_per_fwd_bwd": host, "first_losses": losses,
+            "whole_graph_over_eager": host["compiled"] / host["eager"]}
+
+
 def profile_job(args) -> dict:
     """The proxy model through the whole job (`run_pretrain`, 1 CPU Ray Train worker, ZeRO-2, generated 56 px
     shards), eager and compiled: the worker loop's own trace points (BLIP2_STEP_PROFILE), host seconds per micro
@@ -493,6 +534,8 @@ def main() -> int:
                    help="CPU proxy: fp32 (this CPU has no bf16 units: bf16 makes the tiny step compute-bound)")
     p.add_argument("--profile-job", action="store_true",
                    help="CPU: the proxy through the whole job on Ray (the worker loop's trace points), not in-process")
+    p.add_argument("--whole-graph", action="store_true",
+                   help="CPU: the proxy model's whole forward as one compiled graph against eager (no DeepSpeed)")
     p.add_argument("--verbose", action="store_true", help="the job workers' logs too")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
@@ -504,7 +547,9 @@ def main() -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args.tiny = args.device == "cpu"
     result = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__}
-    if args.device == "cpu" and args.profile_job:
+    if args.device == "cpu" and args.whole_graph:
+        result.update(whole_graph(args))
+    elif args.device == "cpu" and args.profile_job:
         result.update(profile_job(args))
     elif args.device == "cpu" and not args.rehearse:
         result.update(proxy(args))

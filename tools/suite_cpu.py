@@ -1,0 +1,107 @@
+"""Where a command's CPU goes, by process kind: the command and every process it starts (Ray's workers, raylet,
+GCS, Java...), sampled from /proc. Linux only.
+
+    python tools/suite_cpu.py [--interval 0.2] [--top 30] -- .venv/bin/python -m pytest -q tests
+
+Processes are recognised by a tag in their environment (inherited by every descendant, Ray's workers included),
+so other work on the machine is not counted. A Ray worker is counted under its last title (`ray::RayTrainWorker`,
+`ray::MapWorker`, ...; `ray::IDLE` only if it never ran anything). A process that lives less than one interval
+may be missed; its CPU is then not counted. Prints one table (CPU seconds, processes, seconds per process) and
+the command's exit code is this one's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+
+TAG = "SUITE_CPU_TAG"
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def kind(cmdline: str) -> str:
+    m = re.search(r"ray::([\w.]+)", cmdline)
+    if m:
+        return f"ray::{m.group(1)}"
+    if re.search(r"(^|\s)(-m pytest|\S*/pytest|pytest)(\s|$)", cmdline):
+        return "pytest"
+    for name in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "java", "cc1plus",
+                 "ninja", "ray start"):
+        if name in cmdline:
+            return name
+    return os.path.basename(cmdline.split(" ")[0]) or "?"
+
+
+def read(pid: str) -> tuple[str, float] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline") as f:
+            cmdline = f.read().replace("\0", " ").strip()
+        return cmdline, (int(fields[11]) + int(fields[12])) / HZ
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def tagged(pid: str, tag: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f"{TAG}={tag}".encode() in f.read()
+    except OSError:
+        return False
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
+    p.add_argument("--top", type=int, default=30, help="rows to print")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    args = p.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("give the command to measure after --")
+    tag = uuid.uuid4().hex
+    t0 = time.perf_counter()
+    child = subprocess.Popen(command, env={**os.environ, TAG: tag})
+    procs: dict[str, list] = {}  # pid -> [kind, cpu seconds]
+    while True:
+        done = child.poll() is not None
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            if pid not in procs and not tagged(pid, tag):
+                continue
+            got = read(pid)
+            if got is None:
+                continue
+            cmdline, cpu = got
+            now = kind(cmdline)
+            entry = procs.setdefault(pid, [now, 0.0])
+            if now != "ray::IDLE" or not entry[0].startswith("ray::"):  # a worker keeps the last task it ran
+                entry[0] = now
+            entry[1] = cpu
+        if done:
+            break
+        time.sleep(args.interval)
+    wall = time.perf_counter() - t0
+    seconds, count = Counter(), Counter()
+    for k, cpu in procs.values():
+        seconds[k] += cpu
+        count[k] += 1
+    total = sum(seconds.values())
+    print(f"\n[suite_cpu] {total:.1f} CPU s in {len(procs)} processes over {wall:.1f} s wall "
+          f"({total / wall:.2f} cores busy on average); exit code {child.returncode}")
+    print(f"{'CPU s':>9} {'share':>6} {'procs':>6} {'s/proc':>7}  kind")
+    for k, s in seconds.most_common(args.top):
+        print(f"{s:9.1f} {s / total:6.1%} {count[k]:6d} {s / count[k]:7.2f}  {k}")
+    return child.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
