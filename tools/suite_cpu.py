@@ -81,9 +81,11 @@ def main() -> int:
             if got is None:
                 continue
             cmdline, cpu = got
-            now = kind(cmdline)
+            now = kind(cmdline) if cmdline else "?"  # an exited process (a zombie) has no command line
             entry = procs.setdefault(pid, [now, 0.0])
-            if now != "ray::IDLE" or not entry[0].startswith("ray::"):  # a worker keeps the last task it ran
+            if now not in ("?", "ray::IDLE") or entry[0] == "?" or (now == "ray::IDLE" and
+                                                                     not entry[0].startswith("ray::")):
+                # a worker keeps the last task it ran, a zombie the kind it had
                 entry[0] = now
             entry[1] = cpu
         if done:
