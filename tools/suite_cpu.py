@@ -83,10 +83,8 @@ def main() -> int:
             cmdline, cpu = got
             now = kind(cmdline) if cmdline else "?"  # an exited process (a zombie) has no command line
             entry = procs.setdefault(pid, [now, 0.0])
-            if now not in ("?", "ray::IDLE") or entry[0] == "?" or (now == "ray::IDLE" and
-                                                                     not entry[0].startswith("ray::")):
-                # a worker keeps the last task it ran, a zombie the kind it had
-                entry[0] = now
+            if now != "?" and not (now == "ray::IDLE" and entry[0].startswith("ray::")):
+                entry[0] = now  # a worker keeps the last task it ran, a zombie the kind it had
             entry[1] = cpu
         if done:
             break
