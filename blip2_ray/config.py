@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from blip2_ray.config_fields import bounds_text, check_bounds, field_bounds
 from blip2_ray.errors import UserError
 
 T = TypeVar("T")
@@ -35,13 +36,6 @@ def require_input_and_output(cfg: Any) -> None:
         raise ValueError("input must name at least one source")
     if not cfg.output_dir:
         raise ValueError("output_dir must be set")
-
-
-def doc(text: str, default: Any = None, factory: Any = None) -> Any:
-    """A dataclass field with its documentation (`metadata["doc"]`), shown by `describe` and the reference."""
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"doc": text})
-    return dataclasses.field(default=default, metadata={"doc": text})
 
 
 def _type_name(tp: Any) -> str:
@@ -153,16 +147,22 @@ def _build(cls: type[T], data: dict, where: str) -> T:
 def _validate_tree(obj: Any, where: str = "") -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
+        key = f"{where}.{f.name}" if where else f.name
         if dataclasses.is_dataclass(v):
-            _validate_tree(v, f"{where}.{f.name}" if where else f.name)
+            _validate_tree(v, key)
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if dataclasses.is_dataclass(item):
+                    _validate_tree(item, f"{key}[{i}]")
     validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
+    try:
+        check_bounds(obj)
+        if callable(validate):
             validate()
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(f"{where or 'config'}: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -277,7 +277,8 @@ def dump_yaml(obj: Any) -> str:
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) rows for every leaf key: the configuration reference.
+    """(key, type, default, doc) rows for every leaf key: the configuration reference (a doc ends with the
+    field's bounds, where it has any).
 
     A field's doc is its `metadata["doc"]` (set with `field(metadata={"doc": ...})`) or the
     `#:` comment convention is not parsed; keep docs in metadata.
@@ -291,5 +292,9 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key + "."))
         else:
-            rows.append((key, _type_name(tp), getattr(default, f.name), f.metadata.get("doc", "")))
+            text = f.metadata.get("doc", "")
+            bounds = field_bounds(cls, f.name)
+            if bounds:
+                text = f"{text} (must be {bounds_text(bounds)})"
+            rows.append((key, _type_name(tp), getattr(default, f.name), text))
     return rows

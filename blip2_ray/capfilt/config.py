@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import doc, require_input_and_output
+from blip2_ray.config import require_input_and_output
+from blip2_ray.config_fields import doc
 from blip2_ray.data.config import DataConfig
 from blip2_ray.runtime.compute import ComputeConfig
 
@@ -18,26 +19,21 @@ class CaptionerConfig:
         "blip2: a stage-2 export / Blip2ForConditionalGeneration directory; blip: a BlipForConditionalGeneration "
         "+ BlipProcessor directory (e.g. Salesforce/blip-image-captioning-large, the paper's captioner)", "blip2")
     model: str = doc("the captioner's local model directory (of the `kind` above)", "")
-    num_captions: int = doc("synthetic captions per image (nucleus sampling)", 10)
-    top_p: float = doc("nucleus sampling mass", 0.9)
-    temperature: float = doc("sampling temperature", 1.0)
-    repetition_penalty: float = doc("HF generate's repetition penalty (1.0: none; BLIP's own sampling uses 1.1)", 1.0)
-    max_new_tokens: int = doc("longest synthetic caption, tokens", 30)
-    min_new_tokens: int = doc("shortest synthetic caption, tokens", 5)
+    num_captions: int = doc("synthetic captions per image (nucleus sampling)", 10, ge=0)
+    top_p: float = doc("nucleus sampling mass", 0.9, gt=0, le=1)
+    temperature: float = doc("sampling temperature", 1.0, gt=0)
+    repetition_penalty: float = doc("HF generate's repetition penalty (1.0: none; BLIP's own sampling uses 1.1)",
+                                    1.0, gt=0)
+    max_new_tokens: int = doc("longest synthetic caption, tokens", 30, ge=1)
+    min_new_tokens: int = doc("shortest synthetic caption, tokens", 5, ge=0)
     prompt: str = doc("text the caption continues (blip2: 'a photo of', blip: 'a picture of'); '' for none "
                       "(blip: unconditional, the decoder starts from [DEC] alone)", "")
     prepend_prompt: bool = doc("keep the prompt at the start of the synthetic caption", True)
     dtype: Dtype = doc("auto: fp16 on GPU, fp32 on CPU", "auto")
 
     def validate(self) -> None:
-        if self.num_captions < 0:
-            raise ValueError(f"num_captions must be >= 0, got {self.num_captions}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0 or self.repetition_penalty <= 0:
-            raise ValueError("temperature and repetition_penalty must be > 0")
-        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}")
 
 
 @dataclass
@@ -48,12 +44,8 @@ class FilterConfig:
         "filter), ranked by CLIP's logits_per_image; captions past the text limit are truncated and counted",
         "blip2_itc")
     model: str = doc("the filter's local model directory (of the `kind` above)", "")
-    keep: int = doc("captions kept per image (the best by the filter's score, web and synthetic together)", 2)
+    keep: int = doc("captions kept per image (the best by the filter's score, web and synthetic together)", 2, ge=1)
     dtype: Dtype = doc("auto: fp16 on GPU, fp32 on CPU (blip2_itc: the ViT's dtype)", "auto")
-
-    def validate(self) -> None:
-        if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
 
 
 @dataclass

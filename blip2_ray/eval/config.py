@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import doc
+from blip2_ray.config_fields import doc
 from blip2_ray.data.config import DataConfig
 from blip2_ray.runtime.compute import ComputeConfig
 
@@ -29,8 +29,8 @@ class TestSetConfig:
 
 @dataclass
 class RetrievalConfig:
-    k_test: int = doc("candidates per query re-ranked by ITM (the reference uses 128)", 128)
-    itm_batch_size: int = doc("image-text pairs per ITM forward", 128)
+    k_test: int = doc("candidates per query re-ranked by ITM (the reference uses 128)", 128, ge=1)
+    itm_batch_size: int = doc("image-text pairs per ITM forward", 128, ge=1)
     match_identical_texts: bool = doc(
         "count a retrieved text as right when it equals one of the image's captions (generated data "
         "repeats captions; the training demo's R@1 counts hits this way)", False)
@@ -38,9 +38,9 @@ class RetrievalConfig:
 
 @dataclass
 class GenerationConfig:
-    num_beams: int = doc("beam width", 5)
-    max_new_tokens: int = doc("longest output, tokens", 30)
-    min_new_tokens: int = doc("shortest output, tokens", 8)
+    num_beams: int = doc("beam width", 5, ge=1)
+    max_new_tokens: int = doc("longest output, tokens", 30, ge=1)
+    min_new_tokens: int = doc("shortest output, tokens", 8, ge=0)
     prompt: str = doc("caption: text prompt; vqa: a template with {} for the question ('' = the model's "
                       "recipe prompt: OPT 'Question: {} Answer:', FlanT5 'Question: {} Short answer:')", "a photo of")
     length_penalty: float = doc("beam length penalty (VQA in the reference: -1)", 1.0)
@@ -81,5 +81,3 @@ class EvalConfig:
         if self.vqa_format == "gqa" and self.vqa_rules != "lavis":
             raise ValueError("vqa_rules must be lavis for vqa_format gqa (the official VQA evaluator has no GQA "
                              "exact match)")
-        if self.retrieval.k_test < 1:
-            raise ValueError("retrieval.k_test must be >= 1")

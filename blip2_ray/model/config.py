@@ -13,7 +13,8 @@ import copy
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import ConfigError, doc, merge
+from blip2_ray.config import ConfigError, merge
+from blip2_ray.config_fields import doc
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -24,15 +25,16 @@ class VisionConfig:
     path: str | None = doc(
         "frozen ViT weights: a BLIP-2 dir (its vision_model.*), a Blip2VisionModel dir, a CLIP dir, or LAVIS's "
         "eva_vit_g.pth; layout read from the content (None: from model.init_from, else random)", None)
-    hidden_size: int = doc("ViT width", 1408)
-    intermediate_size: int = doc("ViT MLP width", 6144)
-    num_layers: int = doc("blocks kept (EVA ViT-g: 39 of 40; CLIP ViT-L: 23 of 24)", 39)
-    num_heads: int = doc("attention heads", 16)
-    image_size: int = doc("input resolution in pixels", 224)
-    patch_size: int = doc("patch size in pixels", 14)
-    layer_norm_eps: float = doc("LayerNorm epsilon", 1e-6)
+    hidden_size: int = doc("ViT width", 1408, ge=1)
+    intermediate_size: int = doc("ViT MLP width", 6144, ge=1)
+    num_layers: int = doc("blocks kept (EVA ViT-g: 39 of 40; CLIP ViT-L: 23 of 24)", 39, ge=1)
+    num_heads: int = doc("attention heads", 16, ge=1)
+    image_size: int = doc("input resolution in pixels", 224, ge=1)
+    patch_size: int = doc("patch size in pixels", 14, ge=1)
+    layer_norm_eps: float = doc("LayerNorm epsilon", 1e-6, gt=0)
     ln_vision_eps: float | None = doc(
-        "epsilon of ln_vision (null: layer_norm_eps, HF's convention; LAVIS checkpoints were trained with 1e-5)", None)
+        "epsilon of ln_vision (null: layer_norm_eps, HF's convention; LAVIS checkpoints were trained with 1e-5)",
+        None, gt=0)
     dtype: Dtype = doc("dtype of the frozen weights (ln_vision always trains in float32)", "float16")
 
     def validate(self) -> None:
@@ -56,30 +58,26 @@ class QFormerConfig:
     init_from_bert: str | None = doc(
         "BERT directory to initialise from (bert-base-uncased as published or saved by transformers; "
         "the query FFN starts as a copy of the text FFN)", None)
-    hidden_size: int = doc("Q-Former width", 768)
-    num_layers: int = doc("transformer layers", 12)
-    num_heads: int = doc("attention heads", 12)
-    intermediate_size: int = doc("FFN width", 3072)
-    cross_attention_frequency: int = doc("cross-attention to the image every N layers", 2)
-    num_query_tokens: int = doc("learned queries", 32)
-    embed_dim: int = doc("ITC feature size (vision/text projections)", 256)
-    vocab_size: int = doc("text vocabulary (0: the tokenizer's length, [DEC] included)", 0)
-    max_position_embeddings: int = doc("text positions", 512)
-    max_text_len: int = doc("caption tokens", 32)
-    dropout: float = doc("hidden and attention dropout", 0.1)
+    hidden_size: int = doc("Q-Former width", 768, ge=1)
+    num_layers: int = doc("transformer layers", 12, ge=1)
+    num_heads: int = doc("attention heads", 12, ge=1)
+    intermediate_size: int = doc("FFN width", 3072, ge=1)
+    cross_attention_frequency: int = doc("cross-attention to the image every N layers", 2, ge=1)
+    num_query_tokens: int = doc("learned queries", 32, ge=1)
+    embed_dim: int = doc("ITC feature size (vision/text projections)", 256, ge=1)
+    vocab_size: int = doc("text vocabulary (0: the tokenizer's length, [DEC] included)", 0, ge=0)
+    max_position_embeddings: int = doc("text positions", 512, ge=1)
+    max_text_len: int = doc("caption tokens", 32, ge=1)
+    dropout: float = doc("hidden and attention dropout", 0.1, ge=0, lt=1)
     initializer_range: float = doc("std of the random init of the Q-Former's weights and queries (BERT's and "
                                    "LAVIS's 0.02; at the tiny widths, e.g. 32, 0.02 leaves attention near uniform "
-                                   "and tests train from 0.1)", 0.02)
-    temp_init: float = doc("initial ITC temperature", 0.07)
-    label_smoothing: float = doc("label smoothing of ITC and ITG", 0.1)
+                                   "and tests train from 0.1)", 0.02, gt=0)
+    temp_init: float = doc("initial ITC temperature", 0.07, gt=0)
+    label_smoothing: float = doc("label smoothing of ITC and ITG", 0.1, ge=0, lt=1)
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        if self.initializer_range <= 0:
-            raise ValueError(f"initializer_range must be > 0, got {self.initializer_range}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError("label_smoothing must be in [0, 1)")
 
 
 @dataclass
@@ -90,14 +88,14 @@ class LLMConfig:
     path: str | None = doc("local HF-format LLM directory (None: random init of an OPT / T5 of the sizes below)", None)
     tokenizer: str = doc("local tokenizer directory, or 'tiny' (built offline)", "tiny")
     dtype: Dtype = doc("dtype of the frozen LLM (FlanT5: bfloat16)", "float16")
-    hidden_size: int = doc("model width of a random init (OPT hidden_size / T5 d_model)", 2560)
-    num_layers: int = doc("layers (T5: per stack)", 32)
-    num_heads: int = doc("attention heads", 32)
-    ffn_size: int = doc("FFN width (OPT ffn_dim / T5 d_ff)", 10240)
-    head_dim: int = doc("T5 d_kv", 64)
-    vocab_size: int = doc("vocabulary (0: the tokenizer's length)", 50272)
-    max_positions: int = doc("OPT max_position_embeddings", 2048)
-    max_text_len: int = doc("caption tokens", 32)
+    hidden_size: int = doc("model width of a random init (OPT hidden_size / T5 d_model)", 2560, ge=1)
+    num_layers: int = doc("layers (T5: per stack)", 32, ge=1)
+    num_heads: int = doc("attention heads", 32, ge=1)
+    ffn_size: int = doc("FFN width (OPT ffn_dim / T5 d_ff)", 10240, ge=1)
+    head_dim: int = doc("T5 d_kv", 64, ge=1)
+    vocab_size: int = doc("vocabulary (0: the tokenizer's length)", 50272, ge=0)
+    max_positions: int = doc("OPT max_position_embeddings", 2048, ge=1)
+    max_text_len: int = doc("caption tokens", 32, ge=1)
     prompt: str = doc("training prompt prepended to captions (its tokens get no loss)", "")
 
     def validate(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blip2_ray.config import doc
+from blip2_ray.config_fields import doc
 
 
 @dataclass

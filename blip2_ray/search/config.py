@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import doc, require_input_and_output
+from blip2_ray.config import require_input_and_output
+from blip2_ray.config_fields import doc
 from blip2_ray.data.config import DataConfig
 from blip2_ray.runtime.compute import ComputeConfig
 
@@ -19,17 +20,19 @@ class IndexSection:
         "4-bit fast-scan PQ codes, the best candidates re-scored exactly from the stored features); auto: flat "
         "up to exact_max_images images, ivfpq beyond", "auto")
     exact_max_images: int = doc("auto: the largest collection indexed exactly (flat keeps Q x embed_dim float32 "
-                                "per image: 32 KiB at BLIP-2's 32 x 256)", 100_000)
+                                "per image: 32 KiB at BLIP-2's 32 x 256)", 100_000, ge=0)
     nlist: int | None = doc("ivfpq: IVF lists (null: the power of two nearest sqrt(vectors) / 4, at most 256 "
                             "(each added vector is compared with every list on the driver), and at least 39 "
-                            "training vectors per list); more lists: faster queries, slower building", None)
+                            "training vectors per list); more lists: faster queries, slower building", None, ge=1)
     pq_m: int | None = doc("ivfpq: PQ sub-quantizers, 4 bits each (null: embed_dim / 8, i.e. 16 bytes per "
-                           "vector at embed_dim 256); must divide embed_dim", None)
-    nprobe: int = doc("ivfpq: lists visited per query vector (the serving default; a request cannot change it)", 32)
+                           "vector at embed_dim 256); must divide embed_dim", None, ge=1)
+    nprobe: int = doc("ivfpq: lists visited per query vector (the serving default; a request cannot change it)",
+                      32, ge=1)
     refine_factor: int = doc("ivfpq: re-score the best refine_factor x k images by PQ exactly from the stored "
                              "features (0: PQ scores only; needs keep_features). Recall@10 at 1e5 synthetic images: "
-                             "4 -> 0.78, 8 -> 0.985, 16 -> 1.0 (docs/search.md)", 16)
-    train_vectors: int = doc("ivfpq: vectors sampled (seeded) from the collection to train the IVF and PQ", 131_072)
+                             "4 -> 0.78, 8 -> 0.985, 16 -> 1.0 (docs/search.md)", 16, ge=0)
+    train_vectors: int = doc("ivfpq: vectors sampled (seeded) from the collection to train the IVF and PQ",
+                             131_072, ge=1)
     keep_features: bool = doc("keep each shard's float32 features (OUT/shards/*.npy, 4 x Q x embed_dim bytes per "
                               "image): ivfpq re-scores from them, and a change of kind or a retrain rebuilds from "
                               "them", True)
@@ -40,14 +43,6 @@ class IndexSection:
                                             "auto")
 
     def validate(self) -> None:
-        if self.exact_max_images < 0:
-            raise ValueError(f"exact_max_images must be >= 0, got {self.exact_max_images}")
-        if self.nlist is not None and self.nlist < 1:
-            raise ValueError(f"nlist must be >= 1 or null, got {self.nlist}")
-        if self.pq_m is not None and self.pq_m < 1:
-            raise ValueError(f"pq_m must be >= 1 or null, got {self.pq_m}")
-        if self.nprobe < 1 or self.refine_factor < 0 or self.train_vectors < 1:
-            raise ValueError("need nprobe >= 1, refine_factor >= 0 and train_vectors >= 1")
         if self.refine_factor and not self.keep_features:
             raise ValueError("refine_factor needs keep_features: true (it re-scores from the stored features); "
                              "set refine_factor: 0 to search the PQ codes alone")
@@ -60,12 +55,7 @@ class IndexComputeConfig(ComputeConfig):
     dtype: str = doc("ViT dtype: float32 | float16 | bfloat16 | auto (fp16 on GPU, fp32 on CPU); the evaluation "
                      "job's `compute.dtype` gives the same features", "auto")
     decode_ahead: int = doc("chunks of compute.batch_size images an actor decodes ahead on a second thread while "
-                            "its model runs (0: decode, then compute, in turn)", 2)
-
-    def validate(self) -> None:
-        super().validate()
-        if self.decode_ahead < 0:
-            raise ValueError(f"decode_ahead must be >= 0, got {self.decode_ahead}")
+                            "its model runs (0: decode, then compute, in turn)", 2, ge=0)
 
 
 @dataclass

@@ -10,75 +10,59 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import doc
+from blip2_ray.config_fields import doc
 from blip2_ray.data.config import DataConfig
 from blip2_ray.model.config import ModelConfig
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = doc("optimizer steps of the whole run (a resumed run continues to this many)", 250_000)
-    global_batch_size: int = doc("samples per optimizer step over all workers", 1680)
-    micro_batch_size: int = doc("samples per forward/backward on one worker", 105)
-    lr: float = doc("peak learning rate", 1e-4)
-    min_lr: float | None = doc("cosine floor; None: the paper's 1e-5 (stage 1) / 5e-5 (stage 2)", None)
-    warmup_steps: int = doc("linear warmup steps from 0 to lr", 2000)
+    max_steps: int = doc("optimizer steps of the whole run (a resumed run continues to this many)", 250_000, ge=1)
+    global_batch_size: int = doc("samples per optimizer step over all workers", 1680, ge=1)
+    micro_batch_size: int = doc("samples per forward/backward on one worker", 105, ge=1)
+    lr: float = doc("peak learning rate", 1e-4, gt=0)
+    min_lr: float | None = doc("cosine floor; None: the paper's 1e-5 (stage 1) / 5e-5 (stage 2)", None, ge=0)
+    warmup_steps: int = doc("linear warmup steps from 0 to lr", 2000, ge=0)
     warmup_start_lr: float = doc("lr at step 0 of the warmup", 1e-6)
-    weight_decay: float = doc("AdamW weight decay (not on biases, norms, queries, temperature)", 0.05)
+    weight_decay: float = doc("AdamW weight decay (not on biases, norms, queries, temperature)", 0.05, ge=0)
     betas: list[float] = doc("AdamW betas (paper 0.9, 0.98; reference config 0.9, 0.999)", factory=lambda: [0.9, 0.98])
     eps: float = doc("AdamW epsilon", 1e-8)
-    grad_clip: float = doc("gradient-norm clipping (0: off)", 0.0)
+    grad_clip: float = doc("gradient-norm clipping (0: off)", 0.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = doc(
         "autocast dtype of the trainable parts; trainable weights stay fp32 (the masters), the frozen ViT/LLM "
         "compute in their own dtype, ln_vision and the ITC/ITM/ITG logits in fp32 (docs/training.md); fp16 adds "
         "loss scaling", "bf16")
     seed: int = doc("seed of the model init (frozen random parts must match across ranks and restarts)", 42)
-    log_every: int = doc("report metrics and print a progress line every N steps", 10)
-    checkpoint_every: int = doc("save a resumable checkpoint every N steps (and at the end)", 1000)
-    keep_checkpoints: int = doc("checkpoints kept in storage (the latest N)", 2)
+    log_every: int = doc("report metrics and print a progress line every N steps", 10, ge=1)
+    checkpoint_every: int = doc("save a resumable checkpoint every N steps (and at the end)", 1000, ge=1)
+    keep_checkpoints: int = doc("checkpoints kept in storage (the latest N)", 2, ge=1)
     compile: bool | None = doc(
         "regional torch.compile of the step (model/compile.py): each ViT block, Q-Former layer and LLM layer, the "
         "LM head and the stage-1 objectives, compiled before the first step (docs/training.md); null: on with GPUs "
         "(scaling.use_gpu), off on CPU workers. Where compiling fails the run trains eagerly after one warning", None)
     compile_time_limit_s: float = doc(
         "seconds compiling may take at start: past it the run says so, finishes the compile in progress and "
-        "compiles nothing more (those parts run eagerly); 0: no limit", 900.0)
+        "compiles nothing more (those parts run eagerly); 0: no limit", 900.0, ge=0)
     compile_backend: Literal["inductor", "aot_eager"] = doc(
         "inductor: generated kernels (the point of compiling); aot_eager: traced and differentiated ahead of time "
         "without generated code (quick to compile: tests, debugging)", "inductor")
 
     def validate(self) -> None:
-        if self.compile_time_limit_s < 0:
-            raise ValueError(f"compile_time_limit_s must be >= 0, got {self.compile_time_limit_s}")
-        for name in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "checkpoint_every",
-                     "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0 and warmup_steps, weight_decay, grad_clip >= 0")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+        if self.min_lr is not None and self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} must be in [0, lr={self.lr}]")
 
 
 @dataclass
 class ScalingSection:
-    num_workers: int = doc("Ray Train workers (one GPU each with use_gpu)", 2)
+    num_workers: int = doc("Ray Train workers (one GPU each with use_gpu)", 2, ge=1)
     use_gpu: bool = doc("one GPU per worker and NCCL; false: CPU workers and gloo", False)
     cpus_per_worker: float = doc("CPUs reserved per training worker (the job checks at start that the workers "
-                                 "and one data decode task fit the cluster together)", 1.0)
+                                 "and one data decode task fit the cluster together)", 1.0, gt=0)
     resource_wait_s: float = doc("seconds the start-up resource check waits for an autoscaling cluster to add the "
                                  "nodes the run needs (it asks the autoscaler for them); 0: check the nodes up now "
-                                 "and fail in seconds if they cannot hold the run", 0.0)
-
-    def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker <= 0:
-            raise ValueError("cpus_per_worker must be > 0")
-        if self.resource_wait_s < 0:
-            raise ValueError("resource_wait_s must be >= 0")
+                                 "and fail in seconds if they cannot hold the run", 0.0, ge=0)
 
 
 @dataclass
@@ -86,19 +70,19 @@ class DeepSpeedSection:
     zero_stage: int = doc("ZeRO stage: 2 (shard optimizer state + gradients) or 3 (+ all parameters, "
                           "frozen ViT/LLM included)", 2)
     stage3_param_persistence_threshold: int = doc(
-        "ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default 1e5)", 100_000)
+        "ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default 1e5)", 100_000, ge=0)
     stage3_max_live_parameters: int = doc(
         "ZeRO-3: most parameter elements held gathered at once, also the reuse distance within which a gathered "
         "parameter is kept (DeepSpeed's default 1e9 keeps ~2 GB of a bf16 ViT/LLM whole on every worker; 1e7 is "
-        "about one ViT-g / OPT-2.7B block's largest weights)", 10_000_000)
+        "about one ViT-g / OPT-2.7B block's largest weights)", 10_000_000, ge=1)
     stage3_prefetch_bucket_size: int = doc("ZeRO-3: parameter elements gathered ahead of the module that needs them",
-                                           10_000_000)
+                                           10_000_000, ge=0)
     stage3_sub_group_size: int = doc(
         "ZeRO-3: trainable parameter elements per optimizer sub-group; each sub-group's step holds float32 "
         "temporaries of ~3x its partition (the flattened gradient, AdamW's), so DeepSpeed's default 1e9 (the whole "
-        "Q-Former in one group) adds ~0.6 GiB per worker at every step", 10_000_000)
+        "Q-Former in one group) adds ~0.6 GiB per worker at every step", 10_000_000, ge=1)
     overlap_comm: bool = doc("overlap gradient reduction with backward", False)
-    reduce_bucket_size: int = doc("elements per gradient-reduction bucket", 50_000_000)
+    reduce_bucket_size: int = doc("elements per gradient-reduction bucket", 50_000_000, ge=1)
     contiguous_gradients: bool | None = doc(
         "copy gradients into one contiguous buffer as they are reduced (less fragmentation on GPUs); "
         "null: on with 2+ workers, off with 1, where there is nothing to reduce and the copy costs ~2% of "
@@ -109,21 +93,11 @@ class DeepSpeedSection:
     def validate(self) -> None:
         if self.zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 or 3, got {self.zero_stage}")
-        if self.stage3_param_persistence_threshold < 0 or self.reduce_bucket_size < 1:
-            raise ValueError("stage3_param_persistence_threshold must be >= 0 and reduce_bucket_size >= 1")
-        if self.stage3_sub_group_size < 1:
-            raise ValueError("stage3_sub_group_size must be >= 1")
-        if self.stage3_max_live_parameters < 1 or self.stage3_prefetch_bucket_size < 0:
-            raise ValueError("stage3_max_live_parameters must be >= 1 and stage3_prefetch_bucket_size >= 0")
 
 
 @dataclass
 class FailureSection:
-    max_failures: int = doc("worker-group restarts from the latest checkpoint after a crash (-1: unlimited)", 3)
-
-    def validate(self) -> None:
-        if self.max_failures < -1:
-            raise ValueError("max_failures must be >= -1")
+    max_failures: int = doc("worker-group restarts from the latest checkpoint after a crash (-1: unlimited)", 3, ge=-1)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import doc
+from blip2_ray.config_fields import doc
 from blip2_ray.eval.config import EvalComputeConfig, GenerationConfig, RetrievalConfig
 from blip2_ray.train.config import PretrainConfig, TrainConfig
 from blip2_ray.train.instruct_config import InstructSection, LlmLoraSection
@@ -32,11 +32,7 @@ class AnnotationSection:
     train_split: str = doc("split taken from Karpathy's dataset_*.json for training (restval joins train)", "train")
     eval_split: str = doc("split taken from Karpathy's dataset_*.json for evaluation", "test")
     shard_records: int = doc("records per prepared parquet shard (the annotations and their images are packed "
-                             "once into shards under <storage_path>/<run_name>/finetune_shards)", 2000)
-
-    def validate(self) -> None:
-        if self.shard_records < 1:
-            raise ValueError(f"shard_records must be >= 1, got {self.shard_records}")
+                             "once into shards under <storage_path>/<run_name>/finetune_shards)", 2000, ge=1)
 
 
 @dataclass
@@ -58,15 +54,11 @@ class VisionTrainingSection:
     grad_checkpointing: bool = doc("recompute each ViT block in backward instead of keeping its activations "
                                    "(LAVIS use_grad_checkpoint; needed at 364 px with ViT-g)", False)
     layer_decay: float = doc("layer-wise lr decay of the ViT: block i of L trains at lr * decay^(L - i), the "
-                             "patch embeddings at decay^(L+1); 1: off", 1.0)
+                             "patch embeddings at decay^(L+1); 1: off", 1.0, gt=0, le=1)
     drop_path: float = doc("stochastic depth of the ViT: the largest per-sample drop rate of a block's residual "
-                           "update (linear from 0 at the first block to this at the last); 0: off", 0.0)
+                           "update (linear from 0 at the first block to this at the last); 0: off", 0.0, ge=0, lt=1)
 
     def validate(self) -> None:
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.drop_path < 1:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.freeze_vit:
             used = [k for k, on in (("grad_checkpointing", self.grad_checkpointing), ("drop_path", self.drop_path > 0),
                                     ("layer_decay", self.layer_decay != 1)) if on]

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from blip2_ray.config import doc
+from blip2_ray.config_fields import doc
 
 
 @dataclass
@@ -113,9 +113,9 @@ class InstructSection:
 
 @dataclass
 class LlmLoraSection:
-    r: int = doc("LoRA rank of the adapters on the frozen LLM (peft); 0: off, the LLM stays wholly frozen", 0)
+    r: int = doc("LoRA rank of the adapters on the frozen LLM (peft); 0: off, the LLM stays wholly frozen", 0, ge=0)
     alpha: float = doc("LoRA alpha: the adapters' update is scaled by alpha / r", 16.0)
-    dropout: float = doc("dropout on the adapters' input (training only)", 0.05)
+    dropout: float = doc("dropout on the adapters' input (training only)", 0.05, ge=0, lt=1)
     target_modules: list[str] | None = doc(
         "names of the LLM's linear modules that get adapters (e.g. [q_proj, v_proj]; T5: [q, v]); None: peft's "
         "default for the LLM family (the attention query and value projections). A name the LLM lacks is an "
@@ -124,12 +124,8 @@ class LlmLoraSection:
                              "(the export itself has them merged into the LLM's weights)", True)
 
     def validate(self) -> None:
-        if self.r < 0:
-            raise ValueError(f"r must be >= 0 (0: off), got {self.r}")
         if self.r and self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules is empty; name modules or leave it null for peft's default")
 

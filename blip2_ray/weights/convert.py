@@ -69,8 +69,7 @@ def _bert_ends(prefix: str, head: str) -> tuple[Rule, ...]:
         Rule(rf"^{head}cls\.predictions\.transform\.dense\.(weight|bias)$", r"lm_head.dense.\1"),
         *_layer_norm(rf"{head}cls\.predictions\.transform\.LayerNorm", "lm_head.layer_norm"),
         Rule(rf"^{head}cls\.predictions\.bias$", "lm_head.bias"),
-        _drop(rf"^{head}cls\.predictions\.decoder\.(weight|bias)$",
-              "tied to the word embeddings and cls.predictions.bias"),
+        _drop(rf"^{head}cls\.predictions\.decoder\.(weight|bias)$", "tied to the word embeddings and predictions.bias"),
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from blip2_ray.config import ConfigError, describe, from_dict, load_config, parse_set, to_dict
+from blip2_ray.config_fields import doc
 from blip2_ray.model.config import ModelConfig, model_config
 
 
@@ -53,6 +54,52 @@ def test_wrong_types_and_validation_are_clear():
         from_dict(Job, {"inner": {"steps": 0}})
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_set("inner.steps")
+
+
+@dataclass
+class Bounded:
+    width: int = doc("a size", 8, ge=1)
+    rate: float = doc("a fraction", 0.5, gt=0, le=1)
+    cap: int | None = doc("optional", None, ge=1)
+
+
+@dataclass
+class BoundedDefaults(Bounded):
+    width: int = doc("a size, another default", 16)  # a subclass changing a default keeps the base's bounds
+
+
+@dataclass
+class BoundedList:
+    items: list[Bounded] = field(default_factory=list)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"width": 0}, r"^config: width must be >= 1, got 0$"),
+    ({"rate": 0.0}, r"^config: rate must be in \(0, 1\], got 0.0$"),
+    ({"rate": 1.5}, r"^config: rate must be in \(0, 1\], got 1.5$"),
+    ({"cap": 0}, r"^config: cap must be >= 1 or null, got 0$"),
+])
+def test_field_bounds_are_checked_with_one_sentence(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Bounded, data)
+
+
+def test_field_bounds_pass_inside_and_reach_subclasses_and_list_items():
+    cfg = from_dict(Bounded, {"width": 1, "rate": 1, "cap": None})
+    assert (cfg.width, cfg.rate, cfg.cap) == (1, 1.0, None)
+    with pytest.raises(ConfigError, match="width must be >= 1, got 0"):
+        from_dict(BoundedDefaults, {"width": 0})
+    with pytest.raises(ConfigError, match=r"^items\[1\]: rate must be in \(0, 1\], got 2.0$"):
+        from_dict(BoundedList, {"items": [{}, {"rate": 2}]})
+    rows = {key: text for key, _, _, text in describe(BoundedDefaults)}
+    assert rows == {"width": "a size, another default (must be >= 1)", "rate": "a fraction (must be in (0, 1])",
+                    "cap": "optional (must be >= 1)"}
+
+
+def test_a_zero_size_is_refused_before_any_arithmetic_on_it():
+    # num_heads=0 used to reach `hidden_size % num_heads` and end in a ZeroDivisionError traceback
+    with pytest.raises(ConfigError, match=r"^qformer: num_heads must be >= 1, got 0$"):
+        from_dict(ModelConfig, {"qformer": {"num_heads": 0}})
 
 
 def test_missing_and_invalid_yaml_files(tmp_path):

@@ -45,7 +45,7 @@ def test_defaults_and_nested(dirs):
     ({"ingress": {"num_replicas": 0}}, "ingress: num_replicas"),
     ({"ingress": {"cpus": 2}}, "unknown config key 'ingress.cpus'"),
     ({"retrieval": {"max_batch_size": 64, "max_ongoing_requests": 32}}, "retrieval: max_ongoing_requests"),
-    ({"retrieval": {"gpus_per_replica": -0.5}}, "retrieval: cpus_per_replica, gpus_per_replica"),
+    ({"retrieval": {"gpus_per_replica": -0.5}}, "retrieval: gpus_per_replica must be >= 0, got -0.5"),
     ({"decode_capture": "cuda_graphs"}, "needs device cuda"),
     ({"decode_capture": "jit"}, "decode_capture"),
     ({"llm_quantization": "int4"}, "llm_quantization"),
