@@ -126,7 +126,8 @@ def test_retrieval_finetune_on_s3_storage_trains_the_vit_and_exports_a_retrieval
     """Also: storage_path on S3 (a real S3 server): the packed shards and the checkpoints go to the bucket."""
     start = make_retrieval_start(tmp_path)
     bucket, client = s3_server["bucket"], s3_server["client"]
-    s3 = [f"storage_path=s3://{bucket}/finetune", f"storage_endpoint_url={s3_server['endpoint_url']}"]
+    s3 = [f"storage_path=s3://{bucket}/finetune", f"storage_endpoint_url={s3_server['endpoint_url']}",
+          f"tensorboard_dir={tmp_path / 'tensorboard'}"]  # with S3 storage the default is ./tensorboard (the checkout)
     report = finetune_job(RETRIEVAL_CONFIG, job_sets(coco, start, tmp_path, 0, *RETRIEVAL_SETS) + s3)
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="finetune/")["Contents"]}
     run = "finetune/finetune_retrieval_tiny"
