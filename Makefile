@@ -83,9 +83,10 @@ bench-search: install
 bench-gpu-train: install
 	$(PY) bench/gpu_train.py $(ARGS)
 
-# the suite's CPU by process kind (pytest, each Ray actor class, raylet, Java...): tools/suite_cpu.py
+# the suite's CPU by process kind (pytest, each Ray actor class, raylet, Java...) and its 25 costliest tests:
+# tools/suite_cpu.py
 profile-suite: install
-	DS_ACCELERATOR=cpu $(PY) tools/suite_cpu.py -- $(PY) -m pytest -q tests $(ARGS)
+	DS_ACCELERATOR=cpu $(PY) tools/suite_cpu.py --by-test 25 -- $(PY) -m pytest -q tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs

@@ -25,6 +25,23 @@ def has_cuda() -> bool:
         return False
 
 
+def _say_current_test(text: str) -> None:
+    """tools/suite_cpu.py --by-test: the test that runs now, written where the tool reads it."""
+    path = os.environ.get("SUITE_CPU_TEST_FILE")
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _say_current_test(nodeid)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _say_current_test("")
+
+
 def pytest_collection_modifyitems(config, items):
     if has_cuda():
         return

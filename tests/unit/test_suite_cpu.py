@@ -30,3 +30,16 @@ def test_descendants_are_counted_by_kind_and_the_exit_code_is_the_commands(tmp_p
     assert procs == 2, out.stdout  # the command and its child, not the bystander
     assert 0.6 <= total < 1.8, out.stdout  # 0.9 s burnt (a process's last interval may be missed)
     assert re.search(r"\s2\s+[\d.]+\s+python", out.stdout), out.stdout
+
+
+def test_by_test_gives_each_test_the_cpu_used_while_it_ran(tmp_path):
+    # the command says which "test" runs, as tests/conftest.py does, and burns 0.8 s in "a", then 0.4 s in "b"
+    say = ("import os\ndef say(t):\n    open(os.environ['SUITE_CPU_TEST_FILE'] + '.tmp', 'w').write(t)\n"
+           "    os.replace(os.environ['SUITE_CPU_TEST_FILE'] + '.tmp', os.environ['SUITE_CPU_TEST_FILE'])\n")
+    command = say + "say('a')\n" + BURN.format(s=0.8) + "say('b')\n" + BURN.format(s=0.4) + "say('')\n"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "suite_cpu.py"), "--interval", "0.05", "--by-test", "5",
+                          "--", sys.executable, "-c", command], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {m.group(3): float(m.group(1)) for m in re.finditer(r"^\s*([\d.]+)\s+(\d+)  (\S+) \(", out.stdout, re.M)}
+    assert set(rows) >= {"a", "b"}, out.stdout
+    assert 0.6 <= rows["a"] <= 1.1 and 0.25 <= rows["b"] <= 0.6, out.stdout  # 0.8 s and 0.4 s, a sample's slack
