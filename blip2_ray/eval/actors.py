@@ -1,7 +1,7 @@
 """The Ray actors of the evaluation passes: a model loaded once per actor, a batch of rows per call.
 
-Rows arrive as numpy batches from Ray Data (`map_batches` with an actor pool, see passes.py); an image
-that fails to decode or to pass the data checks is dropped from the output, never raised.
+Rows arrive as numpy batches (runtime.compute.ModelPool, see passes.py: one pool serves every pass of an
+evaluation); an image that fails to decode or to pass the data checks is dropped from the output, never raised.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ def decode_rows(batch: dict, size: int, data: DataConfig) -> tuple[list[int], np
 class Stage1Actor:
     """Ray actor for retrieval. mode "image": rows {idx, path, image} -> {idx, image_feats (Q, E)};
     "text": rows {tidx, text} -> {tidx, text_feat (E,)}; "itm": image rows -> one row per candidate pair
-    {idx, tidx, itm} with the positive ITM logit (pairs and tokenised texts given to the constructor)."""
+    {idx, tidx, itm} with the positive ITM logit (the texts, or their tokens, given to the constructor; an image's
+    candidate texts in its row's `cands`, else in the constructor's `pairs`). A call may name its mode, so
+    one actor serves the three passes."""
 
     def __init__(self, model_dir: str, mode: str, dtype: str, data_cfg: dict, pairs: dict | None = None,
-                 text_ids: np.ndarray | None = None, text_mask: np.ndarray | None = None, itm_batch_size: int = 128):
+                 text_ids: np.ndarray | None = None, text_mask: np.ndarray | None = None, itm_batch_size: int = 128,
+                 texts: list[str] | None = None):
         import torch
 
         from blip2_ray.weights.hf_format import load_stage1
@@ -49,14 +52,20 @@ class Stage1Actor:
         self.size = self.model.vision_model.config.image_size
         self.mode, self.data = mode, from_dict(DataConfig, data_cfg)
         self.pairs, self.itm_batch_size = pairs or {}, itm_batch_size
+        if texts is not None:  # the ITM pass's texts, tokenised here (the driver loads no tokenizer)
+            from blip2_ray.data.processor import ImageTextProcessor
+
+            enc = ImageTextProcessor(self.data, qformer_tokenizer=self.tok).qformer_ids(list(texts))
+            text_ids, text_mask = enc["qformer_input_ids"], enc["qformer_attention_mask"]
         self.text_ids = None if text_ids is None else torch.from_numpy(text_ids)
         self.text_mask = None if text_mask is None else torch.from_numpy(text_mask)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, mode: str | None = None) -> dict:
         import torch
 
+        mode = mode or self.mode
         with torch.no_grad():
-            if self.mode == "text":
+            if mode == "text":
                 from blip2_ray.data.processor import ImageTextProcessor
 
                 proc = ImageTextProcessor(self.data, qformer_tokenizer=self.tok)
@@ -67,16 +76,17 @@ class Stage1Actor:
             keep, px = decode_rows(batch, self.size, self.data)
             idx = np.asarray(batch["idx"])[keep]
             embeds = self.model.encode_image(torch.from_numpy(px).to(self.device))  # (B, N, D)
-            if self.mode == "image":
+            if mode == "image":
                 return {"idx": idx, "image_feats": self.model.image_feats(embeds).float().cpu().numpy()}
-            return self._itm(idx, embeds)
+            cands = batch["cands"][keep] if "cands" in batch else [self.pairs.get(i) for i in idx.tolist()]
+            return self._itm(idx, cands, embeds)
 
-    def _itm(self, idx: np.ndarray, embeds) -> dict:
+    def _itm(self, idx: np.ndarray, cands, embeds) -> dict:
         import torch
 
         img_pos, txt = [], []
-        for b, i in enumerate(idx.tolist()):
-            ts = self.pairs.get(i, np.zeros(0, np.int64))
+        for b, ts in enumerate(cands):
+            ts = np.zeros(0, np.int64) if ts is None else np.asarray(ts, np.int64)
             img_pos.extend([b] * len(ts))
             txt.extend(ts.tolist())
         out = []

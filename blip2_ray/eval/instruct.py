@@ -79,9 +79,8 @@ def evaluate_instruct(evaluated, model_dir: str, output: str, *, generation, com
     "held_out": mean score} of `model_dir` over `evaluated` [("held_in" | "held_out", InstructSourceSection)];
     the predictions go beside `output` (<output stem>_predictions.json)."""
     from blip2_ray.config import from_dict, to_dict
-    from blip2_ray.eval.actors import Stage2Actor
     from blip2_ray.eval.config import EvalConfig
-    from blip2_ray.eval.passes import _on_actors, _rows, _run
+    from blip2_ray.eval.passes import generate
     from blip2_ray.runtime.files import write_json_atomic
 
     rows, per = [], []
@@ -94,12 +93,7 @@ def evaluate_instruct(evaluated, model_dir: str, output: str, *, generation, com
                                   "generation": to_dict(generation), "compute": to_dict(compute),
                                   "data": {"image_size": data.image_size, "qformer_max_len": data.qformer_max_len},
                                   "vqa_rules": vqa_rules})
-    out: dict[int, str] = {}
-    if rows:
-        ds = _on_actors(_rows(rows, ecfg.compute.batch_size), Stage2Actor, ecfg, len(rows), model_dir=model_dir,
-                        dtype=ecfg.compute.dtype, data_cfg=to_dict(ecfg.data), gen=to_dict(ecfg.generation))
-        for b in _run(ds):
-            out.update(zip(b["idx"].tolist(), [str(t) for t in b["text"]]))
+    out = generate(rows, ecfg, model_dir) if rows else {}
     metrics: dict = {}
     predictions = {}
     means: dict[str, list[float]] = {"held_in": [], "held_out": []}

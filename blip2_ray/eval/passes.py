@@ -1,8 +1,9 @@
-"""The evaluation passes: Ray Data actor pools run the models, the driver keeps the bookkeeping.
+"""The evaluation passes: a pool of model actors runs the models, the driver keeps the bookkeeping.
 
-Retrieval (stage-1 model), three passes over the test set:
-  1. image features (B, Q, E) and text features (T, E) from actor pools; the driver streams the image
-     features through `TopKAccumulator` (only the text features and the top k per row are held);
+Retrieval (stage-1 model), three passes over the test set, all on one pool (runtime.compute.ModelPool: each
+actor loads the model once for the three):
+  1. image features (B, Q, E) and text features (T, E); the driver streams the image features through
+     `TopKAccumulator` (only the text features and the top k per row are held);
   2. ITM logits for every candidate pair, one pass over the images (each image encoded once, its
      pairs grouped: its own top-k texts and the texts that rank it in their top k);
   3. re-ranked Recall@1/5/10 both ways.
@@ -20,72 +21,60 @@ from blip2_ray.config import to_dict
 from blip2_ray.eval.actors import Stage1Actor, Stage2Actor
 from blip2_ray.eval.config import EvalConfig
 from blip2_ray.eval.test_sets import TestSet, ground_truth, read_json
-from blip2_ray.runtime.compute import actor_pool
+from blip2_ray.runtime.compute import ModelPool
 from blip2_ray.runtime.files import write_json_atomic
-from blip2_ray.runtime.user_errors import report_user_errors, reraise_user_errors
+from blip2_ray.runtime.user_errors import reraise_user_errors
 
 
-def _rows(rows: list[dict], batch_size: int):
-    import ray
-
-    return ray.data.from_items(rows, override_num_blocks=max(1, min(64, len(rows) // max(1, batch_size))))
+def _image_rows(ts: TestSet) -> list[dict]:
+    return [{"idx": im["idx"], "path": im["path"], "image": im["image"]} for im in ts.images]
 
 
-def _image_rows(ts: TestSet, batch_size: int):
-    return _rows([{"idx": im["idx"], "path": im["path"], "image": im["image"]} for im in ts.images], batch_size)
-
-
-def _on_actors(ds, actor: type, cfg: EvalConfig, num_items: int, **constructor_kwargs):
-    """`ds` mapped by a pool of `actor` (cfg.compute: size, resources, batch size)."""
-    return ds.map_batches(report_user_errors(actor), fn_constructor_kwargs=constructor_kwargs,
-                          batch_size=cfg.compute.batch_size, batch_format="numpy",
-                          **actor_pool(cfg.compute, num_items))
-
-
-def _run(ds):
-    """The output batches of `ds` (numpy, as the actors made them)."""
-    with reraise_user_errors():
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+def generate(rows: list[dict], cfg: EvalConfig, model_dir: str) -> dict[int, str]:
+    """{row idx: generated text} of a stage-2 model over rows {idx, path, image, prompt} (bad images left out),
+    on a pool of cfg.compute's actors."""
+    out: dict[int, str] = {}
+    with reraise_user_errors(), ModelPool(Stage2Actor, cfg.compute, len(rows), model_dir=model_dir,
+                                          dtype=cfg.compute.dtype, data_cfg=to_dict(cfg.data),
+                                          gen=to_dict(cfg.generation)) as pool:
+        for b in pool.map(rows, cfg.compute.batch_size):
+            out.update(zip(b["idx"].tolist(), [str(t) for t in b["text"]]))
+    return out
 
 
 def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
     """(Recall@1/5/10 both ways after ITM re-ranking, plus ITC-only R@1; counts) of a stage-1 model."""
     import torch
 
-    from blip2_ray.data.processor import ImageTextProcessor
-    from blip2_ray.data.records import cached_qformer_tokenizer
     from blip2_ray.eval.retrieval import TopKAccumulator, itm_pairs, recall_at_k, rerank
 
     bs = cfg.compute.batch_size
-    common = dict(model_dir=cfg.model, dtype=cfg.compute.dtype, data_cfg=to_dict(cfg.data))
-    # 1. text features (small: T x E), then image features streamed into the running top-k
-    tds = _on_actors(_rows([{"tidx": i, "text": t} for i, t in enumerate(ts.texts)], bs), Stage1Actor, cfg,
-                     len(ts.texts), **common, mode="text")
-    text_feats = np.zeros((len(ts.texts), 0), np.float32)
-    for b in _run(tds):
-        if text_feats.shape[1] == 0:
-            text_feats = np.zeros((len(ts.texts), b["text_feat"].shape[1]), np.float32)
-        text_feats[b["tidx"]] = b["text_feat"]
-    k = cfg.retrieval.k_test  # each direction is clipped to its number of candidates
-    acc = TopKAccumulator(torch.from_numpy(text_feats), k)
-    seen = set()
-    for b in _run(_on_actors(_image_rows(ts, bs), Stage1Actor, cfg, len(ts.images), **common, mode="image")):
-        acc.add(b["idx"], torch.from_numpy(b["image_feats"]))
-        seen.update(b["idx"].tolist())
-    skipped_images = len(ts.images) - len(seen)
-    i2t = acc.i2t()
-    t2i_vals, t2i_idx = acc.t2i()
+    with reraise_user_errors(), ModelPool(Stage1Actor, cfg.compute, max(len(ts.images), len(ts.texts)),
+                                          model_dir=cfg.model, mode="image", dtype=cfg.compute.dtype,
+                                          data_cfg=to_dict(cfg.data), texts=ts.texts,
+                                          itm_batch_size=cfg.retrieval.itm_batch_size) as pool:
+        # 1. text features (small: T x E), then image features streamed into the running top-k
+        text_feats = np.zeros((len(ts.texts), 0), np.float32)
+        for b in pool.map([{"tidx": i, "text": t} for i, t in enumerate(ts.texts)], bs, mode="text"):
+            if text_feats.shape[1] == 0:
+                text_feats = np.zeros((len(ts.texts), b["text_feat"].shape[1]), np.float32)
+            text_feats[b["tidx"]] = b["text_feat"]
+        k = cfg.retrieval.k_test  # each direction is clipped to its number of candidates
+        acc = TopKAccumulator(torch.from_numpy(text_feats), k)
+        seen = set()
+        for b in pool.map(_image_rows(ts), bs, mode="image"):
+            acc.add(b["idx"], torch.from_numpy(b["image_feats"]))
+            seen.update(b["idx"].tolist())
+        skipped_images = len(ts.images) - len(seen)
+        i2t = acc.i2t()
+        t2i_vals, t2i_idx = acc.t2i()
 
-    # 2. ITM logits of every candidate pair, grouped by image
-    pairs = itm_pairs(i2t, t2i_idx)
-    tok = cached_qformer_tokenizer(os.path.abspath(cfg.model))
-    enc = ImageTextProcessor(cfg.data, qformer_tokenizer=tok).qformer_ids(ts.texts)
-    itm_ds = _on_actors(_image_rows(ts, bs), Stage1Actor, cfg, len(ts.images), **common, mode="itm", pairs=pairs,
-                        text_ids=enc["qformer_input_ids"], text_mask=enc["qformer_attention_mask"],
-                        itm_batch_size=cfg.retrieval.itm_batch_size)
-    itm: dict[tuple[int, int], float] = {}
-    for b in _run(itm_ds):
-        itm.update(zip(zip(b["idx"].tolist(), b["tidx"].tolist()), b["itm"].tolist()))
+        # 2. ITM logits of every candidate pair, grouped by image (the images that decoded)
+        pairs = itm_pairs(i2t, t2i_idx)
+        rows = [{**r, "cands": pairs[r["idx"]]} for r in _image_rows(ts) if r["idx"] in pairs]
+        itm: dict[tuple[int, int], float] = {}
+        for b in pool.map(rows, bs, mode="itm"):
+            itm.update(zip(zip(b["idx"].tolist(), b["tidx"].tolist()), b["itm"].tolist()))
 
     # 3. rankings and recall (texts of undecodable images have no right answer left: dropped)
     ranked_i2t, ranked_t2i = rerank(i2t, t2i_vals, t2i_idx, itm)
@@ -115,11 +104,7 @@ def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
         template = g.prompt if "{}" in g.prompt else vqa_template(_llm_kind(cfg.model))
         rows = [{"idx": q["qidx"], "path": ts.images[q["idx"]]["path"], "image": ts.images[q["idx"]]["image"],
                  "prompt": template.format(q["question"])} for q in ts.questions]
-    ds = _on_actors(_rows(rows, cfg.compute.batch_size), Stage2Actor, cfg, len(rows), model_dir=cfg.model,
-                    dtype=cfg.compute.dtype, data_cfg=to_dict(cfg.data), gen=to_dict(g))
-    out: dict[int, str] = {}
-    for b in _run(ds):
-        out.update(zip(b["idx"].tolist(), [str(t) for t in b["text"]]))
+    out = generate(rows, cfg, cfg.model)
     predictions = os.path.splitext(cfg.output)[0] + "_predictions.json"
     if cfg.task == "caption":
         preds = {ts.images[i]["key"]: t for i, t in out.items()}

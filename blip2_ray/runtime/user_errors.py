@@ -15,6 +15,7 @@ message back when the dataset fails. No exception text is parsed anywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Any, Callable, Iterator
 
@@ -100,11 +101,11 @@ def report_user_errors(udf: Callable) -> Callable:
                 except UserError as e:
                     self._construction_error = e
 
-            def __call__(self, batch):
+            def __call__(self, batch, **kwargs):
                 if self._construction_error is not None:
                     _report(self._construction_error)
                     raise self._construction_error
-                return _call_reporting(super().__call__, batch)
+                return _call_reporting(functools.partial(super().__call__, **kwargs), batch)
 
         Reporting.__name__ = udf.__name__  # Ray Data names the operator after it
         Reporting.__doc__ = udf.__doc__

@@ -137,3 +137,48 @@ def test_a_wrapped_actor_works_as_before_when_nothing_fails(ray_session):
     with reraise_user_errors():
         got = np.concatenate([b["n"] for b in _consume(ds)])
     assert sorted(got.tolist()) == [0, 2, 4]
+
+
+class Tagged:
+    """Counts its own constructions (a process-wide counter) and says which process and mode served a batch."""
+
+    built = 0
+
+    def __init__(self, scale: int):
+        Tagged.built += 1
+        self.scale = scale
+
+    def __call__(self, batch, mode="plain"):
+        import os
+
+        n = len(batch["n"])
+        return {"n": batch["n"] * self.scale, "pid": np.full(n, os.getpid()), "built": np.full(n, Tagged.built),
+                "mode": np.array([mode] * n, dtype=object), "blob": batch["blob"]}
+
+
+def test_a_model_pool_builds_its_actors_once_for_every_pass(ray_session):
+    from blip2_ray.runtime.compute import ComputeConfig, ModelPool
+
+    compute = ComputeConfig(num_actors=2, num_cpus_per_actor=0.25, num_gpus_per_actor=0)
+    rows = [{"n": i, "blob": bytes([i, 0, 0])} for i in range(10)]  # bytes with trailing NULs stay whole
+    with ModelPool(Tagged, compute, len(rows), scale=3) as pool:
+        first = list(pool.map(rows, 3))
+        second = list(pool.map(rows[:4], 2, mode="itm"))
+        pids = {int(p) for b in first + second for p in b["pid"]}
+    assert sorted(int(n) for b in first for n in b["n"]) == [3 * i for i in range(10)]
+    assert sorted(int(n) for b in second for n in b["n"]) == [0, 3, 6, 9]
+    assert {m for b in first for m in b["mode"]} == {"plain"} and {m for b in second for m in b["mode"]} == {"itm"}
+    assert {bytes(x) for b in first for x in b["blob"]} == {bytes([i, 0, 0]) for i in range(10)}
+    assert 1 <= len(pids) <= 2 and {int(x) for b in first + second for x in b["built"]} == {1}  # built once each
+    assert len(pool.actors) == 2
+
+
+def test_user_error_of_a_model_pool_constructor_reaches_the_driver(ray_session):
+    from blip2_ray.runtime.compute import ComputeConfig, ModelPool
+    from blip2_ray.runtime.user_errors import reraise_user_errors
+
+    compute = ComputeConfig(num_actors=1, num_cpus_per_actor=0.25, num_gpus_per_actor=0)
+    with pytest.raises(UserError) as info:
+        with reraise_user_errors(), ModelPool(FailsToStart, compute, 4, reason=SENTENCE) as pool:
+            list(pool.map([{"n": i} for i in range(4)], 2))
+    assert type(info.value) is UserError and str(info.value) == SENTENCE

@@ -150,3 +150,18 @@ def test_heartbeat_speaks_after_every_s_of_silence_only():
     assert beat.tick() == "[stage1] exporting the model (6 s so far)" and len(lines) == 2
     with Heartbeat("x", enabled=False) as off:  # other ranks: no thread
         assert off._thread is None
+
+
+def test_model_pool_batches_keep_every_value_as_it_was():
+    import numpy as np
+
+    rows = [{"idx": 0, "image": b"\x01\x00\x00", "text": "a", "cands": np.array([2, 5])},
+            {"idx": 1, "image": b"", "text": "bb", "cands": np.array([], np.int64)}]
+    b = compute.columns(rows)
+    assert b["idx"].dtype.kind == "i" and b["idx"].tolist() == [0, 1]
+    # np.asarray would make bytes a fixed-width 'S' array, which drops trailing NUL bytes of an image
+    assert b["image"].dtype == object and b["image"].tolist() == [b"\x01\x00\x00", b""]
+    assert b["text"].tolist() == ["a", "bb"]
+    assert b["cands"].dtype == object and [c.tolist() for c in b["cands"]] == [[2, 5], []]
+    one = compute.columns([{"cands": np.array([7])}])["cands"]  # a one-element array stays an array
+    assert one.dtype == object and isinstance(one[0], np.ndarray) and one[0].tolist() == [7]
