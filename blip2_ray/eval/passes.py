@@ -63,7 +63,7 @@ def evaluate_retrieval(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
         acc = TopKAccumulator(torch.from_numpy(text_feats), k)
         seen = set()
         for b in pool.map(_image_rows(ts), bs, mode="image"):
-            acc.add(b["idx"], torch.from_numpy(b["image_feats"]))
+            acc.add(b["idx"], torch.from_numpy(np.array(b["image_feats"])))  # a writable copy of the shared buffer
             seen.update(b["idx"].tolist())
         skipped_images = len(ts.images) - len(seen)
         i2t = acc.i2t()
