@@ -62,6 +62,8 @@ class EvalConfig:
         "vqa: answer scoring rules: lavis = LAVIS's copy of the VQA evaluator (the paper's val numbers), official "
         "= GT-Vision-Lab/VQA's vqaEval.py (also normalises disagreeing human answers; leaves the prediction raw "
         "when all ten agree); gqa: lavis only (docs/evaluation.md)", "lavis")
+    meteor: bool | None = doc("caption: METEOR through pycocoevalcap's Java jar (one JVM per scoring): null scores it "
+                              "where java and the jar are present, true requires them, false skips it", None)
     output: str = doc("the JSON report (predictions and rankings go beside it)", "eval_report.json")
     test_set: TestSetConfig = doc("the images and their captions / questions", factory=TestSetConfig)
     retrieval: RetrievalConfig = doc("retrieval settings", factory=RetrievalConfig)

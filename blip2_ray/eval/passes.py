@@ -116,7 +116,7 @@ def evaluate_generation(cfg: EvalConfig, ts: TestSet) -> tuple[dict, dict]:
             extra["references"] = os.path.splitext(cfg.output)[0] + "_references.json"
             write_json_atomic(extra["references"], {"annotations": [{"image_id": k, "caption": c}
                                                                     for k, caps in refs.items() for c in caps]})
-        metrics = caption_scores(refs, preds)
+        metrics = caption_scores(refs, preds, meteor=cfg.meteor)
         return metrics, {"images": len(preds), "skipped_images": len(ts.images) - len(preds), **extra}
     preds = {ts.questions[i]["question_id"]: t for i, t in out.items()}
     qs = {q["question_id"]: q for q in ts.questions}

@@ -11,6 +11,17 @@ import sys
 # off, so a print is one line.
 WORKER_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 PROGRESS_CHOICES = ("auto", "on", "off")
+# The raylet's worker pool. Ray kills a task worker that has been idle for 1 s once the node has more workers than
+# CPUs. A streaming pipeline reads in bursts (the trainer's backpressure pauses it), and every burst then started
+# new workers, each importing the tokenizers (transformers, torch) again: ~5 s of CPU apiece. The instruct test's
+# training started 13 read workers; with idle workers kept for 60 s it starts 6, and its job takes 74 s, not 90 s
+# (the 2-core machine). Given to every instance a job starts (init_ray), and to `ray start` by cluster.yaml.
+WORKER_POOL_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
+def worker_pool_env() -> dict[str, str]:
+    """WORKER_POOL_CONFIG as the environment of `ray start` (RAY_<name>)."""
+    return {f"RAY_{k}": str(v) for k, v in WORKER_POOL_CONFIG.items()}
 
 
 def progress_bars(choice: str = "auto") -> bool:
@@ -45,8 +56,9 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
     `address` (a job's --address) wins, then RAY_ADDRESS (set by `ray job submit`); with neither a new
     local instance starts. Never a bare `ray.init()`: that joins the latest cluster started on the
     machine, which may be a stranger's. Workers get WORKER_ENV_VARS plus `env_vars`; `init_kwargs` go to
-    `ray.init` (num_cpus, include_dashboard, ...). `progress` (a job's --progress): Ray Data's progress bars,
-    here and in the job's workers (see `progress_bars`). Already connected: does nothing and returns False.
+    `ray.init` (num_cpus, include_dashboard, ...); a new local instance gets WORKER_POOL_CONFIG. `progress` (a
+    job's --progress): Ray Data's progress bars, here and in the job's workers (see `progress_bars`). Already
+    connected: does nothing and returns False.
     """
     import ray
 
@@ -55,6 +67,8 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
     bars = progress_bars(progress)
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     env = {**WORKER_ENV_VARS, **progress_env(bars), **(env_vars or {})}
+    if address == "local":
+        init_kwargs.setdefault("_system_config", dict(WORKER_POOL_CONFIG))
     ray.init(address=address, runtime_env={"env_vars": env}, **init_kwargs)
     set_progress_bars(bars)
     return address == "local"

@@ -74,6 +74,8 @@ class FinetuneEvalSection:
     vqa_rules: Literal["lavis", "official"] = doc("vqa: answer scoring rules (the evaluation job's vqa_rules: lavis "
                                                   "= LAVIS's copy of the VQA evaluator, official = GT-Vision-Lab's)",
                                                   "lavis")
+    meteor: bool | None = doc("caption: METEOR (the evaluation job's meteor: null where java is present, true "
+                              "requires it, false skips it)", None)
     generation: GenerationConfig = doc("caption / vqa generation (lengths count new tokens only)",
                                        factory=GenerationConfig)
     retrieval: RetrievalConfig = doc("retrieval re-ranking settings", factory=RetrievalConfig)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blip2_ray.runtime.cluster import free_port
+from blip2_ray.runtime.cluster import WORKER_POOL_CONFIG, free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -65,6 +65,7 @@ def ray_session():
                 _temp_dir=temp_dir,
                 log_to_driver=True,
                 object_store_memory=1_000_000_000,
+                _system_config=dict(WORKER_POOL_CONFIG),  # as a job's own instance (runtime/cluster.py)
                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
                                           "HF_HUB_OFFLINE": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             )

@@ -30,7 +30,7 @@ import urllib.request
 
 import pytest
 
-from blip2_ray.runtime.cluster import free_port
+from blip2_ray.runtime.cluster import free_port, worker_pool_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the working_dir upload is size-limited: ship the code, not the environment or outputs. Patterns match
@@ -132,7 +132,7 @@ def _head(tmp, attempt: int):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     # the jobs' drivers and workers inherit the head's environment
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               BLIP2_RAY_CACHE=os.environ["BLIP2_RAY_CACHE"],
+               BLIP2_RAY_CACHE=os.environ["BLIP2_RAY_CACHE"], **worker_pool_env(),
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
     log = str(tmp / f"head{attempt}.log")
     with open(log, "w") as out:

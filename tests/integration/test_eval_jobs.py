@@ -137,14 +137,14 @@ def test_caption_and_vqa(ray_session, models, karpathy, tmp_path):
     ts = {"annotations": str(karpathy / "test.json"), "image_root": str(karpathy / "images")}
     gen = {"num_beams": 2, "max_new_tokens": 5, "min_new_tokens": 2}
     rep = run_evaluation(_cfg(task="caption", model=models["stage2"], output=str(tmp_path / "c.json"),
-                              test_set=ts, generation=gen))
-    assert rep["images"] == 10 and {"BLEU-4", "CIDEr"} <= set(rep["metrics"])
+                              test_set=ts, generation=gen, meteor=False))  # METEOR's JVM: test_eval_official_metrics
+    assert rep["images"] == 10 and {"BLEU-4", "CIDEr"} <= set(rep["metrics"]) and "METEOR" not in rep["metrics"]
     preds = json.loads(Path(rep["predictions"]).read_text())
     assert len(preds) == 10 and {"image_id", "caption"} <= set(preds[0])
     # the references it scored against are written too: `evaluate.py caption-metrics` on the pair agrees
     from blip2_ray.eval.caption_metrics import caption_scores, load_predictions, load_references
 
-    again = caption_scores(load_references(rep["references"]), load_predictions(rep["predictions"]))
+    again = caption_scores(load_references(rep["references"]), load_predictions(rep["predictions"]), meteor=False)
     assert again == pytest.approx(rep["metrics"])
 
     rep = run_evaluation(_cfg(task="vqa", model=models["stage2"], output=str(tmp_path / "v.json"),

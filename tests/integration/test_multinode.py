@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from blip2_ray.runtime.cluster import free_port
+from blip2_ray.runtime.cluster import WORKER_POOL_CONFIG, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,7 +82,7 @@ def run_scenario(tmp: str) -> dict:
     temp_dir = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"raymn_{os.getpid()}")
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         common, num_cpus=2, resources={"data_node": 2}, gcs_server_port=free_port(), dashboard_port=free_port(),
-        temp_dir=temp_dir))
+        temp_dir=temp_dir, _system_config=dict(WORKER_POOL_CONFIG)))
     try:
         train_nodes = [cluster.add_node(num_cpus=1, resources={"train_node": 1},
                                         **common | {"dashboard_agent_listen_port": free_port()}) for _ in range(3)]

@@ -93,3 +93,11 @@ def test_data_nodes_exist_for_decoding(cluster):
     data = _node_types(cluster, "data_node")
     assert data and all("GPU" not in t["resources"] for t in data.values())
     assert sum(t["max_workers"] for t in data.values()) >= 1
+
+
+def test_every_node_keeps_idle_workers_as_a_job_s_own_instance_does(cluster):
+    from blip2_ray.runtime.cluster import worker_pool_env
+
+    for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert all(f"{k}={v} ray start" in start for k, v in worker_pool_env().items()), start

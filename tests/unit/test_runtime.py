@@ -34,6 +34,9 @@ def test_init_ray_address_then_ray_address_then_a_new_local_instance(ray_init_ca
     assert ray_init_calls[0]["runtime_env"] == {"env_vars": quiet}
     assert ray_init_calls[2]["runtime_env"] == {"env_vars": {**quiet, "DS_ACCELERATOR": "cpu"}}
     assert ray_init_calls[2]["num_cpus"] == 4
+    # only the instance it starts gets the worker-pool settings (joining a cluster with them is an error in Ray)
+    assert ray_init_calls[2]["_system_config"] == {"idle_worker_killing_time_threshold_ms": 60_000}
+    assert "_system_config" not in ray_init_calls[0] and "_system_config" not in ray_init_calls[1]
 
 
 def test_progress_bars_only_on_a_terminal_unless_asked(ray_init_calls, monkeypatch):

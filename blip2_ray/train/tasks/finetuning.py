@@ -78,7 +78,7 @@ class Finetuning(TaskSpec):
                          "split": a.eval_split, "limit": e.limit, "questions": a.eval_questions},
             "generation": to_dict(e.generation), "retrieval": to_dict(e.retrieval), "compute": to_dict(e.compute),
             "data": {"image_size": cfg.data.image_size, "qformer_max_len": cfg.data.qformer_max_len},
-            "vqa_rules": e.vqa_rules,
+            "vqa_rules": e.vqa_rules, "meteor": e.meteor,
         })
         return run_evaluation(ecfg)["metrics"]
 
