@@ -4,6 +4,7 @@ integration tests (tests/integration, marked there by its conftest) may start Ra
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -13,7 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # the 'tiny' tokenizers are built once per test session here (Ray workers inherit the variable)
-os.environ.setdefault("BLIP2_RAY_CACHE", tempfile.mkdtemp(prefix="blip2_ray_cache_"))
+_OWN_CACHE = None if os.environ.get("BLIP2_RAY_CACHE") else tempfile.mkdtemp(prefix="blip2_ray_cache_")
+if _OWN_CACHE:
+    os.environ["BLIP2_RAY_CACHE"] = _OWN_CACHE
+
+
+def pytest_unconfigure(config):
+    """The session's own cache goes with it (a cache the caller named stays)."""
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def has_cuda() -> bool:

@@ -52,6 +52,7 @@ class Stage1Actor:
         self.size = self.model.vision_model.config.image_size
         self.mode, self.data = mode, from_dict(DataConfig, data_cfg)
         self.pairs, self.itm_batch_size = pairs or {}, itm_batch_size
+        self.own_texts = texts is not None  # text rows' tidx then index `texts`
         if texts is not None:  # the ITM pass's texts, tokenised here (the driver loads no tokenizer)
             from blip2_ray.data.processor import ImageTextProcessor
 
@@ -66,13 +67,17 @@ class Stage1Actor:
         mode = mode or self.mode
         with torch.no_grad():
             if mode == "text":
-                from blip2_ray.data.processor import ImageTextProcessor
+                tidx = np.asarray(batch["tidx"])
+                if self.own_texts:  # rows of the constructor's texts: tokenised there already
+                    ids, mask = self.text_ids[torch.from_numpy(tidx)], self.text_mask[torch.from_numpy(tidx)]
+                else:
+                    from blip2_ray.data.processor import ImageTextProcessor
 
-                proc = ImageTextProcessor(self.data, qformer_tokenizer=self.tok)
-                enc = proc.qformer_ids([str(t) for t in batch["text"]])
-                feat = self.model.text_feat(torch.from_numpy(enc["qformer_input_ids"]).to(self.device),
-                                            torch.from_numpy(enc["qformer_attention_mask"]).to(self.device))
-                return {"tidx": np.asarray(batch["tidx"]), "text_feat": feat.float().cpu().numpy()}
+                    enc = ImageTextProcessor(self.data, qformer_tokenizer=self.tok).qformer_ids(
+                        [str(t) for t in batch["text"]])
+                    ids, mask = (torch.from_numpy(enc[f"qformer_{k}"]) for k in ("input_ids", "attention_mask"))
+                feat = self.model.text_feat(ids.to(self.device), mask.to(self.device))
+                return {"tidx": tidx, "text_feat": feat.float().cpu().numpy()}
             keep, px = decode_rows(batch, self.size, self.data)
             idx = np.asarray(batch["idx"])[keep]
             embeds = self.model.encode_image(torch.from_numpy(px).to(self.device))  # (B, N, D)
