@@ -52,7 +52,7 @@ def pytest_runtest_logfinish(nodeid, location):
     _say_current_test("")
 
 
-# `make test` runs the suite on 2 xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`): a file runs whole on
+# `make test` runs the suite on 3 xdist workers (`-n 3 --dist loadfile --no-loadscope-reorder`): a file runs whole on
 # one worker, in the order below. Longest first, so that the short files fill in at the end instead of one long
 # file running alone while the other worker idles. Seconds: each file's tests on the loaded 2-core machine
 # (`make test` with a CPU-bound process beside it, 2026-12-06). A file not listed goes after these, in its

@@ -55,6 +55,9 @@ def ray_session():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    # `make test` runs several sessions at once (xdist): on a loaded 2-core machine a worker group can take longer
+    # than Train's default 60 s to start. The raylet started here passes it on to every worker, a job's too.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     for attempt in range(3):  # a raylet has 30 s to register, which a loaded machine can exceed: start again
         temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
         try:

@@ -35,6 +35,11 @@ from blip2_ray.runtime.cluster import WORKER_POOL_CONFIG, free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# the head's GCS declares a node dead after 5 missed health checks 1 s apart (Ray's default: 3 s apart, ~15 s),
+# each still given Ray's 10 s timeout: the removed node's workers are seen gone sooner, a slow answer is no death
+NODE_DEATH_IN_SECONDS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+
+
 def _resources_per_node() -> dict[str, dict]:
     from ray._private.state import available_resources_per_node
 
@@ -82,7 +87,7 @@ def run_scenario(tmp: str) -> dict:
     temp_dir = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"raymn_{os.getpid()}")
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         common, num_cpus=2, resources={"data_node": 2}, gcs_server_port=free_port(), dashboard_port=free_port(),
-        temp_dir=temp_dir, _system_config=dict(WORKER_POOL_CONFIG)))
+        temp_dir=temp_dir, _system_config=dict(WORKER_POOL_CONFIG, **NODE_DEATH_IN_SECONDS)))
     try:
         train_nodes = [cluster.add_node(num_cpus=1, resources={"train_node": 1},
                                         **common | {"dashboard_agent_listen_port": free_port()}) for _ in range(3)]

@@ -158,7 +158,7 @@ def test_stage2_zero2_from_stage1_export(stage1_run, shards, tmp_path):
 
 
 def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards, tmp_path, monkeypatch):
-    """The start-up check is bypassed (as if the CPUs were taken after it ran): the workers hold 3.5 of the
+    """The start-up check is bypassed (as if the CPUs were taken after it ran): the worker holds 3.5 of the
     4 CPUs, a decode task needs 1, no batch ever comes, and the run stops after data.stall_timeout_s."""
     from blip2_ray.train import resources
     from blip2_ray.train.batches import DataStallError
@@ -167,8 +167,8 @@ def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards
     monkeypatch.setattr(resources, "check_cluster", lambda cfg: None)
     cfg = tiny_cfg(tmp_path, shards, **{
         "stage": 1, "run_name": "stall", "output_dir": f"{tmp_path}/export", "train.max_steps": 2,
-        "scaling.cpus_per_worker": 1.75, "data.num_cpus_per_decode_task": 1.0, "data.stall_timeout_s": 10,
-        "failure.max_failures": 0,
+        "scaling.num_workers": 1, "scaling.cpus_per_worker": 3.5, "data.num_cpus_per_decode_task": 1.0,
+        "data.stall_timeout_s": 10, "failure.max_failures": 0,
     })
     t0 = time.monotonic()
     with pytest.raises(DataStallError) as e:
