@@ -21,7 +21,7 @@ demo: install
 	$(PY) jobs/demo.py
 
 test: install
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 -n 3 --dist loadfile --no-loadscope-reorder tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -52,11 +52,13 @@ def pytest_runtest_logfinish(nodeid, location):
     _say_current_test("")
 
 
-# `make test` runs the suite on 3 xdist workers (`-n 3 --dist loadfile --no-loadscope-reorder`): a file runs whole on
+# `make test` runs the suite on 2 xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`): a file runs whole on
 # one worker, in the order below. Longest first, so that the short files fill in at the end instead of one long
 # file running alone while the other worker idles. Seconds: each file's tests on the loaded 2-core machine
 # (`make test` with a CPU-bound process beside it, 2026-12-06). A file not listed goes after these, in its
-# collection order; the order is only a schedule, no test depends on it.
+# collection order; the order is only a schedule, no test depends on it. Each worker has its own session
+# fixtures, so its own local Ray instance. (3 workers, tried on the same loaded machine: slower, 1669 s, and the
+# cluster-jobs head did not come up in 180 s.)
 LONGEST_FIRST = {
     "test_train_pretrain.py": 300, "test_finetune_job.py": 265, "test_finetune_instruct.py": 228,
     "test_serve_api.py": 220, "test_finetune_vqa.py": 213, "test_cluster_jobs.py": 200, "test_multinode.py": 192,

@@ -5,7 +5,9 @@ object, so the driver re-raises that UserError itself. Ray Data is different: it
 `map_batches` function in a new `UserCodeException`, and the original reaches the driver only as text
 inside a traceback. So a function or class wrapped by `report_user_errors` hands the message to this
 job's `UserErrorBox` actor before it raises, and the driver, inside `reraise_user_errors()`, reads the
-message back when the dataset fails. No exception text is parsed anywhere.
+messages back when the dataset fails and raises the one that this failure carries (its text holds the
+worker's traceback). A message that a lagging worker of an earlier, already failed dataset reports late
+is in the box too, but not in this failure: it is never raised for it. No exception text is parsed.
 
     with reraise_user_errors():        # on the driver
         ds = ds.map_batches(report_user_errors(MyActor), compute=..., ...)
@@ -26,18 +28,30 @@ BOX_NAMESPACE = "blip2_ray"
 
 
 class UserErrorBox:
-    """Holds the first UserError message a worker of this Ray job reported since the last `take`."""
+    """Holds the UserError messages the workers of this Ray job reported since the last `take`, first first."""
+
+    KEEP = 64  # distinct messages; a dataset fails on its first, so a few are ever there
 
     def __init__(self):
-        self._message: str | None = None
+        self._messages: list[str] = []
 
     def put(self, message: str) -> None:
-        if self._message is None:
-            self._message = message
+        if message not in self._messages and len(self._messages) < self.KEEP:
+            self._messages.append(message)
 
-    def take(self) -> str | None:
-        message, self._message = self._message, None
-        return message
+    def take(self) -> list[str]:
+        messages, self._messages = self._messages, []
+        return messages
+
+
+def _failure_text(error: BaseException) -> str:
+    """The text of `error` and of the exceptions it was raised from (Ray's hold the worker's traceback)."""
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
 
 
 def _box_name() -> str:
@@ -137,8 +151,10 @@ def reraise_user_errors() -> Iterator[None]:
     except Exception as e:
         import ray
 
-        # the box first: Ray Data appends its retry advice to the worker's exception before it travels
-        message = ray.get(box.take.remote())
+        # the box first: Ray Data appends its retry advice to the worker's exception before it travels; of the
+        # messages there, the first this failure carries (a late one from an earlier dataset is not in it)
+        text = _failure_text(e)
+        message = next((m for m in ray.get(box.take.remote()) if m in text), None)
         cause = UserError(message) if message is not None else user_error_in(e)
         if cause is None:
             raise

@@ -95,6 +95,22 @@ def test_user_error_of_a_generator_task_reaches_the_driver(ray_session):
     assert type(info.value) is UserError and str(info.value) == SENTENCE
 
 
+def test_a_late_message_of_an_earlier_dataset_is_not_raised_for_this_failure(ray_session):
+    """Seen under load: the second actor of an earlier pool (the constructor test above) reported its message after
+    this block had emptied the box, and that message was raised for this failure."""
+    import ray
+
+    from blip2_ray.runtime.user_errors import BOX_NAMESPACE, _box_name, report_user_errors, reraise_user_errors
+
+    ds = _numbers().map_batches(report_user_errors(yields_then_fails), batch_size=2, num_cpus=0.25)
+    with pytest.raises(UserError) as info:
+        with reraise_user_errors():
+            box = ray.get_actor(_box_name(), namespace=BOX_NAMESPACE)
+            ray.get(box.put.remote("model 'm' has no config.json; pass an export directory"))  # the late one
+            _consume(ds)
+    assert type(info.value) is UserError and str(info.value) == SENTENCE
+
+
 def test_user_error_of_a_plain_actor_comes_from_the_ray_task_error_cause(ray_session):
     import ray
 
