@@ -50,7 +50,7 @@ class HeadDidNotStart(RuntimeError):
     """`ray start` gave up (its raylet has 30 s to register, which a loaded machine can exceed): start again."""
 
 
-def _wait_for_job_server(url: str, headers: dict, proc: subprocess.Popen, log: str, timeout: float = 180) -> None:
+def _wait_for_job_server(url: str, headers: dict, proc: subprocess.Popen, log: str, timeout: float = 300) -> None:
     """Ready: `ray start --block` said "Ray runtime started." (its raylet registered) and the job server answers."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -131,6 +131,9 @@ def _head(tmp, attempt: int):
     token = secrets.token_hex(32)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     # the jobs' drivers and workers inherit the head's environment
+    # a loaded machine (the suite runs two files at once) can take longer than Ray's 60 s to start the dashboard
+    # (seen: `ray start` gave up twice); unbuffered, so that the log shows how far `ray start` got
+    env.update(RAY_DASHBOARD_STARTUP_TIMEOUT_S="240", PYTHONUNBUFFERED="1")
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                BLIP2_RAY_CACHE=os.environ["BLIP2_RAY_CACHE"], **worker_pool_env(),
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
