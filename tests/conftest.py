@@ -69,8 +69,7 @@ LONGEST_FIRST = {
 
 def _schedule_longest_first(items) -> None:
     rank = {name: i for i, name in enumerate(sorted(LONGEST_FIRST, key=lambda n: -LONGEST_FIRST[n]))}
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (rank.get(Path(str(item.path)).name, len(rank)), position[id(item)]))
+    items.sort(key=lambda item: rank.get(Path(str(item.path)).name, len(rank)))  # stable: file order kept within
 
 
 def pytest_collection_modifyitems(config, items):
