@@ -79,14 +79,54 @@ def run_config(cfg: PretrainConfig):
     )
 
 
+def state_api_answers() -> bool:
+    """Whether the connected cluster's State API (served by its dashboard) answers; not on an instance started
+    without a dashboard. Asked at this cluster's own address: with no address the State API looks for *a* Ray
+    instance and fails where several run on the machine. A probe that fails otherwise counts as an answer (Ray's
+    default stays)."""
+    import ray
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=5, raise_on_missing_output=False)
+    except RayStateApiException:
+        return False
+    except Exception:  # noqa: BLE001 - not a verdict on the State API: keep Ray's default
+        return True
+    return True
+
+
+def _torch_trainer_class():
+    """TorchTrainer, less its placement-group cleaner where the cluster's State API does not answer.
+
+    The cleaner (a detached actor of every run) asks the State API each second whether the run's controller lives,
+    to remove the run's placement group if the controller died without doing so. Without a dashboard (the demo's and
+    the tests' local instances) the question always fails: the cleaner could never act, yet it cost a process per
+    run and printed a warning each second (170 of the demo's 267 lines). Where the dashboard runs (`ray start
+    --head`, cluster.yaml) it stays.
+    """
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if state_api_answers():
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    Trainer.__name__ = Trainer.__qualname__ = "TorchTrainer"
+    return Trainer
+
+
 def build_trainer(cfg: PretrainConfig, dataset=None):
     """The TorchTrainer of a run (`dataset`: the training Ray Dataset, built from cfg.data when None)."""
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from blip2_ray.train.loop import train_loop_per_worker
 
-    return TorchTrainer(
+    return _torch_trainer_class()(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "config_class": type(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

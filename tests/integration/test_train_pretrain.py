@@ -157,7 +157,7 @@ def test_stage2_zero2_from_stage1_export(stage1_run, shards, tmp_path):
     assert hf.config.num_query_tokens == 8 and processor.num_query_tokens == 8
 
 
-def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards, tmp_path, monkeypatch):
+def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards, tmp_path, monkeypatch, capfd):
     """The start-up check is bypassed (as if the CPUs were taken after it ran): the worker holds 3.5 of the
     4 CPUs, a decode task needs 1, no batch ever comes, and the run stops after data.stall_timeout_s.
     On this dashboard-less instance no placement-group cleaner runs (it warned each second of a run)."""
@@ -178,3 +178,4 @@ def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards
     assert "received no batch for 10 s (data.stall_timeout_s=10) at step 0, epoch 0" in msg, msg
     assert "data.num_cpus_per_decode_task=1 CPU each" in msg and "cluster has CPU 3.5 of 4 used" in msg, msg
     assert time.monotonic() - t0 < 240
+    assert "Failed to query Ray Train Controller" not in capfd.readouterr().err
