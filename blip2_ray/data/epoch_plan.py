@@ -25,7 +25,7 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from blip2_ray.runtime.actors import job_actor
+from blip2_ray.runtime.actors import job_actor, release_job_actor
 
 PLAN_NAMESPACE = "blip2_ray"
 
@@ -109,6 +109,12 @@ def epoch_plan_name(run_name: str) -> str:
 def epoch_plan(name: str, create: bool = False):
     """The EpochPlan actor called `name` (created at epoch 0, on this node, with `create`)."""
     return job_actor(EpochPlan, name, PLAN_NAMESPACE, create)
+
+
+def release_epoch_plan(name: str) -> None:
+    """The run is over: its plan actor ends (a driver that runs several trainings, a notebook or a test session,
+    would otherwise keep one process per finished run)."""
+    release_job_actor(name, PLAN_NAMESPACE)
 
 
 # -------------------------------------------------------------------------------------- the source

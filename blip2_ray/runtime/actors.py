@@ -3,7 +3,8 @@
 Each is a named actor created by the driver and looked up by name from Train workers and data tasks.
 Two rules hold for all of them:
 
-- the creating process keeps a handle (a named actor dies with its last handle), and
+- the creating process keeps a handle (a named actor dies with its last handle; `release_job_actor` ends one
+  whose work is over, e.g. a run's epoch plan, in a driver that goes on), and
 - the actor lives on the creator's node. With the default scheduling a zero-CPU actor may land on any
   node, and on a multi-node cluster that is often a worker node; losing that node (a spot GPU node, a
   failed host) would then lose the run's bookkeeping, the one thing a worker-group restart needs.
@@ -29,3 +30,12 @@ def job_actor(actor_class, name: str, namespace: str, create: bool = False):
     if key in _HELD:
         return _HELD[key]
     return ray.get_actor(name, namespace=namespace)
+
+
+def release_job_actor(name: str, namespace: str) -> None:
+    """End the actor `name` that this process created (its work is over); nothing if this process did not."""
+    import ray
+
+    handle = _HELD.pop((namespace, name), None)
+    if handle is not None:
+        ray.kill(handle)

@@ -97,7 +97,7 @@ def state_api_answers() -> bool:
     return True
 
 
-def _torch_trainer_class():
+def torch_trainer_class():
     """TorchTrainer, less its placement-group cleaner where the cluster's State API does not answer.
 
     The cleaner (a detached actor of every run) asks the State API each second whether the run's controller lives,
@@ -126,7 +126,7 @@ def build_trainer(cfg: PretrainConfig, dataset=None):
 
     from blip2_ray.train.loop import train_loop_per_worker
 
-    return _torch_trainer_class()(
+    return torch_trainer_class()(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "config_class": type(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -172,6 +172,7 @@ def run_pretrain(cfg: PretrainConfig, dataset=None):
 
     from ray.train import TrainingFailedError
 
+    from blip2_ray.data.epoch_plan import epoch_plan_name, release_epoch_plan
     from blip2_ray.train.resources import check_cluster
 
     cfg = absolute_paths(cfg)
@@ -186,6 +187,8 @@ def run_pretrain(cfg: PretrainConfig, dataset=None):
         if stall is not None:
             raise stall from None
         raise
+    finally:
+        release_epoch_plan(epoch_plan_name(cfg.run_name))
 
 
 def data_stall_of(error: BaseException):

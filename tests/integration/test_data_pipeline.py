@@ -145,10 +145,11 @@ def _train_loop(config):
 def test_two_worker_torch_trainer_sees_every_good_record_once(ray_session, shards, tiny_tokenizers, tmp_path):
     import ray.train
     from ray import cloudpickle
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from blip2_ray.config import to_dict
     from blip2_ray.data.pipeline import build_dataset
+    from blip2_ray.train.trainer import torch_trainer_class  # the project's: no idle placement-group cleaner
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     d, _ = shards["webdataset"]
@@ -157,7 +158,7 @@ def test_two_worker_torch_trainer_sees_every_good_record_once(ray_session, shard
                        llm_tokenizer=tiny_tokenizers["t5"], skip_tag="trainer")
     out = tmp_path / "seen"
     out.mkdir()
-    trainer = TorchTrainer(
+    trainer = torch_trainer_class()(
         _train_loop,
         train_loop_config={"data": to_dict(cfg), "batch_size": 8, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),

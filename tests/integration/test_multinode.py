@@ -13,9 +13,9 @@ A driver joins one Ray instance at a time and the integration tests share `ray_s
 scenario runs in a child Python process (this file run as a script) with its own cluster, temp dir,
 ports and auth token, and prints its findings as one JSON line that the test checks.
 
-The config has no field yet for custom resources, so the scenario builds the TorchTrainer from the
-trainer's own pieces with `resources_per_worker={"CPU": 1, "train_node": 1}`, and pins the Ray Data
-tasks to the data node through the dataset's DataContext scheduling strategy.
+The config has no field yet for custom resources, so the scenario builds the TorchTrainer (the project's:
+torch_trainer_class) from the trainer's own pieces with `resources_per_worker={"CPU": 1, "train_node": 1}`, and
+pins the Ray Data tasks to the data node through the dataset's DataContext scheduling strategy.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run_scenario(tmp: str) -> dict:
     from ray.cluster_utils import Cluster
     from ray.data import DataContext
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     from trained_rows import surviving_rows
 
@@ -62,7 +62,14 @@ def run_scenario(tmp: str) -> dict:
     from blip2_ray.fixtures.sample import make_sample_shards
     from blip2_ray.train.config import PretrainConfig
     from blip2_ray.train.loop import train_loop_per_worker
-    from blip2_ray.train.trainer import absolute_paths, build_train_dataset, check_inputs, read_train_state, run_config
+    from blip2_ray.train.trainer import (
+        absolute_paths,
+        build_train_dataset,
+        check_inputs,
+        read_train_state,
+        run_config,
+        torch_trainer_class,
+    )
 
     shards = os.path.join(tmp, "shapes")
     make_sample_shards(shards, num=32, shards=2, image_size=32, seed=0)
@@ -99,7 +106,7 @@ def run_scenario(tmp: str) -> dict:
         # every read/decode task of this dataset runs on the data node (hard affinity)
         DataContext.get_current().scheduling_strategy = NodeAffinitySchedulingStrategy(data_node_id, soft=False)
         dataset = build_train_dataset(cfg)
-        trainer = TorchTrainer(
+        trainer = torch_trainer_class()(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg)},
             torch_config=TorchConfig(backend="gloo"),

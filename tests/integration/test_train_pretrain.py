@@ -160,7 +160,8 @@ def test_stage2_zero2_from_stage1_export(stage1_run, shards, tmp_path):
 def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards, tmp_path, monkeypatch, capfd):
     """The start-up check is bypassed (as if the CPUs were taken after it ran): the worker holds 3.5 of the
     4 CPUs, a decode task needs 1, no batch ever comes, and the run stops after data.stall_timeout_s.
-    On this dashboard-less instance no placement-group cleaner runs (it warned each second of a run)."""
+    On this dashboard-less instance no placement-group cleaner runs (it warned each second of a run), and the run's
+    epoch plan actor ends with the run."""
     from blip2_ray.train import resources
     from blip2_ray.train.batches import DataStallError
     from blip2_ray.train.trainer import run_pretrain
@@ -179,3 +180,17 @@ def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards
     assert "data.num_cpus_per_decode_task=1 CPU each" in msg and "cluster has CPU 3.5 of 4 used" in msg, msg
     assert time.monotonic() - t0 < 240
     assert "Failed to query Ray Train Controller" not in capfd.readouterr().err
+    # the run's epoch plan ended with it (this driver goes on): its name is free again
+    import ray
+
+    from blip2_ray.data.epoch_plan import PLAN_NAMESPACE, epoch_plan_name
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(epoch_plan_name("stall"), namespace=PLAN_NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the run's EpochPlan actor outlived the run")

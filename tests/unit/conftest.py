@@ -4,6 +4,18 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Unit tests run torch on one thread (restored after each module: an xdist worker runs integration files
+    too). `make test` runs two pytest workers on 2 cores; beside a CPU-bound process, two threads per worker
+    spin against each other: `pytest -n 2 tests/unit` with `python3 -c "while True: pass"` beside it took 211.67 s,
+    with OMP_NUM_THREADS=1 162.69 s (2026-12-06, 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=["tiny", "tiny_t5"])
 def varied_stage2(request):
     """(model, tokenizer, eos ids) of a tiny stage-2 model (OPT, then T5) whose LLM and projection have larger
