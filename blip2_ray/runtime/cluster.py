@@ -17,6 +17,7 @@ PROGRESS_CHOICES = ("auto", "on", "off")
 # training started 13 read workers; with idle workers kept for 60 s it starts 6, and its job takes 74 s, not 90 s
 # (the 2-core machine). Given to every instance a job starts (init_ray), and to `ray start` by cluster.yaml.
 WORKER_POOL_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by the driver's Ray Train (passed to its runs)
 
 
 def worker_pool_env() -> dict[str, str]:
@@ -56,9 +57,9 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
     `address` (a job's --address) wins, then RAY_ADDRESS (set by `ray job submit`); with neither a new
     local instance starts. Never a bare `ray.init()`: that joins the latest cluster started on the
     machine, which may be a stranger's. Workers get WORKER_ENV_VARS plus `env_vars`; `init_kwargs` go to
-    `ray.init` (num_cpus, include_dashboard, ...); a new local instance gets WORKER_POOL_CONFIG. `progress` (a
-    job's --progress): Ray Data's progress bars, here and in the job's workers (see `progress_bars`). Already
-    connected: does nothing and returns False.
+    `ray.init` (num_cpus, include_dashboard, ...); a new local instance gets WORKER_POOL_CONFIG, and its runs no
+    preemption watcher. `progress` (a job's --progress): Ray Data's progress bars, here and in the job's workers
+    (see `progress_bars`). Already connected: does nothing and returns False.
     """
     import ray
 
@@ -69,6 +70,9 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
     env = {**WORKER_ENV_VARS, **progress_env(bars), **(env_vars or {})}
     if address == "local":
         init_kwargs.setdefault("_system_config", dict(WORKER_POOL_CONFIG))
+        # Ray Train's preemption watcher (an actor per run) acts only on nodes an autoscaler drains, which a local
+        # instance has none of; on one it only printed Ray's error line about its restart arguments at each run
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray.init(address=address, runtime_env={"env_vars": env}, **init_kwargs)
     set_progress_bars(bars)
     return address == "local"
