@@ -16,7 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray Train's preemption watcher (an actor per run, ~3 CPU s each: 33.8 CPU s over the integration tests, measured
 # with tools/suite_cpu.py) only acts on nodes that an autoscaler drains; the suite's local instances have none.
-# Jobs the tests start inherit the setting (Ray Train passes it from the driver to its controller).
+# Jobs the tests start inherit the setting (Ray Train passes it from the driver to its controller). A literal: this
+# runs before any project import (the same name as blip2_ray.runtime.cluster.PREEMPTION_WATCHER_ENV).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Ray's log monitor looks for new log files every 0.1 s until a node has 1000 of them, then every 0.5 s; the suite's
 # instances run for the whole session (65.8 CPU s in 3 log monitors over the integration tests): every 0.5 s from

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from blip2_ray.fixtures.backbones import one_torch_thread as torch_on_one_thread
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -10,10 +12,8 @@ def one_torch_thread():
     too). `make test` runs two pytest workers on 2 cores; beside a CPU-bound process, two threads per worker
     spin against each other: `pytest -n 2 tests/unit` with `python3 -c "while True: pass"` beside it took 211.67 s,
     with OMP_NUM_THREADS=1 162.69 s (2026-12-06, 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_on_one_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_t5"])
