@@ -28,7 +28,7 @@ from blip2_ray.config import from_dict
 from blip2_ray.data.config import DataConfig
 from blip2_ray.data.epoch_plan import EpochFiles, epoch_plan, unpack_records
 from blip2_ray.data.readers import check_parquet_columns, read_shard_records
-from blip2_ray.data.records import process_records
+from blip2_ray.data.records import process_records, tokenizer_classes
 from blip2_ray.data.skips import report_skips, skip_counter
 from blip2_ray.data.sources import list_shards, shard_format, storage_options
 from blip2_ray.runtime.user_errors import report_user_errors
@@ -107,7 +107,9 @@ class _ShardToRows:
         self.cfg, self.s3_opts, self.tag, self.plan_name = from_dict(DataConfig, cfg), s3_opts, tag, plan_name
         self.train = train
         self.kw = dict(train=train, qformer_tokenizer_path=qformer_tokenizer, llm_tokenizer_path=llm_tokenizer,
-                       llm_family=llm_family, with_pixels=with_pixels)
+                       llm_family=llm_family, with_pixels=with_pixels,
+                       # the tokenizers' classes, found by the driver: a decode task loads them without torch
+                       **tokenizer_classes(qformer_tokenizer, llm_tokenizer))
 
     def __call__(self, task: dict) -> Iterator[dict]:
         """`task`: {"visit", "path", "epoch", "skip", "generation"} of one visit (EpochFiles)."""

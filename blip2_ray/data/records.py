@@ -19,22 +19,36 @@ from blip2_ray.data.transforms import EMPTY_CAPTION, SkipRecord, draw_choice, pi
 _TOKENIZERS: dict[tuple[str, str], object] = {}  # per-process cache: loading takes ~100 ms
 
 
-def cached_qformer_tokenizer(path: str):
-    """The Q-Former (BERT) tokenizer of the directory `path`, loaded once per process."""
+def cached_qformer_tokenizer(path: str, tokenizer_class: str | None = None):
+    """The Q-Former (BERT) tokenizer of the directory `path`, loaded once per process (with `tokenizer_class`,
+    `tokenizer_classes`' name for it, without importing torch: weights.tokenizers.load_tokenizer)."""
     if ("qformer", path) not in _TOKENIZERS:
         from blip2_ray.weights.tokenizers import load_qformer_tokenizer
 
-        _TOKENIZERS[("qformer", path)] = load_qformer_tokenizer(path)
+        _TOKENIZERS[("qformer", path)] = load_qformer_tokenizer(path, tokenizer_class)
     return _TOKENIZERS[("qformer", path)]
 
 
-def cached_llm_tokenizer(path: str):
-    """The LLM tokenizer of the directory `path`, right padded (training batches), loaded once per process."""
+def cached_llm_tokenizer(path: str, tokenizer_class: str | None = None):
+    """The LLM tokenizer of the directory `path`, right padded (training batches), loaded once per process
+    (`tokenizer_class`: as for cached_qformer_tokenizer)."""
     if ("llm", path) not in _TOKENIZERS:
         from blip2_ray.weights.tokenizers import load_llm_tokenizer
 
-        _TOKENIZERS[("llm", path)] = load_llm_tokenizer(path)
+        _TOKENIZERS[("llm", path)] = load_llm_tokenizer(path, tokenizer_class)
     return _TOKENIZERS[("llm", path)]
+
+
+def tokenizer_classes(qformer_tokenizer_path: str | None, llm_tokenizer_path: str | None) -> dict[str, str | None]:
+    """process_records' `qformer_tokenizer_class` / `llm_tokenizer_class` for these directories: the classes
+    AutoTokenizer loads them with, found here once (a driver: an unreadable tokenizer fails here, in one sentence),
+    so that the processes that only tokenise (the decode tasks) load them without AutoTokenizer and torch."""
+    from blip2_ray.weights.tokenizers import tokenizer_class_name
+
+    qformer = qformer_tokenizer_path and cached_qformer_tokenizer(qformer_tokenizer_path)
+    llm = llm_tokenizer_path and cached_llm_tokenizer(llm_tokenizer_path)
+    return {"qformer_tokenizer_class": qformer and tokenizer_class_name(qformer),
+            "llm_tokenizer_class": llm and tokenizer_class_name(llm)}
 
 
 def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -45,15 +59,17 @@ def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, epoch: int = 0,
                     qformer_tokenizer_path: str | None = None, llm_tokenizer_path: str | None = None,
                     llm_family: str | None = None, on_skip: Callable[[str], None], with_pixels: bool = True,
-                    record_numbers: Iterable[int] | None = None) -> dict[str, np.ndarray]:
+                    record_numbers: Iterable[int] | None = None, qformer_tokenizer_class: str | None = None,
+                    llm_tokenizer_class: str | None = None) -> dict[str, np.ndarray]:
     """Raw records {"key", "image", "caption"[, "question"]} -> a batch of columns (rows of bad records dropped).
 
     Columns: key (str), caption (str, cleaned), pixel_values uint8 (B, 3, S, S) RGB (train crop/flip or
     eval resize; CLIP normalisation happens on the consumer: `transforms.normalize_pixels` on the host or
     `transforms.normalize_pixels_tensor` on the device), and, per tokenizer given, qformer_/llm_ input_ids
     and attention_mask int64 (B, max_len); `llm_family` (the LLM's model_type, e.g. "opt") decides how a
-    caption ends (processor.tokenize_llm). With `record_numbers` (one per record: its position in the shard) a
-    "record" int64 column keeps the numbers of the rows that survive.
+    caption ends (processor.tokenize_llm); `*_tokenizer_class` (tokenizer_classes) load them without torch.
+    With `record_numbers` (one per record: its position in the shard) a "record" int64 column keeps the numbers
+    of the rows that survive.
     VQA records (a "question"; "caption" holds the human answers, one drawn per visit): the question is
     written into `cfg.vqa_prompt`, which both tokenizers read (the question-aware Q-Former and the LLM), the
     LLM row is [prompt, answer, end] with an "llm_prompt_length" int64 column (processor.tokenize_vqa_llm), and a
@@ -64,8 +80,8 @@ def process_records(records: Iterable[dict], cfg: DataConfig, *, train: bool, ep
     keys, captions, questions, prompts, pixels, kept = [], [], [], [], [], []
     size = cfg.image_size
     proc = ImageTextProcessor(cfg, qformer_tokenizer=qformer_tokenizer_path and cached_qformer_tokenizer(
-        qformer_tokenizer_path), llm_tokenizer=llm_tokenizer_path and cached_llm_tokenizer(llm_tokenizer_path),
-        llm_family=llm_family)
+        qformer_tokenizer_path, qformer_tokenizer_class), llm_tokenizer=llm_tokenizer_path and cached_llm_tokenizer(
+        llm_tokenizer_path, llm_tokenizer_class), llm_family=llm_family)
     numbers = iter(record_numbers) if record_numbers is not None else None
     for r in records:
         number = next(numbers) if numbers is not None else None

@@ -46,7 +46,7 @@ def caption_bytes_per_device(model_dir: str, dtype: str, n_devices: int) -> list
     (ViT + LLM in `dtype`, the Q-Former, queries and projection in float32; the rest on device 0)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    from blip2_ray.weights.checkpoint_files import read_json
+    from blip2_ray.weights.local_files import read_json
     from blip2_ray.weights.native_format import meta_copy_of_fields, mirrored_hf_config, vision_fields
     from blip2_ray.weights.weight_sources import is_native_config
 

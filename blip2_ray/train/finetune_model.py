@@ -19,7 +19,7 @@ from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.vision import resize_vision_input, unfreeze_vision, vit_blocks
 from blip2_ray.train.finetune_config import FinetuneConfig
 from blip2_ray.weights.builders import is_stage2_dir_config
-from blip2_ray.weights.checkpoint_files import read_json
+from blip2_ray.weights.local_files import read_json
 from blip2_ray.weights.tokenizer_paths import qformer_tokenizer_dir
 from blip2_ray.weights.weight_sources import INSTRUCTBLIP_MODEL_TYPE
 

@@ -25,8 +25,9 @@ from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.stage2 import Blip2Stage2
 from blip2_ray.model.vision import DTYPES, as_dtype
 from blip2_ray.weights import convert
-from blip2_ray.weights.checkpoint_files import assign_weights, read_json, require_local_dir, require_materialized
+from blip2_ray.weights.checkpoint_files import assign_weights, require_materialized
 from blip2_ray.weights.language_model import build_language_model, strict_from_pretrained
+from blip2_ray.weights.local_files import read_json, require_local_dir
 from blip2_ray.weights.tokenizer_paths import llm_tokenizer, qformer_tokenizer
 from blip2_ray.weights.tokenizers import load_llm_tokenizer, prepends_bos
 from blip2_ray.weights.vision import build_vision_model

@@ -9,7 +9,6 @@ mismatches are one `UserError` naming the first few keys and the file, never a w
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -19,43 +18,13 @@ from torch import nn
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.partitioned import full_shape, is_partitioned
+from blip2_ray.weights.local_files import read_json
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
 # HF directory layouts, in the order transformers prefers them
 DIR_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                     "pytorch_model.bin.index.json")
-
-
-def _download_hint(path: str) -> str:
-    return (f"(no network: download it once, e.g. `huggingface-cli download {path} --local-dir DIR`, and pass DIR)"
-            if "/" in path and not Path(path).is_absolute() and not path.startswith(".") else "")
-
-
-def require_local_dir(path: str, what: str) -> str:
-    """`path` if it is a local directory, else one UserError naming `what` (a hub id gets the download hint)."""
-    if not Path(path).is_dir():
-        hint = _download_hint(path) or "(this project reads local directories only)"
-        raise UserError(f"{what} {path!r} is not a local directory {hint}")
-    return str(path)
-
-
-def require_local_path(path: str, what: str) -> str:
-    """`path` if it is a local file or directory, else one UserError naming `what`."""
-    if not Path(path).exists():
-        hint = _download_hint(path) or "(this project reads local files and directories only)"
-        raise UserError(f"{what} {path!r} does not exist {hint}")
-    return str(path)
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{what} {str(path)!r} is not readable JSON ({e.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {str(path)!r} holds no JSON object")
-    return data
 
 
 def load_torch_file(path: str) -> dict[str, torch.Tensor]:

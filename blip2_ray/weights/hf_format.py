@@ -26,8 +26,8 @@ from blip2_ray.model.stage1 import Blip2Stage1
 from blip2_ray.model.stage2 import Blip2Stage2
 from blip2_ray.model.vision import DTYPES, as_dtype
 from blip2_ray.weights.builders import build_stage1, stage2_from_blip2_dir
-from blip2_ray.weights.checkpoint_files import require_local_dir
 from blip2_ray.weights.hf_configs import _hf_from_state, quiet_save, stage1_hf_config, stage2_hf_class, stage2_hf_config
+from blip2_ray.weights.local_files import require_local_dir
 from blip2_ray.weights.native_format import (
     is_clip_vision,
     mirrored_hf_config,
@@ -191,7 +191,7 @@ def load_stage1(path: str, vision_dtype: torch.dtype | str | None = None) -> tup
     """
     from transformers import Blip2Config
 
-    from blip2_ray.weights.checkpoint_files import read_json
+    from blip2_ray.weights.local_files import read_json
 
     d = require_local_dir(path, "retrieval model")
     data = read_json(Path(d) / "config.json", "retrieval model config") if (Path(d) / "config.json").is_file() else {}

@@ -19,8 +19,9 @@ from blip2_ray.model.config import ModelConfig, llm_is_decoder
 from blip2_ray.model.language_model import llm_class, random_llm_config
 from blip2_ray.model.partitioned import FrozenConstruction, construction_context, default_dtype
 from blip2_ray.model.vision import DTYPES
-from blip2_ray.weights.checkpoint_files import LazyTensors, TensorFiles, assign_weights, require_local_dir
+from blip2_ray.weights.checkpoint_files import LazyTensors, TensorFiles, assign_weights
 from blip2_ray.weights.llm_source import llm_config_at
+from blip2_ray.weights.local_files import require_local_dir
 
 
 @contextlib.contextmanager

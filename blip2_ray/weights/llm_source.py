@@ -7,8 +7,8 @@ from pathlib import Path
 
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import ModelConfig, llm_is_decoder
-from blip2_ray.weights.checkpoint_files import read_json, require_local_dir
 from blip2_ray.weights.export_kinds import BLIP2_MODEL_TYPES
+from blip2_ray.weights.local_files import read_json, require_local_dir
 
 
 def llm_config_at(path: str, kind: str, key: str = "model.llm.path") -> dict:

@@ -18,7 +18,8 @@ from blip2_ray.errors import UserError
 from blip2_ray.model.partitioned import parameters_on_meta
 from blip2_ray.model.question_qformer import question_qformer_config
 from blip2_ray.weights import convert
-from blip2_ray.weights.checkpoint_files import assign_weights, read_json
+from blip2_ray.weights.checkpoint_files import assign_weights
+from blip2_ray.weights.local_files import read_json
 
 # our stage-1 names of the text path -> the question-aware Q-Former's (keys under `qformer.`)
 _TEXT_PATH = re.compile(r"^(embeddings\.(word_embeddings|position_embeddings)\.weight"

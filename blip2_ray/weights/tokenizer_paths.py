@@ -8,7 +8,7 @@ The data pipeline receives these directories and loads them with the same loader
 from __future__ import annotations
 
 from blip2_ray.model.config import ModelConfig, llm_is_decoder
-from blip2_ray.weights.checkpoint_files import require_local_dir
+from blip2_ray.weights.local_files import require_local_dir
 from blip2_ray.weights.tiny_tokenizers import build_tiny_tokenizers, default_tiny_tokenizer_dir
 from blip2_ray.weights.tokenizers import load_llm_tokenizer, load_qformer_tokenizer
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from blip2_ray.errors import UserError
 from blip2_ray.model.config import ModelConfig, QFormerConfig, VisionConfig, ln_vision_eps
 from blip2_ray.weights import convert
-from blip2_ray.weights.checkpoint_files import TensorFiles, read_json, require_local_dir, require_local_path
+from blip2_ray.weights.checkpoint_files import TensorFiles
 from blip2_ray.weights.export_kinds import (  # noqa: F401 - re-exported: the loaders' names for the kinds
     BLIP2_MODEL_TYPES,
     INSTRUCTBLIP_MODEL_TYPE,
@@ -31,6 +31,7 @@ from blip2_ray.weights.export_kinds import (  # noqa: F401 - re-exported: the lo
     is_native_config,
 )
 from blip2_ray.weights.llm_source import llm_config_at
+from blip2_ray.weights.local_files import read_json, require_local_dir, require_local_path
 
 CONFIG_FILE = "blip2_ray_model.yaml"  # the ModelConfig an export was trained with
 EXTRAS_FILE = "stage1_extras.safetensors"  # stage-1 weights HF has no place for (Q-Former LM head, temp)
