@@ -2,7 +2,7 @@
 
 Stages (streaming):
   1. file list      resolve_sources: files of each source; per epoch a seeded permutation, mixed by weight,
-                    one row per visit (EpochFiles, data/epoch_plan.py: the epoch is read at each execution)
+                    one row per visit (EpochFiles, data/epoch_files.py: the epoch is read at each execution)
   2. read + decode  one read task per shard visit on CPU: tar members (streamed, grouped by key)
                     or parquet rows, then per chunk of decode_batch_size records: caption pick + clean,
                     image decode + checks, crop/flip/resize, Q-Former and LLM tokenisation; bad rows
@@ -26,7 +26,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from blip2_ray.config import from_dict
 from blip2_ray.data.config import DataConfig
-from blip2_ray.data.epoch_plan import EpochFiles, epoch_plan, unpack_records
+from blip2_ray.data.epoch_files import EpochFiles
+from blip2_ray.data.epoch_plan import epoch_plan, unpack_records
 from blip2_ray.data.readers import check_parquet_columns, read_shard_records
 from blip2_ray.data.records import process_records, tokenizer_classes
 from blip2_ray.data.skips import report_skips, skip_counter
