@@ -45,10 +45,11 @@ def tokenizer_classes(qformer_tokenizer_path: str | None, llm_tokenizer_path: st
     so that the processes that only tokenise (the decode tasks) load them without AutoTokenizer and torch."""
     from blip2_ray.weights.tokenizers import tokenizer_class_name
 
-    qformer = qformer_tokenizer_path and cached_qformer_tokenizer(qformer_tokenizer_path)
-    llm = llm_tokenizer_path and cached_llm_tokenizer(llm_tokenizer_path)
-    return {"qformer_tokenizer_class": qformer and tokenizer_class_name(qformer),
-            "llm_tokenizer_class": llm and tokenizer_class_name(llm)}
+    def class_of(path: str | None, load) -> str | None:
+        return tokenizer_class_name(load(path)) if path else None
+
+    return {"qformer_tokenizer_class": class_of(qformer_tokenizer_path, cached_qformer_tokenizer),
+            "llm_tokenizer_class": class_of(llm_tokenizer_path, cached_llm_tokenizer)}
 
 
 def record_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
