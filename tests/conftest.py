@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # Ray Serve's controller kills a starting HTTP proxy that has not answered its ready check within 5 s, and
 # `serve.start` then fails with ActorDiedError: on the loaded 2-core machine a proxy took longer (5958178's loaded
 # run, 2026-12-07: "Proxy actor reported not ready" at 5 s intervals, then all 3 test_serve_streaming.py tests errored
-# at setup). The suite's instances give a proxy 30 s (Ray reads it in the controller, which inherits it).
+# at setup). The suite's instances give a proxy 30 s (Ray reads it in the controller, which inherits it), as
+# runtime/cluster.py LOCAL_INSTANCE_ENV gives a job's own local instance (a literal here, as above).
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 # the 'tiny' tokenizers are built once per test session here (Ray workers inherit the variable)
 _OWN_CACHE = None if os.environ.get("BLIP2_RAY_CACHE") else tempfile.mkdtemp(prefix="blip2_ray_cache_")

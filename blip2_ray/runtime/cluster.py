@@ -18,6 +18,14 @@ PROGRESS_CHOICES = ("auto", "on", "off")
 # (the 2-core machine). Given to every instance a job starts (init_ray), and to `ray start` by cluster.yaml.
 WORKER_POOL_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # read by the driver's Ray Train (passed to its runs)
+# Ray Serve's controller kills a starting HTTP proxy that has not reported ready within this many seconds (Ray: 5),
+# and `serve.start` fails with ActorDiedError: a loaded 2-core machine took longer (a test run, 2026-12-07)
+SERVE_PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+# what a local instance that init_ray starts gets in its environment (its raylet and every worker inherit it), unless
+# the user set it: no preemption watcher (Ray Train's actor per run acts only on nodes an autoscaler drains, which a
+# local instance has none of; on one it only printed Ray's error line about its restart arguments at each run), and
+# 30 s for Serve's proxy to start
+LOCAL_INSTANCE_ENV = {PREEMPTION_WATCHER_ENV: "0", SERVE_PROXY_READY_ENV: "30"}
 
 
 def worker_pool_env() -> dict[str, str]:
@@ -57,8 +65,8 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
     `address` (a job's --address) wins, then RAY_ADDRESS (set by `ray job submit`); with neither a new
     local instance starts. Never a bare `ray.init()`: that joins the latest cluster started on the
     machine, which may be a stranger's. Workers get WORKER_ENV_VARS plus `env_vars`; `init_kwargs` go to
-    `ray.init` (num_cpus, include_dashboard, ...); a new local instance gets WORKER_POOL_CONFIG, and its runs no
-    preemption watcher. `progress` (a job's --progress): Ray Data's progress bars, here and in the job's workers
+    `ray.init` (num_cpus, include_dashboard, ...); a new local instance gets WORKER_POOL_CONFIG and
+    LOCAL_INSTANCE_ENV. `progress` (a job's --progress): Ray Data's progress bars, here and in the job's workers
     (see `progress_bars`). Already connected: does nothing and returns False.
     """
     import ray
@@ -70,9 +78,8 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
     env = {**WORKER_ENV_VARS, **progress_env(bars), **(env_vars or {})}
     if address == "local":
         init_kwargs.setdefault("_system_config", dict(WORKER_POOL_CONFIG))
-        # Ray Train's preemption watcher (an actor per run) acts only on nodes an autoscaler drains, which a local
-        # instance has none of; on one it only printed Ray's error line about its restart arguments at each run
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+        for name, value in LOCAL_INSTANCE_ENV.items():
+            os.environ.setdefault(name, value)
     ray.init(address=address, runtime_env={"env_vars": env}, **init_kwargs)
     set_progress_bars(bars)
     return address == "local"

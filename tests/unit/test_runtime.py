@@ -24,10 +24,11 @@ def ray_init_calls(monkeypatch):
 
 def test_init_ray_address_then_ray_address_then_a_new_local_instance(ray_init_calls, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    monkeypatch.delenv(cluster.PREEMPTION_WATCHER_ENV, raising=False)
+    for name in cluster.LOCAL_INSTANCE_ENV:
+        monkeypatch.delenv(name, raising=False)
     assert cluster.init_ray("ray://head:10001") is False
     assert cluster.init_ray(None) is False
-    assert cluster.PREEMPTION_WATCHER_ENV not in os.environ  # a cluster's runs keep Ray Train's watcher
+    assert not set(cluster.LOCAL_INSTANCE_ENV) & set(os.environ)  # a cluster's runs keep Ray Train's watcher
     monkeypatch.delenv("RAY_ADDRESS")
     assert cluster.init_ray(None, env_vars={"DS_ACCELERATOR": "cpu"}, num_cpus=4) is True
     assert [c["address"] for c in ray_init_calls] == ["ray://head:10001", "10.0.0.1:6379", "local"]
@@ -37,6 +38,7 @@ def test_init_ray_address_then_ray_address_then_a_new_local_instance(ray_init_ca
     assert ray_init_calls[2]["runtime_env"] == {"env_vars": {**quiet, "DS_ACCELERATOR": "cpu"}}
     assert ray_init_calls[2]["num_cpus"] == 4
     assert os.environ[cluster.PREEMPTION_WATCHER_ENV] == "0"  # a local instance has no autoscaler to drain nodes
+    assert os.environ[cluster.SERVE_PROXY_READY_ENV] == "30"  # Serve's proxy has 30 s to start, not 5
     # only the instance it starts gets the worker-pool settings (joining a cluster with them is an error in Ray)
     assert ray_init_calls[2]["_system_config"] == {"idle_worker_killing_time_threshold_ms": 60_000}
     assert "_system_config" not in ray_init_calls[0] and "_system_config" not in ray_init_calls[1]
