@@ -149,7 +149,12 @@ def test_a_client_that_goes_away_frees_its_slot_without_a_5xx(slow):
     after = wait_for(lambda: (s := slow["stats"]())["cancelled"] > before["cancelled"] and s["running"] == 0 and s,
                      "the abandoned row to leave the batch")
     assert after["finished"] == before["finished"]  # it did not run to its LONG tokens
-    time.sleep(1.0)  # let the replicas' and the proxy's log lines land
+    # the request's log lines land after it ends: wait (bounded) for the first, then a moment for the others
+    deadline, logged = time.time() + 60, ""
+    while "/v1/chat/completions" not in logged and time.time() < deadline:
+        time.sleep(0.2)
+        _, logged = serve_log_tail(offsets)
+    time.sleep(1.0)
     _, logged = serve_log_tail(offsets)
     assert "/v1/chat/completions" in logged
     assert not re.search(r"/v1/chat/completions 5\d\d", logged), logged[-3000:]

@@ -179,13 +179,12 @@ def test_a_run_whose_data_cannot_flow_stops_with_a_diagnosis(ray_session, shards
         "scaling.num_workers": 1, "scaling.cpus_per_worker": 3.5, "data.num_cpus_per_decode_task": 1.0,
         "data.stall_timeout_s": 10, "failure.max_failures": 0,
     })
-    t0 = time.monotonic()
-    with pytest.raises(DataStallError) as e:
+    with pytest.raises(DataStallError) as e:  # raised at all: the run stopped (max_failures 0, no retry)
         run_pretrain(cfg)
     msg = str(e.value)
+    # ... after the stall timeout, by its own clock (not timed here: a busy machine stretches the run's start)
     assert "received no batch for 10 s (data.stall_timeout_s=10) at step 0, epoch 0" in msg, msg
     assert "data.num_cpus_per_decode_task=1 CPU each" in msg and "cluster has CPU 3.5 of 4 used" in msg, msg
-    assert time.monotonic() - t0 < 240
     assert "Failed to query Ray Train Controller" not in capfd.readouterr().err
     # the run's epoch plan ended with it (this driver goes on): its name is free again
     import ray

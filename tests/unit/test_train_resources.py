@@ -57,10 +57,11 @@ def test_check_cluster_fails_at_once_or_waits_for_the_autoscaler(monkeypatch):
     requests = []
     monkeypatch.setattr(resources, "alive_nodes", lambda: nodes[-1])
     monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: requests.append(bundles))
-    t0 = time.monotonic()
-    with pytest.raises(UserError, match="cannot run 2 training workers"):
+    slept = []
+    with monkeypatch.context() as m, pytest.raises(UserError, match="cannot run 2 training workers"):
+        m.setattr(resources.time, "sleep", slept.append)
         check_cluster(cfg())
-    assert time.monotonic() - t0 < 1 and requests == []
+    assert slept == [] and requests == []  # at once: no wait (not timed, which a busy machine could exceed)
     check_cluster(cfg(cpus_per_worker=0.75))  # fits: returns
 
     def grow():  # an autoscaler adding a node after a moment
@@ -85,10 +86,10 @@ def test_batch_feed_times_out_with_the_diagnosis_and_passes_errors_on():
 
     feed = BatchFeed(stuck(), timeout_s=0.3, on_stall=lambda waited: RuntimeError(f"no batch for {waited:.1f} s"))
     assert next(feed) == 1
-    t0 = time.monotonic()
+    # the stall is diagnosed after the timeout, while the data is still held back (it would come after 5 s, and
+    # then `next` would return it instead of raising): the feed's own measure of its wait, not a timing assertion
     with pytest.raises(RuntimeError, match=r"no batch for 0\.\d s"):
         next(feed)
-    assert time.monotonic() - t0 < 2
     release.set()
     feed.close()
 
