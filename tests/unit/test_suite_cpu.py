@@ -9,13 +9,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+# the tool samples every 0.05 s, and a busy machine can leave it unscheduled for longer: a pause after each burn
+# (no CPU used) lets a sample see the burnt CPU before the process exits or says that the next test runs. Without
+# it the CPU went to the wrong test on the loaded machine (a loaded `make test`, 2026-12-07: "a" 0.3 s, "b" 0.9 s)
+SAMPLED = "time.sleep(1.0)\n"
 
 
 def test_descendants_are_counted_by_kind_and_the_exit_code_is_the_commands(tmp_path):
     child = tmp_path / "burn_child.py"
-    child.write_text(BURN.format(s=0.6))
+    child.write_text(BURN.format(s=0.6) + SAMPLED)
     parent = (f"import subprocess, sys\nsubprocess.run([sys.executable, {str(child)!r}])\n"
-              + BURN.format(s=0.3) + "sys.exit(3)\n")
+              + BURN.format(s=0.3) + SAMPLED + "sys.exit(3)\n")
     # a process beside it, not started by the command, burns too: it must not be counted
     bystander = subprocess.Popen([sys.executable, "-c", BURN.format(s=2.0)])
     try:
@@ -36,7 +40,8 @@ def test_by_test_gives_each_test_the_cpu_used_while_it_ran(tmp_path):
     # the command says which "test" runs, as tests/conftest.py does, and burns 0.8 s in "a", then 0.4 s in "b"
     say = ("import os\ndef say(t):\n    open(os.environ['SUITE_CPU_TEST_FILE'] + '.tmp', 'w').write(t)\n"
            "    os.replace(os.environ['SUITE_CPU_TEST_FILE'] + '.tmp', os.environ['SUITE_CPU_TEST_FILE'])\n")
-    command = say + "say('a')\n" + BURN.format(s=0.8) + "say('b')\n" + BURN.format(s=0.4) + "say('')\n"
+    command = (say + "say('a')\n" + BURN.format(s=0.8) + SAMPLED + "say('b')\n" + BURN.format(s=0.4) + SAMPLED
+               + "say('')\n")
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "suite_cpu.py"), "--interval", "0.05", "--by-test", "5",
                           "--", sys.executable, "-c", command], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
