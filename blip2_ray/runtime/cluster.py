@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -87,6 +88,15 @@ def init_ray(address: str | None = None, *, env_vars: dict[str, str] | None = No
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on at `host` right now (another process may still take it first)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct TCP ports nobody listens on at `host` right now. All are held open until all are chosen: ports
+    taken one `free_port` at a time can repeat (the kernel may hand a just-closed port out again), and `ray start`
+    refuses a port given to two of its components (seen: runtime_env_agent and client_server both 51335)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]

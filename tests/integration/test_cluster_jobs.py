@@ -30,7 +30,7 @@ import urllib.request
 
 import pytest
 
-from blip2_ray.runtime.cluster import free_port, worker_pool_env
+from blip2_ray.runtime.cluster import free_ports, worker_pool_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the working_dir upload is size-limited: ship the code, not the environment or outputs. Patterns match
@@ -114,13 +114,11 @@ def ray_head(tmp_path_factory):
 def _head(tmp, attempt: int):
     # short path: Ray's unix sockets live under the temp dir and have a ~107-byte limit
     temp_dir = os.path.join("/tmp", f"rayjobs_{os.getpid()}_{attempt}")
-    dashboard_port = free_port()
-    ports = {
-        "--port": free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-    }
+    names = ["--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+             "--node-manager-port", "--object-manager-port"]
+    ports = dict(zip(names, free_ports(len(names))))  # distinct: Ray refuses one port for two components
+    dashboard_port = ports["--dashboard-port"]
     cmd = [_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--temp-dir={temp_dir}", "--num-cpus=4", "--num-gpus=0", "--include-dashboard=true",
            "--object-store-memory=500000000", "--disable-usage-stats", "--block"]

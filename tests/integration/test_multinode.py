@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from blip2_ray.runtime.cluster import WORKER_POOL_CONFIG, free_port
+from blip2_ray.runtime.cluster import WORKER_POOL_CONFIG, free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,16 +105,18 @@ def run_scenario(tmp: str) -> dict:
     cfg = absolute_paths(load_config(PretrainConfig, None, [f"{k}={v}" for k, v in sets.items()]))
     check_inputs(cfg)
 
+    # distinct ports: the head's GCS and dashboard, and each node's dashboard agent
+    gcs_port, dashboard_port, *agent_ports = free_ports(6)
     common = dict(include_dashboard=False, object_store_memory=150 * 1024 * 1024,
-                  dashboard_agent_listen_port=free_port())
+                  dashboard_agent_listen_port=agent_ports[0])
     # RAY_TMPDIR (set by the test) is short: Ray's unix sockets live under it (~107-byte limit)
     temp_dir = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"raymn_{os.getpid()}")
     cluster = Cluster(initialize_head=True, head_node_args=dict(
-        common, num_cpus=2, resources={"data_node": 2}, gcs_server_port=free_port(), dashboard_port=free_port(),
+        common, num_cpus=2, resources={"data_node": 2}, gcs_server_port=gcs_port, dashboard_port=dashboard_port,
         temp_dir=temp_dir, _system_config=dict(WORKER_POOL_CONFIG, **NODE_DEATH_IN_SECONDS)))
     try:
         train_nodes = [cluster.add_node(num_cpus=1, resources={"train_node": 1},
-                                        **common | {"dashboard_agent_listen_port": free_port()}) for _ in range(3)]
+                                        **common | {"dashboard_agent_listen_port": port}) for port in agent_ports[1:]]
         ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu",
                                                                      "TOKENIZERS_PARALLELISM": "false"}})
         data_node_id = cluster.head_node.node_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -83,6 +84,16 @@ def test_free_port_is_bindable():
     port = cluster.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_free_ports_are_distinct_and_bindable():
+    import socket
+
+    ports = cluster.free_ports(12)
+    assert len(set(ports)) == 12
+    with contextlib.ExitStack() as stack:  # all at once: none is taken twice
+        for port in ports:
+            stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
 
 
 def test_job_parser_flags():
