@@ -29,16 +29,10 @@ os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # at setup). The suite's instances give a proxy 30 s (Ray reads it in the controller, which inherits it), as
 # runtime/cluster.py LOCAL_INSTANCE_ENV gives a job's own local instance (a literal here, as above).
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
-# One OpenMP / torch thread in every process the suite starts: the pytest workers (torch reads it at its import,
-# which comes after this), the jobs and DeepSpeed children they start, and the Ray workers (Ray keeps a value that
-# is set; unset, it gives an actor floor(num_cpus) threads). `make test` runs two pytest workers, each with its own
-# Ray instance, on 2 cores; with more threads than cores, a thread that waits at an OpenMP barrier spins against the
-# one it waits for. And the Ray workers run at nice 0 (Ray's default is 15): beside a CPU-bound process at nice 0,
-# CFS gives a nice-15 worker about 1/30 of the core they share. Loaded (as tools/suite_loaded.sh runs: 4 integration
-# files, 2026-12-07, 28c0a61 with the variables exported): both set 220 / 235 s; neither 320 (the first, cold) / 252 s;
-# only the niceness 261 s; only the threads 309 s. Runs of one setting differ by up to 20%, so only the pair is shown.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("RAY_worker_niceness", "0")
+# Ray's workers keep Ray's niceness (15) and thread defaults. Tried 2026-12-07 (OMP_NUM_THREADS=1 and
+# RAY_worker_niceness=0 for every process the suite starts): loaded runs got faster (1468 / 1253 s), but the
+# cluster-jobs head (`ray start`, a nice-0 process) then lost its start-up race against the other pytest worker's
+# workers, now at nice 0 too: 6 failed starts in a row over two loaded runs ("Deadline Exceeded" from its GCS).
 # the 'tiny' tokenizers are built once per test session here (Ray workers inherit the variable)
 _OWN_CACHE = None if os.environ.get("BLIP2_RAY_CACHE") else tempfile.mkdtemp(prefix="blip2_ray_cache_")
 if _OWN_CACHE:
