@@ -29,10 +29,14 @@ os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # at setup). The suite's instances give a proxy 30 s (Ray reads it in the controller, which inherits it), as
 # runtime/cluster.py LOCAL_INSTANCE_ENV gives a job's own local instance (a literal here, as above).
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
-# Ray's workers keep Ray's niceness (15) and thread defaults. Tried 2026-12-07 (OMP_NUM_THREADS=1 and
-# RAY_worker_niceness=0 for every process the suite starts): loaded runs got faster (1468 / 1253 s), but the
-# cluster-jobs head (`ray start`, a nice-0 process) then lost its start-up race against the other pytest worker's
-# workers, now at nice 0 too: 6 failed starts in a row over two loaded runs ("Deadline Exceeded" from its GCS).
+# Ray's workers keep Ray's niceness (15) and thread defaults. Tried twice on 2026-12-07 (OMP_NUM_THREADS=1 and
+# RAY_worker_niceness=0 for every process the suite starts): loaded runs got faster (1468 / 1253 s against about
+# 2130 s), but a Ray node that a test starts of its own (the cluster-jobs head, the multinode scenario's head) then
+# failed to start whenever the other pytest worker was busy: 6 failed starts in a row over two loaded runs, and the
+# multinode head twice in a third (with ONE_WORKER below; "Deadline Exceeded", then "GCS cannot find the node"). The
+# likely cause (not confirmed from the raylets' own logs, which the tests remove): a raylet waits 15 s for its
+# dashboard agent's port file and exits before it registers (ray-project/ray#65983); the agent is a nice-0 Python
+# process that imports the dashboard's modules, and nice-0 workers of the other instance take its CPU.
 # the 'tiny' tokenizers are built once per test session here (Ray workers inherit the variable)
 _OWN_CACHE = None if os.environ.get("BLIP2_RAY_CACHE") else tempfile.mkdtemp(prefix="blip2_ray_cache_")
 if _OWN_CACHE:
@@ -71,28 +75,60 @@ def pytest_runtest_logfinish(nodeid, location):
     _say_current_test("")
 
 
-# `make test` runs the suite on 2 xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`): a file runs whole on
-# one worker, in the order below. Longest first, so that the short files fill in at the end instead of one long
-# file running alone while the other worker idles. Seconds: each file's tests on the loaded 2-core machine
-# (`make test` with a CPU-bound process beside it, 2026-12-06). A file not listed goes after these, in its
-# collection order; the order is only a schedule, no test depends on it. Each worker has its own session
-# fixtures, so its own local Ray instance. (3 workers, tried on the same loaded machine: slower, 1669 s, and the
-# cluster-jobs head did not come up in 180 s.)
+# `make test` runs the suite on 2 xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`). The unit of work is a
+# file, or the files of one group in ONE_WORKER, which run one after another on one worker (the scheduler below).
+# Units start in the order below. Longest first, so that the short files fill in at the end instead of one long file
+# running alone while the other worker idles. Seconds: each file's tests on the loaded 2-core machine (`make test`
+# with a CPU-bound process beside it, 2026-12-06). A file not listed goes after these, in its collection order; the
+# order is only a schedule, no test depends on it. Each worker has its own session fixtures, so its own local Ray
+# instance. (3 workers, tried on the same loaded machine: slower, 1669 s, and the cluster-jobs head did not come up in
+# 180 s.)
 LONGEST_FIRST = {
     "test_train_pretrain.py": 300, "test_finetune_job.py": 265, "test_finetune_instruct.py": 228,
     "test_serve_api.py": 220, "test_finetune_vqa.py": 213, "test_cluster_jobs.py": 200, "test_multinode.py": 192,
     "test_capfilt_job.py": 160, "test_data_pipeline.py": 150, "test_search.py": 106, "test_eval_jobs.py": 95,
     "test_serve_streaming.py": 60,
 }
+# the files that start Ray clusters of their own (`ray start --head`, four raylets): each waits on Ray's hard-coded 30 s
+# for its raylets to register, and two such starts at once on the loaded machine starve each other (2026-12-07: the
+# cluster-jobs head failed 6 starts in a row while the other worker ran test_multinode.py). They run on one worker, one
+# after the other, first of all: the head before anything else of that worker (its start-up, ~20 s quiet, then only
+# overlaps the other worker's first file)
+ONE_WORKER = {"own_ray_clusters": ("test_cluster_jobs.py", "test_multinode.py")}
+_UNIT_OF = {name: group for group, names in ONE_WORKER.items() for name in names}
 
 
-def _schedule_longest_first(items) -> None:
-    rank = {name: i for i, name in enumerate(sorted(LONGEST_FIRST, key=lambda n: -LONGEST_FIRST[n]))}
+def _schedule(items) -> None:
+    """Order the items: ONE_WORKER's groups first, then the files longest first."""
+    order = [name for names in ONE_WORKER.values() for name in names]
+    order += sorted((n for n in LONGEST_FIRST if n not in _UNIT_OF), key=lambda n: -LONGEST_FIRST[n])
+    rank = {name: i for i, name in enumerate(order)}
     items.sort(key=lambda item: rank.get(Path(str(item.path)).name, len(rank)))  # stable: file order kept within
 
 
+def unit_of_work(nodeid: str) -> str:
+    """The scheduler's unit of a test id: its file, or its ONE_WORKER group."""
+    file = nodeid.split("::", 1)[0]
+    return _UNIT_OF.get(Path(file).name, file)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with ONE_WORKER's groups as single units (xdist's own `loadgroup` marks do not group under
+    pytest 9, whose test ids xdist 3.8 can no longer suffix)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of_work(nodeid)
+
+    return FilesAndGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    _schedule_longest_first(items)
+    _schedule(items)
     if has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
