@@ -29,14 +29,20 @@ os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # at setup). The suite's instances give a proxy 30 s (Ray reads it in the controller, which inherits it), as
 # runtime/cluster.py LOCAL_INSTANCE_ENV gives a job's own local instance (a literal here, as above).
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
-# Ray's workers keep Ray's niceness (15) and thread defaults. Tried twice on 2026-12-07 (OMP_NUM_THREADS=1 and
-# RAY_worker_niceness=0 for every process the suite starts): loaded runs got faster (1468 / 1253 s against about
-# 2130 s), but a Ray node that a test starts of its own (the cluster-jobs head, the multinode scenario's head) then
-# failed to start whenever the other pytest worker was busy: 6 failed starts in a row over two loaded runs, and the
-# multinode head twice in a third (with ONE_WORKER below; "Deadline Exceeded", then "GCS cannot find the node"). The
-# likely cause (not confirmed from the raylets' own logs, which the tests remove): a raylet waits 15 s for its
-# dashboard agent's port file and exits before it registers (ray-project/ray#65983); the agent is a nice-0 Python
-# process that imports the dashboard's modules, and nice-0 workers of the other instance take its CPU.
+# One OpenMP / torch thread in every process the suite starts (the pytest workers: torch reads it at its import,
+# which comes after this; the jobs and DeepSpeed children they start; the Ray workers: Ray keeps a value that is
+# set), and Ray's workers at nice 0 (Ray's default is 15: beside a CPU-bound process at nice 0, CFS gives a nice-15
+# worker about 1/30 of the core they share). Loaded (`make test`'s arguments through tools/suite_loaded.sh,
+# 2026-12-07, same day, clean clones): 1870.77 s with both and the schedule below (fd26f0e), 3071.40 s without
+# (875cfa2). The catch: a Ray node that a test starts of its own (the cluster-jobs head, the multinode scenario's
+# head) failed to start whenever the other pytest worker's nice-0 Ray workers were busy (6 failed starts in two
+# loaded runs; the multinode head twice in a third; "Deadline Exceeded", then "GCS cannot find the node"). Likely
+# (not confirmed from the raylets' logs, which the tests remove): a raylet waits 15 s for its dashboard agent's port
+# file and exits before it registers (ray-project/ray#65983), and the agent, a nice-0 Python process importing the
+# dashboard's modules, gets only a share of a core. Hence the schedule below: those files start their clusters
+# while the other worker runs the files that use no Ray.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_worker_niceness", "0")
 # the 'tiny' tokenizers are built once per test session here (Ray workers inherit the variable)
 _OWN_CACHE = None if os.environ.get("BLIP2_RAY_CACHE") else tempfile.mkdtemp(prefix="blip2_ray_cache_")
 if _OWN_CACHE:
@@ -77,33 +83,35 @@ def pytest_runtest_logfinish(nodeid, location):
 
 # `make test` runs the suite on 2 xdist workers (`-n 2 --dist loadfile --no-loadscope-reorder`). The unit of work is a
 # file, or the files of one group in ONE_WORKER, which run one after another on one worker (the scheduler below).
-# Units start in the order below. Longest first, so that the short files fill in at the end instead of one long file
-# running alone while the other worker idles. Seconds: each file's tests on the loaded 2-core machine (`make test`
-# with a CPU-bound process beside it, 2026-12-06). A file not listed goes after these, in its collection order; the
-# order is only a schedule, no test depends on it. Each worker has its own session fixtures, so its own local Ray
-# instance. (3 workers, tried on the same loaded machine: slower, 1669 s, and the cluster-jobs head did not come up in
-# 180 s.)
+# Units start in this order: ONE_WORKER's groups, the files not in LONGEST_FIRST (in collection order), then
+# LONGEST_FIRST's longest first, so that the short files fill in at the end instead of one long file running alone
+# while the other worker idles. Seconds: each file's tests on the loaded 2-core machine (`make test` with a CPU-bound
+# process beside it, 2026-12-06). The order is only a schedule, no test depends on it. Each worker has its own
+# session fixtures, so its own local Ray instance. (3 workers, tried on the same loaded machine: slower, 1669 s, and
+# the cluster-jobs head did not come up in 180 s.)
 LONGEST_FIRST = {
     "test_train_pretrain.py": 300, "test_finetune_job.py": 265, "test_finetune_instruct.py": 228,
     "test_serve_api.py": 220, "test_finetune_vqa.py": 213, "test_cluster_jobs.py": 200, "test_multinode.py": 192,
     "test_capfilt_job.py": 160, "test_data_pipeline.py": 150, "test_search.py": 106, "test_eval_jobs.py": 95,
-    "test_serve_streaming.py": 60,
+    "test_serve_streaming.py": 60, "test_train_zero3_build.py": 60, "test_user_errors_through_ray.py": 40,
+    "test_llm_lora_zero3.py": 30,
 }
-# the files that start Ray clusters of their own (`ray start --head`, four raylets): each waits on Ray's hard-coded 30 s
-# for its raylets to register, and two such starts at once on the loaded machine starve each other (2026-12-07: the
-# cluster-jobs head failed 6 starts in a row while the other worker ran test_multinode.py). They run on one worker, one
-# after the other, first of all: the head before anything else of that worker (its start-up, ~20 s quiet, then only
-# overlaps the other worker's first file)
+# the files that start Ray clusters of their own (`ray start --head`, four raylets). They run on one worker, one after
+# the other, first of all, while the other worker runs the files not in LONGEST_FIRST: the unit tests and the Ray-free
+# integration files, no Ray workers (see the niceness above; 2026-12-07, loaded: both clusters started at their
+# first attempt). Two such starts at once starved each other too (the cluster-jobs head beside test_multinode.py).
 ONE_WORKER = {"own_ray_clusters": ("test_cluster_jobs.py", "test_multinode.py")}
 _UNIT_OF = {name: group for group, names in ONE_WORKER.items() for name in names}
 
 
 def _schedule(items) -> None:
-    """Order the items: ONE_WORKER's groups first, then the files longest first."""
-    order = [name for names in ONE_WORKER.values() for name in names]
-    order += sorted((n for n in LONGEST_FIRST if n not in _UNIT_OF), key=lambda n: -LONGEST_FIRST[n])
-    rank = {name: i for i, name in enumerate(order)}
-    items.sort(key=lambda item: rank.get(Path(str(item.path)).name, len(rank)))  # stable: file order kept within
+    """Order the items: ONE_WORKER's groups, the files not in LONGEST_FIRST (no Ray), then LONGEST_FIRST's files longest
+    first. The other worker runs the Ray-free files while the groups' clusters start."""
+    first = [name for names in ONE_WORKER.values() for name in names]
+    rank = {name: i for i, name in enumerate(first)}
+    later = sorted((n for n in LONGEST_FIRST if n not in _UNIT_OF), key=lambda n: -LONGEST_FIRST[n])
+    rank.update({name: len(first) + 1 + i for i, name in enumerate(later)})
+    items.sort(key=lambda item: rank.get(Path(str(item.path)).name, len(first)))  # stable: file order kept within
 
 
 def unit_of_work(nodeid: str) -> str:

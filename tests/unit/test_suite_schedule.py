@@ -49,11 +49,11 @@ class _Item:
         self.path = ROOT / path
 
 
-def test_the_group_comes_first_in_its_own_order_then_the_longest_files():
+def test_the_group_comes_first_then_the_ray_free_files_then_the_longest_files():
     c = suite_conftest()
     files = ["tests/unit/test_cli.py", "tests/integration/test_eval_jobs.py", "tests/integration/test_multinode.py",
              "tests/integration/test_train_pretrain.py", "tests/integration/test_cluster_jobs.py"]
     items = [_Item(f) for f in files]
     c._schedule(items)
     assert [Path(str(i.path)).name for i in items] == [
-        "test_cluster_jobs.py", "test_multinode.py", "test_train_pretrain.py", "test_eval_jobs.py", "test_cli.py"]
+        "test_cluster_jobs.py", "test_multinode.py", "test_cli.py", "test_train_pretrain.py", "test_eval_jobs.py"]
