@@ -20,7 +20,10 @@ install: $(STAMP)
 demo: install
 	$(PY) jobs/demo.py
 
+# the package's bytecode first: the suite's hundreds of processes (Ray workers, jobs) read it instead of compiling the
+# sources each, which they do where PYTHONDONTWRITEBYTECODE is set (an editable install is not byte-compiled)
 test: install
+	$(PY) -m compileall -q blip2_ray jobs > /dev/null
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 test-unit: install

@@ -41,6 +41,11 @@ def karpathy(tmp_path_factory):
     return root
 
 
+# the pool of two actors is tested where results from both are merged (retrieval against the dense reference, the
+# captions); elsewhere one actor does (each actor is a process that imports torch and transformers: ~8 CPU s)
+ONE_ACTOR = {"num_actors": 1, "batch_size": 4, "num_cpus_per_actor": 0.5}
+
+
 def _cfg(**data):
     from blip2_ray.config import from_dict
     from blip2_ray.eval.config import EvalConfig
@@ -95,7 +100,7 @@ def test_retrieval_equals_dense_reference(ray_session, models, karpathy, tmp_pat
     # a small k re-ranks fewer pairs; recall@k' <= k stays a percentage
     cfg2 = _cfg(task="retrieval", model=models["stage1"], output=str(tmp_path / "r2.json"),
                 test_set={"annotations": str(karpathy / "test.json"), "image_root": str(karpathy / "images")},
-                retrieval={"k_test": 3}, compute={"num_actors": 1, "batch_size": 4, "num_cpus_per_actor": 0.5})
+                retrieval={"k_test": 3}, compute=ONE_ACTOR)
     r2 = run_evaluation(cfg2)
     assert r2["itm_pairs"] < 200 and all(0 <= v <= 100 for v in r2["metrics"].values())
 
@@ -107,7 +112,7 @@ def test_retrieval_from_shards_skips_corrupt(ray_session, models, tmp_path):
     make_sample_shards(str(tmp_path / "s"), "parquet", num=8, shards=2, image_size=32, seed=4,
                        corrupt={"undecodable_image": 1})
     cfg = _cfg(task="retrieval", model=models["stage1"], output=str(tmp_path / "r.json"),
-               test_set={"shards": [str(tmp_path / "s")]}, retrieval={"k_test": 4})
+               test_set={"shards": [str(tmp_path / "s")]}, retrieval={"k_test": 4}, compute=ONE_ACTOR)
     report = run_evaluation(cfg)
     assert report["images"] == 8 and report["skipped_images"] == 1 and report["texts"] == 8
 
@@ -123,7 +128,8 @@ def test_a_user_error_inside_an_actor_reaches_the_driver_as_itself(ray_session, 
     shutil.copytree(models["stage1"], broken)
     (broken / "config.json").write_text("{not json")
     cfg = _cfg(task="retrieval", model=str(broken), output=str(tmp_path / "r.json"),
-               test_set={"annotations": str(karpathy / "test.json"), "image_root": str(karpathy / "images")})
+               test_set={"annotations": str(karpathy / "test.json"), "image_root": str(karpathy / "images")},
+               compute=ONE_ACTOR)
     with pytest.raises(UserError) as info:
         run_evaluation(cfg)
     assert type(info.value) is UserError
@@ -149,5 +155,5 @@ def test_caption_and_vqa(ray_session, models, karpathy, tmp_path):
 
     rep = run_evaluation(_cfg(task="vqa", model=models["stage2"], output=str(tmp_path / "v.json"),
                               test_set={**ts, "annotations": str(karpathy / "vqa.json")},
-                              generation={**gen, "prompt": ""}))
+                              generation={**gen, "prompt": ""}, compute=ONE_ACTOR))
     assert rep["questions"] == 10 and 0.0 <= rep["metrics"]["accuracy"] <= 100.0

@@ -101,7 +101,7 @@ def run_scenario(tmp: str) -> dict:
     sets = {
         "stage": 1, "run_name": "multinode", "storage_path": f"{tmp}/runs", "output_dir": f"{tmp}/export",
         "model.preset": "tiny", "data.train": f"[{shards}]", "data.image_size": 32, "data.shuffle_buffer": 16,
-        "data.decode_batch_size": 16, "data.num_cpus_per_decode_task": 0.5,
+        "data.decode_batch_size": 16, "data.num_cpus_per_decode_task": 0.5, "data.decode_concurrency": 2,
         "train.max_steps": 4, "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.precision": "fp32",
         "train.log_every": 1, "train.checkpoint_every": 2, "train.warmup_steps": 1,
         "scaling.num_workers": 2, "failure.max_failures": 2,

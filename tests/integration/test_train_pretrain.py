@@ -38,7 +38,7 @@ def shards(tmp_path_factory):
 def tiny_cfg(tmp, shards, **sets) -> PretrainConfig:
     base = {
         "data.train": f"[{shards}]", "data.image_size": 32, "data.shuffle_buffer": 16,
-        "data.num_cpus_per_decode_task": 0.5, "data.decode_batch_size": 16,
+        "data.num_cpus_per_decode_task": 0.5, "data.decode_concurrency": 2, "data.decode_batch_size": 16,
         "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.precision": "fp32",
         "train.log_every": 1, "train.checkpoint_every": 2, "train.warmup_steps": 2,
         "scaling.num_workers": 2, "storage_path": f"{tmp}/runs", "failure.max_failures": 2,
