@@ -133,7 +133,7 @@ def test_capfilt_paper_pair_blip_clip(ray_session, tiny_blip_clip, tiny_models, 
     paper = {"captioner": {"kind": "blip", "model": tiny_blip_clip["blip"], "prompt": "a picture of",
                            "prepend_prompt": False, "repetition_penalty": 1.1},
              "filter": {"kind": "clip", "model": tiny_blip_clip["clip"]}}
-    cfg = _cfg(tmp_path / "in", out, tiny_models, **paper, compute={"num_actors": 1})  # two: the first test
+    cfg = _cfg(tmp_path / "in", out, tiny_models, **paper, compute={"num_actors": 1})  # two actors: the webdataset test
     s = run_capfilt(cfg)
     models = {"captioner": {"kind": "blip", "model": "blip-image-captioning-large"},
               "filter": {"kind": "clip", "model": "clip-vit-large-patch14"}}
