@@ -68,9 +68,10 @@ def _say_current_test(text: str) -> None:
     """tools/suite_cpu.py --by-test: the test that runs now, written where the tool reads it."""
     path = os.environ.get("SUITE_CPU_TEST_FILE")
     if path:
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # per process: two xdist workers writing one .tmp raced (FileNotFoundError)
+        with open(tmp, "w") as f:
             f.write(text)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
 
 
 def pytest_runtest_logstart(nodeid, location):

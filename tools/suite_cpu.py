@@ -12,7 +12,8 @@ the command's exit code is this one's.
 `--by-test N` also prints the N most expensive tests: the command is given a file (`SUITE_CPU_TEST_FILE`)
 into which tests/conftest.py writes the id of the test that runs; CPU used between two samples goes to the
 test named then (a session fixture's start-up to the test that first needs it), and a process to the test
-during which it was first seen.
+during which it was first seen. One test runs at a time only without xdist: under `-n 2` both workers write the
+file and the CPU goes to whichever test started or ended last (use `--by-test` without `-n`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -48,3 +49,16 @@ def test_by_test_gives_each_test_the_cpu_used_while_it_ran(tmp_path):
     rows = {m.group(3): float(m.group(1)) for m in re.finditer(r"^\s*([\d.]+)\s+(\d+)  (\S+) \(", out.stdout, re.M)}
     assert set(rows) >= {"a", "b"}, out.stdout
     assert 0.6 <= rows["a"] <= 1.1 and 0.25 <= rows["b"] <= 0.6, out.stdout  # 0.8 s and 0.4 s, a sample's slack
+
+
+def test_two_xdist_workers_can_say_their_tests_at_once(tmp_path):
+    # `make test` runs two xdist workers, and under tools/suite_cpu.py both write the one file: with one shared ".tmp"
+    # a worker's rename found the other's already moved (FileNotFoundError, an INTERNALERROR that stopped the run)
+    writer = (f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import _say_current_test\n"
+              "for i in range(3000):\n    _say_current_test(f'test {i}')\n")
+    env = {**os.environ, "SUITE_CPU_TEST_FILE": str(tmp_path / "current")}
+    procs = [subprocess.Popen([sys.executable, "-c", writer], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert (tmp_path / "current").read_text().startswith("test ")
