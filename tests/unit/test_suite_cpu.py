@@ -14,6 +14,8 @@ BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s
 # (no CPU used) lets a sample see the burnt CPU before the process exits or says that the next test runs. Without
 # it the CPU went to the wrong test on the loaded machine (a loaded `make test`, 2026-12-07: "a" 0.3 s, "b" 0.9 s)
 SAMPLED = "time.sleep(1.0)\n"
+# tests/conftest.py's writer of the current test's id (what the suite's processes run), as `say(text)`
+SAY = f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import _say_current_test as say\n"
 
 
 def test_descendants_are_counted_by_kind_and_the_exit_code_is_the_commands(tmp_path):
@@ -38,10 +40,8 @@ def test_descendants_are_counted_by_kind_and_the_exit_code_is_the_commands(tmp_p
 
 
 def test_by_test_gives_each_test_the_cpu_used_while_it_ran(tmp_path):
-    # the command says which "test" runs, as tests/conftest.py does, and burns 0.8 s in "a", then 0.4 s in "b"
-    say = ("import os\ndef say(t):\n    open(os.environ['SUITE_CPU_TEST_FILE'] + '.tmp', 'w').write(t)\n"
-           "    os.replace(os.environ['SUITE_CPU_TEST_FILE'] + '.tmp', os.environ['SUITE_CPU_TEST_FILE'])\n")
-    command = (say + "say('a')\n" + BURN.format(s=0.8) + SAMPLED + "say('b')\n" + BURN.format(s=0.4) + SAMPLED
+    # the command says which "test" runs through tests/conftest.py's writer, and burns 0.8 s in "a", then 0.4 s in "b"
+    command = (SAY + "say('a')\n" + BURN.format(s=0.8) + SAMPLED + "say('b')\n" + BURN.format(s=0.4) + SAMPLED
                + "say('')\n")
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "suite_cpu.py"), "--interval", "0.05", "--by-test", "5",
                           "--", sys.executable, "-c", command], capture_output=True, text=True, timeout=60)
@@ -54,8 +54,7 @@ def test_by_test_gives_each_test_the_cpu_used_while_it_ran(tmp_path):
 def test_two_xdist_workers_can_say_their_tests_at_once(tmp_path):
     # `make test` runs two xdist workers, and under tools/suite_cpu.py both write the one file: with one shared ".tmp"
     # a worker's rename found the other's already moved (FileNotFoundError, an INTERNALERROR that stopped the run)
-    writer = (f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom conftest import _say_current_test\n"
-              "for i in range(3000):\n    _say_current_test(f'test {i}')\n")
+    writer = SAY + "for i in range(3000):\n    say(f'test {i}')\n"
     env = {**os.environ, "SUITE_CPU_TEST_FILE": str(tmp_path / "current")}
     procs = [subprocess.Popen([sys.executable, "-c", writer], env=env, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
