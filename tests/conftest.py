@@ -89,7 +89,8 @@ def pytest_runtest_logfinish(nodeid, location):
 # while the other worker idles. Seconds: each file's tests on the loaded 2-core machine (`make test` with a CPU-bound
 # process beside it, 2026-12-06). The order is only a schedule, no test depends on it. Each worker has its own
 # session fixtures, so its own local Ray instance. (3 workers, tried on the same loaded machine: slower, 1669 s, and
-# the cluster-jobs head did not come up in 180 s.)
+# the cluster-jobs head did not come up in 180 s. One pytest process, no xdist, tried loaded on 2026-12-08 against
+# `-n 2` on the same machine the same day, 1270f68: slower, 980.53 s against 783.63 s, both 591 passed.)
 LONGEST_FIRST = {
     "test_train_pretrain.py": 300, "test_finetune_job.py": 265, "test_finetune_instruct.py": 228,
     "test_serve_api.py": 220, "test_finetune_vqa.py": 213, "test_cluster_jobs.py": 200, "test_multinode.py": 192,
