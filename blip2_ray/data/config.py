@@ -33,6 +33,9 @@ class DataConfig:
     seed: int = doc("seed of shard order, crops, flips and caption draws", 0)
     decode_batch_size: int = doc("rows per decode/transform/tokenise batch", 32, ge=1)
     decode_concurrency: int | None = doc("max parallel read+decode tasks; None lets Ray Data decide", None, ge=1)
+    preserve_order: bool = doc("training rows reach the workers in the epoch's file-visit order, whichever read+decode "
+                               "task finishes first: with a seed, a run trains on the same batches each time (its "
+                               "learning curve repeats); a fast task's rows may wait for a slow one's", False)
     num_cpus_per_decode_task: float = doc("CPUs reserved per decode task", 1.0, gt=0)
     output_block_mib: float = doc("target size (MiB) of the blocks the read+decode stage emits: rows stream out "
                                   "while a shard is still decoding (Ray Data's default, 128, holds up to 128 MiB "

@@ -119,6 +119,19 @@ def torch_trainer_class():
     return Trainer
 
 
+def ingest_config(data_cfg):
+    """Ray Train's data ingest settings of a run: Ray Train's own, or with `data.preserve_order` its default
+    options (this process's DataContext) preserving the order (the rows in file-visit order, not in the order the
+    decode tasks finish)."""
+    from ray.train import DataConfig as IngestConfig
+
+    if not data_cfg.preserve_order:
+        return IngestConfig()
+    options = IngestConfig.default_ingest_options()
+    options.preserve_order = True
+    return IngestConfig(execution_options=options)
+
+
 def build_trainer(cfg: PretrainConfig, dataset=None):
     """The TorchTrainer of a run (`dataset`: the training Ray Dataset, built from cfg.data when None)."""
     from ray.train import ScalingConfig
@@ -134,6 +147,7 @@ def build_trainer(cfg: PretrainConfig, dataset=None):
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=run_config(cfg),
         datasets={"train": dataset if dataset is not None else build_train_dataset(cfg)},
+        dataset_config=ingest_config(cfg.data),
     )
 
 
