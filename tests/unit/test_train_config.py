@@ -177,5 +177,5 @@ def test_preserve_order_reaches_ray_trains_ingest_and_the_default_keeps_ray_data
     assert ingest_config(from_dict(DataConfig, {}))._resolve_execution_options("train").preserve_order is False
     on = ingest_config(from_dict(DataConfig, {"preserve_order": True}))._resolve_execution_options("train")
     assert on.preserve_order is True
-    shipped = load_config(PretrainConfig, str(Path(__file__).resolve().parents[2] / "jobs/configs/stage1_tiny.yaml"))
+    shipped = load_config(PretrainConfig, str(ROOT / "jobs/configs/stage1_tiny.yaml"))
     assert shipped.data.preserve_order is False
